@@ -1,0 +1,122 @@
+"""Input validation shared by every public entry point.
+
+Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right
+kind, wrong value) with a message naming the argument and the shapes involved.
+The data-dependent checks (label range, negative weights) cost one host sync of
+a two-element tensor per call; :func:`set_strict_checks` turns them off for CUDA
+tensors (e.g. under CUDA graphs). CPU tensors are always checked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .vocab import NumberVocab
+
+__all__ = ["set_strict_checks"]
+
+_STRICT = True
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "torch", "triton")
+METHODS = ("mse", "wasserstein")
+
+
+def set_strict_checks(enabled: bool) -> None:
+    """Enable/disable the data-dependent checks on CUDA tensors (default: enabled)."""
+    global _STRICT
+    _STRICT = bool(enabled)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_method(method: object) -> str:
+    if method == "w1":
+        method = "wasserstein"
+    return check_choice("method", method, METHODS)
+
+
+def check_logits(logits: object, name: str = "logits") -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor (fp32/bf16/fp16), got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
+    return logits
+
+
+def check_labels(labels: object, expected_shape: torch.Size, device: torch.device,
+                 name: str = "labels", what: str = "logits.shape[:-1]") -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {labels.dtype}")
+    if labels.shape != expected_shape:
+        raise ValueError(
+            f"{name} shape {tuple(labels.shape)} does not match {what} {tuple(expected_shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but logits are on {device}")
+    return labels
+
+
+def check_vocab_fits(vocab: NumberVocab, V: int) -> None:
+    if max(vocab.token_ids) >= V:
+        raise ValueError(
+            f"the number vocab has token id {max(vocab.token_ids)} but logits have only V={V} "
+            "columns (vocab larger than the logits)"
+        )
+    if vocab.vocab_size > V:
+        raise ValueError(
+            f"the number vocab was built for vocab_size={vocab.vocab_size} but logits have "
+            f"V={V} columns (vocab larger than the logits)"
+        )
+
+
+def check_weights(weights: object, labels: torch.Tensor) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
+    if weights.shape != labels.shape:
+        raise ValueError(
+            f"weights shape {tuple(weights.shape)} does not match labels shape {tuple(labels.shape)}"
+        )
+    if weights.device != labels.device:
+        raise ValueError(f"weights are on {weights.device} but labels are on {labels.device}")
+    if weights.dtype == torch.bool:
+        return weights.float()
+    if not weights.dtype.is_floating_point:
+        raise TypeError(f"weights must be a float (or bool) tensor, got {weights.dtype}")
+    return weights
+
+
+def check_ignore_index(ignore_index: object) -> int:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def check_values(labels: torch.Tensor, V: int, ignore_index: int,
+                 weights: torch.Tensor | None) -> None:
+    """Label range and weight sign: one host sync of a 3-element tensor."""
+    if labels.numel() == 0 or (labels.is_cuda and not _STRICT):
+        return
+    flags = [
+        ((labels < 0) & (labels != ignore_index)).any(),
+        (labels >= V).any(),
+        (weights < 0).any() if weights is not None else labels.new_zeros((), dtype=torch.bool),
+    ]
+    neg, big, negw = torch.stack(flags).tolist()
+    if neg or big:
+        lo, hi = int(labels.min()), int(labels.max())
+        raise ValueError(
+            f"labels must be token ids in [0, V={V}) or ignore_index={ignore_index}; "
+            f"got values in [{lo}, {hi}]"
+        )
+    if negw:
+        raise ValueError("weights must be >= 0")

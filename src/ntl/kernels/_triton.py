@@ -1,0 +1,46 @@
+"""Triton availability, interpreter detection and launch heuristics."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is a Linux-only dependency; everything else works without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "interpreting", "next_pow2", "require_triton", "tl", "triton"]
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    try:
+        return bool(triton.knobs.runtime.interpret)  # type: ignore[union-attr]
+    except AttributeError:
+        return False
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def require_triton(*tensors: torch.Tensor) -> None:
+    """Raise a clear error when the Triton backend cannot run on these tensors."""
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the `triton` package (Linux only); use backend='torch'")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if not on_cuda and not interpreting():
+        devs = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors (got {devs}); on CPU set TRITON_INTERPRET=1 "
+            "before importing ntl, or use backend='torch'"
+        )

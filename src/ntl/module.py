@@ -1,0 +1,55 @@
+"""``nn.Module`` front end of the functional losses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks as C
+from .losses import ntl_loss
+from .vocab import VocabLike, resolve_vocab
+
+__all__ = ["NumberTokenLoss"]
+
+
+class NumberTokenLoss(nn.Module):
+    """Number Token Loss as a module: ``NumberTokenLoss(tokenizer)(logits, labels)``.
+
+    Wraps :func:`ntl.ntl_mse_loss` (``method="mse"``) and
+    :func:`ntl.ntl_wasserstein_loss` (``method="wasserstein"``); the vocabulary is
+    resolved once at construction. Logits and labels are aligned position by
+    position (shift them for causal LMs).
+    """
+
+    def __init__(
+        self,
+        vocab_or_tokenizer: VocabLike,
+        method: str = "wasserstein",
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        reweigh: bool = False,
+        backend: str = "auto",
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.vocab = resolve_vocab(vocab_or_tokenizer, vocab_size)
+        self.method = C.check_method(method)
+        self.ignore_index = C.check_ignore_index(ignore_index)
+        self.reduction = C.check_choice("reduction", reduction, C.REDUCTIONS)
+        self.backend = C.check_choice("backend", backend, C.BACKENDS)
+        self.reweigh = bool(reweigh)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        target_dist: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return ntl_loss(logits, labels, self.vocab, method=self.method, ignore_index=self.ignore_index,
+                        reduction=self.reduction, weights=weights, reweigh=self.reweigh,
+                        target_dist=target_dist, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, K={self.vocab.K}, reduction={self.reduction!r}, reweigh={self.reweigh}"

@@ -1,0 +1,281 @@
+"""Number-token vocabularies: which token ids are numbers, and their values.
+
+A :class:`NumberVocab` holds the ``K`` number tokens of a tokenizer, sorted by
+value (ties broken by id). :class:`DigitVocab` is the ``K = 10`` case of the
+single-character ASCII digits ``'0'..'9'`` with values ``0..9``, which is what
+the NTL paper uses with digit-level tokenizers (Qwen2.5, Llama-2, ...).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import torch
+
+__all__ = ["DigitVocab", "NumberVocab", "VocabLike", "resolve_vocab"]
+
+DIGITS = "0123456789"
+
+
+class NumberVocab:
+    """The number tokens of a vocabulary: ids sorted by value, and the values.
+
+    Args:
+        token_ids: ids of the number tokens.
+        values: the numeric value of each token (same length as ``token_ids``).
+        vocab_size: the model's vocabulary size ``V`` (number of logits). Logits
+            passed to a loss may be wider (padded vocabularies), never narrower.
+
+    Tensors for a device are built once and cached (:meth:`ids`, :meth:`values_on`,
+    :meth:`lookup`).
+    """
+
+    def __init__(
+        self, token_ids: Sequence[int], values: Sequence[float], vocab_size: int
+    ) -> None:
+        ids = [int(i) for i in token_ids]
+        vals = [float(v) for v in values]
+        if len(ids) == 0:
+            raise ValueError("NumberVocab: token_ids is empty; a vocabulary needs at least one number token")
+        if len(ids) != len(vals):
+            raise ValueError(
+                f"NumberVocab: token_ids has {len(ids)} entries but values has {len(vals)}"
+            )
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"NumberVocab: duplicate token ids {dup}")
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= 0:
+            raise ValueError(f"NumberVocab: vocab_size must be a positive int, got {vocab_size!r}")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise ValueError(
+                f"NumberVocab: token ids must lie in [0, vocab_size={vocab_size}), "
+                f"got min {min(ids)} and max {max(ids)}"
+            )
+        if any(v != v or v in (float("inf"), float("-inf")) for v in vals):
+            raise ValueError("NumberVocab: values must be finite")
+        order = sorted(range(len(ids)), key=lambda k: (vals[k], ids[k]))
+        self.token_ids: tuple[int, ...] = tuple(ids[k] for k in order)
+        self.values: tuple[float, ...] = tuple(vals[k] for k in order)
+        self.vocab_size: int = vocab_size
+        self._cache: dict[tuple[str, torch.device, int], torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    # -- basic properties -------------------------------------------------
+    @property
+    def K(self) -> int:  # noqa: N802 - the paper's name
+        """Number of number tokens."""
+        return len(self.token_ids)
+
+    def __len__(self) -> int:
+        return self.K
+
+    @property
+    def is_digit_vocab(self) -> bool:
+        """True when the values are exactly 0..9 (unit gaps)."""
+        return self.values == tuple(float(d) for d in range(10))
+
+    @property
+    def max_distance(self) -> float:
+        """Largest |v_i - v_j| between two number tokens."""
+        return self.values[-1] - self.values[0]
+
+    def __repr__(self) -> str:
+        head = ", ".join(f"{i}:{v:g}" for i, v in zip(self.token_ids[:4], self.values[:4]))
+        more = ", ..." if self.K > 4 else ""
+        return f"{type(self).__name__}(K={self.K}, vocab_size={self.vocab_size}, {{{head}{more}}})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NumberVocab):
+            return NotImplemented
+        return (self.token_ids, self.values, self.vocab_size) == (
+            other.token_ids,
+            other.values,
+            other.vocab_size,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.token_ids, self.values, self.vocab_size))
+
+    # -- cached device tensors ---------------------------------------------
+    def _cached(self, kind: str, device: torch.device | str | None, width: int = 0) -> torch.Tensor:
+        dev = torch.device(device if device is not None else "cpu")
+        key = (kind, dev, width)
+        t = self._cache.get(key)
+        if t is None:
+            with self._lock:
+                t = self._cache.get(key)
+                if t is None:
+                    if kind == "ids":
+                        t = torch.tensor(self.token_ids, dtype=torch.long, device=dev)
+                    elif kind == "values":
+                        t = torch.tensor(self.values, dtype=torch.float32, device=dev)
+                    else:  # lookup: token id -> index k, -1 for non-number tokens
+                        t = torch.full((width,), -1, dtype=torch.long)
+                        t[torch.tensor(self.token_ids)] = torch.arange(self.K)
+                        t = t.to(dev)
+                    self._cache[key] = t
+        return t
+
+    def ids(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[K]`` int64 token ids (sorted by value) on ``device``."""
+        return self._cached("ids", device)
+
+    def values_on(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[K]`` float32 values (ascending) on ``device``."""
+        return self._cached("values", device)
+
+    def lookup(self, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[width]`` int64 map from token id to number index ``k`` (``-1`` if not a number)."""
+        if width < self.vocab_size and max(self.token_ids) >= width:
+            raise ValueError(f"lookup width {width} is smaller than the largest number token id")
+        return self._cached("lookup", device, width)
+
+    def digit_index(self, labels: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """Map token-id labels to number indices ``k`` (``-1`` for everything else).
+
+        Labels outside ``[0, width)`` (e.g. ``ignore_index``) map to ``-1``. No host sync.
+        """
+        width = self.vocab_size if width is None else width
+        lut = self.lookup(width, labels.device)
+        inside = (labels >= 0) & (labels < width)
+        k = lut[labels.clamp(0, width - 1)]
+        return torch.where(inside, k, torch.full_like(k, -1))
+
+    # -- constructors -------------------------------------------------------
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, vocab_size: int | None = None) -> NumberVocab:
+        """Every token whose text is an ASCII digit string, with value ``int(text)``.
+
+        Llama-3 has "0".."999" (and some zero-padded forms) as single tokens; a
+        digit-level tokenizer gives exactly the ten digits. Cached per tokenizer.
+        """
+        return _from_tokenizer_cached(cls, tokenizer, vocab_size)
+
+    @classmethod
+    def _build(cls, tokenizer: Any, vocab_size: int | None) -> NumberVocab:
+        vocab = _get_vocab(tokenizer)
+        pairs = [(i, float(int(t))) for t, i in vocab.items() if t.isascii() and t.isdigit()]
+        if not pairs:
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no token whose text is an ASCII digit string"
+            )
+        ids, vals = zip(*pairs)
+        return cls(ids, vals, _vocab_size(tokenizer, vocab_size, max(ids)))
+
+
+class DigitVocab(NumberVocab):
+    """The ten single-character ASCII digit tokens ``'0'..'9'`` with values ``0..9``."""
+
+    def __init__(self, token_ids: Sequence[int], vocab_size: int) -> None:
+        ids = [int(i) for i in token_ids]
+        if len(ids) != 10:
+            raise ValueError(
+                f"DigitVocab needs exactly 10 token ids (for '0'..'9' in order), got {len(ids)}"
+            )
+        super().__init__(ids, range(10), vocab_size)
+
+    @classmethod
+    def _build(cls, tokenizer: Any, vocab_size: int | None) -> DigitVocab:
+        vocab = _get_vocab(tokenizer)
+        missing = [d for d in DIGITS if d not in vocab]
+        if missing:
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no single token for the digits {missing}; "
+                "NTL needs each digit '0'..'9' to be one token"
+            )
+        ids = [vocab[d] for d in DIGITS]
+        return cls(ids, _vocab_size(tokenizer, vocab_size, max(ids)))
+
+
+VocabLike = Union[NumberVocab, Sequence[int], Mapping[int, float], torch.Tensor, Any]
+
+
+def _get_vocab(tokenizer: Any) -> dict[str, int]:
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        raise TypeError(
+            "vocab_or_tokenizer must be a Hugging Face tokenizer (with get_vocab()), a "
+            f"NumberVocab/DigitVocab, a list of 10 digit ids or an {{id: value}} dict; got {type(tokenizer).__name__}"
+        )
+    return dict(get_vocab())
+
+
+def _vocab_size(tokenizer: Any, vocab_size: int | None, max_id: int) -> int:
+    if vocab_size is None:
+        try:
+            vocab_size = len(tokenizer)
+        except TypeError:
+            vocab_size = int(getattr(tokenizer, "vocab_size", max_id + 1))
+    if vocab_size <= max_id:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: the tokenizer's number token id {max_id} needs "
+            f"vocab_size > {max_id}"
+        )
+    return int(vocab_size)
+
+
+# Per-tokenizer cache: tokenizer object -> {(class, vocab_size, len(tokenizer)): vocab}.
+_TOKENIZER_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple, NumberVocab]] = weakref.WeakKeyDictionary()
+_ID_CACHE: dict[int, tuple[Any, dict[tuple, NumberVocab]]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _from_tokenizer_cached(cls: type[NumberVocab], tokenizer: Any, vocab_size: int | None) -> NumberVocab:
+    try:
+        n = len(tokenizer)
+    except TypeError:
+        n = -1
+    key = (cls, vocab_size, n)
+    with _CACHE_LOCK:
+        try:
+            per = _TOKENIZER_CACHE.setdefault(tokenizer, {})
+        except TypeError:  # not weak-referenceable / unhashable: key by identity, keep it alive
+            per = _ID_CACHE.setdefault(id(tokenizer), (tokenizer, {}))[1]
+        hit = per.get(key)
+    if hit is not None:
+        return hit
+    built = cls._build(tokenizer, vocab_size)
+    with _CACHE_LOCK:
+        per[key] = built
+    return built
+
+
+def resolve_vocab(vocab_or_tokenizer: VocabLike, vocab_size: int | None = None) -> NumberVocab:
+    """Turn what the losses accept into a :class:`NumberVocab`.
+
+    Accepts a ``NumberVocab``/``DigitVocab`` (returned as is), a Hugging Face
+    tokenizer (its :class:`DigitVocab`, cached), a sequence/tensor of 10 digit ids
+    for ``'0'..'9'`` in order, or a mapping ``{token_id: value}``.
+    ``vocab_size`` (the logits' width) is used when the vocab must be built.
+    """
+    v = vocab_or_tokenizer
+    if isinstance(v, NumberVocab):
+        return v
+    if isinstance(v, torch.Tensor):
+        if v.dtype.is_floating_point or v.dtype == torch.bool or v.dim() != 1:
+            raise TypeError(
+                f"digit ids must be a 1-D integer tensor, got dtype {v.dtype} and shape {tuple(v.shape)}"
+            )
+        v = v.tolist()
+    if isinstance(v, Mapping):
+        if not v:
+            raise ValueError("vocab_or_tokenizer: the {id: value} mapping is empty")
+        ids = list(v.keys())
+        size = vocab_size if vocab_size is not None else max(ids) + 1
+        return NumberVocab(ids, list(v.values()), size)
+    if isinstance(v, (list, tuple)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise TypeError("vocab_or_tokenizer: a list of digit ids must hold ints")
+        if len(v) == 0:
+            raise ValueError("vocab_or_tokenizer: the list of digit ids is empty")
+        size = vocab_size if vocab_size is not None else max(v) + 1
+        return DigitVocab(v, size)
+    if isinstance(v, (str, bytes, int, float)) or v is None:
+        raise TypeError(
+            "vocab_or_tokenizer must be a tokenizer, a NumberVocab/DigitVocab, a list of 10 digit "
+            f"ids or an {{id: value}} dict; got {type(v).__name__}"
+        )
+    return DigitVocab.from_tokenizer(v)
