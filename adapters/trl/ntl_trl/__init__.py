@@ -1,0 +1,1 @@
+"""TRL adapter for ntl (see adapters/trl/README.md)."""

@@ -1,0 +1,1 @@
+"""verl adapter for ntl (see adapters/verl/README.md)."""
