@@ -1,0 +1,1 @@
+"""ntl benchmark harness (see benchmarks/README.md)."""
