@@ -7,6 +7,8 @@ Quick start::
 """
 
 from ._checks import set_strict_checks
+from .fused import cross_entropy_with_ntl
+from .hidden import digit_logits_from_hidden, ntl_loss_from_hidden
 from .losses import gaussian_targets, ntl_loss, ntl_mse_loss, ntl_wasserstein_loss
 from .module import NumberTokenLoss
 from .vocab import DigitVocab, NumberVocab, resolve_vocab
@@ -18,8 +20,11 @@ __all__ = [
     "NumberTokenLoss",
     "NumberVocab",
     "__version__",
+    "cross_entropy_with_ntl",
+    "digit_logits_from_hidden",
     "gaussian_targets",
     "ntl_loss",
+    "ntl_loss_from_hidden",
     "ntl_mse_loss",
     "ntl_wasserstein_loss",
     "resolve_vocab",

@@ -80,10 +80,14 @@ def reduce_rows(rows: torch.Tensor, k: torch.Tensor, weights: torch.Tensor | Non
     return total / w.sum().clamp_min(_EPS)
 
 
-def max_loss(vocab: NumberVocab, method: str) -> float:
-    """Largest per-position loss ``D``: ``v_max - v_min`` (W1) or its square (MSE)."""
+def reweigh_ceiling(vocab: NumberVocab, method: str) -> float:
+    """``D = 1.01 x`` the largest per-position loss (``v_max - v_min`` for W1, its square for MSE).
+
+    ``reweigh=True`` gives ``L' = m L + D (1 - m)``: mass off the number tokens costs
+    more than the worst number token (``ntloss``'s constant).
+    """
     d = vocab.max_distance
-    return d * d if method == "mse" else d
+    return 1.01 * (d * d if method == "mse" else d)
 
 
 def ntl_rows(
@@ -108,7 +112,7 @@ def ntl_rows(
         else:
             z = digit_gather_torch(logits2d, ids)
         mass = torch.exp(torch.logsumexp(z.float(), -1) - torch.logsumexp(logits2d.float(), -1))
-        rows = rows * mass + 1.01 * max_loss(vocab, method) * (1.0 - mass)
+        rows = rows * mass + reweigh_ceiling(vocab, method) * (1.0 - mass)
         rows = torch.where(k >= 0, rows, torch.zeros((), device=dev))
     return rows
 

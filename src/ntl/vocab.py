@@ -65,7 +65,7 @@ class NumberVocab:
 
     # -- basic properties -------------------------------------------------
     @property
-    def K(self) -> int:  # noqa: N802 - the paper's name
+    def K(self) -> int:
         """Number of number tokens."""
         return len(self.token_ids)
 
@@ -83,7 +83,7 @@ class NumberVocab:
         return self.values[-1] - self.values[0]
 
     def __repr__(self) -> str:
-        head = ", ".join(f"{i}:{v:g}" for i, v in zip(self.token_ids[:4], self.values[:4]))
+        head = ", ".join(f"{i}:{v:g}" for i, v in zip(self.token_ids[:4], self.values[:4], strict=True))
         more = ", ..." if self.K > 4 else ""
         return f"{type(self).__name__}(K={self.K}, vocab_size={self.vocab_size}, {{{head}{more}}})"
 
@@ -162,7 +162,7 @@ class NumberVocab:
             raise ValueError(
                 f"{type(tokenizer).__name__} has no token whose text is an ASCII digit string"
             )
-        ids, vals = zip(*pairs)
+        ids, vals = zip(*pairs, strict=True)
         return cls(ids, vals, _vocab_size(tokenizer, vocab_size, max(ids)))
 
 
@@ -190,7 +190,7 @@ class DigitVocab(NumberVocab):
         return cls(ids, _vocab_size(tokenizer, vocab_size, max(ids)))
 
 
-VocabLike = Union[NumberVocab, Sequence[int], Mapping[int, float], torch.Tensor, Any]
+VocabLike = Union[NumberVocab, Sequence[int], Mapping[int, float], torch.Tensor, Any]  # noqa: UP007
 
 
 def _get_vocab(tokenizer: Any) -> dict[str, int]:

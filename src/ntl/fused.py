@@ -1,0 +1,204 @@
+"""Fused cross-entropy + NTL with a single ``N x V`` gradient buffer (or none).
+
+``F.cross_entropy(...) + w * ntl_loss(...)`` materialises the CE gradient and a
+second dense ``N x V`` NTL gradient that autograd then adds. Here the gradient
+of the whole objective is computed during the forward pass, row block by row
+block, into one buffer (or over the logits themselves with ``inplace=True``, as
+Liger-Kernel does); backward only scales it by the incoming gradient.
+
+Per row with full softmax ``p = softmax(x)``, label ``c`` and CE scale ``a``,
+NTL scale ``b`` (``w / n_ntl`` for the mean)::
+
+    dLoss/dx = a (p - e_c) + b * scatter_ids(dNTL/dz)
+
+and with ``reweigh=True`` (``L' = m L + D (1 - m)``, ``m = sum_{k in ids} p_k``)::
+
+    dL'/dx_j = m dL/dx_j + (L - D) (p_j 1[j in ids] - m p_j)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _checks as C
+from .kernels.reference import ntl_rows_grad_torch
+from .losses import prepare, reweigh_ceiling, use_triton
+from .vocab import VocabLike
+
+__all__ = ["cross_entropy_with_ntl"]
+
+_CHUNK_ELEMS = 1 << 20  # fp32 elements per row block on the CPU path (~4 MB)
+
+
+def row_scales(labels: torch.Tensor, k: torch.Tensor, ignore_index: int,
+               reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row reduction scales of CE (``a``) and NTL (``c``), fp32, no host sync.
+
+    mean: ``a_i = 1[label_i valid] / n_valid``, ``c_i = 1[label_i number] / n_number``;
+    sum/none: the indicators themselves.
+    """
+    valid = (labels != ignore_index).float()
+    active = (k >= 0).float()
+    if reduction == "mean":
+        return valid / valid.sum().clamp_min(1.0), active / active.sum().clamp_min(1.0)
+    return valid, active
+
+
+def ce_ntl_rows_torch(
+    x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, method: str, reweigh: bool, dmax: float,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row block: CE and NTL per row, and the scaled gradient written to ``out``.
+
+    ``out`` may alias ``x`` (in-place mode): everything read from ``x`` is read first.
+    Returns ``(ce [n], ntl [n])`` fp32 (unscaled per-row losses).
+    """
+    V = x.shape[1]
+    xf = x.float()
+    z = xf.index_select(1, ids)
+    lab = labels.clamp(0, V - 1)[:, None]
+    x_lab = xf.gather(1, lab).squeeze(1)
+    m = xf.amax(1, keepdim=True)
+    if out.dtype == torch.float32 and (out.data_ptr() == x.data_ptr() or out.is_contiguous()):
+        p = torch.sub(xf, m, out=out)  # exp computed straight into the gradient buffer
+    else:
+        p = xf - m
+    p.exp_()
+    s = p.sum(1, keepdim=True)
+    ce = (m + s.log()).squeeze(1) - x_lab
+    L, dz, _ = ntl_rows_grad_torch(z, k, values, method)
+    coef = a / s.squeeze(1)
+    if reweigh:
+        pd = p.index_select(1, ids) / s
+        mass = pd.sum(1)
+        rel = L - dmax
+        coef = coef - b * rel * mass / s.squeeze(1)
+        digit = b[:, None] * (mass[:, None] * dz + rel[:, None] * pd)
+        L = torch.where(k >= 0, mass * L + dmax * (1.0 - mass), torch.zeros((), device=x.device))
+    else:
+        digit = b[:, None] * dz
+    p.mul_(coef[:, None])
+    p.scatter_add_(1, lab, -a[:, None])
+    p.index_add_(1, ids, digit)
+    if p.data_ptr() != out.data_ptr():
+        out.copy_(p)
+    return ce, L
+
+
+class _FusedCENTL(torch.autograd.Function):
+    """CPU/PyTorch path: gradient computed in forward, row block by row block."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor,
+                ids: torch.Tensor, values: torch.Tensor, ntl_weight: float, method: str,
+                reduction: str, reweigh: bool, dmax: float, ignore_index: int, inplace: bool,
+                use_kernel: bool):
+        N, V = logits.shape
+        a, c = row_scales(labels, k, ignore_index, reduction)
+        b = c * ntl_weight
+        if use_kernel:
+            from .kernels.fused_ce import ce_ntl_fwd_triton
+
+            grad, ce, L = ce_ntl_fwd_triton(logits, labels, k, ids, values, a, b, method, reweigh,
+                                            dmax, inplace)
+        else:
+            grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+            ce = torch.empty(N, device=logits.device)
+            L = torch.empty(N, device=logits.device)
+            step = max(1, _CHUNK_ELEMS // V)
+            for s in range(0, N, step):
+                e = min(N, s + step)
+                ce[s:e], L[s:e] = ce_ntl_rows_torch(
+                    logits[s:e], labels[s:e], k[s:e], ids, values, a[s:e], b[s:e], method,
+                    reweigh, dmax, grad[s:e])
+        ce = torch.where(a > 0, ce, torch.zeros((), device=ce.device))
+        if reduction == "none":
+            ce_part, ntl_part = ce, L
+        else:
+            ce_part, ntl_part = (a * ce).sum(), (c * L).sum()
+        loss = ce_part + ntl_weight * ntl_part
+        ctx.save_for_backward(grad.detach())
+        ctx.reduction = reduction
+        ctx.consumed = False
+        ctx.mark_non_differentiable(ce_part, ntl_part)
+        return loss, ce_part, ntl_part
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):
+        if ctx.consumed:
+            raise RuntimeError("cross_entropy_with_ntl: backward can run only once per forward "
+                               "(its gradient buffer is scaled in place)")
+        ctx.consumed = True
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad.mul_(grad_out.reshape(-1, 1).to(grad.dtype))
+        elif grad_out.is_cuda or float(grad_out) != 1.0:
+            grad.mul_(grad_out.to(grad.dtype))
+        return (grad,) + (None,) * 12
+
+
+def cross_entropy_with_ntl(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_or_tokenizer: VocabLike,
+    *,
+    ntl_weight: float = 0.3,
+    method: str = "wasserstein",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    reweigh: bool = False,
+    inplace: bool = False,
+    return_parts: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``CE(logits, labels) + ntl_weight * NTL(logits, labels)`` with one ``N x V`` gradient.
+
+    Equal in value and gradient to
+    ``F.cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=ignore_index,
+    reduction=reduction) + ntl_weight * ntl_loss(logits, labels, vocab, method=method, ...)``,
+    except that a batch with no non-ignored label gives CE = 0 instead of NaN. The
+    CE mean is over non-ignored labels, the NTL mean over number-token labels.
+
+    The gradient is computed during forward into one ``N x V`` buffer in the
+    logits' dtype; backward scales it by the incoming gradient, so only one
+    backward per forward is allowed. With ``inplace=True`` that buffer **is the
+    logits tensor**: after the call ``logits`` holds the gradient, not the logits
+    (use it only when nothing else needs the logits, e.g. straight after the LM
+    head; autograd raises if another node saved them).
+
+    Args:
+        logits: ``[..., V]`` float logits aligned with ``labels`` (shift for causal LMs).
+        labels: ``[...]`` token ids; ``ignore_index`` positions take no part.
+        vocab_or_tokenizer: tokenizer, ``NumberVocab``, digit id list or ``{id: value}``.
+        ntl_weight: weight ``w`` of the NTL term.
+        method: ``"wasserstein"`` or ``"mse"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reweigh: ``ntloss``'s full-vocabulary reweighting of the NTL term.
+        inplace: write the gradient over ``logits`` (no extra ``N x V`` memory).
+        return_parts: also return the detached CE and NTL parts (for logging).
+        backend: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        fp32 loss, or ``(loss, ce, ntl)`` with ``return_parts=True``.
+    """
+    method = C.check_method(method)
+    if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float)) or ntl_weight < 0:
+        raise ValueError(f"ntl_weight must be a non-negative number, got {ntl_weight!r}")
+    for name, flag in (("reweigh", reweigh), ("inplace", inplace), ("return_parts", return_parts)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    logits2d, labels1d, vocab, k, _ = prepare(logits, labels, vocab_or_tokenizer, ignore_index,
+                                             None, reduction)
+    if inplace and logits2d.data_ptr() != logits.data_ptr():
+        raise ValueError("inplace=True needs logits that can be viewed as [N, V] without a copy")
+    use_kernel = use_triton(backend, logits2d)
+    dev = logits.device
+    loss, ce, ntl = _FusedCENTL.apply(
+        logits2d, labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method,
+        reduction, reweigh, float(reweigh_ceiling(vocab, method)), ignore_index, inplace, use_kernel)
+    if reduction == "none":
+        loss, ce, ntl = (t.view(labels.shape) for t in (loss, ce, ntl))
+    return (loss, ce, ntl) if return_parts else loss
