@@ -109,7 +109,7 @@ def find_numbers(text: str, start: int = 0, end: int | None = None) -> list[Answ
 def _from_markers(text: str) -> Answer | None:
     positions = [m.start() for m in re.finditer(re.escape(_MARKER), text)]
     bounds = [*positions[1:], len(text)]
-    for pos, stop in zip(reversed(positions), reversed(bounds)):
+    for pos, stop in zip(reversed(positions), reversed(bounds), strict=True):
         m = _NUMBER_RE.search(text, pos + len(_MARKER), stop)
         if m is not None:
             return _make(m, "####")
@@ -272,7 +272,7 @@ def digit_agreement(pred: str | Answer | None, truth: str | Answer) -> float:
     n_i, n_f = max(len(pi), len(ti)), max(len(pf), len(tf))
     a = pi.rjust(n_i, "0") + pf.ljust(n_f, "0")
     b = ti.rjust(n_i, "0") + tf.ljust(n_f, "0")
-    match = sum(x == y for x, y in zip(a, b))
+    match = sum(x == y for x, y in zip(a, b, strict=True))
     total = len(a)
     pneg, tneg = p.value < 0, t.value < 0
     if pneg or tneg:

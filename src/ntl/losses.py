@@ -106,9 +106,9 @@ def ntl_rows(
         rows = ntl_rows_torch(digit_gather_torch(logits2d, ids), k, values, method, soft)
     if reweigh:
         if triton_path:
-            from .kernels.gather import digit_gather
+            from .kernels.gather import DigitGather
 
-            z = digit_gather(logits2d, ids, backend="triton")
+            z = DigitGather.apply(logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous(), ids)
         else:
             z = digit_gather_torch(logits2d, ids)
         mass = torch.exp(torch.logsumexp(z.float(), -1) - torch.logsumexp(logits2d.float(), -1))

@@ -1,6 +1,20 @@
-"""Triton kernels for NTL, their plain-PyTorch twins, and dispatch."""
+"""Triton kernels for NTL, their plain-PyTorch twins, and dispatch.
+
+* :func:`digit_gather` — ``[..., V] -> [..., K]`` number-token logits (kernel 1).
+* :mod:`.rowloss` — expected-digit MSE and W1 loss + dL/dz in one pass (kernels 2, 3).
+* :mod:`.fused_ce` — cross-entropy + NTL, online softmax over ``V`` (kernel 4).
+* :mod:`.reference` — the plain-PyTorch twins (CPU path and test reference).
+"""
 
 from ._triton import HAS_TRITON, interpreting
-from .reference import digit_gather_torch, ntl_rows_torch
+from .gather import digit_gather
+from .reference import digit_gather_torch, ntl_rows_grad_torch, ntl_rows_torch
 
-__all__ = ["HAS_TRITON", "digit_gather_torch", "interpreting", "ntl_rows_torch"]
+__all__ = [
+    "HAS_TRITON",
+    "digit_gather",
+    "digit_gather_torch",
+    "interpreting",
+    "ntl_rows_grad_torch",
+    "ntl_rows_torch",
+]
