@@ -108,6 +108,8 @@ def find_numbers(text: str, start: int = 0, end: int | None = None) -> list[Answ
 
 def _from_markers(text: str) -> Answer | None:
     positions = [m.start() for m in re.finditer(re.escape(_MARKER), text)]
+    if not positions:
+        return None
     bounds = [*positions[1:], len(text)]
     for pos, stop in zip(reversed(positions), reversed(bounds), strict=True):
         m = _NUMBER_RE.search(text, pos + len(_MARKER), stop)
