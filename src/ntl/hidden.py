@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from .kernels.reference import ntl_rows_torch
-from .losses import check_target_dist, reduce_rows, use_triton
+from .losses import check_target_dist, number_index, reduce_rows, use_triton
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
 __all__ = ["digit_logits_from_hidden", "ntl_loss_from_hidden"]
@@ -121,7 +121,7 @@ def ntl_loss_from_hidden(
         if method != "wasserstein":
             raise ValueError("target_dist is only supported with method='wasserstein'")
         soft = check_target_dist(target_dist, labels, vocab)
-    k = vocab.digit_index(labels.reshape(-1), V)
+    k = number_index(vocab, labels.reshape(-1), V, ignore_index)
     z = _digit_logits(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, vocab, t, bias)
     values = vocab.values_on(hidden.device)
     if use_triton(backend, hidden):

@@ -60,8 +60,14 @@ def prepare(
     w = C.check_weights(weights, labels)
     C.check_values(labels, V, ignore_index, w)
     labels1d = labels.reshape(-1)
-    k = vocab.digit_index(labels1d, V)
+    k = number_index(vocab, labels1d, V, ignore_index)
     return logits.reshape(-1, V), labels1d, vocab, k, (w.reshape(-1) if w is not None else None)
+
+
+def number_index(vocab: NumberVocab, labels: torch.Tensor, V: int, ignore_index: int) -> torch.Tensor:
+    """Index ``k`` of each label in the vocab; ``-1`` for text tokens and ``ignore_index``."""
+    k = vocab.digit_index(labels, V)
+    return k.masked_fill(labels == ignore_index, -1)
 
 
 def reduce_rows(rows: torch.Tensor, k: torch.Tensor, weights: torch.Tensor | None,
