@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[test]"
-$PY -m ruff check src tests
+$PY -m ruff check src tests adapters benchmarks examples
 TRITON_INTERPRET=1 $PY -m pytest -q -p no:cacheprovider tests "$@"

@@ -1,0 +1,5 @@
+"""``python -m ntl`` == the ``ntl`` command."""
+
+from .cli import main
+
+raise SystemExit(main())
