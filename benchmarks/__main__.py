@@ -1,0 +1,5 @@
+"""``python -m benchmarks``: same as ``ntl bench``."""
+
+from .harness import main
+
+raise SystemExit(main())
