@@ -68,6 +68,11 @@ def test_stats_batched_shape_and_to_dict():
     assert d["ntl/total_digits"] == 2.0
     assert d["ntl/confidence"] == pytest.approx(0.65)
     assert set(s.to_dict(prefix="val/")) == {k.replace("ntl/", "val/") for k in d}
+    # a non-contiguous slice (as logits[:, :-1] would be) gives the same numbers
+    x = full_logits(z).view(2, 2, V)
+    wide = torch.cat([x, torch.zeros(2, 1, V)], dim=1)[:, :2]
+    assert not wide.is_contiguous()
+    assert digit_stats(wide, t.view(2, 2), IDS).to_dict() == pytest.approx(d)
 
 
 def test_temperature():

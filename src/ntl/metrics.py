@@ -97,7 +97,8 @@ def _prepare(
                 f"logits_or_digit_logits has last dim {W}: not the vocab's K={K} (digit logits) "
                 f"and too narrow for its token id {max(vocab.token_ids)} (full logits)"
             )
-        z = x.reshape(-1, W).index_select(-1, vocab.ids(x.device))
+        # gather the K columns first: no [N, V] copy even for non-contiguous logits
+        z = x.index_select(-1, vocab.ids(x.device)).reshape(-1, K)
     flat = targets.reshape(-1)
     if not flat.is_cuda and flat.numel() and bool(((flat < 0) & (flat != ignore_index)).any()):
         raise ValueError(f"targets must be token ids >= 0 or ignore_index={ignore_index}")
