@@ -255,6 +255,8 @@ def compute_score(
     if ntl_bonus_type not in BONUS_TYPES:
         raise ValueError(f"ntl_bonus_type must be one of {list(BONUS_TYPES)}, got {ntl_bonus_type!r}")
     w = _check_weight(ntl_bonus_weight)
+    if kwargs:
+        logger.debug("compute_score: ignoring options %s", sorted(kwargs))
     truth = parse_ground_truth(ground_truth)
     pred = extract_answer(solution_str, flexible=flexible)
     acc = pred is not None and answers_equal(pred, truth)
