@@ -10,18 +10,21 @@ from ._checks import set_strict_checks
 from .fused import cross_entropy_with_ntl
 from .hidden import digit_logits_from_hidden, ntl_loss_from_hidden
 from .losses import gaussian_targets, ntl_loss, ntl_mse_loss, ntl_wasserstein_loss
+from .metrics import DigitStats, digit_stats
 from .module import NumberTokenLoss
 from .vocab import DigitVocab, NumberVocab, resolve_vocab
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DigitStats",
     "DigitVocab",
     "NumberTokenLoss",
     "NumberVocab",
     "__version__",
     "cross_entropy_with_ntl",
     "digit_logits_from_hidden",
+    "digit_stats",
     "gaussian_targets",
     "ntl_loss",
     "ntl_loss_from_hidden",
