@@ -7,8 +7,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# CI runs on 2 shared cores: no per-example deadlines, no "too slow" health check.
+settings.register_profile(
+    "ntl", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile("ntl")
 
 SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 GSM8K_DIR = os.path.join(SHARED, "data", "gsm8k")
