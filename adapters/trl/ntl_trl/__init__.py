@@ -1,1 +1,39 @@
-"""TRL adapter for ntl (see adapters/trl/README.md)."""
+"""TRL adapter for ntl: the Number Token Loss in GRPO/RLOO (mixin) and any trainer (callback).
+
+* :class:`NTLConfig` - options (weight, method, labels, answer column).
+* :class:`NTLTrainerMixin`, :class:`NTLGRPOTrainer`, :class:`NTLRLOOTrainer` - TRL 1.16.
+* :class:`NTLCallback` - gradient injection; also ``trl.experimental.ppo.PPOTrainer`` (TRL <= 1.12).
+* :mod:`ntl_trl.rewards` - TRL reward functions (correctness, proximity bonus).
+
+All NTL math lives in :mod:`ntl`; see adapters/trl/README.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import NTLConfig
+
+__all__ = [
+    "NTLCallback",
+    "NTLConfig",
+    "NTLGRPOTrainer",
+    "NTLRLOOTrainer",
+    "NTLTrainerMixin",
+]
+
+_LAZY = {
+    "NTLCallback": "callback",
+    "NTLTrainerMixin": "trainer",
+    "NTLGRPOTrainer": "trainer",
+    "NTLRLOOTrainer": "trainer",
+}
+
+
+def __getattr__(name: str) -> Any:  # trl/transformers are imported on first use only
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(mod, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,84 @@
+"""Configuration of the TRL adapter: :class:`NTLConfig`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["NTL_LABELS", "NTL_METHODS", "NTLConfig"]
+
+NTL_METHODS = ("wasserstein", "mse")
+NTL_LABELS = ("all", "final_answer")
+
+
+@dataclass
+class NTLConfig:
+    """Options of :class:`ntl_trl.NTLTrainerMixin` (validated on construction).
+
+    The trainer's loss becomes ``loss + ntl_weight * NTL(method)``, where NTL is the
+    mean over the completion positions that have a digit target (see ``ntl_labels``).
+
+    Attributes:
+        ntl_weight: weight of the NTL term (``>= 0``; ``0`` logs the metrics but
+            leaves the update untouched).
+        ntl_method: ``"wasserstein"`` (NTL-W1) or ``"mse"`` (NTL-MSE).
+        ntl_labels: which completion digits get a target.
+            ``"all"``: every digit token of a completion targets itself (the sampled
+            digit); with ``correct_only=True`` only completions whose final answer
+            equals the ground truth take part (needs ``answer_column``).
+            ``"final_answer"``: the digits of the completion's final answer (after the
+            last ``####``, else the last ``\\boxed{}``) target the ground truth's digits
+            aligned by place value (needs ``answer_column``).
+        answer_column: dataset column with the ground-truth answer; a dotted path
+            (``"reward_model.ground_truth"``) reads a nested field, as in verl's GSM8K
+            parquet. Required by ``"final_answer"`` and by ``"all"`` with ``correct_only``.
+        correct_only: only for ``ntl_labels="all"``: restrict to correct completions.
+            ``False`` reproduces exactly what :class:`ntl_trl.NTLCallback` does.
+        temperature: temperature dividing the digit logits; ``None`` (default) uses the
+            trainer's own ``args.temperature``, as its log-probs do.
+    """
+
+    ntl_weight: float = 0.1
+    ntl_method: str = "wasserstein"
+    ntl_labels: str = "final_answer"
+    answer_column: str | None = "ground_truth"
+    correct_only: bool = True
+    temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        w = self.ntl_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"NTLConfig.ntl_weight must be a finite number >= 0, got {w!r}")
+        self.ntl_weight = float(w)
+        if self.ntl_method not in NTL_METHODS:
+            raise ValueError(f"NTLConfig.ntl_method must be one of {NTL_METHODS}, got {self.ntl_method!r}")
+        if self.ntl_labels not in NTL_LABELS:
+            raise ValueError(f"NTLConfig.ntl_labels must be one of {NTL_LABELS}, got {self.ntl_labels!r}")
+        if not isinstance(self.correct_only, bool):
+            raise TypeError(f"NTLConfig.correct_only must be a bool, got {self.correct_only!r}")
+        if self.answer_column is not None and (
+            not isinstance(self.answer_column, str) or not self.answer_column.strip()
+        ):
+            raise ValueError(
+                f"NTLConfig.answer_column must be a non-empty column name or None, got {self.answer_column!r}"
+            )
+        if self.needs_answers and self.answer_column is None:
+            what = (
+                "ntl_labels='final_answer'"
+                if self.ntl_labels == "final_answer"
+                else "ntl_labels='all' with correct_only=True"
+            )
+            raise ValueError(
+                f"NTLConfig: {what} needs the ground truth: set answer_column to the dataset column "
+                "holding it (or use ntl_labels='all', correct_only=False)"
+            )
+        t = self.temperature
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
+        ):
+            raise ValueError(f"NTLConfig.temperature must be a positive number or None, got {t!r}")
+
+    @property
+    def needs_answers(self) -> bool:
+        """Whether the targets need the dataset's ground-truth answers."""
+        return self.ntl_labels == "final_answer" or self.correct_only

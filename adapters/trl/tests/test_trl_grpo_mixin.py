@@ -1,0 +1,181 @@
+"""NTLGRPOTrainer on a tiny Qwen2 (TRL 1.16): metrics, values and updates against
+independent computations from the model's full logits."""
+
+import pytest
+import torch
+from trl_tiny import (
+    char_tokenizer,
+    digit_count_reward,
+    grads_of,
+    params,
+    tiny_dataset,
+    tiny_qwen2,
+    trainer_args,
+    w1_from_full_logits,
+)
+
+trl = pytest.importorskip("trl")
+pytest.importorskip("trl.trainer.grpo_trainer")
+from ntl_trl import NTLConfig, NTLGRPOTrainer  # noqa: E402
+from ntl_trl.trainer import NTL_ANSWERS_KEY  # noqa: E402
+
+TEMPERATURE = 0.7
+ALL_SAMPLED = NTLConfig(ntl_weight=1.0, ntl_labels="all", correct_only=False)
+
+
+def recording(cls):
+    """``cls`` whose compute_loss records each micro-batch (and, optionally, a reference)."""
+
+    class Recording(cls):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            self.batches.append({k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                                 for k, v in inputs.items()})
+            if self.with_reference:
+                ref, n = w1_from_full_logits(model, inputs, self.processing_class, TEMPERATURE)
+                self.reference.append((float(ref), n))
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return Recording
+
+
+def make(cls, tmp_path, *, with_reference=False, **kw):
+    tok = char_tokenizer()
+    args_kw = {k: kw.pop(k) for k in list(kw) if k not in ("ntl_config", "callbacks")}
+    args_kw.setdefault("temperature", TEMPERATURE)
+    config = "RLOOConfig" if issubclass(cls, trl.RLOOTrainer) else "GRPOConfig"
+    tr = recording(cls)(
+        model=tiny_qwen2(tok), reward_funcs=digit_count_reward, processing_class=tok,
+        train_dataset=tiny_dataset(), args=trainer_args(config, output_dir=str(tmp_path), **args_kw),
+        **kw,
+    )
+    tr.batches, tr.reference, tr.with_reference = [], [], with_reference
+    return tr
+
+
+def test_three_steps_log_ntl_equal_to_full_logit_reference(tmp_path):
+    tr = make(NTLGRPOTrainer, tmp_path, with_reference=True,
+              ntl_config=NTLConfig(ntl_weight=0.3, ntl_labels="all", correct_only=False))
+    tr.train()
+    steps = [h for h in tr.state.log_history if "ntl/loss" in h]
+    assert len(steps) == 3 and len(tr.reference) == 3
+    for h, (ref, n) in zip(steps, tr.reference, strict=True):
+        for key in ("ntl/loss", "ntl/digit_accuracy", "ntl/total_digits", "ntl/confidence"):
+            assert key in h
+        assert n > 0, "the tiny policy sampled no digit; the test needs some"
+        assert h["ntl/total_digits"] == n
+        assert h["ntl/loss"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+        assert 0.0 <= h["ntl/digit_accuracy"] <= 1.0
+        assert 0.1 <= h["ntl/confidence"] <= 1.0
+
+
+def test_weight_zero_matches_plain_grpo_and_positive_weight_differs(tmp_path):
+    runs = {}
+    for name, cls, kw in [
+        ("plain", trl.GRPOTrainer, {}),
+        ("zero", NTLGRPOTrainer, {"ntl_config": NTLConfig(ntl_weight=0.0, ntl_labels="all",
+                                                          correct_only=False)}),
+        ("ntl", NTLGRPOTrainer, {"ntl_config": NTLConfig(ntl_weight=0.5, ntl_labels="all",
+                                                         correct_only=False)}),
+    ]:
+        tr = make(cls, tmp_path / name, max_steps=2, **kw)
+        tr.train()
+        runs[name] = (params(tr.model), tr)
+    plain, zero, with_ntl = runs["plain"][0], runs["zero"][0], runs["ntl"][0]
+    for k in plain:
+        assert torch.equal(plain[k], zero[k]), k
+    assert any(not torch.allclose(plain[k], with_ntl[k]) for k in plain)
+    # ntl_weight=0 still logs the metrics
+    assert any("ntl/loss" in h for h in runs["zero"][1].state.log_history)
+
+
+@pytest.mark.parametrize("cls_name", ["GRPO", "RLOO"])
+def test_update_difference_is_weighted_ntl_gradient_with_grad_accumulation(tmp_path, cls_name):
+    """SGD, no clipping, 2 micro-batches accumulated: params(NTL) - params(plain) must be
+    -lr * w * mean_mb grad NTL_mb at the initial weights (NTL from the full logits here).
+    GRPO scales its loss for accumulation itself, RLOO leaves it to the HF Trainer: both
+    paths of the mixin are covered."""
+    import ntl_trl
+
+    plain_cls = getattr(trl, f"{cls_name}Trainer")
+    ntl_cls = getattr(ntl_trl, f"NTL{cls_name}Trainer")
+    lr, w = 0.5, 1.0
+    common = dict(max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                  learning_rate=lr)
+    theta0 = tiny_qwen2(char_tokenizer())  # the same initial weights, never patched by TRL
+    base = make(plain_cls, tmp_path / "plain", **common)  # (trainer init reseeds the RNG)
+    for k, v in params(base.model).items():
+        assert torch.equal(v, dict(theta0.named_parameters())[k])
+    base.train()
+    run = make(ntl_cls, tmp_path / "ntl", ntl_config=ALL_SAMPLED, **common)
+    run.train()
+    assert len(run.batches) == 2 and len(base.batches) == 2
+    for a, b in zip(base.batches, run.batches, strict=True):
+        assert torch.equal(a["completion_ids"], b["completion_ids"])  # same samples
+    tok = run.processing_class
+    losses = [w1_from_full_logits(theta0, mb, tok, TEMPERATURE, requires_grad=True)
+              for mb in run.batches]
+    assert sum(n for _, n in losses) > 0
+    grad = grads_of(theta0, sum(loss for loss, _ in losses) / 2)
+    p_plain, p_ntl = params(base.model), params(run.model)
+    for k in p_plain:
+        expected = -lr * w * grad[k]
+        torch.testing.assert_close(p_ntl[k] - p_plain[k], expected, rtol=1e-3, atol=2e-6, msg=k)
+    assert max(g.abs().max() for g in grad.values()) > 1e-3
+
+
+def test_final_answer_targets_through_compute_path(tmp_path):
+    """final_answer: the answer digits target the truth's digits by place value."""
+    tok = char_tokenizer()
+    tr = NTLGRPOTrainer(
+        model=tiny_qwen2(tok), reward_funcs=digit_count_reward, processing_class=tok,
+        train_dataset=tiny_dataset(), args=trainer_args(output_dir=str(tmp_path), temperature=1.0),
+        ntl_config=NTLConfig(ntl_weight=1.0, ntl_labels="final_answer"),
+    )
+    prompt = tok(["3+9=", "3+9="], return_tensors="pt").input_ids
+    texts = ["ab 7 #### 12", "so #### 123"]
+    comp = [[*tok(t).input_ids, tok.eos_token_id] for t in texts]
+    C = max(map(len, comp))
+    c_ids = torch.tensor([c + [tok.pad_token_id] * (C - len(c)) for c in comp])
+    c_mask = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in comp])
+    inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt),
+              "completion_ids": c_ids, "completion_mask": c_mask, NTL_ANSWERS_KEY: ["15", "15"]}
+    hidden = tr.model.model(input_ids=torch.cat([prompt, c_ids], 1),
+                            attention_mask=torch.cat([inputs["prompt_mask"], c_mask], 1)
+                            ).last_hidden_state
+    loss = tr._ntl_loss_and_log(hidden, inputs)
+    # by hand: row 0 "12" -> "15" (units 2->5, tens 1->1); row 1 "123" -> "015"
+    logits = tr.model(input_ids=torch.cat([prompt, c_ids], 1)).logits.float()
+    P = prompt.shape[1]
+    dig = [tok.convert_tokens_to_ids(d) for d in "0123456789"]
+    expect = []
+    for b, text, truth in [(0, texts[0], "15"), (1, texts[1], "015")]:
+        ans = text.split("#### ")[1]
+        start = len(text) - len(ans)
+        for j, y in enumerate(truth):
+            q = torch.softmax(logits[b, P + start + j - 1, dig], -1)
+            expect.append(sum(q[k] * abs(k - int(y)) for k in range(10)))
+    ref = torch.stack(expect).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert tr._metrics["train"]["ntl/total_digits"] == [5.0]
+
+
+def test_final_answer_ground_truths_travel_with_their_completions(tmp_path):
+    tr = make(NTLGRPOTrainer, tmp_path, max_steps=1, steps_per_generation=2,
+              per_device_train_batch_size=4, gradient_accumulation_steps=2,
+              ntl_config=NTLConfig(ntl_weight=0.1, ntl_labels="final_answer"))
+    tr.train()
+    ds = tiny_dataset()
+    truth = dict(zip(ds["prompt"], ds["ground_truth"], strict=True))
+    tok = tr.processing_class
+    assert len(tr.batches) == 2
+    for mb in tr.batches:
+        prompts = tok.batch_decode(mb["prompt_ids"], skip_special_tokens=True)
+        assert [truth[p] for p in prompts] == list(mb[NTL_ANSWERS_KEY])
+    assert any("ntl/total_digits" in h for h in tr.state.log_history)
+
+
+def test_missing_answer_column_is_an_error(tmp_path):
+    tr = make(NTLGRPOTrainer, tmp_path, max_steps=1,
+              ntl_config=NTLConfig(ntl_labels="final_answer", answer_column="solution"))
+    with pytest.raises(KeyError, match="solution"):
+        tr.train()
