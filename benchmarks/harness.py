@@ -12,6 +12,7 @@ import argparse
 import datetime as _dt
 import gc
 import logging
+import os
 import shlex
 import sys
 import time
@@ -23,7 +24,14 @@ import torch
 
 from . import report
 from .cases import CASES, Ctx, Inputs, Unavailable, expected_values, make_inputs, rel_err
-from .measure import MODES, cpu_measure, cuda_empty_launch_ms, cuda_measure
+from .measure import (
+    MODES,
+    cpu_first_run,
+    cpu_timed_run,
+    cuda_empty_launch_ms,
+    cuda_measure,
+    summarize,
+)
 
 __all__ = ["main", "parse_args", "run"]
 
@@ -94,7 +102,7 @@ def _list() -> str:
 
 
 class _Progress:
-    """tqdm on stderr when installed, else one line per step."""
+    """tqdm on stderr when installed, else a line per provider; ``--no-progress`` silences it."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.enabled, self.n, self.total, self.t0 = enabled, 0, total, time.time()
@@ -111,20 +119,32 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_description(desc)
         elif self.enabled:
-            print(f"[{self.n + 1}/{self.total} {time.time() - self.t0:5.0f}s] {desc} ...", file=sys.stderr,
-                  flush=True)
+            print(f"[{self.n}/{self.total} {time.time() - self.t0:5.0f}s] {desc}", file=sys.stderr, flush=True)
 
-    def done(self, msg: str) -> None:
-        self.n += 1
+    def write(self, msg: str) -> None:
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
-            self.bar.update(1)
         elif self.enabled:
             print(f"    {msg}", file=sys.stderr, flush=True)
+
+    def update(self, n: int, msg: str | None = None) -> None:
+        self.n += n
+        if msg:
+            self.write(msg)
+        if self.bar is not None:
+            self.bar.update(n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _loadavg() -> float | None:
+    """1-minute load average of the host (CPU timings on a shared machine depend on it)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not on every platform
+        return None
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -138,36 +158,122 @@ def _free(device: torch.device, full: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure_one(pr: Any, ctx: Ctx, inp: Inputs, expected: dict[str, float], a: argparse.Namespace,
-                 device: torch.device) -> dict[str, Any]:
-    inp.restore()
-    fwd = pr.build(ctx, inp)  # raises Unavailable
-    leaves = inp.leaves()
-    if device.type == "cuda":
-        loss = fwd()  # first call: compile / autotune, and the value to check
-        value = float(loss.detach().float())
-        loss.backward()
-        del loss
+def _check(pr: Any, value: float, expected: dict[str, float], dtype: torch.dtype) -> dict[str, Any] | None:
+    """Compare a provider's loss with the float64 reference value it should equal."""
+    if pr.expect is None or pr.expect not in expected:
+        return None
+    exp = expected[pr.expect]
+    rtol, atol = TOL[dtype]
+    return {"value": value, "expected": exp, "rel_err": rel_err(value, exp),
+            "ok": bool(abs(value - exp) <= max(atol, rtol * abs(exp)))}
+
+
+def _failure(e: BaseException, pr: Any) -> dict[str, Any]:
+    if isinstance(e, Unavailable):
+        return {"status": "skipped", "reason": str(e)}
+    oom = _is_oom(e)
+    first = str(e).splitlines()[0] if str(e) else ""
+    if not oom:
+        log.debug("provider %s failed:\n%s", pr.key, traceback.format_exc())
+    return {"status": "oom" if oom else "error", "reason": f"{type(e).__name__}: {first}"[:300]}
+
+
+def _modes(timings: dict[str, Any], mem: dict[str, int]) -> dict[str, Any]:
+    return {m: {"time_ms": timings[m].to_dict(), "peak_mem_bytes": int(mem[m])} for m in MODES}
+
+
+def _run_case(case: Any, inp: Inputs | None, expected: dict[str, float], ctx: Ctx, a: argparse.Namespace,
+              device: torch.device, selected: Any, prog: _Progress, N: int, dt: str) -> list[dict[str, Any]]:
+    """Measure the selected providers of one case on one shape.
+
+    GPU: one provider after the other (check call, ``do_bench`` per mode, memory run).
+    CPU: a profiled check/memory run per provider, then ``repeats`` rounds in which
+    every provider runs once (in-place ones last), so that load changes on a shared
+    machine hit all providers of the comparison alike.
+    """
+    gpu = device.type == "cuda"
+    order: list[Any] = []
+    recs: dict[str, dict[str, Any]] = {}
+    built: list[tuple[Any, Any]] = []
+    for pr in case.providers:
+        why = selected(pr)
+        if why == "deselected":
+            continue
+        order.append(pr)
+        if why is not None:
+            recs[pr.key] = {"status": "skipped", "reason": why}
+            continue
+        if inp is None:
+            recs[pr.key] = {"status": "oom", "reason": "inputs do not fit in memory"}
+            prog.update(1 if gpu else 1 + a.repeats, _one_line(_rec(case, pr, N, dt, recs[pr.key])))
+            continue
+        prog.start(f"N={N} {dt} {case.name}: {pr.key}" + ("" if gpu else " (check + memory)"))
+        leaves = inp.leaves()
+        try:
+            inp.restore()
+            fwd = pr.build(ctx, inp)
+            if gpu:
+                loss = fwd()  # first call: compile / autotune, and the value to check
+                value = float(loss.detach().float())
+                loss.backward()
+                del loss
+                for t in leaves:
+                    t.grad = None
+                if pr.inplace:
+                    inp.dirty = True
+                timings, mem = cuda_measure(fwd, leaves, rep_ms=a.rep_ms, warmup_ms=max(10, a.rep_ms // 4))
+                recs[pr.key] = {"status": "ok", "modes": _modes(timings, mem),
+                                "check": _check(pr, value, expected, inp.dtype)}
+            else:
+                loss, mem = cpu_first_run(fwd, leaves)
+                if pr.inplace:
+                    inp.dirty = True
+                for _ in range(max(0, a.warmup - 1)):
+                    cpu_timed_run(fwd, leaves)
+                recs[pr.key] = {"status": "ok", "mem": mem,
+                                "check": _check(pr, float(loss.float()), expected, inp.dtype)}
+                built.append((pr, fwd))
+        except Exception as e:
+            recs[pr.key] = _failure(e, pr)
+            if pr.inplace:
+                inp.dirty = True
         for t in leaves:
             t.grad = None
-        if pr.inplace:
-            inp.dirty = True
-        timings, mem = cuda_measure(fwd, leaves, rep_ms=a.rep_ms, warmup_ms=max(10, a.rep_ms // 4))
-    else:
-        loss, timings, mem = cpu_measure(fwd, leaves, repeats=a.repeats, warmup=a.warmup)
-        value = float(loss.float())
-        if pr.inplace:
-            inp.dirty = True
-    rec: dict[str, Any] = {"status": "ok",
-                           "modes": {m: {"time_ms": timings[m].to_dict(), "peak_mem_bytes": int(mem[m])}
-                                     for m in MODES}}
-    if pr.expect is not None and pr.expect in expected:
-        exp = expected[pr.expect]
-        rtol, atol = TOL[inp.dtype]
-        err = rel_err(value, exp)
-        rec["check"] = {"value": value, "expected": exp, "rel_err": err,
-                        "ok": bool(abs(value - exp) <= max(atol, rtol * abs(exp)))}
-    return rec
+        _free(device)
+        if gpu or recs[pr.key]["status"] != "ok":
+            prog.update(1 if gpu else 1 + a.repeats, _one_line(_rec(case, pr, N, dt, recs[pr.key])))
+        else:
+            prog.update(1)
+    if built:  # CPU: interleaved timed rounds
+        built.sort(key=lambda b: b[0].inplace)
+        samples: dict[str, dict[str, list[float]]] = {pr.key: {m: [] for m in MODES} for pr, _ in built}
+        for r in range(a.repeats):
+            for pr, fwd in list(built):
+                prog.start(f"N={N} {dt} {case.name}: {pr.key} (run {r + 1}/{a.repeats})")
+                try:
+                    if not pr.inplace:
+                        inp.restore()  # type: ignore[union-attr]
+                    for m, v in cpu_timed_run(fwd, inp.leaves()).items():  # type: ignore[union-attr]
+                        samples[pr.key][m].append(v)
+                except Exception as e:
+                    recs[pr.key] = _failure(e, pr)
+                    built.remove((pr, fwd))
+                    prog.update(a.repeats - r, _one_line(_rec(case, pr, N, dt, recs[pr.key])))
+                    continue
+                finally:
+                    if pr.inplace:
+                        inp.dirty = True  # type: ignore[union-attr]
+                prog.update(1)
+        for pr, _ in built:
+            rec = recs[pr.key]
+            mem = rec.pop("mem")
+            rec["modes"] = _modes({m: summarize(samples[pr.key][m]) for m in MODES}, mem)
+            prog.write(_one_line(_rec(case, pr, N, dt, rec)))
+    return [_rec(case, pr, N, dt, recs[pr.key]) for pr in order]
+
+
+def _rec(case: Any, pr: Any, N: int, dt: str, rec: dict[str, Any]) -> dict[str, Any]:
+    return {"case": case.name, "provider": pr.key, "label": pr.label, "N": N, "dtype": dt, **rec}
 
 
 def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
@@ -212,7 +318,8 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         return None
 
     plan = [(N, dt, c) for N in Ns for dt in dtypes for c in case_names]
-    total = sum(1 for _, _, c in plan for pr in CASES[c].providers if selected(pr) is None)
+    per = 1 if gpu else 1 + a.repeats  # progress units per provider
+    total = per * sum(1 for _, _, c in plan for pr in CASES[c].providers if selected(pr) is None)
     prog = _Progress(total, not a.no_progress)
     records: list[dict[str, Any]] = []
     baselines: dict[str, Any] = {"empty_kernel_launch_ms": None}
@@ -222,6 +329,7 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         except Exception as e:
             log.warning("empty kernel launch timing failed: %s", e)
     t_start = time.time()
+    load_start = _loadavg()
     for N in Ns:
         for dt in dtypes:
             dtype = DTYPES[dt]
@@ -243,36 +351,8 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
                         if not _is_oom(e):
                             raise
                         inputs.pop(case.inputs, None)
-                inp = inputs.get(case.inputs)
-                for pr in case.providers:
-                    base = {"case": cname, "provider": pr.key, "label": pr.label, "N": N, "dtype": dt}
-                    why = selected(pr)
-                    if why == "deselected":
-                        continue
-                    if why is not None:
-                        records.append({**base, "status": "skipped", "reason": why})
-                        continue
-                    prog.start(f"N={N} {dt} {cname}: {pr.key}")
-                    if inp is None:
-                        rec = {"status": "oom", "reason": "inputs do not fit in memory"}
-                    else:
-                        try:
-                            rec = _measure_one(pr, ctx, inp, exp[case.inputs], a, device)
-                        except Unavailable as e:
-                            rec = {"status": "skipped", "reason": str(e)}
-                        except Exception as e:
-                            oom = _is_oom(e)
-                            rec = {"status": "oom" if oom else "error",
-                                   "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-                            if not oom:
-                                log.debug("provider %s failed:\n%s", pr.key, traceback.format_exc())
-                            if pr.inplace:
-                                inp.dirty = True
-                        for t in inp.leaves():
-                            t.grad = None
-                        _free(device)
-                    records.append({**base, **rec})
-                    prog.done(_one_line(records[-1]))
+                records += _run_case(case, inputs.get(case.inputs), exp.get(case.inputs, {}), ctx, a,
+                                     device, selected, prog, N, dt)
             inputs.clear()
             _free(device, full=True)
     prog.close()
@@ -287,6 +367,7 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         "command": a.command,
         "mode": "quick" if a.quick else "full",
         "wall_s": round(time.time() - t_start, 1),
+        "load_avg_1min": {"start": load_start, "end": _loadavg()},
         "config": {
             "vocab_size": a.vocab_size, "Ns": Ns, "dtypes": dtypes, "digit_frac": a.digit_frac,
             "ignore_frac": a.ignore_frac, "hidden_size": H, "ntl_weight": 0.3, "seed": a.seed,

@@ -6,7 +6,8 @@ backward pass is ``loss.backward()``. Gradients of the leaves listed in
 
 CPU:
     time: wall clock (``time.perf_counter_ns``) of the forward and the backward of
-    the same run, after warm-up runs; median and quartiles over ``repeats`` runs.
+    the same run, after warm-up runs; median and quartiles over ``repeats`` runs
+    (the harness interleaves the runs of the providers of one case).
     memory: one run under ``torch.profiler.profile(profile_memory=True)``; the
     allocator's ``[memory]`` events (``+nbytes`` alloc, ``-nbytes`` free) are
     replayed in time order and the peak of the running sum is the peak number of
@@ -32,7 +33,9 @@ import torch
 __all__ = [
     "MODES",
     "Timing",
+    "cpu_first_run",
     "cpu_measure",
+    "cpu_timed_run",
     "cuda_empty_launch_ms",
     "cuda_measure",
     "peak_from_events",
@@ -129,34 +132,43 @@ def _profiled_memory(fwd: Fwd, leaves: Sequence[torch.Tensor]) -> tuple[torch.Te
     return loss, {"fwd": fwd_peak, "bwd": bwd_peak, "fwd+bwd": max(fwd_peak, bwd_peak)}
 
 
+def cpu_first_run(fwd: Fwd, leaves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, int]]:
+    """CPU: one profiled fwd+bwd run; returns ``(detached loss, {mode: peak bytes})``."""
+    return _profiled_memory(fwd, leaves)
+
+
+def cpu_timed_run(fwd: Fwd, leaves: Sequence[torch.Tensor]) -> dict[str, float]:
+    """CPU: one run, forward and backward timed separately (ms); ``fwd+bwd`` is their sum."""
+    _clear(leaves)
+    t0 = time.perf_counter_ns()
+    out = fwd()
+    t1 = time.perf_counter_ns()
+    out.backward()
+    t2 = time.perf_counter_ns()
+    del out
+    _clear(leaves)
+    return {"fwd": (t1 - t0) / 1e6, "bwd": (t2 - t1) / 1e6, "fwd+bwd": (t2 - t0) / 1e6}
+
+
 def cpu_measure(
     fwd: Fwd, leaves: Sequence[torch.Tensor], *, repeats: int, warmup: int
 ) -> tuple[torch.Tensor, dict[str, Timing], dict[str, int]]:
-    """CPU: first run profiled for memory (it is also the first warm-up), then timed runs.
+    """CPU, one provider: first run profiled for memory (it is also the first warm-up),
+    ``warmup - 1`` more warm-up runs, then ``repeats`` timed runs.
 
-    Returns ``(loss of the first run, {mode: Timing}, {mode: peak bytes})``. Each timed
-    run times its forward and its backward separately; ``fwd+bwd`` is their sum in
-    the same run.
+    Returns ``(loss of the first run, {mode: Timing}, {mode: peak bytes})``. (The
+    harness interleaves the timed runs of all providers of a case instead, so that
+    load changes on a shared machine hit every provider alike.)
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    loss, mem = _profiled_memory(fwd, leaves)
+    loss, mem = cpu_first_run(fwd, leaves)
     for _ in range(max(0, warmup - 1)):
-        fwd().backward()
-        _clear(leaves)
+        cpu_timed_run(fwd, leaves)
     samples: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(repeats):
-        _clear(leaves)
-        t0 = time.perf_counter_ns()
-        out = fwd()
-        t1 = time.perf_counter_ns()
-        out.backward()
-        t2 = time.perf_counter_ns()
-        del out
-        samples["fwd"].append((t1 - t0) / 1e6)
-        samples["bwd"].append((t2 - t1) / 1e6)
-        samples["fwd+bwd"].append((t2 - t0) / 1e6)
-    _clear(leaves)
+        for m, v in cpu_timed_run(fwd, leaves).items():
+            samples[m].append(v)
     return loss, {m: summarize(v) for m, v in samples.items()}, mem
 
 
