@@ -215,10 +215,12 @@ class Ctx:
         return self.cache[key]
 
     def compiled(self, name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        key = ("compile", name)
-        if key not in self.cache:
-            self.cache[key] = torch.compile(fn, dynamic=False)
-        return self.cache[key]
+        """``torch.compile(fn)`` for the current shape: Dynamo's caches are reset first, so
+        a run over many (N, dtype) never reaches its recompile limit (and silently runs eager)."""
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        return torch.compile(fn, dynamic=False)
 
 
 Builder = Callable[[Ctx, Inputs], Callable[[], torch.Tensor]]
@@ -376,7 +378,8 @@ def _ce_ntl() -> tuple[Provider, ...]:
         Provider("torch-ref", "eager PyTorch reference (CE + W1)", b_ref, "ce+w1", quick=False),
         Provider("torch-compile", "torch.compile(reference)", b_compile, "ce+w1", gpu_only=True),
         Provider("ce+ntloss", "F.cross_entropy + ntloss (reweigh=False)", b_ntloss(False), "ce+w1"),
-        Provider("ce+ntloss-rw", "F.cross_entropy + ntloss (default reweigh=True)", b_ntloss(True), "ce+w1-rw"),
+        Provider("ce+ntloss-rw", "F.cross_entropy + ntloss (default reweigh=True)", b_ntloss(True), "ce+w1-rw",
+                 quick=False),
         Provider("liger-ce", "Liger cross-entropy alone (in place)", b_liger(False), "ce", gpu_only=True,
                  inplace=True),
         Provider("liger-ce+ntl", "Liger cross-entropy + ntl.ntl_wasserstein_loss", b_liger(True), "ce+w1",

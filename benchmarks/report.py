@@ -79,6 +79,20 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _git_rev(path: Path) -> str | None:
+    """Short commit of the checkout holding ``path`` (``+dirty`` if src/ntl has local changes)."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/ntl"], cwd=path,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{rev}+dirty" if dirty else rev or None
+
+
 def versions() -> dict[str, str | None]:
     import ntl
 
@@ -87,6 +101,7 @@ def versions() -> dict[str, str | None]:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "ntl": getattr(ntl, "__version__", None),
+        "ntl_git": _git_rev(Path(ntl.__file__).resolve().parent),
         "ntloss": _version("ntloss"),
         "liger_kernel": _version("liger_kernel") or _version("liger-kernel"),
         "numpy": _version("numpy"),
@@ -354,6 +369,9 @@ def render_markdown(doc: dict[str, Any], plot_name: str | None) -> str:
         f"- timing: {cfg['timer']}",
         f"- memory: {cfg['memory']}",
         f"- `ntl` backend: {cfg['ntl_backend']}",
+        *([f"- host load (1-min average) at start / end: {doc['load_avg_1min']['start']} / "
+           f"{doc['load_avg_1min']['end']} (CPU timings on a shared machine depend on it)"]
+          if doc.get("load_avg_1min") and dev["kind"] == "cpu" else []),
         "",
         "Times are `median ±half-IQR` in ms; `x ntl` / `x CE` are fwd+bwd time ratios to the case's `ntl` "
         "provider and to `F.cross_entropy` alone on the same logits (LM head + CE for the hidden case); "
@@ -394,6 +412,29 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(len(cases), 2, figsize=(13, 3.6 * len(cases)), squeeze=False)
     styles = {"float32": "-", "bfloat16": "--", "float16": ":"}
+    if len(doc["config"]["Ns"]) == 1:  # one N: bars per provider instead of lines
+        for i, case in enumerate(cases):
+            rs = [r for r in recs if r["case"] == case]
+            names = [f"{r['provider']} ({r['dtype']})" if len(doc["config"]["dtypes"]) > 1 else r["provider"]
+                     for r in rs]
+            for j, (xlabel, get) in enumerate((
+                    ("fwd+bwd time (ms)", lambda r: r["modes"]["fwd+bwd"]["time_ms"]["median"]),
+                    ("fwd+bwd peak memory (MiB)", lambda r: r["modes"]["fwd+bwd"]["peak_mem_bytes"] / MiB))):
+                ax = axes[i][j]
+                vals = [get(r) for r in rs]
+                ax.barh(range(len(rs)), vals, color=[f"C{k}" for k in range(len(rs))])
+                ax.set_yticks(range(len(rs)), names, fontsize=8)
+                ax.invert_yaxis()
+                ax.set_xlabel(xlabel)
+                ax.set_title(f"{case}, N = {doc['config']['Ns'][0]}")
+                ax.grid(True, axis="x", alpha=0.3)
+                for k, v in enumerate(vals):
+                    ax.text(v, k, f" {_sig(v)}", va="center", fontsize=7)
+        fig.suptitle(f"ntl bench: {doc['device']['name']} ({doc['date'][:10]})")
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return True
     for i, case in enumerate(cases):
         series: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
         for r in recs:
