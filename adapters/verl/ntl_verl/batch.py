@@ -1,0 +1,138 @@
+"""Batch helpers shared by the verl 0.9 engine and the legacy 0.7 actor.
+
+Everything here works on right-padded response tensors ``[B, R]`` (response
+position ``t`` = the ``t``-th generated token) and delegates the NTL math to
+``ntl``: targets from :func:`ntl.targets.build_digit_targets`, probabilities from
+:func:`ntl.metrics.digit_probs`, the bonus from
+:func:`ntl.rewards.ntl_bonus_from_digit_probs`. No loop over tokens; the only
+per-sample Python work is ``build_digit_targets``' decode + answer regex.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+import ntl
+from ntl.metrics import digit_probs
+from ntl.rewards import ntl_bonus_from_digit_probs, scatter_to_last_token
+from ntl.targets import build_digit_targets
+
+from .settings import IGNORE_INDEX, NTLSettings
+
+__all__ = [
+    "TARGETS_KEY",
+    "digit_bonus_scores",
+    "digit_targets",
+    "ground_truths_from",
+    "has_key",
+    "pad_responses",
+]
+
+logger = logging.getLogger("ntl")
+
+#: Batch key of the digit targets ``[B, R]`` (token ids, -100 elsewhere) read by the actor update.
+TARGETS_KEY = "ntl_targets"
+#: Non-tensor key set on a verl batch to ask the engine for digit logits.
+CAPTURE_KEY = "ntl_capture"
+#: Model-output key of the captured digit logits (aligned like verl's ``log_probs``).
+DIGIT_LOGITS_KEY = "ntl_digit_logits"
+
+
+def has_key(data: Any, key: str) -> bool:
+    """``key in data`` for a TensorDict (whose ``in`` operator is not a key lookup)."""
+    return key in data.keys()  # noqa: SIM118
+
+
+def ground_truths_from(reward_model: Any, n: int) -> list[str]:
+    """The ``n`` ground truths of a verl batch's ``reward_model`` column.
+
+    Accepts a sequence (list, numpy object array, NonTensorStack.tolist()) of dicts
+    holding ``"ground_truth"`` (verl's dataset format) or of plain answers.
+    """
+    if reward_model is None:
+        raise ValueError(
+            "the batch has no 'reward_model' column, so the NTL digit targets cannot be built; "
+            "use verl's dataset format (reward_model.ground_truth) or put 'ntl_targets' in the batch"
+        )
+    items = list(reward_model.tolist() if hasattr(reward_model, "tolist") else reward_model)
+    if len(items) != n:
+        raise ValueError(f"reward_model has {len(items)} entries for a batch of {n}")
+    out = []
+    for i, item in enumerate(items):
+        gt = item.get("ground_truth") if isinstance(item, Mapping) else item
+        if gt is None:
+            raise ValueError(f"reward_model[{i}] has no 'ground_truth': {item!r}")
+        out.append(gt)
+    return out
+
+
+def pad_responses(x: torch.Tensor, width: int | None = None, pad: int | float = 0) -> torch.Tensor:
+    """A nested (jagged) ``[B, r_b]`` or padded ``[B, R]`` response tensor as padded ``[B, width]``."""
+    if x.is_nested:
+        lens = x.offsets().diff()
+        w = int(lens.max().item()) if width is None else width
+        return torch.nested.to_padded_tensor(x, padding=pad, output_size=(x.size(0), w))
+    if width is None or width == x.shape[1]:
+        return x
+    if width < x.shape[1]:
+        return x[:, :width]
+    fill = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), pad)
+    return torch.cat([x, fill], dim=1)
+
+
+def response_mask_padded(response_mask: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Boolean ``[B, width]`` response mask from a nested or padded mask."""
+    return pad_responses(response_mask, width, 0).bool()
+
+
+def digit_targets(
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    ground_truths: Sequence[Any],
+    tokenizer: Any,
+    vocab: ntl.NumberVocab,
+    mode: str,
+) -> torch.Tensor:
+    """Digit targets ``[B, R]`` for padded responses (``ntl.targets.build_digit_targets``)."""
+    t = build_digit_targets(
+        responses.long(),
+        list(ground_truths),
+        tokenizer,
+        mode=mode,
+        response_mask=response_mask.bool(),
+        ignore_index=IGNORE_INDEX,
+        vocab=vocab,
+    )
+    return t.masked_fill(~response_mask.bool(), IGNORE_INDEX)
+
+
+def digit_bonus_scores(
+    digit_logits: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    ground_truths: Sequence[Any],
+    tokenizer: Any,
+    vocab: ntl.NumberVocab,
+    settings: NTLSettings,
+    targets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digit-aware bonus as token-level scores ``[B, R]`` and per-sample ``[B]``.
+
+    ``digit_logits [B, R, K]`` are the (temperature-scaled) digit logits that predict
+    response token ``t`` (from the old-log-prob pass). Targets use
+    ``mode = settings.ntl_bonus_type``; ``bonus_b`` is
+    :func:`ntl.rewards.ntl_bonus_from_digit_probs` over them
+    (``0.4 acc + 0.3 confidence + 0.3 p(target)``; ``all`` targets exist only for correct
+    responses, so wrong ones get 0). The scores carry ``ntl_bonus_weight * bonus_b`` at
+    each response's last token (where verl puts the sequence reward).
+    """
+    if targets is None:
+        targets = digit_targets(responses, response_mask, ground_truths, tokenizer, vocab, settings.ntl_bonus_type)
+    dp = digit_probs(digit_logits.detach().float(), targets, vocab, ignore_index=IGNORE_INDEX)
+    bonus = ntl_bonus_from_digit_probs(dp)
+    scores = settings.ntl_bonus_weight * scatter_to_last_token(bonus, response_mask)
+    return scores, bonus

@@ -1,0 +1,66 @@
+"""Actor config for verl 0.9: ``actor_rollout_ref.actor._target_=ntl_verl.config.NTLActorConfig``.
+
+verl builds the actor config with ``hydra.utils.instantiate`` (``omega_conf_to_dataclass``)
+in the driver's ``validate_config`` (before Ray or any GPU work starts) and again in
+each actor worker. This subclass adds the NTL keys, validates them in
+``__post_init__`` (a bad value fails at start-up, naming the key), and hands the
+settings to the actor's engine through its engine config. Importing this module
+also registers the NTL engine (``ntl_verl.engine``), so the ``_target_`` override
+alone activates the adapter in every process that builds the actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from verl.workers.config import FSDPActorConfig
+
+from .settings import NTLSettings
+
+__all__ = ["NTLActorConfig"]
+
+
+@dataclass
+class NTLActorConfig(FSDPActorConfig):
+    """verl's ``FSDPActorConfig`` plus the NTL keys (see :class:`ntl_verl.settings.NTLSettings`).
+
+    ``loss = policy_loss + ntl_weight * NTL(ntl_method)`` over the response digits chosen
+    by ``ntl_labels``; ``extract_digit_info`` + ``ntl_bonus_type`` turn on the
+    digit-aware reward bonus.
+    """
+
+    ntl_enabled: bool = True
+    ntl_method: str = "mse"
+    ntl_weight: float = 0.1
+    ntl_labels: str = "final_answer"
+    extract_digit_info: bool = False
+    ntl_bonus_type: str = "none"
+    ntl_bonus_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        settings = self.ntl_settings  # validates, naming actor_rollout_ref.actor.<key>
+        if (self.ntl_enabled or self.extract_digit_info) and self.strategy not in ("fsdp", "fsdp2"):
+            raise ValueError(
+                    f"actor_rollout_ref.actor.strategy={self.strategy!r}: the NTL engine supports "
+                    "fsdp and fsdp2 only"
+                )
+        super().__post_init__()
+        from . import engine as _engine
+
+        _engine.register_ntl_engine()
+        # The engine reads the settings from its engine config (the object verl passes
+        # as ``engine_config`` to EngineRegistry.new for this actor, and only this actor).
+        object.__setattr__(self.engine, "_ntl_settings", settings)
+
+    @property
+    def ntl_settings(self) -> NTLSettings:
+        """The validated :class:`NTLSettings` of this config."""
+        return NTLSettings(
+            ntl_enabled=self.ntl_enabled,
+            ntl_method=self.ntl_method,
+            ntl_weight=self.ntl_weight,
+            ntl_labels=self.ntl_labels,
+            extract_digit_info=self.extract_digit_info,
+            ntl_bonus_type=self.ntl_bonus_type,
+            ntl_bonus_weight=self.ntl_bonus_weight,
+        )

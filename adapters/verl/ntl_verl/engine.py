@@ -1,0 +1,330 @@
+"""verl 0.9 FSDP engine that captures digit logits in the log-prob forward pass.
+
+:class:`NTLEngineMixin` on top of verl's ``FSDPEngineWithLMHead``:
+
+* ``prepare_model_outputs`` adds ``model_output["ntl_digit_logits"]``: the ``K`` digit
+  columns of the logits, divided by the sampling temperature exactly as verl divides
+  the logits before its log-softmax, gathered/unpadded like ``log_probs`` (remove-padding
+  path incl. Ulysses SP shards, padded path) and laid out like ``log_probs``: a jagged
+  ``[B, prompt+response, K]`` tensor whose position ``p`` predicts token ``p + 1``. verl's
+  ``no_padding_2_padding`` then turns it into ``[B, R, K]`` where row ``t`` scores
+  response token ``t`` (the causal shift). With ``use_fused_kernels`` (no logits exist)
+  a forward hook on the decoder computes them from the last hidden state and the LM
+  head: ``ntl.digit_logits_from_hidden(h, W, vocab, temperature=T)``.
+* ``forward_backward_batch`` (update): makes sure the batch carries ``ntl_targets``
+  (built from ``responses`` + ``reward_model.ground_truth`` when the old-log-prob pass did
+  not deliver them), all-reduces the mini-batch's digit count over data parallel, and
+  wraps the loss function with :class:`ntl_verl.loss.NTLLossFn`.
+* ``forward_backward_batch`` (old-log-prob pass, ``calculate_entropy`` on): returns
+  ``ntl_targets`` and, with the bonus on, ``rm_scores`` (the bonus added at the last response token) as extra model
+  output. verl 0.9's trainer writes every output field back to its TransferQueue, so the
+  targets reach the update (surviving mini-batch splits and dynamic batch sizes as a
+  per-sample field) and the bonus reaches ``_compute_advantage`` (which reads ``rm_scores``).
+
+The engine only acts for the actor whose config is :class:`ntl_verl.config.NTLActorConfig`
+(it reads the settings from its engine config); the reference model and critic run stock.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+import ntl
+
+from .batch import (
+    CAPTURE_KEY,
+    DIGIT_LOGITS_KEY,
+    TARGETS_KEY,
+    digit_bonus_scores,
+    digit_targets,
+    ground_truths_from,
+    has_key,
+    pad_responses,
+)
+from .loss import NUM_DIGITS_KEY, NTLLossFn, vocab_for_model
+from .settings import IGNORE_INDEX, NTLSettings
+
+__all__ = ["NTLEngineMixin", "NTLFSDPEngineWithLMHead", "register_ntl_engine"]
+
+logger = logging.getLogger("ntl")
+
+_REGISTERED: list[tuple[str, str]] = []
+
+
+def _tu() -> Any:
+    from verl.utils import tensordict_utils as tu
+
+    return tu
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(module, "module", None)  # FSDP1 / DDP wrappers
+    return inner if isinstance(inner, torch.nn.Module) else module
+
+
+class NTLEngineMixin:
+    """Mixin for verl's ``FSDPEngineWithLMHead`` (see the module docstring)."""
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def ntl_settings(self) -> NTLSettings | None:
+        """The actor's NTL settings (None: this engine is not an NTL actor)."""
+        cfg = getattr(self, "engine_config", None)
+        s = getattr(cfg, "_ntl_settings", None)
+        return s if s is not None and s.active else None
+
+    @property
+    def ntl_vocab(self) -> ntl.DigitVocab:
+        v = getattr(self, "_ntl_vocab_cache", None)
+        if v is None:
+            v = vocab_for_model(self.model_config)
+            self._ntl_vocab_cache = v
+        return v
+
+    def _ntl_tokenizer(self) -> Any:
+        return self.model_config.tokenizer
+
+    # ------------------------------------------------------------------ batch level
+    def forward_backward_batch(self, data: Any, loss_function: Any, forward_only: bool = False) -> Any:
+        s = self.ntl_settings
+        if s is None:
+            return super().forward_backward_batch(data, loss_function, forward_only)
+        tu = _tu()
+        if not forward_only:
+            if not s.ntl_enabled or loss_function is None:
+                return super().forward_backward_batch(data, loss_function, forward_only)
+            if not has_key(data, TARGETS_KEY):
+                data[TARGETS_KEY] = self._ntl_build_targets(data, s.ntl_labels)
+            targets = data[TARGETS_KEY]
+            vals = targets.values() if targets.is_nested else targets
+            n = (vals != IGNORE_INDEX).sum().to(torch.float32)
+            group = self.get_data_parallel_group()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                n = n.to(self._ntl_device())
+                torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.SUM, group=group)
+            tu.assign_non_tensor(data, **{NUM_DIGITS_KEY: int(n.item()), CAPTURE_KEY: True})
+            if not getattr(loss_function, "ntl_included", False) and not getattr(
+                getattr(loss_function, "func", None), "ntl_included", False
+            ):
+                loss_function = NTLLossFn(loss_function, s, self.ntl_vocab)
+            return super().forward_backward_batch(data, loss_function, forward_only)
+
+        old_log_prob_pass = tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False)
+        want_targets = s.ntl_enabled and not has_key(data, TARGETS_KEY)
+        if not old_log_prob_pass or not (want_targets or s.bonus_enabled):
+            return super().forward_backward_batch(data, loss_function, forward_only)
+        if s.bonus_enabled:
+            tu.assign_non_tensor(data, **{CAPTURE_KEY: True})
+        out = super().forward_backward_batch(data, loss_function, forward_only)
+        extra = self._ntl_old_log_prob_outputs(data, out.get("model_output", {}), s)
+        model_output = out.setdefault("model_output", {})
+        model_output.pop(DIGIT_LOGITS_KEY, None)
+        model_output.update(extra)
+        return out
+
+    def _ntl_device(self) -> Any:
+        from verl.utils.device import get_device_id
+
+        return get_device_id()
+
+    def _ntl_responses(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``responses [B, R]`` and boolean ``response_mask [B, R]`` of a verl batch."""
+        if not has_key(data, "responses") or not has_key(data, "response_mask"):
+            raise ValueError("NTL needs 'responses' and 'response_mask' in the actor batch")
+        resp, mask = data["responses"], data["response_mask"]
+        R = int(mask.offsets().diff().max().item()) if mask.is_nested else mask.shape[1]
+        return pad_responses(resp, R, 0).long(), pad_responses(mask, R, 0).bool()
+
+    def _ntl_ground_truths(self, data: Any) -> list[Any]:
+        rm = _tu().get(data, "reward_model", None)
+        return ground_truths_from(rm, len(data))
+
+    def _ntl_build_targets(self, data: Any, mode: str) -> torch.Tensor:
+        resp, mask = self._ntl_responses(data)
+        t = digit_targets(resp, mask, self._ntl_ground_truths(data), self._ntl_tokenizer(), self.ntl_vocab, mode)
+        return self._ntl_like_response(t, data)
+
+    @staticmethod
+    def _ntl_like_response(t: torch.Tensor, data: Any) -> torch.Tensor:
+        """Padded ``[B, R]`` -> the batch's response layout (nested if ``response_mask`` is)."""
+        mask = data["response_mask"]
+        if not mask.is_nested:
+            return t
+        lens = mask.offsets().diff().tolist()
+        return torch.nested.as_nested_tensor([t[i, :n] for i, n in enumerate(lens)], layout=torch.jagged)
+
+    def _ntl_old_log_prob_outputs(self, data: Any, model_output: dict, s: NTLSettings) -> dict[str, torch.Tensor]:
+        """Targets (and bonus scores) computed after the old-log-prob forward pass."""
+        out: dict[str, torch.Tensor] = {}
+        resp, mask = self._ntl_responses(data)
+        gts = self._ntl_ground_truths(data)
+        tok, vocab = self._ntl_tokenizer(), self.ntl_vocab
+        train_targets = None
+        if s.ntl_enabled and not has_key(data, TARGETS_KEY):
+            train_targets = digit_targets(resp, mask, gts, tok, vocab, s.ntl_labels)
+            out[TARGETS_KEY] = self._ntl_like_response(train_targets, data)
+        if s.bonus_enabled:
+            from verl.workers.utils.padding import no_padding_2_padding
+
+            if DIGIT_LOGITS_KEY not in model_output:
+                raise RuntimeError("extract_digit_info is on but the forward pass returned no digit logits")
+            if not has_key(data, "rm_scores"):
+                raise RuntimeError(
+                    "ntl_bonus_type is set but the batch has no 'rm_scores' to add the bonus to: the digit "
+                    "bonus needs verl's v1 trainer (trainer.use_v1=true, the default in verl 0.9)"
+                )
+            z = no_padding_2_padding(model_output[DIGIT_LOGITS_KEY], data)
+            z = pad_responses(z, mask.shape[1], 0.0)
+            same = train_targets is not None and s.ntl_labels == s.ntl_bonus_type
+            scores, bonus = digit_bonus_scores(
+                z, resp, mask, gts, tok, vocab, s, targets=train_targets if same else None
+            )
+            rm = data["rm_scores"]
+            if not rm.is_nested:
+                raise RuntimeError(
+                    "the digit bonus needs verl's v1 trainer (trainer.use_v1=true): the legacy trainer "
+                    "drops extra outputs of the old-log-prob pass"
+                )
+            rm_pad = pad_responses(rm, mask.shape[1], 0.0).float()
+            out["rm_scores"] = self._ntl_like_response(rm_pad + scores.to(rm_pad.device), data)
+            logger.info("ntl_verl: digit bonus mean %.4f over %d responses", float(bonus.mean()), len(bonus))
+        return out
+
+    # ------------------------------------------------------------------ micro-batch level
+    def _ntl_capture(self, micro_batch: Any) -> bool:
+        if self.ntl_settings is None:
+            return False
+        return bool(_tu().get_non_tensor_data(data=micro_batch, key=CAPTURE_KEY, default=False))
+
+    def forward_step(self, micro_batch: Any, loss_function: Any, forward_only: bool) -> Any:
+        use_fused = _tu().get_non_tensor_data(data=micro_batch, key="use_fused_kernels", default=False)
+        if not (use_fused and self._ntl_capture(micro_batch)):
+            return super().forward_step(micro_batch, loss_function, forward_only)
+        handle = self._ntl_install_hidden_hook(micro_batch)
+        try:
+            return super().forward_step(micro_batch, loss_function, forward_only)
+        finally:
+            handle.remove()
+            self._ntl_fused_digit_logits = None
+
+    def _ntl_install_hidden_hook(self, micro_batch: Any) -> Any:
+        """Fused kernels: compute digit logits from the decoder's last hidden state inside the
+        forward (while FSDP has the LM head's weight gathered)."""
+        model = _unwrap(self.module)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if decoder is None or head is None:
+            raise RuntimeError("NTL with use_fused_kernels needs a model with get_decoder() and an LM head")
+        temperature = micro_batch["temperature"]
+        if isinstance(temperature, torch.Tensor):
+            raise NotImplementedError("NTL with use_fused_kernels needs a scalar temperature (as verl does)")
+        vocab = self.ntl_vocab
+
+        def hook(_mod: Any, _args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+            self._ntl_fused_digit_logits = ntl.digit_logits_from_hidden(
+                hidden, head.weight, vocab, temperature=float(temperature),
+                bias=getattr(head, "bias", None),
+            )
+
+        return decoder.register_forward_hook(hook)
+
+    def prepare_model_outputs(self, output: Any, output_args: dict, micro_batch: Any, logits_processor_func: Any) -> dict:
+        model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+        if self._ntl_capture(micro_batch):
+            model_output[DIGIT_LOGITS_KEY] = self._ntl_digit_logits(output, output_args, micro_batch)
+        return model_output
+
+    def _ntl_digit_logits(self, output: Any, output_args: dict, micro_batch: Any) -> torch.Tensor:
+        """Jagged ``[B, seq_b, K]`` digit logits aligned like verl's ``log_probs``."""
+        from torch.distributed.tensor import DTensor
+        from verl.workers.engine.fsdp.transformer_impl import _scale_logits_by_temperature
+
+        tu = _tu()
+        use_rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+        use_fused = tu.get_non_tensor_data(data=micro_batch, key="use_fused_kernels", default=False)
+        input_ids = micro_batch["input_ids"]
+        cu_seqlens = input_ids.offsets()
+        unit_t = output_args.get("temperature_is_one", False)
+        ids = self.ntl_vocab.ids(cu_seqlens.device)
+
+        if use_fused:
+            z = getattr(self, "_ntl_fused_digit_logits", None)
+            if z is None:
+                raise RuntimeError("NTL fused path: the decoder hook captured no hidden state")
+            if use_rmpad:
+                z = self._gather_and_unpad_packed(z.squeeze(0), output_args["pad_size"])
+            else:
+                lens = cu_seqlens.diff()
+                keep = torch.arange(z.shape[1], device=z.device)[None, :] < lens.to(z.device)[:, None]
+                z = z[keep]
+            return torch.nested.nested_tensor_from_jagged(z, cu_seqlens.to(z.device))
+
+        logits = output.logits
+        if isinstance(logits, DTensor):
+            logits = logits.full_tensor()
+        if use_rmpad:
+            z = logits.squeeze(0).index_select(-1, ids.to(logits.device))  # [nnz_local, K]
+            t = output_args["temperature_rmpad"].unsqueeze(-1)
+            z = _scale_logits_by_temperature(z, t, is_unit_temperature=unit_t).float()
+            z = self._gather_and_unpad_packed(z, output_args["pad_size"])
+        else:
+            z = logits.index_select(-1, ids.to(logits.device))  # [B, L, K]
+            t = output_args["temperature"].unsqueeze(-1).unsqueeze(-1)
+            z = _scale_logits_by_temperature(z, t, is_unit_temperature=unit_t).float()
+            lens = cu_seqlens.diff().to(z.device)
+            keep = torch.arange(z.shape[1], device=z.device)[None, :] < lens[:, None]
+            z = z[keep]  # [nnz, K], sequences concatenated in order
+        return torch.nested.nested_tensor_from_jagged(z, cu_seqlens.to(z.device))
+
+
+def _engine_class() -> type:
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    global NTLFSDPEngineWithLMHead
+    if NTLFSDPEngineWithLMHead is None:
+
+        class _NTLFSDPEngineWithLMHead(NTLEngineMixin, FSDPEngineWithLMHead):
+            """verl's ``FSDPEngineWithLMHead`` with NTL digit capture and loss."""
+
+        _NTLFSDPEngineWithLMHead.__name__ = "NTLFSDPEngineWithLMHead"
+        _NTLFSDPEngineWithLMHead.__qualname__ = "NTLFSDPEngineWithLMHead"
+        NTLFSDPEngineWithLMHead = _NTLFSDPEngineWithLMHead
+    return NTLFSDPEngineWithLMHead
+
+
+NTLFSDPEngineWithLMHead: Any = None
+
+
+def register_ntl_engine() -> type:
+    """Register the NTL engine for ``language_model`` / fsdp, fsdp2 under this process'
+    ``(device, vendor)`` key, which ``EngineRegistry.get_engine_cls`` consults before the
+    vendor-less default (verl's own engine). Idempotent. Returns the engine class.
+
+    The engine behaves exactly like verl's for every engine config that carries no NTL
+    settings (reference model, or an actor without ``NTLActorConfig``).
+    """
+    from verl.utils.device import get_device_name, get_vendor
+    from verl.workers.engine.base import EngineRegistry
+
+    cls = _engine_class()
+    device, vendor = get_device_name(), get_vendor()
+    if (device, vendor) in _REGISTERED:
+        return cls
+    table = EngineRegistry._engines.setdefault("language_model", {})
+    for backend in ("fsdp", "fsdp2"):
+        existing = table.get(backend, {}).get((device, vendor))
+        if existing is not None and existing is not cls:
+            raise RuntimeError(
+                f"another engine ({existing.__qualname__}) is already registered for language_model/"
+                f"{backend} on ({device}, {vendor}); the NTL engine cannot take its place"
+            )
+    missing = [b for b in ("fsdp", "fsdp2") if table.get(b, {}).get((device, vendor)) is None]
+    if missing:
+        EngineRegistry.register(model_type="language_model", backend=missing, device=device, vendor=vendor)(cls)
+    _REGISTERED.append((device, vendor))
+    logger.info("ntl_verl: NTL engine registered for language_model on (%s, %s)", device, vendor)
+    return cls

@@ -1,0 +1,81 @@
+"""NTL settings shared by the verl 0.9 engine and the legacy 0.7 actor (no verl import here).
+
+The actor config (``ntl_verl.config.NTLActorConfig`` for verl 0.9,
+``ntl_verl.legacy`` for 0.7) carries these keys under ``actor_rollout_ref.actor``;
+:func:`NTLSettings.validate` checks them at start-up and names the bad key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["BONUS_TYPES", "KEY_PREFIX", "LABELS", "METHODS", "NTLSettings"]
+
+METHODS = ("mse", "wasserstein")
+LABELS = ("final_answer", "all")
+BONUS_TYPES = ("none", "final_answer", "all")
+KEY_PREFIX = "actor_rollout_ref.actor."
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class NTLSettings:
+    """What the adapter does in one actor.
+
+    Attributes:
+        ntl_enabled: add ``ntl_weight * NTL`` to the actor loss.
+        ntl_method: ``"mse"`` or ``"wasserstein"`` (the per-digit loss, see ``ntl.ntl_loss``).
+        ntl_weight: ``loss = policy_loss + ntl_weight * NTL`` (>= 0; 0 leaves the stock loss).
+        ntl_labels: which response digits get targets (``ntl.targets.build_digit_targets`` mode).
+        extract_digit_info: capture digit probabilities in the old-log-prob forward pass
+            (needed by the digit-aware reward bonus; no extra forward).
+        ntl_bonus_type: ``"none"``, ``"final_answer"`` or ``"all"``: the digit-aware bonus
+            added to each response's token-level score before the advantage.
+        ntl_bonus_weight: the bonus' weight (``score += ntl_bonus_weight * bonus``).
+    """
+
+    ntl_enabled: bool = True
+    ntl_method: str = "mse"
+    ntl_weight: float = 0.1
+    ntl_labels: str = "final_answer"
+    extract_digit_info: bool = False
+    ntl_bonus_type: str = "none"
+    ntl_bonus_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = KEY_PREFIX) -> None:
+        """Raise ``ValueError``/``TypeError`` naming ``prefix + key`` for a bad value."""
+        for key in ("ntl_enabled", "extract_digit_info"):
+            v = getattr(self, key)
+            if not isinstance(v, bool):
+                raise TypeError(f"{prefix}{key} must be true or false, got {v!r}")
+        _choice(prefix + "ntl_method", self.ntl_method, METHODS)
+        _choice(prefix + "ntl_labels", self.ntl_labels, LABELS)
+        _choice(prefix + "ntl_bonus_type", self.ntl_bonus_type, BONUS_TYPES)
+        for key in ("ntl_weight", "ntl_bonus_weight"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{prefix}{key} must be a finite number >= 0, got {v!r}")
+        if self.ntl_bonus_type != "none" and not self.extract_digit_info:
+            raise ValueError(
+                f"{prefix}ntl_bonus_type={self.ntl_bonus_type!r} needs the digit probabilities of the "
+                f"old-log-prob pass: set {prefix}extract_digit_info=true"
+            )
+
+    @property
+    def bonus_enabled(self) -> bool:
+        """True when the digit-aware reward bonus is on."""
+        return self.extract_digit_info and self.ntl_bonus_type != "none"
+
+    @property
+    def active(self) -> bool:
+        """True when the adapter has anything to do."""
+        return self.ntl_enabled or self.extract_digit_info
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")

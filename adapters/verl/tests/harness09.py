@@ -1,0 +1,158 @@
+"""CPU harness for the verl 0.9 NTL engine: a tiny Qwen2, a verl-layout batch, an engine
+without FSDP (verl's platform layer says "cuda" on CPU, so the device id is stubbed)."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict
+
+V = 32768  # > every token id of SAMPLES (Qwen2.5 itself has 151936); keeps CPU tests fast
+DIGIT_IDS = list(range(15, 25))
+
+# (prompt, response text, ground truth)
+SAMPLES = [
+    ("Q: 100 + 23?", " First 100 then 23. #### 123", "123"),
+    ("Question: 7*6", " 7*6 = 42 so #### 45", "42"),
+    ("Q: add 5 and 9", " 5+9 is 14. The answer #### 14", "14"),
+    ("Q: 2?", " #### 2,001", "2001"),
+]
+
+
+def tiny_model(seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    m = Qwen2ForCausalLM(cfg).float()
+    with torch.no_grad():  # make digit logits non-trivial
+        m.lm_head.weight.mul_(8.0)
+    return m
+
+
+@dataclass
+class Batch:
+    prompts: list[torch.Tensor]
+    responses: list[torch.Tensor]
+    ground_truths: list[str]
+
+
+def encode(tok, samples=SAMPLES) -> Batch:
+    P = [torch.tensor(tok.encode(p), dtype=torch.long) for p, _, _ in samples]
+    R = [torch.tensor(tok.encode(r), dtype=torch.long) for _, r, _ in samples]
+    assert max(int(t.max()) for t in P + R) < V
+    return Batch(P, R, [g for _, _, g in samples])
+
+
+def nested(ts):
+    return torch.nested.as_nested_tensor(list(ts), layout=torch.jagged)
+
+
+def v1_batch(b: Batch, *, seed: int = 0, with_targets: torch.Tensor | None = None) -> TensorDict:
+    """The TensorDict a verl 0.9 (v1 trainer) actor receives: per-sample nested fields."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(b.prompts)
+    seqs = [torch.cat([p, r]) for p, r in zip(b.prompts, b.responses, strict=True)]
+    rmask = [torch.ones(len(r), dtype=torch.int64) for r in b.responses]
+    fields = {
+        "prompts": nested(b.prompts),
+        "responses": nested(b.responses),
+        "input_ids": nested(seqs),
+        "position_ids": nested([torch.arange(len(s)) for s in seqs]),
+        "response_mask": nested(rmask),
+        "loss_mask": nested(rmask),
+        "old_log_probs": nested([-torch.rand(len(r), generator=g) - 0.5 for r in b.responses]),
+        "advantages": nested([torch.randn(len(r), generator=g) for r in b.responses]),
+        "rm_scores": nested([torch.cat([torch.zeros(len(r) - 1), torch.ones(1)]) for r in b.responses]),
+    }
+    td = TensorDict(fields, batch_size=[n])
+    from verl.utils import tensordict_utils as tu
+
+    tu.assign_non_tensor(td, reward_model=[{"ground_truth": gt, "style": "rule"} for gt in b.ground_truths])
+    if with_targets is not None:
+        td["ntl_targets"] = with_targets
+    return td
+
+
+def padded(b: Batch):
+    """Left-padded prompts + right-padded responses, the classic verl layout (for references)."""
+    n = len(b.prompts)
+    P = max(len(p) for p in b.prompts)
+    R = max(len(r) for r in b.responses)
+    input_ids = torch.zeros(n, P + R, dtype=torch.long)
+    attn = torch.zeros(n, P + R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(b.prompts, b.responses, strict=True)):
+        input_ids[i, P - len(p):P] = p
+        input_ids[i, P:P + len(r)] = r
+        attn[i, P - len(p):P + len(r)] = 1
+    pos = (attn.cumsum(1) - 1).clamp_min(0)
+    return input_ids, attn, pos, P, R
+
+
+def make_engine(model, tok, settings=None, monkeypatch=None):
+    """An NTL engine around ``model`` with no FSDP, on CPU."""
+    from ntl_verl.engine import _engine_class
+    from verl.workers.engine.fsdp import transformer_impl as ti
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
+        monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")
+        import ntl_verl.engine as ne
+
+        monkeypatch.setattr(ne.NTLEngineMixin, "_ntl_device", lambda self: "cpu")
+    cls = _engine_class()
+    eng = cls.__new__(cls)
+    eng.module = model
+    eng.engine_config = types.SimpleNamespace(
+        use_no_sync_for_gradient_accumulation=True, entropy_checkpointing=False,
+        entropy_from_logits_with_chunking=False,
+    )
+    if settings is not None:
+        eng.engine_config._ntl_settings = settings
+    eng.model_config = types.SimpleNamespace(tokenizer=tok, hf_config=model.config)
+    eng.use_ulysses_sp = False
+    eng.ulysses_sequence_parallel_size = 1
+    eng.pad_to_length = False
+    eng._autocast_dtype = torch.float32
+    eng.scaler = None
+    eng.get_data_parallel_group = lambda: None
+    eng.get_data_parallel_size = lambda: 1
+    import verl.utils.torch_functional as verl_F
+
+    eng.compute_entropy_from_logits = verl_F.entropy_from_logits
+    return eng
+
+
+def actor_config(**ntl):
+    """An NTLActorConfig as verl builds it (hydra instantiate), with NTL keys ``ntl``."""
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    cfg = {
+        "_target_": "ntl_verl.config.NTLActorConfig",
+        "strategy": "fsdp",
+        "rollout_n": 1,
+        "ppo_mini_batch_size": 4,
+        "ppo_micro_batch_size_per_gpu": 2,
+        "clip_ratio": 0.2,
+        **ntl,
+    }
+    return omega_conf_to_dataclass(OmegaConf.create(cfg))
+
+
+def assign_update_meta(td, *, rmpad=True, temperature=1.0, micro=2, fused=False):
+    from verl.utils import tensordict_utils as tu
+
+    tu.assign_non_tensor(
+        td, use_remove_padding=rmpad, use_dynamic_bsz=False, micro_batch_size_per_gpu=micro,
+        temperature=temperature, calculate_entropy=False, global_batch_size=len(td),
+        use_fused_kernels=fused, compute_loss=True,
+    )
+    return td

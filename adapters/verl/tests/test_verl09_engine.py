@@ -1,0 +1,311 @@
+"""verl 0.9 NTL engine + loss against independent references (tiny Qwen2 on CPU, no Ray)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import verl_version
+
+v = verl_version()
+if v is None or v.release[:2] < (0, 9):
+    pytest.skip("needs verl >= 0.9 (scripts/test_verl.sh runs this in its venv)", allow_module_level=True)
+
+import harness09 as H  # noqa: E402
+
+VALUES = torch.arange(10, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- references
+def expected_targets(tok, b: H.Batch, mode: str) -> list[torch.Tensor]:
+    """Hand-derived targets for harness09.SAMPLES (token ids; -100 elsewhere)."""
+    out = []
+    for (_, text, truth), r in zip(H.SAMPLES, b.responses, strict=True):
+        t = torch.full((len(r),), -100)
+        ids = r.tolist()
+        digit_pos = [i for i, x in enumerate(ids) if 15 <= x <= 24]
+        ans = text.split("####")[1]
+        n_ans = sum(c.isdigit() for c in ans)
+        ans_pos = digit_pos[-n_ans:]
+        if mode == "final_answer":
+            truth_digits = [int(c) for c in truth]
+            # place value: units with units (all truths here have as many digits as answers)
+            assert len(truth_digits) == n_ans
+            for p, d in zip(ans_pos, truth_digits, strict=True):
+                t[p] = 15 + d
+        else:
+            correct = ans.replace(",", "").strip() == truth
+            if correct:
+                for p in digit_pos:
+                    t[p] = ids[p]
+        out.append(t)
+    return out
+
+
+def full_logits(model, b: H.Batch) -> list[torch.Tensor]:
+    """Per-sample [len(prompt)+len(response), V] logits from plain padded forward passes."""
+    input_ids, attn, pos, P, _ = H.padded(b)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits.float()
+    out = []
+    for i, (p, r) in enumerate(zip(b.prompts, b.responses, strict=True)):
+        out.append(logits[i, P - len(p):P + len(r)])
+    return out
+
+
+def ref_ntl(model, b, targets, *, method="mse", temperature=1.0, shift=True) -> float:
+    """Mean NTL over all digit targets, computed from full logits.
+
+    Response token t (sequence position p = len(prompt) + t) is scored by the logits at
+    p - 1 (shift=True) or, deliberately wrong, at p (shift=False)."""
+    total, n = 0.0, 0
+    for lg, p, t in zip(full_logits(model, b), b.prompts, targets, strict=True):
+        for j in range(len(t)):
+            if t[j] < 0:
+                continue
+            row = lg[len(p) + j - 1] if shift else lg[len(p) + j]
+            q = torch.softmax(row[H.DIGIT_IDS] / temperature, dim=-1)
+            y = float(t[j] - 15)
+            if method == "mse":
+                total += float((q @ VALUES - y) ** 2)
+            else:
+                total += float((q * (VALUES - y).abs()).sum())
+            n += 1
+    return total / n
+
+
+def bonus_ref(model, b, targets, temperature=1.0) -> list[float]:
+    """0.4 accuracy + 0.3 confidence + 0.3 p(target) over each response's targeted digits."""
+    out = []
+    for lg, p, t in zip(full_logits(model, b), b.prompts, targets, strict=True):
+        acc = conf = tp = 0.0
+        n = 0
+        for j in range(len(t)):
+            if t[j] < 0:
+                continue
+            q = torch.softmax(lg[len(p) + j - 1][H.DIGIT_IDS] / temperature, dim=-1)
+            k = int(t[j] - 15)
+            acc += float(int(q.argmax()) == k)
+            conf += float(q.max())
+            tp += float(q[k])
+            n += 1
+        out.append(0.0 if n == 0 else (0.4 * acc + 0.3 * conf + 0.3 * tp) / n)
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def batch(qwen_tok):
+    return H.encode(qwen_tok)
+
+
+def run_update(model, tok, monkeypatch, batch, *, ntl=None, rmpad=True, temperature=1.0, micro=2,
+               dynamic=False, targets=None, stock=False, backward=True):
+    """One verl forward_backward_batch of the update; returns (sum of micro-batch losses, out)."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    cfg = H.actor_config(**(ntl or {}))
+    settings = None if stock else cfg.ntl_settings
+    eng = H.make_engine(model, tok, settings, monkeypatch)
+    td = H.assign_update_meta(H.v1_batch(batch, with_targets=targets), rmpad=rmpad,
+                              temperature=temperature, micro=micro)
+    if dynamic:
+        tu.assign_non_tensor(td, use_dynamic_bsz=True, max_token_len_per_gpu=40)
+    model.zero_grad(set_to_none=True)
+    out = eng.forward_backward_batch(td, functools.partial(ppo_loss, config=cfg), forward_only=not backward)
+    return sum(out["loss"]), out
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("labels", ["final_answer", "all"])
+def test_ntl_term_equals_shifted_reference(qwen_tok, batch, dist_group, monkeypatch, labels):
+    model = H.tiny_model()
+    tg = expected_targets(qwen_tok, batch, labels)
+    w = 0.5
+    l0, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl={"ntl_weight": 0.0, "ntl_labels": labels})
+    lw, out = run_update(model, qwen_tok, monkeypatch, batch, ntl={"ntl_weight": w, "ntl_labels": labels})
+    ref = ref_ntl(model, batch, tg)
+    unshifted = ref_ntl(model, batch, tg, shift=False)
+    assert (lw - l0) / w == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    assert abs(unshifted - ref) > 1e-3 * max(1.0, ref)  # the shift matters
+    assert abs((lw - l0) / w - unshifted) > 1e-3 * max(1.0, ref)
+    m = out["metrics"]
+    n_digits = sum(int((t >= 0).sum()) for t in tg)
+    assert sum(m["ntl/total_digits"].values) == n_digits
+    for key in ("ntl/loss", "ntl/digit_accuracy", "ntl/total_digits", "ntl/confidence"):
+        assert key in m
+
+
+def test_wasserstein_and_temperature(qwen_tok, batch, dist_group, monkeypatch):
+    model = H.tiny_model(seed=1)
+    tg = expected_targets(qwen_tok, batch, "final_answer")
+    T = 0.6
+    kw = {"ntl_method": "wasserstein"}
+    l0, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl={**kw, "ntl_weight": 0.0}, temperature=T)
+    l1, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl={**kw, "ntl_weight": 1.0}, temperature=T)
+    ref_t = ref_ntl(model, batch, tg, method="wasserstein", temperature=T)
+    ref_1 = ref_ntl(model, batch, tg, method="wasserstein", temperature=1.0)
+    assert l1 - l0 == pytest.approx(ref_t, rel=1e-4)
+    assert abs(ref_t - ref_1) > 1e-3
+
+
+def test_padded_and_remove_padding_paths_agree(qwen_tok, batch, dist_group, monkeypatch):
+    model = H.tiny_model(seed=2)
+    kw = {"ntl_weight": 1.0}
+    la, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl=kw, rmpad=True, temperature=0.8)
+    ga = grads(model)
+    lb, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl=kw, rmpad=False, temperature=0.8)
+    gb = grads(model)
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6)
+
+
+def test_weight_zero_is_exactly_stock_ppo_loss(qwen_tok, batch, dist_group, monkeypatch):
+    model = H.tiny_model(seed=3)
+    ls, _ = run_update(model, qwen_tok, monkeypatch, batch, stock=True)
+    gs = grads(model)
+    l0, out = run_update(model, qwen_tok, monkeypatch, batch, ntl={"ntl_weight": 0.0})
+    g0 = grads(model)
+    assert ls == l0
+    assert gs.keys() == g0.keys()
+    for n in gs:
+        assert torch.equal(gs[n], g0[n]), n
+    assert "ntl/loss" in out["metrics"]  # metrics still reported
+
+
+def test_weight_changes_gradients_and_a_step_lowers_ntl(qwen_tok, batch, dist_group, monkeypatch):
+    model = H.tiny_model(seed=4)
+    tg = expected_targets(qwen_tok, batch, "final_answer")
+    run_update(model, qwen_tok, monkeypatch, batch, ntl={"ntl_weight": 0.0})
+    g0 = grads(model)
+    before = ref_ntl(model, batch, tg)
+    run_update(model, qwen_tok, monkeypatch, batch, ntl={"ntl_weight": 1.0})
+    g1 = grads(model)
+    digit_rows = g1["lm_head.weight"][H.DIGIT_IDS] - g0["lm_head.weight"][H.DIGIT_IDS]
+    assert digit_rows.abs().max() > 1e-4
+    other = g1["lm_head.weight"][1000:1010] - g0["lm_head.weight"][1000:1010]
+    assert other.abs().max() < 1e-7  # NTL touches only the digit rows of the head
+    assert (g1["model.layers.0.mlp.up_proj.weight"] - g0["model.layers.0.mlp.up_proj.weight"]).abs().max() > 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt.step()
+    after = ref_ntl(model, batch, tg)
+    assert after < before - 1e-3
+
+
+def test_targets_from_old_log_prob_pass_survive_splits_and_dynamic_bsz(qwen_tok, batch, dist_group, monkeypatch):
+    """The old-log-prob pass returns ntl_targets (per-sample field, as verl's TQ stores it);
+    an update fed those targets, with static or dynamic micro-batches, gives the same loss."""
+    from verl.utils import tensordict_utils as tu
+
+    model = H.tiny_model(seed=5)
+    cfg = H.actor_config(ntl_weight=1.0, ntl_labels="final_answer")
+    eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
+    td = H.assign_update_meta(H.v1_batch(batch), micro=2)
+    tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
+    out = eng.forward_backward_batch(td, None, forward_only=True)
+    tg = out["model_output"]["ntl_targets"]
+    assert tg.is_nested
+    for got, want in zip(tg.unbind(), expected_targets(qwen_tok, batch, "final_answer"), strict=True):
+        assert torch.equal(got, want)
+    assert "ntl_digit_logits" not in out["model_output"]  # nothing big goes back to the trainer
+    ref = ref_ntl(model, batch, expected_targets(qwen_tok, batch, "final_answer"))
+    l0, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl={"ntl_weight": 0.0}, targets=tg)
+    for micro, dynamic in ((1, False), (4, False), (2, True)):
+        l1, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl={"ntl_weight": 1.0}, targets=tg,
+                           micro=micro, dynamic=dynamic)
+        l0m, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl={"ntl_weight": 0.0}, targets=tg,
+                            micro=micro, dynamic=dynamic)
+        assert l1 - l0m == pytest.approx(ref, rel=1e-4), (micro, dynamic)
+    assert l0 == pytest.approx(l0m, rel=1e-5)
+
+
+def test_bonus_reaches_token_level_scores_and_advantage(qwen_tok, batch, dist_group, monkeypatch):
+    from ntl_verl.batch import pad_responses
+    from verl.trainer.ppo.core_algos import compute_gae_advantage_return
+    from verl.utils import tensordict_utils as tu
+
+    model = H.tiny_model(seed=6)
+    T = 0.7
+    cfg = H.actor_config(ntl_weight=0.1, extract_digit_info=True, ntl_bonus_type="final_answer",
+                         ntl_bonus_weight=0.5)
+    eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
+    td = H.assign_update_meta(H.v1_batch(batch), micro=2, temperature=T)
+    tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
+    rm_before = pad_responses(td["rm_scores"], None, 0.0).clone()
+    out = eng.forward_backward_batch(td, None, forward_only=True)
+    rm_after = out["model_output"]["rm_scores"]
+    assert rm_after.is_nested
+    rm_after = pad_responses(rm_after, rm_before.shape[1], 0.0)
+    want = bonus_ref(model, batch, expected_targets(qwen_tok, batch, "final_answer"), temperature=T)
+    mask = pad_responses(td["response_mask"], rm_before.shape[1], 0).float()
+    lens = mask.sum(1).long()
+    for i, n in enumerate(lens.tolist()):
+        assert rm_after[i, n - 1] - rm_before[i, n - 1] == pytest.approx(0.5 * want[i], rel=1e-4, abs=1e-6)
+        assert torch.equal(rm_after[i, : n - 1], rm_before[i, : n - 1])
+    assert any(x > 0.01 for x in want)
+    # the trainer's advantage step reads rm_scores as token_level_scores (gamma = lam = 1)
+    values = torch.zeros_like(mask)
+    # (returns = unwhitened GAE advantages + values; the advantages are whitened from them)
+    _, ret_b = compute_gae_advantage_return(rm_after, values, mask, gamma=1.0, lam=1.0)
+    _, ret_0 = compute_gae_advantage_return(rm_before, values, mask, gamma=1.0, lam=1.0)
+    for i in range(len(want)):
+        assert ret_b[i, 0] - ret_0[i, 0] == pytest.approx(0.5 * want[i], rel=1e-4, abs=1e-6)
+
+
+def test_all_bonus_only_for_correct_responses(qwen_tok, batch, dist_group, monkeypatch):
+    from ntl_verl.batch import pad_responses
+    from verl.utils import tensordict_utils as tu
+
+    model = H.tiny_model(seed=7)
+    cfg = H.actor_config(ntl_enabled=False, extract_digit_info=True, ntl_bonus_type="all", ntl_bonus_weight=1.0)
+    eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
+    td = H.assign_update_meta(H.v1_batch(batch))
+    tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
+    rm_before = pad_responses(td["rm_scores"], None, 0.0).clone()
+    out = eng.forward_backward_batch(td, None, forward_only=True)
+    assert "ntl_targets" not in out["model_output"]  # NTL loss off: no training targets
+    diff = pad_responses(out["model_output"]["rm_scores"], rm_before.shape[1], 0.0) - rm_before
+    want = bonus_ref(model, batch, expected_targets(qwen_tok, batch, "all"))
+    got = diff.sum(1).tolist()
+    assert got[1] == 0.0  # sample 1 answers 45 for 42: no bonus
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_reference_model_engine_is_stock(qwen_tok, batch, dist_group, monkeypatch):
+    """An engine config without NTL settings (the reference model) runs verl's code unchanged."""
+    from verl.utils import tensordict_utils as tu
+
+    model = H.tiny_model(seed=8)
+    eng = H.make_engine(model, qwen_tok, None, monkeypatch)
+    td = H.assign_update_meta(H.v1_batch(batch))
+    tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
+    out = eng.forward_backward_batch(td, None, forward_only=True)
+    assert set(out["model_output"]) == {"log_probs", "entropy"}
+
+
+def test_fused_kernel_path_matches_logits_path(qwen_tok, batch, dist_group, monkeypatch):
+    from verl.models.transformers.monkey_patch import apply_monkey_patch
+
+    model = H.tiny_model(seed=9)
+    tg = expected_targets(qwen_tok, batch, "final_answer")
+    ref = ref_ntl(model, batch, tg, temperature=0.9)
+    apply_monkey_patch(model, use_fused_kernels=True, fused_kernels_backend="torch")
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    losses = {}
+    for w in (0.0, 1.0):
+        cfg = H.actor_config(ntl_weight=w)
+        eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
+        td = H.assign_update_meta(H.v1_batch(batch), temperature=0.9, fused=True)
+        tu.assign_non_tensor(td, use_fused_kernels=True)
+        out = eng.forward_backward_batch(td, functools.partial(ppo_loss, config=cfg), forward_only=False)
+        losses[w] = sum(out["loss"])
+    assert losses[1.0] - losses[0.0] == pytest.approx(ref, rel=1e-4)
