@@ -1,0 +1,253 @@
+"""cross_entropy_with_ntl (PyTorch path) == F.cross_entropy + w * ntl_*_loss, values and gradients.
+
+The reference is the plain, unfused sum computed by autograd:
+``F.cross_entropy(x.view(-1, V), y.view(-1), ignore_index=..., reduction=...) + w * ntl_loss(...)``.
+Tolerances: fp32 1e-5. bf16 logits: the loss equals the fp32 reference on the upcast
+bf16 logits to 1e-5 (math is fp32); the gradient is stored in bf16, so it matches to
+bf16 rounding: ``|g - g_ref| <= 1e-2 * max|g_ref|`` (2^-8 relative per element).
+
+Triton-interpreter variants of these tests (``backend="triton"`` under
+``TRITON_INTERPRET=1``) live in the lead's tests/test_kernels*.py
+(slot names: test_fused_ce_ntl_triton_matches_reference, ..._inplace, ..._reweigh).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ntl
+
+V = 50
+IDS = [7, 33, 2, 41, 19, 25, 11, 48, 30, 14]  # '0'..'9' at scattered ids
+VOCAB = ntl.DigitVocab(IDS, vocab_size=V)
+TEXT = [0, 1, 5, 20, 49]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+REDUCTIONS = ["mean", "sum", "none"]
+METHODS = ["wasserstein", "mse"]
+
+
+def make(seed, B=3, T=7, digit_rows=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, V, generator=g) * 2.0
+    x[..., IDS] += torch.randn(B, T, 1, generator=g) * 4.0
+    y = torch.tensor(TEXT)[torch.randint(0, len(TEXT), (B, T), generator=g)]
+    if digit_rows:
+        d = torch.tensor(IDS)[torch.randint(0, 10, (B, T), generator=g)]
+        y = torch.where(torch.rand(B, T, generator=g) < 0.5, d, y)
+        y[0, 0] = IDS[4]
+    y[0, 1] = -100
+    y[-1, -1] = -100
+    return x.to(dtype), y
+
+
+def reference(x, y, *, w=0.3, method="wasserstein", reduction="mean", ignore_index=-100,
+              reweigh=False, vocab=VOCAB):
+    Vx = x.shape[-1]
+    ce = F.cross_entropy(x.reshape(-1, Vx).float(), y.reshape(-1), ignore_index=ignore_index,
+                         reduction=reduction)
+    if reduction == "none":
+        ce = ce.view(y.shape)
+    nt = ntl.ntl_loss(x, y, vocab, method=method, reduction=reduction, ignore_index=ignore_index,
+                      reweigh=reweigh)
+    return ce + w * nt, ce, nt
+
+
+def both(x, y, up=None, **kw):
+    """(fused loss, fused grad, ref loss, ref grad) with upstream ``up`` for reduction='none'."""
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    got = ntl.cross_entropy_with_ntl(a, y, kw.pop("vocab", VOCAB), **kw)
+    kw.pop("inplace", None)
+    ref = reference(b, y, w=kw.pop("ntl_weight", 0.3), **kw)[0]
+    u = torch.ones(()) if up is None else up
+    (got * u).sum().backward()
+    (ref * u).sum().backward()
+    return got, a.grad, ref, b.grad
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("reweigh", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_unfused_sum(method, reduction, reweigh, inplace):
+    x, y = make(0)
+    up = torch.rand(y.shape, generator=torch.Generator().manual_seed(9)) if reduction == "none" else None
+    got, g_got, ref, g_ref = both(x, y, up, method=method, reduction=reduction, reweigh=reweigh,
+                                  inplace=inplace, ntl_weight=0.7)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    tol = TOL if not reweigh else {"rtol": 1e-4, "atol": 1e-5}  # see test_losses_oracle reweigh note
+    torch.testing.assert_close(got.detach(), ref.detach(), **tol)
+    torch.testing.assert_close(g_got, g_ref, **tol)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("method", METHODS)
+def test_rows_without_digits_and_custom_ignore_index(method, reduction):
+    x, y = make(1, digit_rows=False)  # text and ignored only: NTL part is 0, loss is CE
+    got, g_got, ref, g_ref = both(x, y, method=method, reduction=reduction)
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    torch.testing.assert_close(g_got, g_ref, **TOL)
+    ce_only = F.cross_entropy(x.view(-1, V), y.view(-1), reduction=reduction)
+    torch.testing.assert_close(got.detach().reshape(-1) if reduction == "none" else got.detach(),
+                               ce_only, **TOL)
+    # ignore_index = a text id (e.g. the pad id), and = a digit id (then that digit is ignored by both)
+    for ign in (TEXT[2], IDS[4]):
+        x, y = make(2)
+        y = torch.where(y == -100, torch.full_like(y, ign), y)
+        y[1, :3] = ign
+        got, g_got, ref, g_ref = both(x, y, method=method, reduction=reduction, ignore_index=ign)
+        torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+        torch.testing.assert_close(g_got, g_ref, **TOL)
+
+
+def test_all_ignored_is_zero_not_nan():
+    """Documented deviation: F.cross_entropy's mean of nothing is NaN; the fused loss is 0."""
+    x = torch.randn(4, V, requires_grad=True)
+    y = torch.full((4,), -100)
+    assert torch.isnan(F.cross_entropy(x, y))
+    for reduction in REDUCTIONS:
+        loss = ntl.cross_entropy_with_ntl(x, y, VOCAB, reduction=reduction)
+        assert torch.equal(loss.detach(), torch.zeros(loss.shape))
+        loss.sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))
+        x.grad = None
+
+
+def test_return_parts():
+    x, y = make(3)
+    xa = x.clone().requires_grad_(True)
+    loss, ce, nt = ntl.cross_entropy_with_ntl(xa, y, VOCAB, ntl_weight=0.25, return_parts=True)
+    ref, ref_ce, ref_nt = reference(x, y, w=0.25)
+    torch.testing.assert_close(ce, ref_ce, **TOL)
+    torch.testing.assert_close(nt, ref_nt, **TOL)
+    torch.testing.assert_close(loss.detach(), ref, **TOL)
+    assert not ce.requires_grad and not nt.requires_grad and loss.requires_grad
+    parts = ntl.cross_entropy_with_ntl(x, y, VOCAB, reduction="none", return_parts=True,
+                                       method="mse", ntl_weight=1.5)
+    r = reference(x, y, w=1.5, method="mse", reduction="none")
+    for p, q in zip(parts, r, strict=True):
+        assert p.shape == y.shape
+        torch.testing.assert_close(p.detach(), q, **TOL)
+
+
+def test_weight_zero_is_plain_cross_entropy_and_upstream_scale():
+    x, y = make(4)
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    (ntl.cross_entropy_with_ntl(a, y, VOCAB, ntl_weight=0.0) * 2.5).backward()
+    (F.cross_entropy(b.view(-1, V), y.view(-1)) * 2.5).backward()
+    torch.testing.assert_close(a.grad, b.grad, **TOL)
+
+
+def test_backward_twice_raises():
+    x, y = make(5)
+    x.requires_grad_(True)
+    loss = ntl.cross_entropy_with_ntl(x, y, VOCAB)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward can run only once"):
+        loss.backward()
+
+
+# --------------------------------------------------------------------------- inplace
+def test_inplace_overwrites_logits_with_the_gradient():
+    """inplace=True: afterwards ``logits`` holds d(loss)/d(logits), not the logits."""
+    x, y = make(6)
+    _, g_ref = both(x, y)[2:]
+    leaf = x.clone().requires_grad_(True)
+    loss = ntl.cross_entropy_with_ntl(leaf, y, VOCAB, inplace=True)
+    torch.testing.assert_close(loss.detach(), reference(x, y)[0], **TOL)
+    torch.testing.assert_close(leaf.detach(), g_ref, **TOL)  # the consequence, before backward
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, g_ref, **TOL)
+    # and without inplace the logits are untouched
+    keep = x.clone().requires_grad_(True)
+    ntl.cross_entropy_with_ntl(keep, y, VOCAB).backward()
+    assert torch.equal(keep.detach(), x)
+
+
+def test_inplace_after_lm_head_gives_correct_parameter_gradients():
+    """Typical use: logits straight from the LM head (matmul saves h and W, not the logits)."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(3, 7, 16, generator=g)
+    W = torch.randn(V, 16, generator=g) * 0.5
+    _, y = make(7)
+    grads = []
+    for inplace in (False, True, None):
+        hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        logits = hh @ WW.T
+        if inplace is None:
+            loss = reference(logits, y, method="mse", reduction="sum")[0]
+        else:
+            loss = ntl.cross_entropy_with_ntl(logits, y, VOCAB, method="mse", reduction="sum",
+                                              inplace=inplace)
+        loss.backward()
+        grads.append((hh.grad, WW.grad))
+    for gh, gw in grads[:2]:
+        torch.testing.assert_close(gh, grads[2][0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gw, grads[2][1], rtol=1e-5, atol=1e-4)
+
+
+def test_inplace_when_logits_are_saved_elsewhere_raises():
+    """Documented: autograd raises if another node saved the logits (they were overwritten)."""
+    x, y = make(8)
+    base = x.clone().requires_grad_(True)
+    logits = base.exp()  # ExpBackward saves its output, i.e. the logits tensor
+    loss = ntl.cross_entropy_with_ntl(logits, y, VOCAB, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_noncontiguous_logits_causal_shift():
+    """logits[:, :-1] with labels[:, 1:] (the causal shift) works; inplace needs a view, so it refuses."""
+    g = torch.Generator().manual_seed(10)
+    full = torch.randn(2, 9, V, generator=g)
+    labels = torch.tensor(IDS + TEXT + [-100, IDS[0], IDS[9]])[torch.randint(0, 18, (2, 9), generator=g)]
+    a = full.clone().requires_grad_(True)
+    b = full.clone().requires_grad_(True)
+    got = ntl.cross_entropy_with_ntl(a[:, :-1], labels[:, 1:], VOCAB, method="mse")
+    ref = reference(b[:, :-1], labels[:, 1:], method="mse")[0]
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(a.grad, b.grad, **TOL)
+    with pytest.raises(ValueError, match="inplace=True needs logits that can be viewed as"):
+        ntl.cross_entropy_with_ntl(full[:, :-1], labels[:, 1:], VOCAB, inplace=True)
+
+
+# --------------------------------------------------------------------------- dtypes / real vocab
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_logits(method, inplace):
+    x, y = make(11, dtype=torch.bfloat16)
+    a = x.clone().requires_grad_(True)
+    got = ntl.cross_entropy_with_ntl(a, y, VOCAB, method=method, inplace=inplace)
+    got.backward()
+    assert got.dtype == torch.float32 and a.grad.dtype == torch.bfloat16
+    b = x.float().requires_grad_(True)  # fp32 reference on the upcast bf16 logits
+    ref = reference(b, y, method=method)[0]
+    ref.backward()
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    err = (a.grad.float() - b.grad).abs().max().item()
+    assert err <= 1e-2 * b.grad.abs().max().item()
+
+
+def test_qwen_padded_vocab(qwen_tok):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 151_936, generator=g)
+    x[..., 15:25] += 8.0
+    y = torch.tensor([[15, 24, 785], [-100, 19, 151_900]])
+    for method in METHODS:
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got = ntl.cross_entropy_with_ntl(a, y, qwen_tok, method=method, reweigh=True)
+        ref = reference(b, y, method=method, reweigh=True, vocab=qwen_tok)[0]
+        torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-4, atol=1e-5)
+        got.backward()
+        ref.backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_int32_labels_match_int64():
+    x, y = make(12)
+    a = ntl.cross_entropy_with_ntl(x, y.to(torch.int32), VOCAB, reduction="none")
+    b = ntl.cross_entropy_with_ntl(x, y, VOCAB, reduction="none")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,0 +1,153 @@
+"""ntl_loss_from_hidden / digit_logits_from_hidden == NTL of (hidden @ W.T + bias) / T computed plainly.
+
+The reference materialises the full ``[N, V]`` logits with ``F.linear`` and calls the
+logits-level loss; gradients of ``hidden``, ``W`` and ``bias`` come from autograd on
+that plain graph. fp32 tolerance: 1e-5 relative, 1e-5 absolute (a bit more for the
+weight gradients, which sum over rows: 1e-4 absolute).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ntl
+
+V, H = 40, 16
+IDS = [31, 3, 17, 8, 22, 0, 39, 12, 26, 5]  # '0'..'9'
+VOCAB = ntl.DigitVocab(IDS, vocab_size=V)
+TEXT = [1, 2, 20, 38]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+GTOL = {"rtol": 1e-5, "atol": 1e-4}
+
+
+def make(seed, shape=(3, 6), dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, H, generator=g)
+    W = torch.randn(V, H, generator=g) * 0.7
+    b = torch.randn(V, generator=g)
+    d = torch.tensor(IDS)[torch.randint(0, 10, shape, generator=g)]
+    t = torch.tensor(TEXT)[torch.randint(0, len(TEXT), shape, generator=g)]
+    y = torch.where(torch.rand(shape, generator=g) < 0.6, d, t)
+    y.view(-1)[1] = -100
+    y.view(-1)[0] = IDS[6]
+    return h.to(dtype), W.to(dtype), b.to(dtype), y
+
+
+def run_both(h, W, b, y, *, use_bias, temperature, up=None, **kw):
+    leaves_a = [t.clone().requires_grad_(True) for t in (h, W, b)]
+    leaves_b = [t.clone().requires_grad_(True) for t in (h, W, b)]
+    ha, Wa, ba = leaves_a
+    got = ntl.ntl_loss_from_hidden(ha, Wa, y, VOCAB, temperature=temperature,
+                                   bias=ba if use_bias else None, **kw)
+    hb, Wb, bb = leaves_b
+    logits = F.linear(hb, Wb, bb if use_bias else None) / temperature  # plain [..., V] logits
+    method = kw.pop("method", "wasserstein")
+    ref = ntl.ntl_loss(logits, y, VOCAB, method=method, **kw)
+    u = torch.ones(()) if up is None else up
+    (got * u).sum().backward()
+    (ref * u).sum().backward()
+    return got, ref, leaves_a, leaves_b
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("method", ["wasserstein", "mse"])
+def test_matches_plain_lm_head(method, use_bias, temperature, reduction):
+    h, W, b, y = make(0)
+    up = torch.rand(y.shape, generator=torch.Generator().manual_seed(3)) if reduction == "none" else None
+    w = torch.rand(y.shape, generator=torch.Generator().manual_seed(4))
+    got, ref, (ha, Wa, ba), (hb, Wb, bb) = run_both(
+        h, W, b, y, use_bias=use_bias, temperature=temperature, up=up, method=method,
+        reduction=reduction, weights=w)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    torch.testing.assert_close(ha.grad, hb.grad, **GTOL)
+    torch.testing.assert_close(Wa.grad, Wb.grad, **GTOL)
+    if use_bias:
+        torch.testing.assert_close(ba.grad, bb.grad, **GTOL)
+    # only the number-token rows of W (and entries of the bias) receive gradient
+    others = torch.ones(V, dtype=torch.bool)
+    others[IDS] = False
+    assert Wa.grad is not None and torch.count_nonzero(Wa.grad[others]) == 0
+    assert torch.count_nonzero(Wa.grad[IDS]) > 0
+    if use_bias:
+        assert torch.count_nonzero(ba.grad[others]) == 0
+
+
+def test_plain_reference_touches_only_digit_rows():
+    """Sanity of the reference itself: NTL never touches text rows of W either."""
+    h, W, _b, y = make(1)
+    Wb = W.clone().requires_grad_(True)
+    ntl.ntl_mse_loss(F.linear(h, Wb), y, VOCAB).backward()
+    others = [i for i in range(V) if i not in IDS]
+    assert torch.count_nonzero(Wb.grad[others]) == 0
+
+
+def test_soft_targets_and_ignore_index():
+    h, W, b, y = make(2)
+    T = torch.softmax(torch.randn(*y.shape, 10, generator=torch.Generator().manual_seed(5)), -1)
+    got, ref, (ha, Wa, _), (hb, Wb, _) = run_both(h, W, b, y, use_bias=True, temperature=1.3,
+                                                  target_dist=T)
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    torch.testing.assert_close(ha.grad, hb.grad, **GTOL)
+    torch.testing.assert_close(Wa.grad, Wb.grad, **GTOL)
+    y2 = torch.where(y == -100, torch.full_like(y, 20), y)  # ignore_index = a text id
+    got, ref, (ha, _, _), (hb, _, _) = run_both(h, W, b, y2, use_bias=False, temperature=1.0,
+                                                ignore_index=20, method="mse")
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    torch.testing.assert_close(ha.grad, hb.grad, **GTOL)
+
+
+def test_digit_logits_from_hidden():
+    h, W, b, _ = make(3)
+    z = ntl.digit_logits_from_hidden(h, W, VOCAB, temperature=0.5, bias=b)
+    full = (h @ W.T + b) / 0.5
+    assert z.shape == (*h.shape[:-1], 10) and z.dtype == torch.float32
+    torch.testing.assert_close(z, full[..., IDS], **TOL)  # value order '0'..'9'
+    z1 = ntl.digit_logits_from_hidden(h, W, IDS)
+    torch.testing.assert_close(z1, (h @ W.T)[..., IDS], **TOL)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_number_labels(reduction):
+    h, W, _b, _ = make(4)
+    y = torch.full(h.shape[:-1], 20)
+    y[0, 0] = -100
+    hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss = ntl.ntl_loss_from_hidden(hh, WW, y, VOCAB, reduction=reduction)
+    assert torch.equal(loss.detach(), torch.zeros(loss.shape))
+    loss.sum().backward()
+    assert torch.equal(hh.grad, torch.zeros_like(h)) and torch.equal(WW.grad, torch.zeros_like(W))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_hidden(dtype):
+    h, W, b, y = make(5)
+    ref = ntl.ntl_loss(F.linear(h, W, b), y, VOCAB)
+    hh, WW = h.to(dtype).requires_grad_(True), W.to(dtype).requires_grad_(True)
+    got = ntl.ntl_loss_from_hidden(hh, WW, y, VOCAB, bias=b.to(dtype))
+    assert got.dtype == torch.float32
+    # inputs rounded to 8 (bf16) / 11 (fp16) mantissa bits, products accumulated in fp32
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-2
+    torch.testing.assert_close(got.detach(), ref, rtol=tol, atol=tol)
+    got.backward()
+    assert hh.grad.dtype == dtype and WW.grad.dtype == dtype
+    assert torch.isfinite(hh.grad.float()).all()
+
+
+def test_qwen_sized_head(qwen_tok):
+    g = torch.Generator().manual_seed(0)
+    Vq, Hq = 151_936, 8
+    W = torch.randn(Vq, Hq, generator=g) * 0.1
+    W[15:25] *= 20.0
+    h = torch.randn(2, 3, Hq, generator=g)
+    y = torch.tensor([[15, 24, 785], [-100, 19, 151_900]])
+    Wa, Wb = W.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    got = ntl.ntl_loss_from_hidden(h, Wa, y, qwen_tok)
+    ref = ntl.ntl_wasserstein_loss(h @ Wb.T, y, qwen_tok)
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(Wa.grad[15:25], Wb.grad[15:25], **GTOL)
+    assert torch.count_nonzero(Wa.grad[:15]) == 0 and torch.count_nonzero(Wa.grad[25:]) == 0
