@@ -251,3 +251,17 @@ def test_int32_labels_match_int64():
     a = ntl.cross_entropy_with_ntl(x, y.to(torch.int32), VOCAB, reduction="none")
     b = ntl.cross_entropy_with_ntl(x, y, VOCAB, reduction="none")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_inplace_on_column_slice_of_padded_logits():
+    """inplace=True on logits[:, :V] (a strided 2-D view, e.g. dropping padded vocab columns)."""
+    full = torch.randn(6, V + 6, generator=torch.Generator().manual_seed(13))
+    y = torch.tensor([IDS[0], IDS[5], 0, 5, -100, IDS[9]])
+    a, b = full.clone().requires_grad_(True), full.clone().requires_grad_(True)
+    got = ntl.cross_entropy_with_ntl(a[:, :V], y, VOCAB, inplace=True)
+    ref = reference(b[:, :V], y)[0]
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(a.grad, b.grad, **TOL)
+    assert torch.equal(a.grad[:, V:], torch.zeros(6, 6))

@@ -202,3 +202,17 @@ def test_number_vocab_constructor_validation():
         ntl.DigitVocab([1, 2, 3], vocab_size=10)
     with pytest.raises(ValueError, match="too small"):
         ntl.DigitVocab.from_tokenizer(synthetic_tokenizer(), vocab_size=20)
+
+
+def test_cache_follows_tokenizer_growth():
+    """ntloss (and users) call add_tokens: a grown tokenizer gets a fresh vocab, not a stale one."""
+    tok = synthetic_tokenizer(drop=("3",))
+    with pytest.raises(ValueError, match=r"\['3'\]"):
+        ntl.DigitVocab.from_tokenizer(tok)
+    assert tok.add_tokens(["3"]) == 1
+    v = ntl.DigitVocab.from_tokenizer(tok)
+    assert v.token_ids[3] == tok.convert_tokens_to_ids("3") == 31
+    assert v.vocab_size == len(tok) == 32
+    tok.add_tokens(["<extra>"])
+    w = ntl.DigitVocab.from_tokenizer(tok)
+    assert w is not v and w.vocab_size == 33 and w.token_ids == v.token_ids
