@@ -171,11 +171,6 @@ def test_no_number_labels_with_weights_and_empty_batch(reduction):
     assert x.grad.shape == (0, V)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: ntl_rows_torch (kernels/reference.py) takes softmax over the digit logits of EVERY row "
-    "and masks with torch.where afterwards, so a row that does not take part but has all its "
-    "number-token logits at -inf (masked/constrained logits) gets NaN gradients (0 * NaN in "
-    "softmax backward). F.cross_entropy and cross_entropy_with_ntl give 0 there."))
 @pytest.mark.parametrize("method", ["wasserstein", "mse"])
 def test_non_participating_row_with_masked_digits_gets_zero_grad(method):
     x = torch.randn(3, V)
@@ -188,10 +183,6 @@ def test_non_participating_row_with_masked_digits_gets_zero_grad(method):
     assert not torch.isnan(x.grad).any()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: _checks.check_values rejects labels >= V even where they equal ignore_index "
-    "((labels >= V).any() does not exclude ignore_index), although its own message says "
-    "'token ids in [0, V) or ignore_index' and F.cross_entropy / ntloss accept any ignore_index"))
 def test_ignore_index_outside_vocab_is_accepted():
     x = torch.randn(4, V)
     y = torch.tensor([1, 3, 11, V + 1])

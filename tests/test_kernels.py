@@ -340,3 +340,26 @@ def test_gpu_more_than_2_31_elements(qwen_tok):
     fused = ntl.cross_entropy_with_ntl(logits, labels, vocab, reduction="none", inplace=True)
     assert torch.isfinite(fused).all()
     assert logits[-1].float().sum().abs().item() < 1e-2  # the last row now holds its gradient (sums to ~0)
+
+
+def test_masked_digit_logits_on_rows_taking_no_part():
+    """-inf number logits (e.g. constrained decoding) on a row that takes no part: finite, zero grad."""
+    V = 64
+    vocab = ntl.DigitVocab(list(range(10)), V)
+    x0 = torch.randn(3, V)
+    x0[1, :10] = float("-inf")
+    labels = torch.tensor([3, 40, 7])
+    for backend in ("triton", "torch"):
+        x = x0.clone().requires_grad_()
+        ntl.ntl_wasserstein_loss(x, labels, vocab, backend=backend).backward()
+        assert torch.isfinite(x.grad).all() and torch.all(x.grad[1] == 0)
+        x = x0.clone().requires_grad_()
+        fused = ntl.cross_entropy_with_ntl(x, labels, vocab, backend=backend)
+        fused.backward()
+        xr = x0.clone().requires_grad_()
+        ref = torch.nn.functional.cross_entropy(xr, labels) + 0.3 * ntl.ntl_wasserstein_loss(
+            xr, labels, vocab, backend="torch")
+        ref.backward()
+        rel_close(fused, ref, 1e-5)
+        assert torch.isfinite(x.grad).all()
+        rel_close(x.grad, xr.grad, 1e-5)

@@ -207,12 +207,6 @@ def test_reweigh_oracle_fp32_is_accurate(syn_tok):
     torch.testing.assert_close(ref.double(), truth, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (precision): reweigh=True computes the number-token mass as "
-    "exp(logsumexp(z) - logsumexp(x)) in fp32 (losses.py ntl_rows); the fp32 rounding of the two "
-    "~|15| logsumexps gives ~1e-6 relative error in the mass, i.e. ~1e-4 absolute in "
-    "1.01*D*(1-mass) for MSE (D=81): 1.3e-4 relative error on a 0.33 loss vs the float64 truth "
-    "(ntloss fp32: 4e-6)"))
 def test_reweigh_mse_precision_vs_float64_truth(syn_tok):
     logits, labels, truth = _reweigh_case(syn_tok)
     got = ntl.ntl_mse_loss(logits, labels, syn_tok, reduction="none", reweigh=True)

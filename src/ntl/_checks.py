@@ -108,7 +108,7 @@ def check_values(labels: torch.Tensor, V: int, ignore_index: int,
         return
     flags = [
         ((labels < 0) & (labels != ignore_index)).any(),
-        (labels >= V).any(),
+        ((labels >= V) & (labels != ignore_index)).any(),
         (weights < 0).any() if weights is not None else labels.new_zeros((), dtype=torch.bool),
     ]
     neg, big, negw = torch.stack(flags).tolist()

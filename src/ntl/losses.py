@@ -117,7 +117,10 @@ def ntl_rows(
             z = DigitGather.apply(logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous(), ids)
         else:
             z = digit_gather_torch(logits2d, ids)
-        mass = torch.exp(torch.logsumexp(z.float(), -1) - torch.logsumexp(logits2d.float(), -1))
+        # full-softmax mass on the number tokens, relative to the row max (as softmax does)
+        x = logits2d.float()
+        m = x.detach().amax(-1, keepdim=True)
+        mass = torch.exp(z.float() - m).sum(-1) / torch.exp(x - m).sum(-1)
         rows = rows * mass + reweigh_ceiling(vocab, method) * (1.0 - mass)
         rows = torch.where(k >= 0, rows, torch.zeros((), device=dev))
     return rows

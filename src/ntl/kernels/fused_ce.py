@@ -55,7 +55,8 @@ def _ce_ntl_fwd(x_ptr, g_ptr, lab_ptr, k_ptr, ids_ptr, vals_ptr, a_ptr, b_ptr, c
     gaps = tl.where(cols + 1 < K, vnext - vals, 0.0)
     z = tl.load(xrow + ids[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)  # [1, BLOCK_K]
     nosoft = tl.zeros((1, BLOCK_K), dtype=tl.float32)
-    loss, dz = ntl_row_math(z, cmask, kt, vals, gaps, nosoft, METHOD, False)
+    z_ntl = tl.where(kt[:, None] >= 0, z, 0.0)  # a row taking no part may have -inf digit logits
+    loss, dz = ntl_row_math(z_ntl, cmask, kt, vals, gaps, nosoft, METHOD, False)
     pd = tl.where(cmask[None, :], tl.exp(z - lse), 0.0)
     L = tl.sum(loss, axis=0)
     if REWEIGH:

@@ -32,9 +32,10 @@ def ntl_rows_torch(
     W1 (soft target ``T``): ``sum_{k<K-1} |Q_k - C_k| (v_{k+1} - v_k)`` with
     ``Q, C`` the CDFs of ``q`` and ``T``.
     """
-    z = digit_logits.float()
-    q = torch.softmax(z, dim=-1)
     active = k >= 0
+    # rows that take no part never reach the softmax (their digit logits may be -inf)
+    z = torch.where(active[:, None], digit_logits.float(), torch.zeros((), device=digit_logits.device))
+    q = torch.softmax(z, dim=-1)
     y = values[k.clamp_min(0)]
     if method == "mse":
         loss = (q @ values - y).square()
@@ -63,9 +64,9 @@ def ntl_rows_grad_torch(
         W1 soft:    g_i = sum_{k>=i, k<K-1} sign(Q_k - T_k) (v_{k+1} - v_k),
                     dL/dz_j = q_j (g_j - sum_i q_i g_i)
     """
-    z = z.float()
-    q = torch.softmax(z, dim=-1)
     active = (k >= 0)[:, None]
+    z = torch.where(active, z.float(), torch.zeros((), device=z.device))
+    q = torch.softmax(z, dim=-1)
     y = values[k.clamp_min(0)][:, None]
     if method == "mse":
         yhat = q @ values
