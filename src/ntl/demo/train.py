@@ -1,0 +1,187 @@
+"""The demo's model, training loop (one arm) and batched greedy decoding."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import ntl
+
+from .task import CharTokenizer, Problem
+
+log = logging.getLogger("ntl")
+
+def _cache_arg() -> str:
+    from transformers import Qwen2ForCausalLM
+
+    params = inspect.signature(Qwen2ForCausalLM.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+_CACHE_ARG = _cache_arg()
+
+__all__ = ["Arm", "ModelConfig", "TrainConfig", "build_model", "greedy_answers", "train_arm"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the experiment: the loss ``CE + ntl_weight * NTL(method)``."""
+
+    name: str
+    ntl_weight: float
+    method: str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 40
+    grad_clip: float = 1.0
+    log_every: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(tok: CharTokenizer, cfg: ModelConfig, max_len: int, device: torch.device) -> Any:
+    """A tiny Qwen2 causal LM (random init from the current torch RNG state)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=max(32, max_len),
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        attention_dropout=0.0,
+        # eager attention is faster than SDPA for these tiny sequences on CPU
+        attn_implementation="eager" if device.type == "cpu" else "sdpa",
+    )
+    return Qwen2ForCausalLM(config).to(device)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def train_arm(
+    model: Any,
+    arm: Arm,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    vocab: ntl.NumberVocab,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place on ``batches`` with ``arm``'s loss.
+
+    The loss of a batch is ``ntl.cross_entropy_with_ntl(logits[:, :-1], labels[:, 1:],
+    vocab, ntl_weight=arm.ntl_weight, method=arm.method, return_parts=True)`` (the
+    causal shift: the logits at position t predict the token at t+1).
+
+    Returns the per-step history (``loss``, ``ce``, ``ntl``), the first step's parts
+    and the wall time.
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98),
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup))
+    model.train()
+    hist: dict[str, list[float]] = {"loss": [], "ce": [], "ntl": []}
+    parts_buf: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    for step, (ids, labels) in enumerate(batches[: cfg.steps]):
+        ids = ids.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits = model(input_ids=ids).logits
+        loss, ce, ntl_part = ntl.cross_entropy_with_ntl(
+            logits[:, :-1], labels[:, 1:], vocab,
+            ntl_weight=arm.ntl_weight, method=arm.method, return_parts=True,
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"arm {arm.name}: non-finite loss {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        parts_buf.append(torch.stack([loss.detach().float(), ce.float(), ntl_part.float()]))
+        if len(parts_buf) >= 25 or step == cfg.steps - 1 or step == 0:
+            vals = torch.stack(parts_buf).cpu().tolist()  # one host sync per 25 steps
+            parts_buf.clear()
+            for lo, c, n in vals:
+                hist["loss"].append(lo)
+                hist["ce"].append(c)
+                hist["ntl"].append(n)
+            if progress is not None:
+                progress.set_postfix(loss=f"{vals[-1][0]:.3f}", ce=f"{vals[-1][1]:.3f}",
+                                     ntl=f"{vals[-1][2]:.3f}", refresh=False)
+        if progress is not None:
+            progress.update(1)
+    train_s = time.perf_counter() - t0
+    return {
+        "history": hist,
+        "first_step": {"loss": hist["loss"][0], "ce": hist["ce"][0], "ntl": hist["ntl"][0]},
+        "final_window": {k: float(sum(v[-20:]) / len(v[-20:])) for k, v in hist.items()},
+        "train_seconds": train_s,
+    }
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, problems: Sequence[Problem], tok: CharTokenizer, width: int,
+                   max_new_tokens: int, device: torch.device, batch_size: int = 500) -> list[str]:
+    """Greedy-decode the answer of each problem, batched, with the KV cache.
+
+    All prompts have the same length (zero-padded operands), so a batch needs no
+    padding. Decoding stops at ``<eos>`` or after ``max_new_tokens`` tokens; the
+    answer text is everything generated before ``<eos>`` (specials shown as text,
+    which makes such an answer unparsable).
+    """
+    model.eval()
+    out: list[str] = []
+    for s in range(0, len(problems), batch_size):
+        chunk = problems[s : s + batch_size]
+        prompts = torch.tensor([[tok.bos_token_id, *tok.encode(p.prompt(width))] for p in chunk],
+                               dtype=torch.long, device=device)
+        res = model(input_ids=prompts, use_cache=True)
+        nxt = res.logits[:, -1].argmax(-1)
+        gen = [nxt]
+        for _ in range(max_new_tokens - 1):
+            # transformers >= 5.2x names the KV cache ``cache``; older versions ``past_key_values``
+            kw = {_CACHE_ARG: getattr(res, _CACHE_ARG)}
+            res = model(input_ids=nxt[:, None], use_cache=True, **kw)
+            nxt = res.logits[:, -1].argmax(-1)
+            gen.append(nxt)
+        rows = torch.stack(gen, 1).cpu().tolist()
+        for row in rows:
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id)]
+            out.append(tok.decode(row))
+    model.train()
+    return out
