@@ -122,3 +122,12 @@ class MetricSums:
             "ntl/confidence": means[2],
             "ntl/target_prob": means[3],
         }
+
+    @staticmethod
+    def average(rows: list[dict[str, float]]) -> dict[str, float | None]:
+        """Per-key mean over ``rows`` skipping NaN (``None`` if all are NaN), as TRL's ``log``."""
+        out: dict[str, float | None] = {}
+        for key in rows[0]:
+            vals = [r[key] for r in rows if not math.isnan(r[key])]
+            out[key] = sum(vals) / len(vals) if vals else None
+        return out

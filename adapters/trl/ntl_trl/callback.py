@@ -19,8 +19,9 @@ the callback never sees the dataset row, so it cannot know the ground truth, whi
 GRPO this gives the same update as ``NTLGRPOTrainer`` with
 ``NTLConfig(ntl_labels="all", correct_only=False)``. Hooks are removed at ``on_train_end``.
 Metrics (``ntl/loss``, ``ntl/digit_accuracy``, ``ntl/total_digits``, ``ntl/confidence``,
-``ntl/target_prob``; means over the forwards since the last log) are added to the ``logs``
-of ``on_log`` and to ``state.log_history[-1]``.
+``ntl/target_prob``; per forward, then averaged over the forwards since the last log as
+TRL averages its own metrics) are added to the ``logs`` of ``on_log`` and to
+``state.log_history[-1]``. They are per process (not reduced across ranks).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class NTLCallback(TrainerCallback):
         self._prompt_len: int | None = None
         self._scale = 1.0
         self._T = 1.0
-        self._sums: torch.Tensor | None = None
+        self._pending: list[torch.Tensor] = []
         self._patched_generate = False
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -136,10 +137,10 @@ class NTLCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
-        if self._sums is None:
+        if not self._pending:
             return
-        metrics = MetricSums.to_metrics(self._sums)
-        self._sums = None
+        metrics = MetricSums.average([MetricSums.to_metrics(s) for s in self._pending])
+        self._pending = []
         if logs is not None:
             logs.update(metrics)
         if state is not None and state.log_history:
@@ -205,8 +206,7 @@ class NTLCallback(TrainerCallback):
         with torch.no_grad():
             z = ntl.digit_logits_from_hidden(h.detach(), weight.detach(), vocab, temperature=self._T,
                                              bias=None if bias is None else bias.detach())
-            sums = digit_metric_sums(z, tgt, vocab, self.ntl_method)
-            self._sums = sums if self._sums is None else self._sums + sums
+            self._pending.append(digit_metric_sums(z, tgt, vocab, self.ntl_method))
         if self._scale == 0.0:
             return None
         return replace_last_hidden_state(output, _InjectLossGrad.apply(hidden, self._scale * loss))

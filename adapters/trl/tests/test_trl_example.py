@@ -1,0 +1,43 @@
+"""examples/trl/grpo_gsm8k_ntl.py --tiny: offline GRPO + NTL on the GSM8K parquet."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+pytest.importorskip("trl.trainer.grpo_trainer")
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+SCRIPT = os.path.join(REPO, "examples", "trl", "grpo_gsm8k_ntl.py")
+GSM8K = os.path.join(os.path.dirname(REPO), "shared", "data", "gsm8k")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("grpo_gsm8k_ntl", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(GSM8K, "train.parquet")),
+                    reason="needs ../shared/data/gsm8k")
+def test_tiny_mode_runs_and_logs_ntl(tmp_path, capsys):
+    mod = _load()
+    assert mod.DEFAULT_DATA == GSM8K
+    rc = mod.main(["--tiny", "--max-steps", "2", "--train-size", "4", "--max-completion-length", "16",
+                   "--output-dir", str(tmp_path)])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith('{"step"')]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert sum(r["ntl/total_digits"] for r in rows) > 0
+    assert all(r["ntl/loss"] is None or r["ntl/loss"] >= 0 for r in rows)
+
+
+def test_normal_mode_needs_a_model_path():
+    mod = _load()
+    with pytest.raises(SystemExit):
+        mod.parse_args([])
+    with pytest.raises(FileNotFoundError, match="data-dir"):
+        mod.load_gsm8k("/nonexistent", 2, conversational=True)
