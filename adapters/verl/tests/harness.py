@@ -1,5 +1,6 @@
-"""CPU harness for the verl 0.9 NTL engine: a tiny Qwen2, a verl-layout batch, an engine
-without FSDP (verl's platform layer says "cuda" on CPU, so the device id is stubbed)."""
+"""CPU test harness: a tiny Qwen2, GSM8K-like samples, verl-layout batches, an NTL engine without
+FSDP (verl's platform layer says "cuda" on CPU, so the device id is stubbed), and the
+independent references (hand-derived targets, NTL and bonus from full logits)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDict
 
+VALUES = torch.arange(10, dtype=torch.float32)
 V = 32768  # > every token id of SAMPLES (Qwen2.5 itself has 151936); keeps CPU tests fast
 DIGIT_IDS = list(range(15, 25))
 
@@ -156,3 +158,82 @@ def assign_update_meta(td, *, rmpad=True, temperature=1.0, micro=2, fused=False)
         use_fused_kernels=fused, compute_loss=True,
     )
     return td
+
+
+# --------------------------------------------------------------------------- references
+def expected_targets(tok, b: Batch, mode: str) -> list[torch.Tensor]:
+    """Hand-derived targets for harness09.SAMPLES (token ids; -100 elsewhere)."""
+    out = []
+    for (_, text, truth), r in zip(SAMPLES, b.responses, strict=True):
+        t = torch.full((len(r),), -100)
+        ids = r.tolist()
+        digit_pos = [i for i, x in enumerate(ids) if 15 <= x <= 24]
+        ans = text.split("####")[1]
+        n_ans = sum(c.isdigit() for c in ans)
+        ans_pos = digit_pos[-n_ans:]
+        if mode == "final_answer":
+            truth_digits = [int(c) for c in truth]
+            # place value: units with units (all truths here have as many digits as answers)
+            assert len(truth_digits) == n_ans
+            for p, d in zip(ans_pos, truth_digits, strict=True):
+                t[p] = 15 + d
+        else:
+            correct = ans.replace(",", "").strip() == truth
+            if correct:
+                for p in digit_pos:
+                    t[p] = ids[p]
+        out.append(t)
+    return out
+
+
+def full_logits(model, b: Batch) -> list[torch.Tensor]:
+    """Per-sample [len(prompt)+len(response), V] logits from plain padded forward passes."""
+    input_ids, attn, pos, P, _ = padded(b)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits.float()
+    out = []
+    for i, (p, r) in enumerate(zip(b.prompts, b.responses, strict=True)):
+        out.append(logits[i, P - len(p):P + len(r)])
+    return out
+
+
+def ref_ntl(model, b, targets, *, method="mse", temperature=1.0, shift=True) -> float:
+    """Mean NTL over all digit targets, computed from full logits.
+
+    Response token t (sequence position p = len(prompt) + t) is scored by the logits at
+    p - 1 (shift=True) or, deliberately wrong, at p (shift=False)."""
+    total, n = 0.0, 0
+    for lg, p, t in zip(full_logits(model, b), b.prompts, targets, strict=True):
+        for j in range(len(t)):
+            if t[j] < 0:
+                continue
+            row = lg[len(p) + j - 1] if shift else lg[len(p) + j]
+            q = torch.softmax(row[DIGIT_IDS] / temperature, dim=-1)
+            y = float(t[j] - 15)
+            if method == "mse":
+                total += float((q @ VALUES - y) ** 2)
+            else:
+                total += float((q * (VALUES - y).abs()).sum())
+            n += 1
+    return total / n
+
+
+def bonus_ref(model, b, targets, temperature=1.0) -> list[float]:
+    """0.4 accuracy + 0.3 confidence + 0.3 p(target) over each response's targeted digits."""
+    out = []
+    for lg, p, t in zip(full_logits(model, b), b.prompts, targets, strict=True):
+        acc = conf = tp = 0.0
+        n = 0
+        for j in range(len(t)):
+            if t[j] < 0:
+                continue
+            q = torch.softmax(lg[len(p) + j - 1][DIGIT_IDS] / temperature, dim=-1)
+            k = int(t[j] - 15)
+            acc += float(int(q.argmax()) == k)
+            conf += float(q.max())
+            tp += float(q[k])
+            n += 1
+        out.append(0.0 if n == 0 else (0.4 * acc + 0.3 * conf + 0.3 * tp) / n)
+    return out
+
+

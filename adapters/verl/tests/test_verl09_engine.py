@@ -12,86 +12,8 @@ v = verl_version()
 if v is None or v.release[:2] < (0, 9):
     pytest.skip("needs verl >= 0.9 (scripts/test_verl.sh runs this in its venv)", allow_module_level=True)
 
-import harness09 as H  # noqa: E402
-
-VALUES = torch.arange(10, dtype=torch.float32)
-
-
-# --------------------------------------------------------------------------- references
-def expected_targets(tok, b: H.Batch, mode: str) -> list[torch.Tensor]:
-    """Hand-derived targets for harness09.SAMPLES (token ids; -100 elsewhere)."""
-    out = []
-    for (_, text, truth), r in zip(H.SAMPLES, b.responses, strict=True):
-        t = torch.full((len(r),), -100)
-        ids = r.tolist()
-        digit_pos = [i for i, x in enumerate(ids) if 15 <= x <= 24]
-        ans = text.split("####")[1]
-        n_ans = sum(c.isdigit() for c in ans)
-        ans_pos = digit_pos[-n_ans:]
-        if mode == "final_answer":
-            truth_digits = [int(c) for c in truth]
-            # place value: units with units (all truths here have as many digits as answers)
-            assert len(truth_digits) == n_ans
-            for p, d in zip(ans_pos, truth_digits, strict=True):
-                t[p] = 15 + d
-        else:
-            correct = ans.replace(",", "").strip() == truth
-            if correct:
-                for p in digit_pos:
-                    t[p] = ids[p]
-        out.append(t)
-    return out
-
-
-def full_logits(model, b: H.Batch) -> list[torch.Tensor]:
-    """Per-sample [len(prompt)+len(response), V] logits from plain padded forward passes."""
-    input_ids, attn, pos, P, _ = H.padded(b)
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits.float()
-    out = []
-    for i, (p, r) in enumerate(zip(b.prompts, b.responses, strict=True)):
-        out.append(logits[i, P - len(p):P + len(r)])
-    return out
-
-
-def ref_ntl(model, b, targets, *, method="mse", temperature=1.0, shift=True) -> float:
-    """Mean NTL over all digit targets, computed from full logits.
-
-    Response token t (sequence position p = len(prompt) + t) is scored by the logits at
-    p - 1 (shift=True) or, deliberately wrong, at p (shift=False)."""
-    total, n = 0.0, 0
-    for lg, p, t in zip(full_logits(model, b), b.prompts, targets, strict=True):
-        for j in range(len(t)):
-            if t[j] < 0:
-                continue
-            row = lg[len(p) + j - 1] if shift else lg[len(p) + j]
-            q = torch.softmax(row[H.DIGIT_IDS] / temperature, dim=-1)
-            y = float(t[j] - 15)
-            if method == "mse":
-                total += float((q @ VALUES - y) ** 2)
-            else:
-                total += float((q * (VALUES - y).abs()).sum())
-            n += 1
-    return total / n
-
-
-def bonus_ref(model, b, targets, temperature=1.0) -> list[float]:
-    """0.4 accuracy + 0.3 confidence + 0.3 p(target) over each response's targeted digits."""
-    out = []
-    for lg, p, t in zip(full_logits(model, b), b.prompts, targets, strict=True):
-        acc = conf = tp = 0.0
-        n = 0
-        for j in range(len(t)):
-            if t[j] < 0:
-                continue
-            q = torch.softmax(lg[len(p) + j - 1][H.DIGIT_IDS] / temperature, dim=-1)
-            k = int(t[j] - 15)
-            acc += float(int(q.argmax()) == k)
-            conf += float(q.max())
-            tp += float(q[k])
-            n += 1
-        out.append(0.0 if n == 0 else (0.4 * acc + 0.3 * conf + 0.3 * tp) / n)
-    return out
+import harness as H  # noqa: E402
+from harness import bonus_ref, expected_targets, ref_ntl  # noqa: E402
 
 
 # --------------------------------------------------------------------------- helpers

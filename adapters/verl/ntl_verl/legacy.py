@@ -1,0 +1,244 @@
+"""NTL for the legacy verl 0.7.x actor (``verl.workers.actor.DataParallelPPOActor``).
+
+verl 0.7 has no engine layer: ``DataParallelPPOActor.update_policy`` splits the batch into
+mini/micro-batches, calls ``_forward_micro_batch`` (logits -> temperature -> log-probs) and
+backpropagates ``policy_loss * loss_scale_factor`` itself. :class:`NTLActorMixin` adds NTL
+without copying that loop:
+
+* ``update_policy`` puts ``ntl_targets [B, R]`` (built from ``responses`` and
+  ``reward_model.ground_truth`` with ``ntl.targets.build_digit_targets`` unless the batch
+  has them) and ``ntl_scale [B] = 1 / N_digits(mini-batch of the sample)`` into the batch
+  and keeps both through verl's key selection, so they follow every mini/micro-batch split
+  (also dynamic batch sizes, which only regroup samples).
+* ``_forward_micro_batch`` captures the digit columns of the logits of the *same* forward
+  (a forward hook on the actor module, taken before verl divides the logits in place by the
+  temperature; we divide by the same temperature), lays them out exactly like verl's
+  ``log_probs`` (``[:, -R-1:-1]`` of the padded sequence: row ``t`` predicts response token
+  ``t``), computes ``NTL_mb = sum_i scale_i * NTL_i`` with ``ntl.ntl_loss`` and attaches it to
+  the returned ``log_probs`` with an identity whose backward adds ``ntl_weight * dNTL_mb``.
+  verl's ``loss.backward()`` therefore back-propagates ``policy_loss * loss_scale_factor +
+  ntl_weight * NTL_mb``, i.e. ``ntl_weight * mean NTL`` over the mini-batch's digits per
+  optimizer step, in the same forward/backward as the policy loss.
+
+Activation in verl 0.7.x: ``actor_rollout_ref.actor._target_=ntl_verl.legacy.NTLLegacyActorConfig``
+(+ the ``ntl_*`` keys) and make the workers import this module before they build the actor
+(``VERL_USE_EXTERNAL_MODULES=ntl_verl.legacy`` in the Ray runtime env), which swaps
+``verl.workers.actor.DataParallelPPOActor`` for :class:`NTLDataParallelPPOActor` (inert for
+any config without NTL settings, e.g. the reference policy). The digit-aware reward bonus
+needs verl 0.9's trainer; on 0.7 use the ``proximity`` bonus through
+``custom_reward_function``. Not supported here (clear errors): Ulysses SP, fused kernels,
+the prefix grouper.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import ntl
+from ntl.metrics import digit_stats
+
+from .batch import TARGETS_KEY, digit_targets, ground_truths_from, has_key
+from .loss import ntl_loss_from_digit_logits
+from .settings import IGNORE_INDEX, NTLSettings
+
+__all__ = ["NTLActorMixin", "NTLDataParallelPPOActor", "NTLLegacyActorConfig", "install"]
+
+logger = logging.getLogger("ntl")
+
+SCALE_KEY = "ntl_scale"
+
+from verl.workers.actor.dp_actor import DataParallelPPOActor  # noqa: E402
+from verl.workers.config import FSDPActorConfig  # noqa: E402
+
+
+@dataclass
+class NTLLegacyActorConfig(FSDPActorConfig):
+    """verl 0.7's ``FSDPActorConfig`` plus the NTL keys (:class:`ntl_verl.settings.NTLSettings`),
+    validated at instantiation (verl's driver-side ``validate_config``)."""
+
+    ntl_enabled: bool = True
+    ntl_method: str = "mse"
+    ntl_weight: float = 0.1
+    ntl_labels: str = "final_answer"
+    extract_digit_info: bool = False
+    ntl_bonus_type: str = "none"
+    ntl_bonus_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        s = self.ntl_settings
+        if s.bonus_enabled:
+            raise ValueError(
+                "actor_rollout_ref.actor.ntl_bonus_type: the digit-aware bonus needs verl >= 0.9 "
+                "(its trainer carries the old-log-prob outputs to the advantage); on verl 0.7 use "
+                "the proximity bonus through reward.custom_reward_function"
+            )
+        super().__post_init__()
+
+    @property
+    def ntl_settings(self) -> NTLSettings:
+        """The validated settings (names the bad ``actor_rollout_ref.actor.<key>``)."""
+        return NTLSettings(
+            ntl_enabled=self.ntl_enabled, ntl_method=self.ntl_method, ntl_weight=self.ntl_weight,
+            ntl_labels=self.ntl_labels, extract_digit_info=self.extract_digit_info,
+            ntl_bonus_type=self.ntl_bonus_type, ntl_bonus_weight=self.ntl_bonus_weight,
+        )
+
+
+class _AddLossGrad(torch.autograd.Function):
+    """Identity on ``x``; backward also sends ``coef`` into ``aux`` (so ``aux``'s graph gets
+    ``coef * d aux``): attaches an extra loss term to a tensor the caller backpropagates."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, aux: torch.Tensor, coef: float) -> torch.Tensor:
+        ctx.coef = coef
+        ctx.aux_shape = aux.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return grad, torch.full(ctx.aux_shape, ctx.coef, dtype=torch.float32, device=grad.device), None
+
+
+class NTLActorMixin:
+    """Mixin for verl 0.7's ``DataParallelPPOActor`` (module docstring)."""
+
+    ntl_tokenizer: Any = None
+
+    @property
+    def ntl_settings(self) -> NTLSettings | None:
+        s = getattr(self.config, "ntl_settings", None)
+        return s if isinstance(s, NTLSettings) and s.ntl_enabled else None
+
+    def _ntl_model_config(self) -> Any:
+        m = self.actor_module
+        return getattr(getattr(m, "module", m), "config", None)
+
+    @property
+    def ntl_vocab(self) -> ntl.DigitVocab:
+        v = getattr(self, "_ntl_vocab_cache", None)
+        if v is None:
+            v = ntl.DigitVocab.from_tokenizer(self._ntl_get_tokenizer(), vocab_size=self._ntl_model_config().vocab_size)
+            self._ntl_vocab_cache = v
+        return v
+
+    def _ntl_get_tokenizer(self) -> Any:
+        if self.ntl_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            path = getattr(self._ntl_model_config(), "_name_or_path", None)
+            if not path:
+                raise ValueError("NTL needs the tokenizer: set actor.ntl_tokenizer (the model has no name_or_path)")
+            self.ntl_tokenizer = AutoTokenizer.from_pretrained(path)
+        return self.ntl_tokenizer
+
+    def _ntl_check_supported(self) -> None:
+        for flag, what in (("use_ulysses_sp", "Ulysses sequence parallelism"),
+                           ("use_fused_kernels", "use_fused_kernels"),
+                           ("use_prefix_grouper", "the prefix grouper")):
+            if getattr(self, flag, False):
+                raise NotImplementedError(
+                    f"ntl_verl.legacy: NTL with {what} is not supported on verl 0.7; use verl 0.9 "
+                    "(ntl_verl.config.NTLActorConfig) or turn it off"
+                )
+
+    # ------------------------------------------------------------------ update
+    def update_policy(self, data: Any) -> dict:
+        s = self.ntl_settings
+        if s is None:
+            return super().update_policy(data)
+        self._ntl_check_supported()
+        responses = data.batch["responses"]
+        mask = data.batch["response_mask"].bool()
+        if not has_key(data.batch, TARGETS_KEY):
+            gts = ground_truths_from(data.non_tensor_batch.get("reward_model"), len(responses))
+            data.batch[TARGETS_KEY] = digit_targets(
+                responses, mask, gts, self._ntl_get_tokenizer(), self.ntl_vocab, s.ntl_labels
+            )
+        targets = data.batch[TARGETS_KEY].masked_fill(~mask, IGNORE_INDEX)
+        data.batch[TARGETS_KEY] = targets
+        # per-sample 1 / (digits in its mini-batch); verl splits mini-batches in order
+        is_digit = self.ntl_vocab.digit_index(targets) >= 0
+        per_sample = is_digit.sum(1).float()
+        mb = torch.arange(len(per_sample), device=per_sample.device) // int(self.config.ppo_mini_batch_size)
+        per_mb = torch.zeros(int(mb.max()) + 1, device=per_sample.device).index_add_(0, mb, per_sample)
+        data.batch[SCALE_KEY] = 1.0 / per_mb.clamp_min(1.0)[mb]
+
+        orig_select = data.select
+
+        def select(batch_keys: Any = None, *args: Any, **kwargs: Any) -> Any:
+            if batch_keys is not None:
+                batch_keys = [*batch_keys, *(k for k in (TARGETS_KEY, SCALE_KEY) if k not in batch_keys)]
+            return orig_select(batch_keys, *args, **kwargs)
+
+        data.select = select  # keep the NTL columns through update_policy's key selection
+        self._ntl_stats: list[dict[str, float]] = []
+        try:
+            metrics = super().update_policy(data)
+        finally:
+            del data.select
+        for st in self._ntl_stats:
+            for k, val in st.items():
+                metrics.setdefault(k, []).append(val)
+        return metrics
+
+    # ------------------------------------------------------------------ forward
+    def _forward_micro_batch(self, micro_batch: dict, temperature: float, calculate_entropy: bool = False) -> dict:
+        s = self.ntl_settings
+        targets = micro_batch.get(TARGETS_KEY) if s is not None else None
+        if targets is None or not torch.is_grad_enabled():
+            return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=calculate_entropy)
+        self._ntl_check_supported()
+        ids = self.ntl_vocab.ids(targets.device)
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_mod: Any, _args: Any, output: Any) -> None:
+            logits = output.logits if hasattr(output, "logits") else output[0]
+            captured["z"] = logits.index_select(-1, ids.to(logits.device))  # a copy: verl divides in place next
+
+        handle = self.actor_module.register_forward_hook(hook)
+        try:
+            outputs = super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=calculate_entropy)
+        finally:
+            handle.remove()
+        if "z" not in captured:
+            raise RuntimeError("ntl_verl.legacy: the actor forward produced no logits to capture")
+        z = captured["z"].float() / float(temperature)
+        input_ids, attention_mask = micro_batch["input_ids"], micro_batch["attention_mask"]
+        B, L = input_ids.shape
+        R = micro_batch["responses"].size(-1)
+        if self.use_remove_padding:
+            from verl.utils.attention_utils import pad_input, unpad_input
+
+            _, indices, *_ = unpad_input(input_ids.unsqueeze(-1), attention_mask)
+            z = pad_input(hidden_states=z.squeeze(0), indices=indices, batch=B, seqlen=L)
+        z = z[:, -R - 1:-1]  # the causal shift, exactly as verl slices log_probs
+        scale = micro_batch[SCALE_KEY].float()
+        rows = ntl_loss_from_digit_logits(z, targets, self.ntl_vocab, s.ntl_method, reduction="none")
+        ntl_mb = (rows * scale[:, None]).sum()
+        stats = digit_stats(z.detach(), targets, self.ntl_vocab, method=s.ntl_method).to_dict("ntl/")
+        self._ntl_stats.append(stats)
+        w = float(s.ntl_weight)
+        if w > 0:
+            coef = w * (float(self.scaler.get_scale()) if getattr(self, "scaler", None) is not None else 1.0)
+            outputs["log_probs"] = _AddLossGrad.apply(outputs["log_probs"], ntl_mb, coef)
+        return outputs
+
+
+class NTLDataParallelPPOActor(NTLActorMixin, DataParallelPPOActor):
+    """verl 0.7's ``DataParallelPPOActor`` with NTL (inert without NTL settings in its config)."""
+
+
+def install() -> None:
+    """Make verl 0.7's workers build :class:`NTLDataParallelPPOActor` (idempotent)."""
+    import verl.workers.actor as actor_pkg
+    import verl.workers.actor.dp_actor as dp_mod
+
+    actor_pkg.DataParallelPPOActor = NTLDataParallelPPOActor
+    dp_mod.DataParallelPPOActor = NTLDataParallelPPOActor
+
+
+install()
