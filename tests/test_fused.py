@@ -56,9 +56,10 @@ def both(x, y, up=None, **kw):
     """(fused loss, fused grad, ref loss, ref grad) with upstream ``up`` for reduction='none'."""
     a = x.clone().requires_grad_(True)
     b = x.clone().requires_grad_(True)
-    got = ntl.cross_entropy_with_ntl(a, y, kw.pop("vocab", VOCAB), **kw)
+    vocab = kw.pop("vocab", VOCAB)
+    got = ntl.cross_entropy_with_ntl(a, y, vocab, **kw)
     kw.pop("inplace", None)
-    ref = reference(b, y, w=kw.pop("ntl_weight", 0.3), **kw)[0]
+    ref = reference(b, y, w=kw.pop("ntl_weight", 0.3), vocab=vocab, **kw)[0]
     u = torch.ones(()) if up is None else up
     (got * u).sum().backward()
     (ref * u).sum().backward()
@@ -264,3 +265,31 @@ def test_inplace_on_column_slice_of_padded_logits():
     ref.backward()
     torch.testing.assert_close(a.grad, b.grad, **TOL)
     assert torch.equal(a.grad[:, V:], torch.zeros(6, 6))
+
+
+@pytest.mark.parametrize("reweigh", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_general_number_vocab_non_unit_gaps_and_ties(method, reweigh):
+    """K != 10, non-unit gaps and tied values (like Llama-3's "7" / "07" / "007")."""
+    vocab = ntl.NumberVocab([3, 44, 9, 27, 15, 38, 21], [0.0, 7.0, 7.0, 12.0, 100.0, 2.5, -3.0],
+                            vocab_size=V)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(4, 5, V, generator=g) * 2.0
+    x[..., list(vocab.token_ids)] += 2.0
+    y = torch.tensor([*vocab.token_ids, 0, 1, -100])[torch.randint(0, 10, (4, 5), generator=g)]
+    got, g_got, ref, g_ref = both(x, y, method=method, reweigh=reweigh, vocab=vocab,
+                                  reduction="sum")
+    torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-5, atol=1e-3)  # |L| ~ 1e4
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-3)
+
+
+def test_ignore_index_outside_vocab():
+    x, y = make(15)
+    y = torch.where(y == -100, torch.full_like(y, V + 3), y)
+    got, g_got, _, _ = both(x, y, ignore_index=V + 3, method="mse")
+    b = x.clone().requires_grad_(True)
+    ref = (F.cross_entropy(b.view(-1, V), y.view(-1), ignore_index=V + 3)
+           + 0.3 * ntl.ntl_mse_loss(b, y, VOCAB, ignore_index=V + 3))
+    ref.backward()
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    torch.testing.assert_close(g_got, b.grad, **TOL)
