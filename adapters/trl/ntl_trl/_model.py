@@ -90,7 +90,13 @@ def find_lm_parts(model: nn.Module) -> LMParts:
                 f"{type(lm).__name__} has config.{name}={val!r}: its logits are not h @ W.T + b, "
                 "which NTL from hidden states assumes"
             )
-    return LMParts(lm, backbone, lm.get_output_embeddings())
+    head = lm.get_output_embeddings()
+    if hasattr(head, "base_layer"):  # PEFT adapter on the LM head: W alone is not the head
+        raise ValueError(
+            "the LM head carries a PEFT adapter (lm_head in target_modules); NTL from hidden "
+            "states reads lm_head.weight and would ignore it. Leave lm_head out of the adapter"
+        )
+    return LMParts(lm, backbone, head)
 
 
 def last_hidden_state(output: Any) -> torch.Tensor:

@@ -31,7 +31,8 @@ def _run(tmp_path, *, mixin_weight=None, callback=None, **args_kw):
 
 
 def test_callback_gives_the_mixins_update_and_metrics(tmp_path):
-    ga = dict(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    ga = dict(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+              gradient_checkpointing=True)
     mixin = _run(tmp_path / "m", mixin_weight=0.7, **ga)
     cb = NTLCallback(ntl_weight=0.7)
     hooked = _run(tmp_path / "c", callback=cb, **ga)

@@ -88,19 +88,21 @@ def test_weight_zero_matches_plain_grpo_and_positive_weight_differs(tmp_path):
     assert any("ntl/loss" in h for h in runs["zero"][1].state.log_history)
 
 
-@pytest.mark.parametrize("cls_name", ["GRPO", "RLOO"])
-def test_update_difference_is_weighted_ntl_gradient_with_grad_accumulation(tmp_path, cls_name):
+@pytest.mark.parametrize(("cls_name", "checkpointing"), [("GRPO", True), ("RLOO", False)])
+def test_update_difference_is_weighted_ntl_gradient_with_grad_accumulation(
+    tmp_path, cls_name, checkpointing
+):
     """SGD, no clipping, 2 micro-batches accumulated: params(NTL) - params(plain) must be
     -lr * w * mean_mb grad NTL_mb at the initial weights (NTL from the full logits here).
     GRPO scales its loss for accumulation itself, RLOO leaves it to the HF Trainer: both
-    paths of the mixin are covered."""
+    paths of the mixin are covered (GRPO with gradient checkpointing, TRL's default)."""
     import ntl_trl
 
     plain_cls = getattr(trl, f"{cls_name}Trainer")
     ntl_cls = getattr(ntl_trl, f"NTL{cls_name}Trainer")
     lr, w = 0.5, 1.0
     common = dict(max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                  learning_rate=lr)
+                  learning_rate=lr, gradient_checkpointing=checkpointing)
     theta0 = tiny_qwen2(char_tokenizer())  # the same initial weights, never patched by TRL
     base = make(plain_cls, tmp_path / "plain", **common)  # (trainer init reseeds the RNG)
     for k, v in params(base.model).items():
@@ -123,40 +125,90 @@ def test_update_difference_is_weighted_ntl_gradient_with_grad_accumulation(tmp_p
     assert max(g.abs().max() for g in grad.values()) > 1e-3
 
 
-def test_final_answer_targets_through_compute_path(tmp_path):
-    """final_answer: the answer digits target the truth's digits by place value."""
-    tok = char_tokenizer()
-    tr = NTLGRPOTrainer(
-        model=tiny_qwen2(tok), reward_funcs=digit_count_reward, processing_class=tok,
-        train_dataset=tiny_dataset(), args=trainer_args(output_dir=str(tmp_path), temperature=1.0),
-        ntl_config=NTLConfig(ntl_weight=1.0, ntl_labels="final_answer"),
-    )
-    prompt = tok(["3+9=", "3+9="], return_tensors="pt").input_ids
-    texts = ["ab 7 #### 12", "so #### 123"]
+def _crafted_batch(tok, texts, prompt="3+9="):
+    prompt_ids = tok([prompt] * len(texts), return_tensors="pt").input_ids
     comp = [[*tok(t).input_ids, tok.eos_token_id] for t in texts]
     C = max(map(len, comp))
     c_ids = torch.tensor([c + [tok.pad_token_id] * (C - len(c)) for c in comp])
     c_mask = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in comp])
-    inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt),
-              "completion_ids": c_ids, "completion_mask": c_mask, NTL_ANSWERS_KEY: ["15", "15"]}
-    hidden = tr.model.model(input_ids=torch.cat([prompt, c_ids], 1),
-                            attention_mask=torch.cat([inputs["prompt_mask"], c_mask], 1)
-                            ).last_hidden_state
-    loss = tr._ntl_loss_and_log(hidden, inputs)
-    # by hand: row 0 "12" -> "15" (units 2->5, tens 1->1); row 1 "123" -> "015"
-    logits = tr.model(input_ids=torch.cat([prompt, c_ids], 1)).logits.float()
-    P = prompt.shape[1]
+    return {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids),
+            "completion_ids": c_ids, "completion_mask": c_mask}
+
+
+def _expected_w1(model, inputs, tok, targets):
+    """targets: {(row, completion position): target digit}; W1 from the full logits."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am).logits.float()
+    P = inputs["prompt_ids"].shape[1]
     dig = [tok.convert_tokens_to_ids(d) for d in "0123456789"]
-    expect = []
-    for b, text, truth in [(0, texts[0], "15"), (1, texts[1], "015")]:
-        ans = text.split("#### ")[1]
-        start = len(text) - len(ans)
-        for j, y in enumerate(truth):
-            q = torch.softmax(logits[b, P + start + j - 1, dig], -1)
-            expect.append(sum(q[k] * abs(k - int(y)) for k in range(10)))
-    ref = torch.stack(expect).mean()
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    assert tr._metrics["train"]["ntl/total_digits"] == [5.0]
+    terms = []
+    for (b, t), y in targets.items():
+        q = torch.softmax(logits[b, P + t - 1, dig], -1)
+        terms.append(sum(q[k] * abs(k - y) for k in range(10)))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("labels", ["final_answer", "all"])
+def test_targets_through_the_compute_path(tmp_path, labels):
+    """final_answer: answer digits target the truth's digits by place value;
+    all (correct_only): every digit of a correct completion targets itself, others none."""
+    tok = char_tokenizer()
+    tr = NTLGRPOTrainer(
+        model=tiny_qwen2(tok), reward_funcs=digit_count_reward, processing_class=tok,
+        train_dataset=tiny_dataset(), args=trainer_args(output_dir=str(tmp_path), temperature=1.0),
+        ntl_config=NTLConfig(ntl_weight=1.0, ntl_labels=labels),
+    )
+    texts = ["ab 7 #### 12", "so #### 123"]
+    inputs = _crafted_batch(tok, texts)
+    hidden = tr.model.model(
+        input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+        attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+    ).last_hidden_state
+    if labels == "final_answer":
+        inputs[NTL_ANSWERS_KEY] = ["15", "15"]
+        # row 0 "12" -> "15" (tens 1->1, units 2->5); row 1 "123" -> "015"
+        targets = {(0, 10): 1, (0, 11): 5, (1, 8): 0, (1, 9): 1, (1, 10): 5}
+    else:
+        inputs[NTL_ANSWERS_KEY] = ["12", "12"]  # row 0 correct, row 1 ("123") wrong
+        targets = {(0, 3): 7, (0, 10): 1, (0, 11): 2}
+    for (b, t), _ in targets.items():
+        assert texts[b][t].isdigit()
+    loss = tr._ntl_loss_and_log(hidden, inputs)
+    torch.testing.assert_close(loss, _expected_w1(tr.model, inputs, tok, targets),
+                               rtol=1e-5, atol=1e-6)
+    assert tr._metrics["train"]["ntl/total_digits"] == [float(len(targets))]
+
+
+def test_qwen_tokenizer_with_padded_model_vocab(tmp_path):
+    """Qwen2.5's real tokenizer (151,665 entries) with a model vocab of 151,936 rows."""
+    from ntl.tokenizers import qwen2_tokenizer
+
+    tok = qwen2_tokenizer()
+    torch.manual_seed(0)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    tr = NTLGRPOTrainer(
+        model=model, reward_funcs=digit_count_reward, processing_class=tok,
+        train_dataset=tiny_dataset(), args=trainer_args(output_dir=str(tmp_path), temperature=1.0),
+        ntl_config=NTLConfig(ntl_weight=1.0, ntl_labels="final_answer"),
+    )
+    assert tr._ntl_vocab.token_ids == tuple(range(15, 25))
+    inputs = _crafted_batch(tok, ["The answer is #### 1,234"], prompt="Q: 1000+234?")
+    assert inputs["completion_ids"][0, :10].tolist() == [785, 4226, 374, 26274, 220, 16, 11, 17,
+                                                         18, 19]
+    inputs[NTL_ANSWERS_KEY] = ["1239"]
+    hidden = tr.model.model(
+        input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    ).last_hidden_state
+    loss = tr._ntl_loss_and_log(hidden, inputs)
+    # digits 1 2 3 4 at completion positions 5, 7, 8, 9 target 1 2 3 9
+    expected = _expected_w1(tr.model, inputs, tok, {(0, 5): 1, (0, 7): 2, (0, 8): 3, (0, 9): 9})
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_final_answer_ground_truths_travel_with_their_completions(tmp_path):
