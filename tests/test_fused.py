@@ -293,3 +293,18 @@ def test_ignore_index_outside_vocab():
     ref.backward()
     torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
     torch.testing.assert_close(g_got, b.grad, **TOL)
+
+
+@pytest.mark.parametrize("reweigh", [False, True])
+def test_masked_digit_logits_in_rows_without_digits(reweigh):
+    """A row whose digit logits are all -inf (constrained decoding) and whose label is text or
+    ignored: finite loss, gradient equal to plain cross-entropy's there (no NaN)."""
+    x, y = make(16)
+    x[1, 2, IDS] = float("-inf")
+    y[1, 2] = TEXT[0]
+    x[2, 3, IDS] = float("-inf")
+    y[2, 3] = -100
+    got, g_got, ref, g_ref = both(x, y, reweigh=reweigh, method="mse")
+    assert torch.isfinite(got) and torch.isfinite(g_got).all()
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    torch.testing.assert_close(g_got, g_ref, **TOL)
