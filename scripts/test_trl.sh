@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-VENVS=${NTL_TRL_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/ntl-trl-venvs}
+VENVS=${NTL_TRL_VENVS:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/ntl-trl-venvs}
 # The pinned torch goes into every install so that pip never swaps in another (CUDA) build;
 # the other pins are what trl pulls beyond the system packages.
 COMMON="torch==2.13.0 accelerate==1.15.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 psutil==7.2.2 xxhash==4.1.0"
