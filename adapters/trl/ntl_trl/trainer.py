@@ -156,9 +156,11 @@ class NTLTrainerMixin:
                 f"run {type(self._ntl_parts.backbone).__name__} (is this a TRL GRPO/RLOO trainer?)"
             )
         hidden = captured[0] if len(captured) == 1 else torch.cat(captured, dim=0)
-        ntl_term = self._ntl_loss_and_log(hidden, inputs)
-        if self.ntl_config.ntl_weight == 0.0:
+        if self.ntl_config.ntl_weight == 0.0:  # metrics only; the update is untouched
+            with torch.no_grad():
+                self._ntl_loss_and_log(hidden, inputs)
             return loss
+        ntl_term = self._ntl_loss_and_log(hidden, inputs)
         mode = "train" if self.model.training else "eval"
         scale = self.ntl_config.ntl_weight
         if mode == "train" and self._ntl_trainer_scales_for_ga(num_items_in_batch):

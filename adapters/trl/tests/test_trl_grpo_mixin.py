@@ -123,6 +123,8 @@ def test_update_difference_is_weighted_ntl_gradient_with_grad_accumulation(
         expected = -lr * w * grad[k]
         torch.testing.assert_close(p_ntl[k] - p_plain[k], expected, rtol=1e-3, atol=2e-6, msg=k)
     assert max(g.abs().max() for g in grad.values()) > 1e-3
+    logged = [h for h in run.state.log_history if "ntl/loss" in h]
+    assert len(logged) == 1 and logged[0]["ntl/total_digits"] > 0
 
 
 def _crafted_batch(tok, texts, prompt="3+9="):
