@@ -115,6 +115,8 @@ class NTLCallback(TrainerCallback):
         t = self.temperature if self.temperature is not None else getattr(args, "temperature", 1.0)
         self._T = float(t)
         self._handles.append(parts.lm.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        if model is not parts.lm:  # PEFT calls the LM's forward directly, bypassing its hooks
+            self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         self._handles.append(parts.backbone.register_forward_hook(self._inject_hook))
         lm = parts.lm
         if callable(getattr(lm, "generate", None)) and "generate" not in vars(lm):
@@ -158,6 +160,8 @@ class NTLCallback(TrainerCallback):
     # -- hooks --------------------------------------------------------------------------
     def _pre_hook(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return
         self._call = {
             "input_ids": ids,
             "attention_mask": kwargs.get("attention_mask"),
