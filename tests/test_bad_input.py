@@ -192,10 +192,6 @@ def test_ignore_index_outside_vocab_is_accepted():
     torch.testing.assert_close(loss, ntl.ntl_wasserstein_loss(x[:3], y[:3], VOCAB))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: NumberTokenLoss.__init__ (module.py) stores bool(reweigh), so reweigh='no' silently "
-    "turns reweighing ON; the functional API raises TypeError('reweigh must be a bool') for the "
-    "same value (no silent fallbacks)"))
 def test_module_rejects_non_bool_reweigh():
     with pytest.raises(TypeError, match="reweigh must be a bool"):
         ntl.NumberTokenLoss(VOCAB, reweigh="no")

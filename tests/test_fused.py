@@ -308,3 +308,18 @@ def test_masked_digit_logits_in_rows_without_digits(reweigh):
     assert torch.isfinite(got) and torch.isfinite(g_got).all()
     torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
     torch.testing.assert_close(g_got, g_ref, **TOL)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_grad_leaves_logits_untouched_and_matches_reference(reduction):
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(9, 70, generator=g)
+    labels = torch.tensor([1, 2, 3, 40, -100, 7, 9, 60, 0])
+    ids = list(range(10))
+    ref = (torch.nn.functional.cross_entropy(x, labels, reduction=reduction)
+           + 0.3 * ntl.ntl_wasserstein_loss(x, labels, ids, reduction=reduction))
+    with torch.no_grad():
+        x2 = x.clone()
+        got = ntl.cross_entropy_with_ntl(x2, labels, ids, reduction=reduction, inplace=True)
+    assert torch.equal(x2, x)  # evaluation never writes a gradient over the logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

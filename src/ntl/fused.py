@@ -24,7 +24,7 @@ import torch
 
 from . import _checks as C
 from .kernels.reference import ntl_rows_grad_torch
-from .losses import prepare, reweigh_ceiling, use_triton
+from .losses import ntl_rows, prepare, reweigh_ceiling, use_triton
 from .vocab import VocabLike
 
 __all__ = ["cross_entropy_with_ntl"]
@@ -140,6 +140,26 @@ class _FusedCENTL(torch.autograd.Function):
         return (grad,) + (None,) * 12
 
 
+def _ce_ntl_no_grad(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, vocab: Any,
+                    ntl_weight: float, method: str, reduction: str, reweigh: bool,
+                    ignore_index: int, backend: str) -> tuple[torch.Tensor, ...]:
+    """Loss and parts without a gradient buffer (evaluation): logits are never written."""
+    N, V = logits.shape
+    a, c = row_scales(labels, k, ignore_index, reduction)
+    ce = torch.empty(N, device=logits.device)
+    step = max(1, _CHUNK_ELEMS // V)
+    for s in range(0, N, step):
+        x = logits[s:s + step].float()
+        lab = labels[s:s + step].clamp(0, V - 1)[:, None]
+        ce[s:s + step] = torch.logsumexp(x, 1) - x.gather(1, lab).squeeze(1)
+    ce = torch.where(a > 0, ce, torch.zeros((), device=ce.device))
+    L = ntl_rows(logits, k, vocab, method, None, reweigh, backend)
+    if reduction == "none":
+        return ce + ntl_weight * L, ce, L
+    ce_part, ntl_part = (a * ce).sum(), (c * L).sum()
+    return ce_part + ntl_weight * ntl_part, ce_part, ntl_part
+
+
 def cross_entropy_with_ntl(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -167,7 +187,9 @@ def cross_entropy_with_ntl(
     backward per forward is allowed. With ``inplace=True`` that buffer **is the
     logits tensor**: after the call ``logits`` holds the gradient, not the logits
     (use it only when nothing else needs the logits, e.g. straight after the LM
-    head; autograd raises if another node saved them).
+    head; autograd raises if another node saved them). Under ``torch.no_grad()``
+    or for logits that do not require grad, no gradient is built and the logits
+    are left untouched, ``inplace`` or not.
 
     Args:
         logits: ``[..., V]`` float logits aligned with ``labels`` (shift for causal LMs).
@@ -196,9 +218,14 @@ def cross_entropy_with_ntl(
         raise ValueError("inplace=True needs logits that can be viewed as [N, V] without a copy")
     use_kernel = use_triton(backend, logits2d)
     dev = logits.device
-    loss, ce, ntl = _FusedCENTL.apply(
-        logits2d, labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method,
-        reduction, reweigh, float(reweigh_ceiling(vocab, method)), ignore_index, inplace, use_kernel)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        loss, ce, ntl = _ce_ntl_no_grad(logits2d, labels1d, k, vocab, float(ntl_weight), method,
+                                        reduction, reweigh, ignore_index, backend)
+    else:
+        loss, ce, ntl = _FusedCENTL.apply(
+            logits2d, labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method,
+            reduction, reweigh, float(reweigh_ceiling(vocab, method)), ignore_index, inplace,
+            use_kernel)
     if reduction == "none":
         loss, ce, ntl = (t.view(labels.shape) for t in (loss, ce, ntl))
     return (loss, ce, ntl) if return_parts else loss

@@ -69,7 +69,7 @@ def digit_logits_from_hidden(
     number tokens in value order. Gradients reach ``hidden`` and the ``K`` rows of ``W``.
     """
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
-    vocab = resolve_vocab(vocab_or_tokenizer, V)
+    vocab = resolve_vocab(vocab_or_tokenizer, default_size=V)
     C.check_vocab_fits(vocab, V)
     return _digit_logits(hidden, lm_head_weight, vocab, t, bias)
 
@@ -112,7 +112,7 @@ def ntl_loss_from_hidden(
     labels = C.check_labels(labels, hidden.shape[:-1], hidden.device, what="hidden.shape[:-1]")
     ignore_index = C.check_ignore_index(ignore_index)
     C.check_choice("reduction", reduction, C.REDUCTIONS)
-    vocab = resolve_vocab(vocab_or_tokenizer, V)
+    vocab = resolve_vocab(vocab_or_tokenizer, default_size=V)
     C.check_vocab_fits(vocab, V)
     w = C.check_weights(weights, labels)
     C.check_values(labels, V, ignore_index, w)

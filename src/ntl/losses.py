@@ -55,7 +55,7 @@ def prepare(
     labels = C.check_labels(labels, logits.shape[:-1], logits.device)
     ignore_index = C.check_ignore_index(ignore_index)
     C.check_choice("reduction", reduction, C.REDUCTIONS)
-    vocab = resolve_vocab(vocab_or_tokenizer, V)
+    vocab = resolve_vocab(vocab_or_tokenizer, default_size=V)
     C.check_vocab_fits(vocab, V)
     w = C.check_weights(weights, labels)
     C.check_values(labels, V, ignore_index, w)

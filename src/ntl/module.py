@@ -38,7 +38,9 @@ class NumberTokenLoss(nn.Module):
         self.ignore_index = C.check_ignore_index(ignore_index)
         self.reduction = C.check_choice("reduction", reduction, C.REDUCTIONS)
         self.backend = C.check_choice("backend", backend, C.BACKENDS)
-        self.reweigh = bool(reweigh)
+        if not isinstance(reweigh, bool):
+            raise TypeError(f"reweigh must be a bool, got {type(reweigh).__name__}")
+        self.reweigh = reweigh
 
     def forward(
         self,

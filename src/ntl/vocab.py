@@ -8,6 +8,7 @@ the NTL paper uses with digit-level tokenizers (Qwen2.5, Llama-2, ...).
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ import torch
 __all__ = ["DigitVocab", "NumberVocab", "VocabLike", "resolve_vocab"]
 
 DIGITS = "0123456789"
+logger = logging.getLogger("ntl")
 
 
 class NumberVocab:
@@ -187,6 +189,12 @@ class DigitVocab(NumberVocab):
                 "NTL needs each digit '0'..'9' to be one token"
             )
         ids = [vocab[d] for d in DIGITS]
+        multi = sum(1 for t in vocab if len(t) > 1 and t.isascii() and t.isdigit())
+        if multi:
+            logger.warning(
+                "%s also has %d multi-digit number tokens (e.g. Llama-3's '123'); the DigitVocab "
+                "covers only '0'..'9', so those positions take no part. Use "
+                "ntl.NumberVocab.from_tokenizer(tok) to include them.", type(tokenizer).__name__, multi)
         return cls(ids, _vocab_size(tokenizer, vocab_size, max(ids)))
 
 
@@ -243,14 +251,19 @@ def _from_tokenizer_cached(cls: type[NumberVocab], tokenizer: Any, vocab_size: i
     return built
 
 
-def resolve_vocab(vocab_or_tokenizer: VocabLike, vocab_size: int | None = None) -> NumberVocab:
+def resolve_vocab(vocab_or_tokenizer: VocabLike, vocab_size: int | None = None, *,
+                  default_size: int | None = None) -> NumberVocab:
     """Turn what the losses accept into a :class:`NumberVocab`.
 
     Accepts a ``NumberVocab``/``DigitVocab`` (returned as is), a Hugging Face
     tokenizer (its :class:`DigitVocab`, cached), a sequence/tensor of 10 digit ids
     for ``'0'..'9'`` in order, or a mapping ``{token_id: value}``.
-    ``vocab_size`` (the logits' width) is used when the vocab must be built.
+    ``vocab_size`` is the model's vocabulary size when known (default: the
+    tokenizer's length); ``default_size`` (the logits' width) sizes id lists and
+    dicts when ``vocab_size`` is not given.
     """
+    if vocab_size is None and not hasattr(vocab_or_tokenizer, "get_vocab"):
+        vocab_size = default_size
     v = vocab_or_tokenizer
     if isinstance(v, NumberVocab):
         return v
@@ -265,17 +278,32 @@ def resolve_vocab(vocab_or_tokenizer: VocabLike, vocab_size: int | None = None) 
             raise ValueError("vocab_or_tokenizer: the {id: value} mapping is empty")
         ids = list(v.keys())
         size = vocab_size if vocab_size is not None else max(ids) + 1
-        return NumberVocab(ids, list(v.values()), size)
+        return _cached_simple(("map", tuple(v.items()), size), lambda: NumberVocab(ids, list(v.values()), size))
     if isinstance(v, (list, tuple)):
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
             raise TypeError("vocab_or_tokenizer: a list of digit ids must hold ints")
         if len(v) == 0:
             raise ValueError("vocab_or_tokenizer: the list of digit ids is empty")
         size = vocab_size if vocab_size is not None else max(v) + 1
-        return DigitVocab(v, size)
+        return _cached_simple(("ids", tuple(v), size), lambda: DigitVocab(v, size))
     if isinstance(v, (str, bytes, int, float)) or v is None:
         raise TypeError(
             "vocab_or_tokenizer must be a tokenizer, a NumberVocab/DigitVocab, a list of 10 digit "
             f"ids or an {{id: value}} dict; got {type(v).__name__}"
         )
-    return DigitVocab.from_tokenizer(v)
+    return DigitVocab.from_tokenizer(v, vocab_size)
+
+
+_SIMPLE_CACHE: dict[tuple, NumberVocab] = {}
+
+
+def _cached_simple(key: tuple, build: Any) -> NumberVocab:
+    """Vocabs given as id lists / dicts, cached so repeated loss calls rebuild nothing."""
+    hit = _SIMPLE_CACHE.get(key)
+    if hit is None:
+        hit = build()
+        with _CACHE_LOCK:
+            if len(_SIMPLE_CACHE) >= 64:
+                _SIMPLE_CACHE.pop(next(iter(_SIMPLE_CACHE)))
+            _SIMPLE_CACHE[key] = hit
+    return hit
