@@ -148,7 +148,8 @@ def test_targets_from_old_log_prob_pass_survive_splits_and_dynamic_bsz(qwen_tok,
     assert l0 == pytest.approx(l0m, rel=1e-5)
 
 
-def test_bonus_reaches_token_level_scores_and_advantage(qwen_tok, batch, dist_group, monkeypatch):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_bonus_reaches_token_level_scores_and_advantage(qwen_tok, batch, dist_group, monkeypatch, dynamic):
     from ntl_verl.batch import pad_responses
     from verl.trainer.ppo.core_algos import compute_gae_advantage_return
     from verl.utils import tensordict_utils as tu
@@ -160,6 +161,8 @@ def test_bonus_reaches_token_level_scores_and_advantage(qwen_tok, batch, dist_gr
     eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
     td = H.assign_update_meta(H.v1_batch(batch), micro=2, temperature=T)
     tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
+    if dynamic:  # micro-batches regrouped by token count, outputs restored to batch order
+        tu.assign_non_tensor(td, use_dynamic_bsz=True, max_token_len_per_gpu=40)
     rm_before = pad_responses(td["rm_scores"], None, 0.0).clone()
     out = eng.forward_backward_batch(td, None, forward_only=True)
     rm_after = out["model_output"]["rm_scores"]
@@ -231,3 +234,20 @@ def test_fused_kernel_path_matches_logits_path(qwen_tok, batch, dist_group, monk
         out = eng.forward_backward_batch(td, functools.partial(ppo_loss, config=cfg), forward_only=False)
         losses[w] = sum(out["loss"])
     assert losses[1.0] - losses[0.0] == pytest.approx(ref, rel=1e-4)
+
+
+def test_explicit_ntl_ppo_loss_is_not_wrapped_twice(qwen_tok, batch, dist_group, monkeypatch):
+    """worker.set_loss_fn(partial(ntl_ppo_loss, config=cfg)) gives the same loss as the engine's
+    automatic wrapping of verl's ppo_loss (the NTL term is added once)."""
+    import types
+
+    from ntl_verl.loss import ntl_ppo_loss
+
+    model = H.tiny_model(seed=10)
+    auto, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl={"ntl_weight": 1.0})
+    cfg = H.actor_config(ntl_weight=1.0)
+    cfg.model_config = types.SimpleNamespace(tokenizer=qwen_tok, hf_config=model.config)
+    eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
+    td = H.assign_update_meta(H.v1_batch(batch))
+    out = eng.forward_backward_batch(td, functools.partial(ntl_ppo_loss, config=cfg), forward_only=False)
+    assert sum(out["loss"]) == pytest.approx(auto, rel=1e-6)
