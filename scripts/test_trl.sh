@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tests of the TRL adapter (adapters/trl) in two virtual environments that see the system
 # packages (torch 2.13.0+cpu, transformers, ntl's test deps) and add TRL on top:
-#   trl 1.16: NTLTrainerMixin (GRPO/RLOO), NTLCallback on GRPO, config, example;
+#   trl 1.16 (+ peft): NTLTrainerMixin (GRPO/RLOO), NTLCallback on GRPO (also LoRA), config, example;
 #   trl 1.12: NTLCallback on trl.experimental.ppo.PPOTrainer (removed in trl 1.13).
 # Idempotent: existing venvs are reused, pip skips satisfied pins. Prerequisite (as in
 # scripts/test.sh): `pip install torch==2.13.0 && pip install -e ".[test]"` in python3.
@@ -15,13 +15,14 @@ VENVS=${NTL_TRL_VENVS:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/ntl-trl-venvs}
 # the other pins are what trl pulls beyond the system packages.
 COMMON="torch==2.13.0 accelerate==1.15.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 psutil==7.2.2 xxhash==4.1.0"
 
-make_venv() {  # make_venv NAME TRL_VERSION
-    local dir="$VENVS/$1"
+make_venv() {  # make_venv NAME TRL_VERSION [EXTRA_PINS...]
+    local dir="$VENVS/$1" trl_version="$2"
+    shift 2
     if [ ! -x "$dir/bin/python" ]; then
         "$PY" -m venv --system-site-packages "$dir"
     fi
     # shellcheck disable=SC2086
-    "$dir/bin/python" -m pip install -q --disable-pip-version-check "trl==$2" $COMMON 2>&1 \
+    "$dir/bin/python" -m pip install -q --disable-pip-version-check "trl==$trl_version" $COMMON "$@" 2>&1 \
         | { grep -v "^WARNING: Location" || true; }
     # torch must be the system's CPU build, not a copy inside the venv
     "$dir/bin/python" - <<'EOF'
@@ -33,7 +34,7 @@ EOF
 }
 
 mkdir -p "$VENVS"
-make_venv trl116 1.16.0
+make_venv trl116 1.16.0 peft==0.21.2
 make_venv trl112 1.12.0
 
 "$PY" -m ruff check adapters/trl examples/trl

@@ -61,3 +61,33 @@ def test_callback_validates_its_options():
         NTLCallback(ntl_method="l1")
     with pytest.raises(ValueError, match="temperature"):
         NTLCallback(temperature=0.0)
+
+
+def test_lora_policy_mixin_equals_callback_and_differs_from_plain(tmp_path):
+    """With a PEFT LoRA policy (PEFT calls the LM's forward directly, bypassing its hooks)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    def run(name, **kw):
+        tok = char_tokenizer()
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          task_type="CAUSAL_LM")
+        cls = kw.pop("cls", trl.GRPOTrainer)
+        tr = cls(model=tiny_qwen2(tok), reward_funcs=digit_count_reward, processing_class=tok,
+                 train_dataset=tiny_dataset(), peft_config=lora,
+                 args=trainer_args(output_dir=str(tmp_path / name), max_steps=1), **kw)
+        tr.train()
+        lora_params = {k: v.detach().clone() for k, v in tr.model.named_parameters() if "lora_" in k}
+        assert lora_params
+        return lora_params, tr
+
+    mixin, tm = run("m", cls=NTLGRPOTrainer,
+                    ntl_config=NTLConfig(ntl_weight=1.0, ntl_labels="all", correct_only=False))
+    hooked, tc = run("c", callbacks=[NTLCallback(ntl_weight=1.0)])
+    plain, _ = run("p")
+    for k in mixin:
+        torch.testing.assert_close(hooked[k], mixin[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert any(not torch.allclose(plain[k], mixin[k]) for k in mixin)
+    lm = [h["ntl/loss"] for h in tm.state.log_history if "ntl/loss" in h]
+    lc = [h["ntl/loss"] for h in tc.state.log_history if "ntl/loss" in h]
+    assert lm == pytest.approx(lc) and lm[0] > 0
