@@ -64,3 +64,14 @@ class NTLActorConfig(FSDPActorConfig):
             ntl_bonus_type=self.ntl_bonus_type,
             ntl_bonus_weight=self.ntl_bonus_weight,
         )
+
+
+def _register_on_import() -> None:
+    # Also register when this module is merely imported (e.g. a pickled NTLActorConfig arriving
+    # in a process that never ran __post_init__); idempotent.
+    from . import engine as _engine
+
+    _engine.register_ntl_engine()
+
+
+_register_on_import()

@@ -180,3 +180,17 @@ def test_proximity_reward_function_file(tmp_path):
     import math
 
     assert near["score"] == pytest.approx(0.5 * math.exp(-2 / 42))
+
+
+def test_target_import_registers_the_engine_for_this_platform():
+    """Importing the config (what the _target_ override does in each worker) makes verl's
+    EngineRegistry hand out the NTL engine for language models; critics stay stock."""
+    import ntl_verl.config  # noqa: F401
+    from ntl_verl.engine import NTLEngineMixin, register_ntl_engine
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithValueHead
+
+    for backend in ("fsdp", "fsdp2"):
+        assert issubclass(EngineRegistry.get_engine_cls("language_model", backend), NTLEngineMixin)
+        assert EngineRegistry.get_engine_cls("value_model", backend) is FSDPEngineWithValueHead
+    assert register_ntl_engine() is register_ntl_engine()  # idempotent
