@@ -237,3 +237,21 @@ def bonus_ref(model, b, targets, temperature=1.0) -> list[float]:
     return out
 
 
+
+
+def padded_batch(b: Batch, seed: int = 0) -> TensorDict:
+    """The TensorDict verl's legacy (v0) trainer builds from its padded DataProto."""
+    from verl.utils import tensordict_utils as tu
+
+    input_ids, attn, pos, P, R = padded(b)
+    n = len(b.prompts)
+    g = torch.Generator().manual_seed(seed)
+    rmask = attn[:, P:]
+    td = TensorDict({
+        "prompts": input_ids[:, :P], "responses": input_ids[:, P:], "input_ids": input_ids,
+        "attention_mask": attn, "position_ids": pos, "response_mask": rmask,
+        "old_log_probs": (-torch.rand(n, R, generator=g) - 0.5) * rmask,
+        "advantages": torch.randn(n, R, generator=g) * rmask,
+    }, batch_size=[n])
+    tu.assign_non_tensor(td, reward_model=[{"ground_truth": gt} for gt in b.ground_truths])
+    return td

@@ -251,3 +251,26 @@ def test_explicit_ntl_ppo_loss_is_not_wrapped_twice(qwen_tok, batch, dist_group,
     td = H.assign_update_meta(H.v1_batch(batch))
     out = eng.forward_backward_batch(td, functools.partial(ntl_ppo_loss, config=cfg), forward_only=False)
     assert sum(out["loss"]) == pytest.approx(auto, rel=1e-6)
+
+
+def test_legacy_trainer_layout_builds_targets_in_the_update(qwen_tok, batch, dist_group, monkeypatch):
+    """trainer.use_v1=false: the batch arrives padded (DataProto -> left_right_2_no_padding) with
+    no ntl_targets; the update builds them from responses + reward_model and adds the same NTL."""
+    from harness import padded_batch
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    model = H.tiny_model(seed=14)
+    ref = ref_ntl(model, batch, expected_targets(qwen_tok, batch, "all"))
+    losses = {}
+    for w in (0.0, 1.0):
+        cfg = H.actor_config(ntl_weight=w, ntl_labels="all")
+        eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
+        td = left_right_2_no_padding(padded_batch(batch))
+        H.assign_update_meta(td)
+        tu.assign_non_tensor(td, temperature=1.0)
+        out = eng.forward_backward_batch(td, functools.partial(ppo_loss, config=cfg), forward_only=False)
+        losses[w] = sum(out["loss"])
+        assert not td["ntl_targets"].is_nested and td["ntl_targets"].shape == td["responses"].shape
+    assert losses[1.0] - losses[0.0] == pytest.approx(ref, rel=1e-4)
