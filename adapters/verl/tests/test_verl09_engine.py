@@ -221,6 +221,8 @@ def test_fused_kernel_path_matches_logits_path(qwen_tok, batch, dist_group, monk
     model = H.tiny_model(seed=9)
     tg = expected_targets(qwen_tok, batch, "final_answer")
     ref = ref_ntl(model, batch, tg, temperature=0.9)
+    # verl patches model.__class__.forward: give this model its own class so the patch stays here
+    model.__class__ = type("FusedQwen2ForCausalLM", (type(model),), {})
     apply_monkey_patch(model, use_fused_kernels=True, fused_kernels_backend="torch")
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.losses import ppo_loss
