@@ -272,6 +272,11 @@ def test_tiny_demo_is_deterministic_and_aggregates_seeds(tmp_path):
         assert s["mean"] == pytest.approx((xs[0] + xs[1]) / 2)
         assert s["std"] == pytest.approx(abs(xs[0] - xs[1]) / math.sqrt(2))
     assert "±" in ra["table"]
+    # paired differences against CE, by hand
+    ds = [r["arms"]["CE+NTL-MSE"]["metrics"]["all"]["exact_match"]
+          - r["arms"]["CE"]["metrics"]["all"]["exact_match"] for r in ra["runs"]]
+    d = ra["paired_vs_CE"]["CE+NTL-MSE"]["all"]["exact_match"]
+    assert d["mean"] == pytest.approx(sum(ds) / 2) and "CE" not in ra["paired_vs_CE"]
 
 
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
@@ -290,3 +295,22 @@ def test_cli_dispatches_demo(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["config"]["ops"] == ["add"] and list(res["summary"]["CE"]) == ["all"]
     assert all(s["prompt"].count("+") == 1 for s in res["runs"][0]["arms"]["CE"]["samples"])
+
+
+def test_triton_backend_matches_torch_in_the_demo(tmp_path):
+    """The demo's loss through the Triton kernels (interpreter on CPU) gives the same
+    training trajectory as the PyTorch path, to float tolerance."""
+    pytest.importorskip("triton")
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    tiny = [*TINY, "--steps", "2", "--eval-size", "4", "--ops", "add"]
+    assert main([*tiny, "--out", str(tmp_path / "t"), "--backend", "torch"]) == 0
+    assert main([*tiny, "--out", str(tmp_path / "k"), "--backend", "triton"]) == 0
+    rt = json.loads((tmp_path / "t" / "results.json").read_text())["runs"][0]["arms"]
+    rk = json.loads((tmp_path / "k" / "results.json").read_text())["runs"][0]["arms"]
+    for arm in rt:
+        for part in ("loss", "ce", "ntl"):
+            assert rk[arm]["train"]["history"][part] == pytest.approx(
+                rt[arm]["train"]["history"][part], rel=1e-4, abs=1e-5)

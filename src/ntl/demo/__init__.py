@@ -32,7 +32,7 @@ import torch
 
 import ntl
 
-from .report import aggregate, format_table, plot_results
+from .report import aggregate, format_table, paired_deltas, plot_results
 from .task import (
     CharTokenizer,
     Problem,
@@ -50,7 +50,7 @@ log = logging.getLogger("ntl")
 OP_NAMES = {"add": "+", "mul": "*"}
 EVAL_SEED = 1_000_003  # the held-out set is the same for every training seed
 
-DEFAULTS = {"steps": 400, "batch_size": 128, "eval_size": 1000, "hidden": 128, "layers": 4}
+DEFAULTS = {"steps": 300, "batch_size": 128, "eval_size": 1000, "hidden": 128, "layers": 4}
 QUICK = {"steps": 40, "batch_size": 64, "eval_size": 200, "hidden": 128, "layers": 4}
 
 
@@ -83,8 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (2e-3)")
     p.add_argument("--hidden", type=int, default=None, help="model width (default 128)")
     p.add_argument("--layers", type=int, default=None, help="model depth (default 4)")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch CPU threads (default 2; 0 leaves torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: robust on busy/shared machines and "
+                        "independent of the core count; 0 leaves torch's default)")
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="ntl backend (default auto: Triton kernels on CUDA, PyTorch on CPU)")
     p.add_argument("--no-plot", action="store_true", help="do not write results.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -133,7 +136,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--hidden must be a multiple of {mcfg.num_heads}, got {mcfg.hidden_size}")
     if args.ntl_weight <= 0:
         raise ValueError(f"--ntl-weight must be > 0, got {args.ntl_weight}")
-    tcfg = TrainConfig(steps=steps, batch_size=batch, lr=args.lr, warmup=max(1, steps // 10))
+    tcfg = TrainConfig(steps=steps, batch_size=batch, lr=args.lr, warmup=max(1, steps // 10),
+                       backend=args.backend)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
@@ -149,7 +153,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     eval_problems = make_problems(eval_size, digits, EVAL_SEED)
     held_out = set(eval_problems)
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     runs = []
     for seed in args.seeds:
         t_seed = time.perf_counter()
@@ -192,10 +196,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     agg = aggregate(runs, [a.name for a in arms], groups)
     table = format_table(agg, [a.name for a in arms], groups, len(args.seeds))
     total_s = time.perf_counter() - t_start
+    cpu_s = time.process_time() - cpu_start
     results: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": {
             "quick": bool(args.quick), "seeds": list(args.seeds), "device": str(device),
+            "backend": args.backend,
             "threads": torch.get_num_threads(), "steps": steps, "batch_size": batch,
             "eval_size": eval_size, "eval_seed": EVAL_SEED,
             "ops": list(args.ops), "max_digits": {n: all_digits[o] for n, o in OP_NAMES.items()
@@ -221,9 +227,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                     "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "first_step": {a.name: runs[0]["arms"][a.name]["train"]["first_step"] for a in arms},
         "summary": agg,
+        "paired_vs_CE": paired_deltas(runs, [a.name for a in arms], groups),
         "table": table,
         "runs": runs,
-        "timing": {"total_seconds": total_s,
+        "timing": {"total_seconds": total_s, "cpu_seconds": cpu_s,
                    "per_seed_seconds": [r["seconds"] for r in runs]},
     }
     os.makedirs(args.out, exist_ok=True)
@@ -269,6 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<11} total {fs['loss']:.4f} = CE {fs['ce']:.4f} + w * NTL {fs['ntl']:.4f}")
     print()
     print(res["table"])
-    print(f"\n{res['timing']['total_seconds']:.0f} s; wrote {os.path.join(args.out, 'results.json')}"
+    for g in res["summary"]["CE"]:
+        base = res["summary"]["CE"][g]["mae"]["mean"]
+        parts = []
+        for arm, d in res["paired_vs_CE"].items():
+            dm = d[g]["mae"]["mean"]
+            if dm is not None and base:
+                parts.append(f"{arm} {dm:+.1f} ({100 * dm / base:+.0f}%)")
+        if parts:
+            print(f"MAE vs CE, '{g}' problems (paired by seed): " + ", ".join(parts))
+    print(f"\n{res['timing']['total_seconds']:.0f} s wall ({res['timing']['cpu_seconds']:.0f} s CPU); wrote {os.path.join(args.out, 'results.json')}"
           + (f" and {os.path.join(args.out, res['plot'])}" if res["plot"] else ""))
     return 0

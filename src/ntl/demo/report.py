@@ -10,7 +10,7 @@ from typing import Any
 
 log = logging.getLogger("ntl")
 
-__all__ = ["aggregate", "format_table", "plot_results"]
+__all__ = ["aggregate", "format_table", "paired_deltas", "plot_results"]
 
 METRICS = ("exact_match", "digit_accuracy", "mae", "median_ae", "unparsable")
 _HEAD = {
@@ -42,6 +42,26 @@ def aggregate(runs: Sequence[dict[str, Any]], arms: Sequence[str],
             out[arm][g] = {
                 m: _mean_std([r["arms"][arm]["metrics"][g][m] for r in runs]) for m in METRICS
             }
+    return out
+
+
+def paired_deltas(runs: Sequence[dict[str, Any]], arms: Sequence[str], groups: Sequence[str],
+                  baseline: str = "CE") -> dict[str, Any]:
+    """Per seed ``metric(arm) - metric(baseline)`` (same seed, same data), mean ± std over
+    seeds, for every non-baseline arm, group and metric."""
+    out: dict[str, Any] = {}
+    for arm in arms:
+        if arm == baseline:
+            continue
+        out[arm] = {}
+        for g in groups:
+            out[arm][g] = {}
+            for m in METRICS:
+                ds = []
+                for r in runs:
+                    x, y = r["arms"][arm]["metrics"][g][m], r["arms"][baseline]["metrics"][g][m]
+                    ds.append(None if x is None or y is None else x - y)
+                out[arm][g][m] = _mean_std(ds)
     return out
 
 
@@ -118,24 +138,31 @@ def plot_results(runs: Sequence[dict[str, Any]], agg: dict[str, Any], arms: Sequ
     ax.legend(fontsize=7)
 
     x = list(range(len(arms)))
+    n_seeds = len(runs)
+
+    def err(vals: list[float]) -> list[float] | None:
+        return vals if n_seeds > 1 else None
+
     ax = axes[1]
     bw = 0.27
     for j, m in enumerate(("exact_match", "digit_accuracy", "unparsable")):
         means = [agg[a]["all"][m]["mean"] or 0.0 for a in arms]
         stds = [agg[a]["all"][m]["std"] or 0.0 for a in arms]
-        ax.bar([i + (j - 1) * bw for i in x], means, bw, yerr=stds, label=_HEAD[m], capsize=3)
+        ax.bar([i + (j - 1) * bw for i in x], means, bw, yerr=err(stds), label=_HEAD[m],
+               capsize=3)
     ax.set_xticks(x, list(arms))
     ax.set_ylim(0, 1)
-    ax.set_title("held-out accuracy (all problems)")
+    ax.set_title("held-out accuracy (all problems)"
+                 + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else ""))
     ax.legend(fontsize=8)
 
     ax = axes[2]
-    groups = [g for g in next(iter(agg.values())) if g != "all"]
+    groups = [g for g in next(iter(agg.values())) if g != "all"] or ["all"]
     bw = 0.8 / max(1, len(groups))
     for j, g in enumerate(groups):
         means = [agg[a][g]["mae"]["mean"] or 0.0 for a in arms]
         stds = [agg[a][g]["mae"]["std"] or 0.0 for a in arms]
-        ax.bar([i + (j - (len(groups) - 1) / 2) * bw for i in x], means, bw, yerr=stds,
+        ax.bar([i + (j - (len(groups) - 1) / 2) * bw for i in x], means, bw, yerr=err(stds),
                label=f"'{g}' problems", capsize=3)
     ax.set_xticks(x, list(arms))
     ax.set_yscale("log")

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,8 +55,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: int = 40
     grad_clip: float = 1.0
-    log_every: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
+    backend: str = "auto"
 
 
 def build_model(tok: CharTokenizer, cfg: ModelConfig, max_len: int, device: torch.device) -> Any:
@@ -121,7 +120,7 @@ def train_arm(
         logits = model(input_ids=ids).logits
         loss, ce, ntl_part = ntl.cross_entropy_with_ntl(
             logits[:, :-1], labels[:, 1:], vocab,
-            ntl_weight=arm.ntl_weight, method=arm.method, return_parts=True,
+            ntl_weight=arm.ntl_weight, method=arm.method, return_parts=True, backend=cfg.backend,
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"arm {arm.name}: non-finite loss {loss.item()} at step {step}")
