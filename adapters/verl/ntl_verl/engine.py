@@ -16,7 +16,7 @@
   not deliver them), all-reduces the mini-batch's digit count over data parallel, and
   wraps the loss function with :class:`ntl_verl.loss.NTLLossFn`.
 * ``forward_backward_batch`` (old-log-prob pass, ``calculate_entropy`` on): returns
-  ``ntl_targets`` and, with the bonus on, ``rm_scores`` (the bonus added at the last response token) as extra model
+  ``ntl_targets`` and, with the bonus on, ``rm_scores`` (the bonus added at the last response token) and ``ntl_bonus`` as extra model
   output. verl 0.9's trainer writes every output field back to its TransferQueue, so the
   targets reach the update (surviving mini-batch splits and dynamic batch sizes as a
   per-sample field) and the bonus reaches ``_compute_advantage`` (which reads ``rm_scores``).
@@ -44,7 +44,7 @@ from .batch import (
     has_key,
     pad_responses,
 )
-from .loss import NUM_DIGITS_KEY, NTLLossFn, vocab_for_model
+from .loss import BONUS_KEY, NUM_DIGITS_KEY, NTLLossFn, vocab_for_model
 from .settings import IGNORE_INDEX, NTLSettings
 
 __all__ = ["NTLEngineMixin", "NTLFSDPEngineWithLMHead", "register_ntl_engine"]
@@ -94,8 +94,10 @@ class NTLEngineMixin:
             return super().forward_backward_batch(data, loss_function, forward_only)
         tu = _tu()
         if not forward_only:
-            if not s.ntl_enabled or loss_function is None:
+            if loss_function is None or not (s.ntl_enabled or has_key(data, BONUS_KEY)):
                 return super().forward_backward_batch(data, loss_function, forward_only)
+            if not s.ntl_enabled:  # only the ntl/reward metric to log
+                return super().forward_backward_batch(data, self._ntl_wrap(loss_function, s), forward_only)
             if not has_key(data, TARGETS_KEY):
                 data[TARGETS_KEY] = self._ntl_build_targets(data, s.ntl_labels)
             targets = data[TARGETS_KEY]
@@ -106,11 +108,7 @@ class NTLEngineMixin:
                 n = n.to(self._ntl_device())
                 torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.SUM, group=group)
             tu.assign_non_tensor(data, **{NUM_DIGITS_KEY: int(n.item()), CAPTURE_KEY: True})
-            if not getattr(loss_function, "ntl_included", False) and not getattr(
-                getattr(loss_function, "func", None), "ntl_included", False
-            ):
-                loss_function = NTLLossFn(loss_function, s, self.ntl_vocab)
-            return super().forward_backward_batch(data, loss_function, forward_only)
+            return super().forward_backward_batch(data, self._ntl_wrap(loss_function, s), forward_only)
 
         old_log_prob_pass = tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False)
         want_targets = s.ntl_enabled and not has_key(data, TARGETS_KEY)
@@ -124,6 +122,14 @@ class NTLEngineMixin:
         model_output.pop(DIGIT_LOGITS_KEY, None)
         model_output.update(extra)
         return out
+
+    def _ntl_wrap(self, loss_function: Any, s: NTLSettings) -> Any:
+        """``loss_function`` + NTL (:class:`NTLLossFn`) unless it already includes NTL."""
+        if getattr(loss_function, "ntl_included", False) or getattr(
+            getattr(loss_function, "func", None), "ntl_included", False
+        ):
+            return loss_function
+        return NTLLossFn(loss_function, s, self.ntl_vocab if s.ntl_enabled else None)
 
     def _ntl_device(self) -> Any:
         from verl.utils.device import get_device_id
@@ -190,7 +196,7 @@ class NTLEngineMixin:
                 )
             rm_pad = pad_responses(rm, mask.shape[1], 0.0).float()
             out["rm_scores"] = self._ntl_like_response(rm_pad + scores.to(rm_pad.device), data)
-            logger.info("ntl_verl: digit bonus mean %.4f over %d responses", float(bonus.mean()), len(bonus))
+            out[BONUS_KEY] = bonus.float().reshape(-1, 1)  # per response; logged as ntl/reward
         return out
 
     # ------------------------------------------------------------------ micro-batch level

@@ -32,6 +32,8 @@ __all__ = ["NTLLossFn", "ntl_loss_from_digit_logits", "ntl_ppo_loss", "vocab_for
 logger = logging.getLogger("ntl")
 
 NUM_DIGITS_KEY = "ntl_batch_num_digits"
+#: Per-response digit bonus ``[B, 1]`` returned by the old-log-prob pass (logged as ``ntl/reward``).
+BONUS_KEY = "ntl_bonus"
 
 
 def vocab_for_model(model_config: Any) -> ntl.DigitVocab:
@@ -76,13 +78,14 @@ class NTLLossFn:
     """A verl loss function ``(model_output, data, dp_group) -> (loss, metrics)`` that adds
     ``ntl_weight * NTL_mb`` (module docstring) to ``base``'s loss and the NTL metrics
     ``ntl/loss``, ``ntl/digit_accuracy``, ``ntl/total_digits``, ``ntl/confidence``,
-    ``ntl/target_prob`` to its metrics. ``ntl_weight == 0`` returns ``base``'s loss object
+    ``ntl/target_prob`` to its metrics (and ``ntl/reward``, the mean digit bonus, when the
+    batch carries it). ``ntl_weight == 0`` returns ``base``'s loss object
     unchanged (metrics still logged).
     """
 
     ntl_included = True
 
-    def __init__(self, base: Any, settings: NTLSettings, vocab: ntl.NumberVocab) -> None:
+    def __init__(self, base: Any, settings: NTLSettings, vocab: ntl.NumberVocab | None) -> None:
         self.base = base
         self.settings = settings
         self.vocab = vocab
@@ -92,6 +95,11 @@ class NTLLossFn:
         from verl.workers.utils.padding import no_padding_2_padding
 
         loss, metrics = self.base(model_output=model_output, data=data, dp_group=dp_group)
+        if has_key(data, BONUS_KEY):  # per-response digit bonus from the old-log-prob pass
+            bonus = data[BONUS_KEY]
+            metrics["ntl/reward"] = Metric(value=float(bonus.float().mean()), aggregation=AggregationType.MEAN)
+        if not self.settings.ntl_enabled:
+            return loss, metrics
         if DIGIT_LOGITS_KEY not in model_output:
             raise RuntimeError(
                 "NTL is enabled but the model output has no digit logits: the actor engine is not "

@@ -175,6 +175,7 @@ def test_bonus_reaches_token_level_scores_and_advantage(qwen_tok, batch, dist_gr
         assert rm_after[i, n - 1] - rm_before[i, n - 1] == pytest.approx(0.5 * want[i], rel=1e-4, abs=1e-6)
         assert torch.equal(rm_after[i, : n - 1], rm_before[i, : n - 1])
     assert any(x > 0.01 for x in want)
+    assert out["model_output"]["ntl_bonus"].reshape(-1).tolist() == pytest.approx(want, rel=1e-4, abs=1e-6)
     # the trainer's advantage step reads rm_scores as token_level_scores (gamma = lam = 1)
     values = torch.zeros_like(mask)
     # (returns = unwhitened GAE advantages + values; the advantages are whitened from them)
@@ -201,6 +202,15 @@ def test_all_bonus_only_for_correct_responses(qwen_tok, batch, dist_group, monke
     got = diff.sum(1).tolist()
     assert got[1] == 0.0  # sample 1 answers 45 for 42: no bonus
     assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    # the update logs the bonus as ntl/reward (NTL loss off: the loss itself is verl's)
+    from verl.workers.utils.losses import ppo_loss
+
+    upd = H.assign_update_meta(H.v1_batch(batch))
+    upd["ntl_bonus"] = out["model_output"]["ntl_bonus"]
+    res = eng.forward_backward_batch(upd, functools.partial(ppo_loss, config=cfg), forward_only=False)
+    logged = res["metrics"]["ntl/reward"]  # MEAN over the two equal-sized micro-batches
+    assert logged.aggregate() == pytest.approx(sum(want) / len(want), rel=1e-4)
+    assert "ntl/loss" not in res["metrics"]
 
 
 def test_reference_model_engine_is_stock(qwen_tok, batch, dist_group, monkeypatch):
