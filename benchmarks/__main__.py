@@ -2,4 +2,4 @@
 
 from .harness import main
 
-raise SystemExit(main())
+raise SystemExit(main(prog="python -m benchmarks"))

@@ -69,7 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--providers", nargs="+", metavar="KEY", help="only these provider keys (see --list)")
     p.add_argument("--repeats", type=int, help="CPU timed runs per provider (default 5; --quick 3)")
     p.add_argument("--warmup", type=int, default=1,
-                   help="CPU warm-up runs (the first one is profiled for memory); default 1")
+                   help="CPU warm-up runs per provider; the first is the profiled check/memory run, "
+                        "which always happens (default 1)")
     p.add_argument("--rep-ms", type=int, help="GPU do_bench rep time in ms (default 100; --quick 50)")
     p.add_argument("--hidden-size", type=int, help="H for the hidden case (default CPU 64, GPU 3584)")
     p.add_argument("--vocab-size", type=int, default=QWEN_V, help="V (default Qwen2.5's 151936)")
@@ -398,7 +399,7 @@ def _one_line(r: dict[str, Any]) -> str:
             f"{c}")
 
 
-def main(argv: list[str] | None = None, *, tokenizer: Any = None) -> int:
+def main(argv: list[str] | None = None, *, tokenizer: Any = None, prog: str = "ntl bench") -> int:
     """Entry point of ``ntl bench`` and ``python -m benchmarks``; returns the exit status
     (1 when a provider errored or its loss disagreed with the float64 reference)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None, *, tokenizer: Any = None) -> int:
     if a.list:
         print(_list())
         return 0
-    a.command = "ntl bench " + " ".join(shlex.quote(x) for x in argv)
+    a.command = " ".join([prog, *(shlex.quote(x) for x in argv)])
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     doc = run(a, tokenizer)

@@ -178,7 +178,7 @@ def evaluate_targets(records: Sequence[dict[str, Any]], device_kind: str,
         if dev != device_kind:
             status, measured = f"not measured (needs {'a CUDA GPU' if dev == 'cuda' else 'a CPU run'})", None
         elif measured is None:
-            status = f"not measured ({missing or f'N={N} {dtype} not in this run'})"
+            status = f"not measured ({missing or f'its providers did not all run at N={N} {dtype}'})"
         elif threshold is None:
             status = "info"
         else:
