@@ -173,17 +173,22 @@ def cpu_measure(
 
 
 def _do_bench(fn: Callable[[], object], leaves: Sequence[torch.Tensor], rep_ms: int, warmup_ms: int) -> Timing:
+    """``triton.testing.do_bench`` summarised like the CPU timings (all samples when available)."""
     from triton.testing import do_bench
 
-    q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(leaves) or None,
-                 quantiles=[0.5, 0.25, 0.75, 0.0, 1.0])
-    med, q25, q75, lo, hi = (float(x) for x in q)
-    return Timing(med, q25, q75, lo, hi, -1)  # do_bench does not report its sample count
+    grads = list(leaves) or None
+    try:
+        samples = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads, return_mode="all")
+    except (AssertionError, TypeError):  # older Triton: no return_mode="all"
+        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads,
+                     quantiles=[0.5, 0.25, 0.75, 0.0, 1.0])
+        med, q25, q75, lo, hi = (float(x) for x in q)
+        return Timing(med, q25, q75, lo, hi, -1)  # sample count unknown
+    return summarize([float(x) for x in samples])
 
 
 def cuda_measure(
     fwd: Fwd, leaves: Sequence[torch.Tensor], *, rep_ms: int = 100, warmup_ms: int = 25,
-    first_loss: torch.Tensor | None = None,
 ) -> tuple[dict[str, Timing], dict[str, int]]:
     """CUDA: ``do_bench`` per mode, then one run measuring peak memory per mode."""
     timings: dict[str, Timing] = {}
