@@ -11,3 +11,4 @@ $PY -m pip install -q -e ".[test]"
 $PY -m ruff check src tests adapters benchmarks examples
 TRITON_INTERPRET=1 $PY -m pytest -q -p no:cacheprovider tests "$@"
 bash scripts/test_trl.sh
+bash scripts/test_verl.sh
