@@ -156,7 +156,15 @@ def test_make_problems_deterministic_in_range_and_excluding():
         make_problems(3, {"+": 0}, seed=0)
 
 
-def test_greedy_with_cache_equals_naive_greedy():
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on a busy machine
+    yield
+    torch.set_num_threads(old)
+
+
+def test_greedy_with_cache_equals_naive_greedy(one_thread):
     """The batched KV-cache decoder against a plain full-recompute argmax loop."""
     tok = CharTokenizer()
     torch.manual_seed(0)
@@ -195,7 +203,8 @@ def _check_metrics(m):
         assert m[k] is not None and math.isfinite(m[k]) and m[k] >= 0.0, (k, m[k])
 
 
-def test_quick_demo_runs_offline_and_arms_differ_only_in_loss(tmp_path, monkeypatch, capsys):
+def test_quick_demo_runs_offline_and_arms_differ_only_in_loss(tmp_path, monkeypatch, capsys,
+                                                            one_thread):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "demo"
     assert main(["--quick", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
@@ -284,6 +293,11 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
     assert main([*TINY, "--out", str(tmp_path), "--ntl-weight", "-1"]) == 2
     assert "--ntl-weight" in capsys.readouterr().err
+    assert main([*TINY, "--out", str(tmp_path), "--device", "nonsense"]) == 2
+    assert "--device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*TINY, "--out", str(tmp_path), "--device", "cuda"]) == 2
+        assert "--device cuda" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--ops", "div"])
 

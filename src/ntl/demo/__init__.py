@@ -138,7 +138,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--ntl-weight must be > 0, got {args.ntl_weight}")
     tcfg = TrainConfig(steps=steps, batch_size=batch, lr=args.lr, warmup=max(1, steps // 10),
                        backend=args.backend)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r} is not a torch device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     all_digits = {"+": args.add_digits, "*": args.mul_digits}
