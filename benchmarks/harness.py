@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import json
 import logging
 import os
 import shlex
@@ -79,6 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")
     p.add_argument("--name", help="file stem (default: device slug, plus -quick for --quick)")
+    p.add_argument("--append", action="store_true",
+                   help="merge into the existing <out>/<stem>.json of the same device (new results replace "
+                        "the same case/provider/N/dtype): run a long GPU benchmark in several commands")
     p.add_argument("--no-save", action="store_true", help="print the table only, write no files")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true")
@@ -414,12 +418,16 @@ def main(argv: list[str] | None = None, *, tokenizer: Any = None, prog: str = "n
     title = (f"ntl bench: {doc['device']['name']} | torch {doc['versions']['torch']} | "
              f"{doc['mode']} | {doc['wall_s']} s")
     report.print_table(doc["results"], doc["targets"], title)
+    measured = doc["results"]
     if not a.no_save:
         stem = a.name or (doc["device"]["slug"] + ("-quick" if a.quick else ""))
+        prev = Path(a.out) / f"{stem}.json"
+        if a.append and prev.exists():
+            doc = report.merge(json.loads(prev.read_text()), doc, CASES)
         for path in report.write_outputs(doc, a.out, stem, make_plot=not a.no_plot):
             print(f"wrote {path}", file=sys.stderr)
-    bad = [r for r in doc["results"] if r.get("check") and not r["check"]["ok"]]
-    errors = [r for r in doc["results"] if r["status"] == "error"]
+    bad = [r for r in measured if r.get("check") and not r["check"]["ok"]]
+    errors = [r for r in measured if r["status"] == "error"]
     for r in bad:
         print(f"warning: {r['case']} {r['provider']} N={r['N']} {r['dtype']}: loss {r['check']['value']:.6g} "
               f"!= reference {r['check']['expected']:.6g}", file=sys.stderr)

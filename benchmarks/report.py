@@ -155,6 +155,46 @@ def add_ratios(records: list[dict[str, Any]], cases: dict[str, Any]) -> None:
             d["mem_ratio_to_ce"] = _div(_m(r, mode), _m(ce_r, mode))
 
 
+def merge(old: dict[str, Any], new: dict[str, Any], cases: dict[str, Any]) -> dict[str, Any]:
+    """Results of ``new`` on top of ``old`` (same device): same (case, provider, N, dtype)
+    replaced, the rest kept; config lists united; ratios and targets recomputed.
+
+    Lets a long GPU benchmark run in several shorter commands (``--append``).
+    """
+    if old.get("schema") != SCHEMA:
+        raise ValueError(f"cannot append to results with schema {old.get('schema')!r} (want {SCHEMA})")
+    if old["device"].get("slug") != new["device"].get("slug"):
+        raise ValueError(f"cannot append results of {new['device']['name']!r} to those of {old['device']['name']!r}")
+    fresh = {_key(r) for r in new["results"]}
+    recs = [r for r in old["results"] if _key(r) not in fresh] + list(new["results"])
+    case_order = {c: i for i, c in enumerate(cases)}
+    prov_order = {(c, p.key): i for c, case in cases.items() for i, p in enumerate(case.providers)}
+    recs.sort(key=lambda r: (case_order.get(r["case"], 99), r["dtype"], r["N"],
+                             prov_order.get((r["case"], r["provider"]), 99)))
+    doc = dict(new)
+    doc["results"] = recs
+    cfg = dict(new["config"])
+    for k in ("Ns", "dtypes", "cases"):
+        cfg[k] = sorted(set(old["config"].get(k, [])) | set(new["config"].get(k, [])),
+                        key=lambda x: (case_order.get(x, 0), x) if k == "cases" else x)
+    doc["config"] = cfg
+    doc["cases"] = {**old.get("cases", {}), **new.get("cases", {})}
+    base = dict(old.get("baselines") or {})
+    base.update({k: v for k, v in (new.get("baselines") or {}).items() if v is not None})
+    doc["baselines"] = base
+    doc["runs"] = [*old.get("runs", [_run_entry(old)]), _run_entry(new)]
+    doc["mode"] = "merged"
+    add_ratios(recs, cases)
+    doc["targets"] = evaluate_targets(recs, doc["device"]["kind"], base)
+    return doc
+
+
+def _run_entry(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"date": doc.get("date"), "command": doc.get("command"), "mode": doc.get("mode"),
+            "ntl_git": (doc.get("versions") or {}).get("ntl_git"), "wall_s": doc.get("wall_s"),
+            "load_avg_1min": doc.get("load_avg_1min")}
+
+
 # --------------------------------------------------------------------------- targets
 
 
@@ -362,6 +402,9 @@ def render_markdown(doc: dict[str, Any], plot_name: str | None) -> str:
         "",
         f"- date: {doc['date']}",
         f"- command: `{doc['command']}` ({doc['mode']} mode)",
+        *([f"- merged from {len(doc['runs'])} runs: " + "; ".join(f"`{r['command']}` ({r['date']})"
+                                                              for r in doc["runs"])]
+          if doc.get("runs") else []),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v),
         f"- shapes: V = {cfg['vocab_size']}, N = {', '.join(map(str, cfg['Ns']))}, dtypes "
         f"{', '.join(cfg['dtypes'])}, digit labels {cfg['digit_frac']:.0%}, ignored {cfg['ignore_frac']:.0%}, "

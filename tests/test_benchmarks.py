@@ -117,6 +117,18 @@ def test_harness_end_to_end_toy(tmp_path, toy_tok, capsys):
     assert doc["device"]["name"] in md and "## Targets" in md and "ntl-fused" in md
     assert "targets" in out and "ntl-fused" in out
 
+    # --append: a second run on another N merges into the same file (a long GPU run in pieces)
+    rc = main(["--device", "cpu", "--n", "32", "--vocab-size", "64", "--cases", "ce+ntl", "--providers", "ce",
+               "ntl-fused", "--repeats", "1", "--out", str(tmp_path), "--name", "toy", "--append",
+               "--no-plot", "--no-progress"], tokenizer=toy_tok)
+    assert rc == 0
+    merged = json.loads((tmp_path / "toy.json").read_text())
+    keys = {(r["case"], r["provider"], r["N"]) for r in merged["results"] if r["status"] == "ok"}
+    assert {("ce+ntl", "ntl-fused", 48), ("ce+ntl", "ntl-fused", 32), ("ntl-w1", "ntl", 48)} <= keys
+    assert merged["mode"] == "merged" and len(merged["runs"]) == 2 and merged["config"]["Ns"] == [32, 48]
+    r32 = next(r for r in merged["results"] if (r["provider"], r["N"]) == ("ntl-fused", 32))
+    assert r32["modes"]["fwd+bwd"]["ratio_to_ce"] is not None
+
 
 def test_cli_entry_points(capsys):
     from ntl.cli import main as cli_main
