@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from .kernels.reference import ntl_rows_torch
-from .losses import check_target_dist, number_index, reduce_rows, use_triton
+from .losses import check_target_dist, prepare_labels, reduce_rows, use_triton
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
 __all__ = ["digit_logits_from_hidden", "ntl_loss_from_hidden"]
@@ -109,19 +109,13 @@ def ntl_loss_from_hidden(
     """
     method = C.check_method(method)
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
-    labels = C.check_labels(labels, hidden.shape[:-1], hidden.device, what="hidden.shape[:-1]")
-    ignore_index = C.check_ignore_index(ignore_index)
-    C.check_choice("reduction", reduction, C.REDUCTIONS)
-    vocab = resolve_vocab(vocab_or_tokenizer, default_size=V)
-    C.check_vocab_fits(vocab, V)
-    w = C.check_weights(weights, labels)
-    C.check_values(labels, V, ignore_index, w)
+    _, vocab, k, w = prepare_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", V,
+                                    vocab_or_tokenizer, ignore_index, weights, reduction)
     soft = None
     if target_dist is not None:
         if method != "wasserstein":
             raise ValueError("target_dist is only supported with method='wasserstein'")
         soft = check_target_dist(target_dist, labels, vocab)
-    k = number_index(vocab, labels.reshape(-1), V, ignore_index)
     z = _digit_logits(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, vocab, t, bias)
     values = vocab.values_on(hidden.device)
     if use_triton(backend, hidden):
@@ -131,5 +125,5 @@ def ntl_loss_from_hidden(
         rows = ntl_rows_triton(z, k, cols, values, method, soft)
     else:
         rows = ntl_rows_torch(z, k, values, method, soft)
-    return reduce_rows(rows, k, w.reshape(-1) if w is not None else None, reduction, labels.shape)
+    return reduce_rows(rows, k, w, reduction, labels.shape)
 

@@ -52,7 +52,18 @@ def prepare(
     """Validate and flatten: ``(logits2d [N, V], labels1d [N], vocab, k [N], weights1d)``."""
     logits = C.check_logits(logits)
     V = logits.shape[-1]
-    labels = C.check_labels(labels, logits.shape[:-1], logits.device)
+    labels1d, vocab, k, w = prepare_labels(labels, logits.shape[:-1], logits.device, "logits.shape[:-1]",
+                                           V, vocab_or_tokenizer, ignore_index, weights, reduction)
+    return logits.reshape(-1, V), labels1d, vocab, k, w
+
+
+def prepare_labels(
+    labels: Any, shape: torch.Size, device: torch.device, what: str, V: int,
+    vocab_or_tokenizer: VocabLike, ignore_index: Any, weights: Any, reduction: Any,
+) -> tuple[torch.Tensor, NumberVocab, torch.Tensor, torch.Tensor | None]:
+    """Checks shared by every entry point once the ``V``-wide input is known:
+    ``(labels1d [N], vocab, k [N], weights1d)``."""
+    labels = C.check_labels(labels, shape, device, what=what)
     ignore_index = C.check_ignore_index(ignore_index)
     C.check_choice("reduction", reduction, C.REDUCTIONS)
     vocab = resolve_vocab(vocab_or_tokenizer, default_size=V)
@@ -61,7 +72,7 @@ def prepare(
     C.check_values(labels, V, ignore_index, w)
     labels1d = labels.reshape(-1)
     k = number_index(vocab, labels1d, V, ignore_index)
-    return logits.reshape(-1, V), labels1d, vocab, k, (w.reshape(-1) if w is not None else None)
+    return labels1d, vocab, k, (w.reshape(-1) if w is not None else None)
 
 
 def number_index(vocab: NumberVocab, labels: torch.Tensor, V: int, ignore_index: int) -> torch.Tensor:
