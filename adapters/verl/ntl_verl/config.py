@@ -15,27 +15,19 @@ from dataclasses import dataclass
 
 from verl.workers.config import FSDPActorConfig
 
-from .settings import NTLSettings
+from .settings import NTLConfigFields
 
 __all__ = ["NTLActorConfig"]
 
 
 @dataclass
-class NTLActorConfig(FSDPActorConfig):
+class NTLActorConfig(FSDPActorConfig, NTLConfigFields):
     """verl's ``FSDPActorConfig`` plus the NTL keys (see :class:`ntl_verl.settings.NTLSettings`).
 
     ``loss = policy_loss + ntl_weight * NTL(ntl_method)`` over the response digits chosen
     by ``ntl_labels``; ``extract_digit_info`` + ``ntl_bonus_type`` turn on the
     digit-aware reward bonus.
     """
-
-    ntl_enabled: bool = True
-    ntl_method: str = "mse"
-    ntl_weight: float = 0.1
-    ntl_labels: str = "final_answer"
-    extract_digit_info: bool = False
-    ntl_bonus_type: str = "none"
-    ntl_bonus_weight: float = 0.1
 
     def __post_init__(self) -> None:
         settings = self.ntl_settings  # validates, naming actor_rollout_ref.actor.<key>
@@ -51,19 +43,6 @@ class NTLActorConfig(FSDPActorConfig):
         # The engine reads the settings from its engine config (the object verl passes
         # as ``engine_config`` to EngineRegistry.new for this actor, and only this actor).
         object.__setattr__(self.engine, "_ntl_settings", settings)
-
-    @property
-    def ntl_settings(self) -> NTLSettings:
-        """The validated :class:`NTLSettings` of this config."""
-        return NTLSettings(
-            ntl_enabled=self.ntl_enabled,
-            ntl_method=self.ntl_method,
-            ntl_weight=self.ntl_weight,
-            ntl_labels=self.ntl_labels,
-            extract_digit_info=self.extract_digit_info,
-            ntl_bonus_type=self.ntl_bonus_type,
-            ntl_bonus_weight=self.ntl_bonus_weight,
-        )
 
 
 def _register_on_import() -> None:

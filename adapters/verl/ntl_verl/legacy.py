@@ -43,7 +43,7 @@ from ntl.metrics import digit_stats
 
 from .batch import TARGETS_KEY, digit_targets, ground_truths_from, has_key
 from .loss import ntl_loss_from_digit_logits
-from .settings import IGNORE_INDEX, NTLSettings
+from .settings import IGNORE_INDEX, NTLConfigFields, NTLSettings
 
 __all__ = ["NTLActorMixin", "NTLDataParallelPPOActor", "NTLLegacyActorConfig", "install"]
 
@@ -56,17 +56,9 @@ from verl.workers.config import FSDPActorConfig  # noqa: E402
 
 
 @dataclass
-class NTLLegacyActorConfig(FSDPActorConfig):
+class NTLLegacyActorConfig(FSDPActorConfig, NTLConfigFields):
     """verl 0.7's ``FSDPActorConfig`` plus the NTL keys (:class:`ntl_verl.settings.NTLSettings`),
     validated at instantiation (verl's driver-side ``validate_config``)."""
-
-    ntl_enabled: bool = True
-    ntl_method: str = "mse"
-    ntl_weight: float = 0.1
-    ntl_labels: str = "final_answer"
-    extract_digit_info: bool = False
-    ntl_bonus_type: str = "none"
-    ntl_bonus_weight: float = 0.1
 
     def __post_init__(self) -> None:
         s = self.ntl_settings
@@ -77,15 +69,6 @@ class NTLLegacyActorConfig(FSDPActorConfig):
                 "the proximity bonus through reward.custom_reward_function"
             )
         super().__post_init__()
-
-    @property
-    def ntl_settings(self) -> NTLSettings:
-        """The validated settings (names the bad ``actor_rollout_ref.actor.<key>``)."""
-        return NTLSettings(
-            ntl_enabled=self.ntl_enabled, ntl_method=self.ntl_method, ntl_weight=self.ntl_weight,
-            ntl_labels=self.ntl_labels, extract_digit_info=self.extract_digit_info,
-            ntl_bonus_type=self.ntl_bonus_type, ntl_bonus_weight=self.ntl_bonus_weight,
-        )
 
 
 class _AddLossGrad(torch.autograd.Function):

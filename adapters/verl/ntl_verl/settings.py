@@ -8,9 +8,9 @@ The actor config (``ntl_verl.config.NTLActorConfig`` for verl 0.9,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-__all__ = ["BONUS_TYPES", "KEY_PREFIX", "LABELS", "METHODS", "NTLSettings"]
+__all__ = ["BONUS_TYPES", "KEY_PREFIX", "LABELS", "METHODS", "NTLConfigFields", "NTLSettings"]
 
 METHODS = ("mse", "wasserstein")
 LABELS = ("final_answer", "all")
@@ -74,6 +74,25 @@ class NTLSettings:
     def active(self) -> bool:
         """True when the adapter has anything to do."""
         return self.ntl_enabled or self.extract_digit_info
+
+
+@dataclass
+class NTLConfigFields:
+    """The NTL keys of an actor config (mixed into ``NTLActorConfig`` and the legacy
+    ``NTLLegacyActorConfig``); defaults and meaning as in :class:`NTLSettings`."""
+
+    ntl_enabled: bool = True
+    ntl_method: str = "mse"
+    ntl_weight: float = 0.1
+    ntl_labels: str = "final_answer"
+    extract_digit_info: bool = False
+    ntl_bonus_type: str = "none"
+    ntl_bonus_weight: float = 0.1
+
+    @property
+    def ntl_settings(self) -> NTLSettings:
+        """The validated :class:`NTLSettings` (a bad value names ``actor_rollout_ref.actor.<key>``)."""
+        return NTLSettings(**{f.name: getattr(self, f.name) for f in fields(NTLSettings)})
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
