@@ -323,3 +323,22 @@ def test_no_grad_leaves_logits_untouched_and_matches_reference(reduction):
         got = ntl.cross_entropy_with_ntl(x2, labels, ids, reduction=reduction, inplace=True)
     assert torch.equal(x2, x)  # evaluation never writes a gradient over the logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_backward_with_gradscaler_sized_scale_stays_finite():
+    """A GradScaler scale of 2^16 multiplies the fp16 gradient in fp32 (2^16 is inf in fp16)."""
+    x0 = torch.randn(5, V, generator=torch.Generator().manual_seed(31)).half()
+    y = torch.tensor([IDS[0], IDS[3], 1, -100, IDS[9]])
+    x = x0.clone().requires_grad_(True)
+    (ntl.cross_entropy_with_ntl(x, y, VOCAB) * 65536.0).backward()
+    xr = x0.float().requires_grad_(True)
+    ((F.cross_entropy(xr, y) + 0.3 * ntl.ntl_wasserstein_loss(xr, y, VOCAB)) * 65536.0).backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad.float(), xr.grad, rtol=2e-3, atol=2e-3 * xr.grad.abs().max().item())
+
+
+def test_no_double_backward():
+    x = torch.randn(4, V, requires_grad=True)
+    y = torch.tensor([IDS[0], 1, IDS[2], IDS[3]])
+    with pytest.raises(RuntimeError, match="second derivatives are not supported"):
+        torch.autograd.grad(ntl.cross_entropy_with_ntl(x, y, VOCAB), x, create_graph=True)

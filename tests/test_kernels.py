@@ -363,3 +363,26 @@ def test_masked_digit_logits_on_rows_taking_no_part():
         rel_close(fused, ref, 1e-5)
         assert torch.isfinite(x.grad).all()
         rel_close(x.grad, xr.grad, 1e-5)
+
+
+def test_inplace_triton_bumps_the_version_counter():
+    """Another node that saved the logits must see the in-place write and refuse to backward."""
+    V = 100
+    vocab = ntl.DigitVocab(list(range(10)), V)
+    h = torch.randn(4, V, requires_grad=True)
+    logits = h * 1.0
+    aux = (logits**2).sum()  # pow saves logits for its backward
+    loss = ntl.cross_entropy_with_ntl(logits, torch.tensor([1, 50, 3, 9]), vocab, inplace=True,
+                                      backend="triton")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + aux).backward()
+
+
+def test_kernels_refuse_double_backward():
+    x = torch.randn(5, 40, requires_grad=True)
+    ids = torch.arange(10)
+    with pytest.raises(RuntimeError, match="second derivatives are not supported"):
+        torch.autograd.grad(digit_gather(x, ids, backend="triton").sum(), x, create_graph=True)
+    labels = torch.tensor([1, 2, 30, 4, 5])
+    with pytest.raises(RuntimeError, match="second derivatives are not supported"):
+        torch.autograd.grad(ntl.ntl_mse_loss(x, labels, ids.tolist(), backend="triton"), x, create_graph=True)

@@ -39,18 +39,19 @@ def check_method(method: object) -> str:
     return check_choice("method", method, METHODS)
 
 
-def check_logits(logits: object, name: str = "logits") -> torch.Tensor:
+def check_logits(logits: object, name: str = "logits", dim: str = "V") -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if not logits.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor (fp32/bf16/fp16), got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"{name} must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
+        raise ValueError(f"{name} must have shape [..., {dim}] with {dim} > 0, got {tuple(logits.shape)}")
     return logits
 
 
 def check_labels(labels: object, expected_shape: torch.Size, device: torch.device,
                  name: str = "labels", what: str = "logits.shape[:-1]") -> torch.Tensor:
+    """``what`` names the tensor the labels must match, e.g. ``"hidden.shape[:-1]"``."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -60,7 +61,9 @@ def check_labels(labels: object, expected_shape: torch.Size, device: torch.devic
             f"{name} shape {tuple(labels.shape)} does not match {what} {tuple(expected_shape)}"
         )
     if labels.device != device:
-        raise ValueError(f"{name} is on {labels.device} but logits are on {device}")
+        other = what.split(".")[0]
+        verb = "are" if other.endswith("s") else "is"
+        raise ValueError(f"{name} is on {labels.device} but {other} {verb} on {device}")
     return labels
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import _checks as C
+from .kernels._triton import no_double_backward
 from .kernels.reference import ntl_rows_grad_torch
 from .losses import ntl_rows, prepare, reweigh_ceiling, use_triton
 from .vocab import VocabLike
@@ -104,6 +105,8 @@ class _FusedCENTL(torch.autograd.Function):
 
             grad, ce, L = ce_ntl_fwd_triton(logits, labels, k, ids, values, a, b, method, reweigh,
                                             dmax, inplace)
+            if inplace:  # the kernel wrote over the logits: let autograd see it
+                torch.autograd.graph.increment_version(logits)
         else:
             grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
             ce = torch.empty(N, device=logits.device)
@@ -128,15 +131,18 @@ class _FusedCENTL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):
+        no_double_backward("cross_entropy_with_ntl")
         if ctx.consumed:
             raise RuntimeError("cross_entropy_with_ntl: backward can run only once per forward "
                                "(its gradient buffer is scaled in place)")
         ctx.consumed = True
         (grad,) = ctx.saved_tensors
+        # multiply by the fp32 incoming gradient as is: casting it to fp16 first would turn
+        # a GradScaler scale of 2^16 into inf
         if ctx.reduction == "none":
-            grad.mul_(grad_out.reshape(-1, 1).to(grad.dtype))
+            grad.mul_(grad_out.reshape(-1, 1))
         elif grad_out.is_cuda or float(grad_out) != 1.0:
-            grad.mul_(grad_out.to(grad.dtype))
+            grad.mul_(grad_out)
         return (grad,) + (None,) * 12
 
 
@@ -189,7 +195,9 @@ def cross_entropy_with_ntl(
     (use it only when nothing else needs the logits, e.g. straight after the LM
     head; autograd raises if another node saved them). Under ``torch.no_grad()``
     or for logits that do not require grad, no gradient is built and the logits
-    are left untouched, ``inplace`` or not.
+    are left untouched, ``inplace`` or not. On a leaf tensor, ``inplace=True``
+    makes ``logits.grad`` share the logits' storage (it is the same gradient).
+    Second derivatives are not supported (backward raises under ``create_graph``).
 
     Args:
         logits: ``[..., V]`` float logits aligned with ``labels`` (shift for causal LMs).
@@ -214,8 +222,9 @@ def cross_entropy_with_ntl(
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     logits2d, labels1d, vocab, k, _ = prepare(logits, labels, vocab_or_tokenizer, ignore_index,
                                              None, reduction)
-    if inplace and logits2d.data_ptr() != logits.data_ptr():
-        raise ValueError("inplace=True needs logits that can be viewed as [N, V] without a copy")
+    if inplace and (logits2d.data_ptr() != logits.data_ptr() or logits2d.stride(-1) != 1):
+        raise ValueError("inplace=True needs logits that can be viewed as [N, V] without a copy, "
+                         f"with a contiguous last dimension (got strides {tuple(logits.stride())})")
     use_kernel = use_triton(backend, logits2d)
     dev = logits.device
     if not (torch.is_grad_enabled() and logits.requires_grad):

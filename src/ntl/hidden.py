@@ -22,7 +22,7 @@ __all__ = ["digit_logits_from_hidden", "ntl_loss_from_hidden"]
 
 
 def _check_head(hidden: Any, weight: Any, bias: Any, temperature: Any) -> tuple[int, float]:
-    C.check_logits(hidden, "hidden")
+    C.check_logits(hidden, "hidden", dim="H")
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.dim() != 2:
         raise TypeError(
             "lm_head_weight must be a 2-D float tensor [V, H], got "
@@ -37,8 +37,11 @@ def _check_head(hidden: Any, weight: Any, bias: Any, temperature: Any) -> tuple[
     if weight.device != hidden.device:
         raise ValueError(f"lm_head_weight is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be a tensor of shape [V={weight.shape[0]}] or None")
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            raise TypeError("bias must be a float tensor of shape [V] or None, got "
+                            + (str(bias.dtype) if isinstance(bias, torch.Tensor) else type(bias).__name__))
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias shape {tuple(bias.shape)} must be [V={weight.shape[0]}]")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:

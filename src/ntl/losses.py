@@ -250,8 +250,8 @@ def gaussian_targets(
 ) -> torch.Tensor:
     """Gaussian label smoothing over number values: ``T_k ∝ exp(-(v_k - y)^2 / (2 sigma^2))``.
 
-    Returns ``labels.shape + (K,)`` fp32 rows summing to 1 (one-hot on value 0 where
-    the label is not a number token; those rows never take part).
+    Returns ``labels.shape + (K,)`` fp32 rows summing to 1 (where the label is not a
+    number token the row is centred on the smallest value; those rows never take part).
     """
     if not (isinstance(sigma, (int, float)) and sigma > 0):
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")

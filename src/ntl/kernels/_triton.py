@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - depends on the platform
     tl = None  # type: ignore[assignment]
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "interpreting", "next_pow2", "require_triton", "tl", "triton"]
+__all__ = ["HAS_TRITON", "interpreting", "next_pow2", "no_double_backward", "require_triton", "tl", "triton"]
 
 
 def interpreting() -> bool:
@@ -44,3 +44,12 @@ def require_triton(*tensors: torch.Tensor) -> None:
             f"backend='triton' needs CUDA tensors (got {devs}); on CPU set TRITON_INTERPRET=1 "
             "before importing ntl, or use backend='torch'"
         )
+
+
+def no_double_backward(name: str) -> None:
+    """Raise inside a custom ``backward`` run with ``create_graph=True`` (grad mode is on only
+    then): these Functions compute first derivatives only, and silently returning a gradient
+    without a graph would drop the second-order terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{name}: second derivatives are not supported "
+                           "(backward was called with create_graph=True)")

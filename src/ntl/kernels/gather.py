@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, require_triton, tl, triton
+from ._triton import HAS_TRITON, next_pow2, no_double_backward, require_triton, tl, triton
 from .reference import digit_gather_torch
 
 __all__ = ["digit_gather", "scatter_rows"]
@@ -91,6 +91,7 @@ class DigitGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        no_double_backward("digit_gather")
         (ids,) = ctx.saved_tensors
         V, dtype = ctx.shape
         return scatter_rows(g, ids, V, dtype), None

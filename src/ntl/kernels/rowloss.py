@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, no_double_backward, tl, triton
 from .gather import scatter_rows, tiles
 
 __all__ = ["ntl_rows_triton"]
@@ -100,6 +100,7 @@ class NTLRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
+        no_double_backward("the Triton NTL kernel")
         dz, ids = ctx.saved_tensors
         V, dtype = ctx.shape
         return scatter_rows(dz, ids, V, dtype, scale=g.float().contiguous()), None, None, None, None, None
