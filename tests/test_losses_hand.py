@@ -209,3 +209,13 @@ def test_module_matches_hand_value_and_functional(method, want):
     w = torch.tensor([2.0, 1.0])
     assert crit(rows, labels, weights=w).item() == fn(rows, labels, DIGITS, weights=w).item()
     assert "K=10" in repr(crit)
+
+
+def test_shift_labels_scores_the_same_pairs_as_slicing():
+    ids = torch.tensor([[5, 1, 2, 7], [3, 9, -100, 4]])
+    assert ntl.shift_labels(ids).tolist() == [[1, 2, 7, -100], [9, -100, 4, -100]]
+    logits = torch.randn(2, 4, 12)
+    vocab = list(range(10))
+    sliced = ntl.ntl_wasserstein_loss(logits[:, :-1], ids[:, 1:], vocab)
+    shifted = ntl.ntl_wasserstein_loss(logits, ntl.shift_labels(ids), vocab)
+    torch.testing.assert_close(shifted, sliced)

@@ -9,7 +9,7 @@ Quick start::
 from ._checks import set_strict_checks
 from .fused import cross_entropy_with_ntl
 from .hidden import digit_logits_from_hidden, ntl_loss_from_hidden
-from .losses import gaussian_targets, ntl_loss, ntl_mse_loss, ntl_wasserstein_loss
+from .losses import gaussian_targets, ntl_loss, ntl_mse_loss, ntl_wasserstein_loss, shift_labels
 from .metrics import DigitStats, digit_stats
 from .module import NumberTokenLoss
 from .vocab import DigitVocab, NumberVocab, resolve_vocab
@@ -32,4 +32,5 @@ __all__ = [
     "ntl_wasserstein_loss",
     "resolve_vocab",
     "set_strict_checks",
+    "shift_labels",
 ]

@@ -29,7 +29,7 @@ from .kernels import _triton
 from .kernels.reference import digit_gather_torch, ntl_rows_torch
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
-__all__ = ["ntl_loss", "ntl_mse_loss", "ntl_wasserstein_loss"]
+__all__ = ["gaussian_targets", "ntl_loss", "ntl_mse_loss", "ntl_wasserstein_loss", "shift_labels"]
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -260,3 +260,16 @@ def gaussian_targets(
     k = vocab.digit_index(labels, vocab_size)
     y = values[k.clamp_min(0)]
     return torch.softmax(-((values - y[..., None]) ** 2) / (2.0 * sigma * sigma), dim=-1)
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Causal-LM labels aligned with unshifted logits: ``out[..., t] = labels[..., t + 1]``,
+    ``ignore_index`` at the last position.
+
+    ``loss(logits, shift_labels(ids))`` scores the same pairs as
+    ``loss(logits[:, :-1], ids[:, 1:])`` but keeps ``logits`` contiguous, so
+    nothing copies the ``[B, T, V]`` tensor (a sliced view cannot be flattened).
+    """
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 1:
+        raise TypeError("labels must be a tensor with a sequence dimension last")
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
