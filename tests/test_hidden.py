@@ -151,3 +151,24 @@ def test_qwen_sized_head(qwen_tok):
     ref.backward()
     torch.testing.assert_close(Wa.grad[15:25], Wb.grad[15:25], **GTOL)
     assert torch.count_nonzero(Wa.grad[:15]) == 0 and torch.count_nonzero(Wa.grad[25:]) == 0
+
+
+@pytest.mark.parametrize("method", ["mse", "wasserstein"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_from_digit_logits_equals_loss_on_full_logits(method, reduction):
+    g = torch.Generator().manual_seed(5)
+    V = 40
+    vocab = ntl.NumberVocab([30, 3, 17, 8], [0.0, 2.0, 3.0, 7.0], V)  # ids out of order, gaps 2, 1, 4
+    logits = torch.randn(3, 5, V, generator=g, requires_grad=True)
+    labels = torch.tensor([[3, 17, -100, 8, 1], [30, 30, 2, 8, 17], [5, 6, 7, 9, 3]])
+    full = ntl.ntl_loss(logits, labels, vocab, method=method, reduction=reduction)
+    (g_full,) = torch.autograd.grad(full.sum(), logits)
+    for backend in ("torch", "triton"):
+        z = logits[..., list(vocab.token_ids)]  # gathered by hand, value order
+        got = ntl.ntl_loss_from_digit_logits(z, labels, vocab, method=method, reduction=reduction,
+                                             backend=backend)
+        (g_got,) = torch.autograd.grad(got.sum(), logits)
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_got, g_full, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="digit_logits has 5 columns but the vocab has K=4"):
+        ntl.ntl_loss_from_digit_logits(torch.randn(2, 5), torch.tensor([3, 8]), vocab)

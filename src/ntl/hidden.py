@@ -18,7 +18,7 @@ from .kernels.reference import ntl_rows_torch
 from .losses import check_target_dist, prepare_labels, reduce_rows, use_triton
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
-__all__ = ["digit_logits_from_hidden", "ntl_loss_from_hidden"]
+__all__ = ["digit_logits_from_hidden", "ntl_loss_from_digit_logits", "ntl_loss_from_hidden"]
 
 
 def _check_head(hidden: Any, weight: Any, bias: Any, temperature: Any) -> tuple[int, float]:
@@ -114,19 +114,61 @@ def ntl_loss_from_hidden(
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
     _, vocab, k, w = prepare_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", V,
                                     vocab_or_tokenizer, ignore_index, weights, reduction)
-    soft = None
-    if target_dist is not None:
-        if method != "wasserstein":
-            raise ValueError("target_dist is only supported with method='wasserstein'")
-        soft = check_target_dist(target_dist, labels, vocab)
+    soft = _soft(target_dist, method, labels, vocab)
     z = _digit_logits(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, vocab, t, bias)
-    values = vocab.values_on(hidden.device)
-    if use_triton(backend, hidden):
+    return reduce_rows(_rows_from_digit_logits(z, k, vocab, method, soft, backend), k, w, reduction,
+                       labels.shape)
+
+
+def _soft(target_dist: Any, method: str, labels: torch.Tensor, vocab: NumberVocab) -> torch.Tensor | None:
+    if target_dist is None:
+        return None
+    if method != "wasserstein":
+        raise ValueError("target_dist is only supported with method='wasserstein'")
+    return check_target_dist(target_dist, labels, vocab)
+
+
+def _rows_from_digit_logits(z: torch.Tensor, k: torch.Tensor, vocab: NumberVocab, method: str,
+                            soft: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """Per-row NTL from ``[N, K]`` digit logits (columns in the vocab's value order)."""
+    values = vocab.values_on(z.device)
+    if use_triton(backend, z):
         from .kernels.rowloss import ntl_rows_triton
 
-        cols = torch.arange(vocab.K, device=hidden.device)
-        rows = ntl_rows_triton(z, k, cols, values, method, soft)
-    else:
-        rows = ntl_rows_torch(z, k, values, method, soft)
-    return reduce_rows(rows, k, w, reduction, labels.shape)
+        return ntl_rows_triton(z, k, torch.arange(vocab.K, device=z.device), values, method, soft)
+    return ntl_rows_torch(z, k, values, method, soft)
+
+
+def ntl_loss_from_digit_logits(
+    digit_logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_or_tokenizer: VocabLike,
+    *,
+    method: str = "wasserstein",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    weights: torch.Tensor | None = None,
+    target_dist: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """NTL from number-token logits ``[..., K]`` that were already gathered.
+
+    ``digit_logits[..., k]`` is the logit of ``vocab.token_ids[k]`` (value order), as
+    :func:`digit_logits_from_hidden` and ``ntl.kernels.digit_gather(logits, vocab.ids())``
+    produce them; ``labels`` are token ids as for :func:`ntl.ntl_loss`, whose formulas
+    and reductions apply. Useful when a framework hands out digit logits only.
+    """
+    method = C.check_method(method)
+    C.check_logits(digit_logits, "digit_logits", dim="K")
+    vocab = resolve_vocab(vocab_or_tokenizer)
+    if digit_logits.shape[-1] != vocab.K:
+        raise ValueError(f"digit_logits has {digit_logits.shape[-1]} columns but the vocab has "
+                         f"K={vocab.K} number tokens (shape {tuple(digit_logits.shape)})")
+    _, vocab, k, w = prepare_labels(labels, digit_logits.shape[:-1], digit_logits.device,
+                                    "digit_logits.shape[:-1]", vocab.vocab_size, vocab, ignore_index,
+                                    weights, reduction)
+    soft = _soft(target_dist, method, labels, vocab)
+    z = digit_logits.reshape(-1, vocab.K)
+    return reduce_rows(_rows_from_digit_logits(z, k, vocab, method, soft, backend), k, w, reduction,
+                       labels.shape)
 

@@ -49,11 +49,6 @@ def vocab_for_model(model_config: Any) -> ntl.DigitVocab:
     return ntl.DigitVocab.from_tokenizer(tok, vocab_size=V)
 
 
-def _k_vocab(vocab: ntl.NumberVocab) -> ntl.NumberVocab:
-    """The vocab seen from digit logits ``[..., K]``: column ``k`` is token ``k`` with value ``v_k``."""
-    return ntl.NumberVocab(list(range(vocab.K)), list(vocab.values), vocab.K)
-
-
 def ntl_loss_from_digit_logits(
     digit_logits: torch.Tensor,
     targets: torch.Tensor,
@@ -61,11 +56,10 @@ def ntl_loss_from_digit_logits(
     method: str,
     reduction: str = "sum",
 ) -> torch.Tensor:
-    """``ntl.ntl_loss`` on digit logits ``[..., K]`` (columns in ``vocab`` value order)
-    against target **token ids** ``targets[...]`` (-100 / non-digits ignored)."""
-    k = vocab.digit_index(targets, max(vocab.vocab_size, max(vocab.token_ids) + 1))
-    labels = torch.where(k >= 0, k, torch.full_like(k, IGNORE_INDEX))
-    return ntl.ntl_loss(digit_logits, labels, _k_vocab(vocab), method=method, reduction=reduction)
+    """``ntl.ntl_loss_from_digit_logits`` on digit logits ``[..., K]`` (columns in ``vocab``
+    value order) against target **token ids** ``targets[...]`` (-100 / non-digits ignored)."""
+    return ntl.ntl_loss_from_digit_logits(digit_logits, targets, vocab, method=method,
+                                          ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def _non_tensor(data: Any, key: str, default: Any) -> Any:
