@@ -117,7 +117,8 @@ def digit_gather(logits: torch.Tensor, ids: torch.Tensor, *, backend: str = "aut
     if ids.device != logits.device:
         raise ValueError(f"ids are on {ids.device} but logits are on {logits.device}")
     V = logits.shape[-1]
-    lo, hi, n_unique = torch.stack([ids.min(), ids.max(), ids.unique().new_tensor(ids.unique().numel())]).tolist()
+    lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
+    n_unique = ids.unique().numel()
     if lo < 0 or hi >= V:
         raise ValueError(f"ids must lie in [0, V={V}), got values in [{lo}, {hi}]")
     if n_unique != ids.numel():
