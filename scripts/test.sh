@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[test]"
-$PY -m ruff check src tests adapters benchmarks examples
+$PY -m ruff check src tests adapters examples
 TRITON_INTERPRET=1 $PY -m pytest -q -p no:cacheprovider tests "$@"
 bash scripts/test_trl.sh
 bash scripts/test_verl.sh

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from benchmarks.cases import expected_values, make_inputs, make_labels
-from benchmarks.harness import main
-from benchmarks.measure import cpu_measure, peak_from_events, summarize
+from ntl.bench.cases import expected_values, make_inputs, make_labels
+from ntl.bench.harness import main
+from ntl.bench.measure import cpu_measure, peak_from_events, summarize
 
 DIGITS = [str(d) for d in range(10)]
 

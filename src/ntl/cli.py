@@ -23,12 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(demo_main(rest) or 0)
     if cmd == "bench":
-        try:
-            from benchmarks.harness import main as bench_main
-        except ImportError as e:
-            print(f"ntl bench needs the benchmark harness (install with `pip install -e .[bench]`): {e}",
-                  file=sys.stderr)
-            return 2
+        from .bench.harness import main as bench_main
+
         return int(bench_main(rest) or 0)
     print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2

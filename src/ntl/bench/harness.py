@@ -1,8 +1,8 @@
-"""``ntl bench`` / ``python -m benchmarks``: speed and memory of ntl against its peers.
+"""``ntl bench`` / ``python -m ntl.bench``: speed and memory of ntl against its peers.
 
 Runs every selected (N, dtype, case, provider), checks each provider's loss
 against a float64 reference, times fwd / bwd / fwd+bwd and measures peak memory
-(see :mod:`benchmarks.measure`), then prints a table and writes
+(see :mod:`ntl.bench.measure`), then prints a table and writes
 ``<out>/<device>[-quick].{json,md,png}``. See ``benchmarks/README.md``.
 """
 
@@ -38,7 +38,7 @@ __all__ = ["main", "parse_args", "run"]
 
 log = logging.getLogger("ntl")
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path("ntl-bench")  # relative to the current directory; commit with --out benchmarks/results
 QWEN_V = 151_936
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -78,7 +78,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--digit-frac", type=float, default=0.2, help="share of digit labels (default 0.2)")
     p.add_argument("--ignore-frac", type=float, default=0.02, help="share of -100 labels (default 0.02)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="results directory (default ./ntl-bench in the current directory; "
+                        "the repo commits its results with --out benchmarks/results)")
     p.add_argument("--name", help="file stem (default: device slug, plus -quick for --quick)")
     p.add_argument("--append", action="store_true",
                    help="merge into the existing <out>/<stem>.json of the same device (new results replace "
@@ -404,7 +406,7 @@ def _one_line(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None, *, tokenizer: Any = None, prog: str = "ntl bench") -> int:
-    """Entry point of ``ntl bench`` and ``python -m benchmarks``; returns the exit status
+    """Entry point of ``ntl bench`` and ``python -m ntl.bench``; returns the exit status
     (1 when a provider errored or its loss disagreed with the float64 reference)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)

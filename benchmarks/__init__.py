@@ -1,1 +1,0 @@
-"""ntl benchmark harness (see benchmarks/README.md)."""
