@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from .kernels.mass import number_mass_torch
 from .kernels.reference import digit_gather_torch
 from .losses import prepare_labels, use_triton
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
-__all__ = ["NumberLevelVocab", "number_level_loss", "number_level_vocab", "number_mass", "predict_numbers"]
+__all__ = ["NumberLevelVocab", "number_level_loss", "number_level_vocab", "predict_numbers"]
 
 _EPS = torch.finfo(torch.float32).eps
 #: 10^38 is the largest power of ten in fp32 (10^39 overflows to inf).
@@ -166,31 +167,17 @@ def _gather(x2d: torch.Tensor, ids: torch.Tensor, backend: str) -> torch.Tensor:
     return digit_gather_torch(x2d, ids)
 
 
-def number_mass(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Full-softmax probability on the number tokens, ``[N]`` fp32, from ``x [N, V]`` fp32
-    and its number columns ``z [N, K]``::
-
-        m = sum_k exp(z_k - M) / sum_j exp(x_j - M),   M = max_j x_j
-
-    (both sums relative to the row max, as ``softmax`` computes them: no
-    ``exp(logsumexp - logsumexp)`` cancellation).
-    """
-    top = x.detach().amax(-1, keepdim=True)
-    return torch.exp(z - top).sum(-1) / torch.exp(x - top).sum(-1)
-
-
 def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str,
                      with_mass: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Number logits ``z [N, K]`` fp32 and, if asked, the number mass ``[N]``.
-
-    With the mass, ``z`` is gathered from the fp32 copy of the logits, so a bf16/fp16
-    input gets one fp32 gradient cast once (not two half-precision terms summed).
-    """
+    """Number logits ``z [N, K]`` fp32 and, if asked, the full-softmax number mass ``[N]``
+    (:mod:`ntl.kernels.mass`: sums relative to the row max; one fp32 gradient cast once)."""
     if not with_mass:
         return _gather(x2d, ids, backend).float(), None
-    xf = x2d.float()
-    z = _gather(xf, ids, backend)
-    return z, number_mass(xf, z)
+    if use_triton(backend, x2d):
+        from .kernels.mass import number_mass_triton
+
+        return number_mass_triton(x2d, ids)
+    return number_mass_torch(x2d, ids)
 
 
 def predict_numbers(
