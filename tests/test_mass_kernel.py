@@ -102,3 +102,23 @@ def test_double_backward_refused():
     _, m = number_mass_triton(leaf, ids)
     with pytest.raises(RuntimeError, match="second derivatives"):
         torch.autograd.grad(m.sum(), leaf, create_graph=True)
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_compiled_kernel_real_width(dtype):
+    """Compiled kernel at Qwen's width (and N x V > 2^31 for bf16) against the twin."""
+    V = 151_936
+    N = 2048 if dtype == torch.float32 else 2**31 // V + 64
+    x, ids, gz, gm = case(N, V, dtype, seed=7)
+    x, ids, gz, gm = x.cuda(), ids.cuda(), gz.cuda(), gm.cuda()
+    z, m, grad = run(number_mass_triton, x, ids, gz, gm)
+    z2, m2, g2 = run(number_mass_torch, x, ids, gz, gm)
+    torch.testing.assert_close(z, z2, rtol=0, atol=0)
+    torch.testing.assert_close(m, m2, rtol=1e-5, atol=1e-7)
+    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}
+    torch.testing.assert_close(grad.float(), g2.float(), **tol)
+    assert grad.dtype == dtype

@@ -287,6 +287,17 @@ def test_leading_dims_are_rows(syn_tok):
     torch.testing.assert_close(four.reshape(6, 9), flat, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_empty_batch(shape):
+    x = torch.randn(*shape, 16, requires_grad=True)
+    labels = torch.zeros(shape, dtype=torch.long)
+    assert ntl.number_level_loss(x, labels, HAND, reduction="none").shape == shape
+    loss = ntl.number_level_loss(x, labels, HAND)
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert x.grad.shape == x.shape
+
+
 def test_integer_weights_equal_float_weights(syn_tok):
     """An HF attention_mask (int64) works as weights."""
     gv = syn_tok.get_vocab()
@@ -501,6 +512,8 @@ def test_bad_input_names_the_argument(syn_tok, llama3_tok):
         f(x, lab, HAND, float_level=True, decimal_point_id=DOT, ignore_index=DOT)
     with pytest.raises(TypeError, match="decimal_point_id"):
         f(x, lab, HAND, float_level=True, decimal_point_id="13")
+    with pytest.raises(ValueError, match="decimal_point_id is used only with float_level=True"):
+        f(x, lab, HAND, decimal_point_id=DOT)
     with pytest.raises(ValueError, match="reduction"):
         f(x, lab, HAND, reduction="avg")
     with pytest.raises(ValueError, match="weights must be >= 0"):
@@ -517,6 +530,8 @@ def test_bad_input_names_the_argument(syn_tok, llama3_tok):
         ntl.NumberTokenLoss(HAND, method="number", float_level=True)
     with pytest.raises(ValueError, match="max_number_length"):
         ntl.NumberTokenLoss(syn_tok, method="number", max_number_length=0)
+    with pytest.raises(ValueError, match="decimal_point_id is used only"):
+        ntl.NumberTokenLoss(syn_tok, method="number", decimal_point_id=4)
     with pytest.raises(ValueError, match="target_dist"):
         ntl.NumberTokenLoss(HAND, method="number")(x, lab, target_dist=torch.ones(2, 4, 10) / 10)
 
@@ -627,3 +642,42 @@ def test_host_syncs_do_not_grow_with_numbers(qwen_tok, monkeypatch, reweigh):
     labels = torch.tensor([[16, 17, QWEN_DOT, 18, 785, 19]])
     ntl.number_level_loss(x, labels, qwen_tok)
     assert count_syncs(lambda: ntl.number_level_loss(x, labels, qwen_tok, float_level=True), monkeypatch) <= 1
+
+
+# ---------------------------------------------------------------- GPU (compiled kernels)
+@pytest.mark.gpu
+@pytest.mark.parametrize("reweigh", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_path_matches_torch_and_never_syncs(qwen_tok, reweigh, dtype):
+    """CUDA, Qwen's width: backend="auto" (digit-gather / number-mass kernels) equals the torch
+    path, and with strict checks off the forward and backward never synchronise."""
+    text = [785, 4226, 374, 151_643, 496, 151_700]
+    logits, labels, w = make_case(QWEN_V, QWEN_DIGITS, QWEN_DOT, text, seed=12, B=8, T=256)
+    logits, labels, w = logits.to("cuda", dtype), labels.cuda(), w.cuda()
+    args = dict(float_level=True, reweigh=reweigh, weights=w, reduction="sum")
+    xa, xb = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    a = ntl.number_level_loss(xa, labels, qwen_tok, backend="torch", **args)
+    b = ntl.number_level_loss(xb, labels, qwen_tok, **args)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    a.backward()
+    b.backward()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
+    torch.testing.assert_close(xb.grad.float(), xa.grad.float(), **tol)
+    yhat, mass = ntl.predict_numbers(logits, qwen_tok)
+    yt, mt = ntl.predict_numbers(logits, qwen_tok, backend="torch")
+    torch.testing.assert_close(yhat, yt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass, mt, rtol=1e-5, atol=1e-6)
+    ntl.set_strict_checks(False)
+    try:
+        x = logits.clone().requires_grad_(True)
+        ntl.number_level_loss(x, labels, qwen_tok, **args)  # warm the caches
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = ntl.number_level_loss(x, labels, qwen_tok, **args)
+            loss.backward()
+            ntl.predict_numbers(x.detach(), qwen_tok)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        ntl.set_strict_checks(True)

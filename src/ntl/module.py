@@ -43,7 +43,7 @@ class NumberTokenLoss(nn.Module):
         if method == "number":
             self.number_level = number_level_vocab(vocab_or_tokenizer, vocab_size,
                                                    decimal_point_id=decimal_point_id)
-            check_options(float_level, max_number_length, reweigh)
+            check_options(float_level, max_number_length, reweigh, decimal_point_id)
             decimal_point(self.number_level, float_level, ignore_index=ignore_index)
             self.vocab, self.method = self.number_level.digits, method
             self.float_level, self.max_number_length = float_level, max_number_length

@@ -122,11 +122,15 @@ def _from_tokenizer(tok: Any, vocab_size: int | None) -> NumberLevelVocab:
     return spec
 
 
-def check_options(float_level: Any, max_number_length: Any, reweigh: Any) -> None:
+def check_options(float_level: Any, max_number_length: Any, reweigh: Any,
+                  decimal_point_id: Any = None) -> None:
     """Types and range of the number-level flags (``TypeError``/``ValueError`` naming them)."""
     for name, flag in (("float_level", float_level), ("reweigh", reweigh)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if decimal_point_id is not None and not float_level:
+        raise ValueError("decimal_point_id is used only with float_level=True (a '.' joins digits "
+                         "into one number only then)")
     if not isinstance(max_number_length, int) or isinstance(max_number_length, bool):
         raise TypeError(f"max_number_length must be an int, got {type(max_number_length).__name__}")
     if not 1 <= max_number_length <= MAX_NUMBER_LENGTH:
@@ -289,7 +293,7 @@ def number_level_loss(
         fp32 scalar, or a ``labels``-shaped tensor for ``reduction="none"``; ``0.0``
         (attached to the graph) when there is no number.
     """
-    check_options(float_level, max_number_length, reweigh)
+    check_options(float_level, max_number_length, reweigh, decimal_point_id)
     logits = C.check_logits(logits)
     V = logits.shape[-1]
     if logits.dim() < 2:
@@ -305,6 +309,9 @@ def number_level_loss(
 
     T = labels.shape[-1]
     N = labels1d.numel()
+    if N == 0:  # no position at all: an attached zero of the right shape
+        empty = logits.float().sum(-1) * 0.0
+        return empty if reduction == "none" else empty.sum()
     dev = logits.device
     zero = torch.zeros((), device=dev)
     x2d = logits.reshape(-1, V)
