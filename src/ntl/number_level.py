@@ -26,6 +26,7 @@ Gradients come from autograd through these ops.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -198,7 +199,7 @@ def predict_numbers(
         logits: ``[..., V]`` float logits (any float dtype; math in fp32).
         vocab_or_tokenizer: a tokenizer (its digits ``'0'..'9'``), a ``NumberVocab``
             (e.g. Llama-3's ``NumberVocab.from_tokenizer``), digit ids or ``{id: value}``.
-        backend: ``"auto"`` (Triton gather on CUDA), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (the Triton number-mass kernel on CUDA), ``"torch"`` or ``"triton"``.
 
     Returns:
         ``(yhat, mass)``, both fp32 of shape ``logits.shape[:-1]``, differentiable.
@@ -287,13 +288,15 @@ def number_level_loss(
             (shaped like ``labels``: each number's ``w L`` at its first digit, 0 elsewhere).
         weights: optional non-negative ``[..., T]`` weights (bool/int/float); a number
             takes the weight of its first digit.
-        backend: ``"auto"`` (Triton digit-gather on CUDA), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (on CUDA the Triton digit-gather, and with ``reweigh`` the
+            number-mass kernel), ``"torch"`` or ``"triton"``.
 
     Returns:
         fp32 scalar, or a ``labels``-shaped tensor for ``reduction="none"``; ``0.0``
         (attached to the graph) when there is no number.
     """
     check_options(float_level, max_number_length, reweigh, decimal_point_id)
+    C.check_choice("backend", backend, C.BACKENDS)
     logits = C.check_logits(logits)
     V = logits.shape[-1]
     if logits.dim() < 2:
@@ -341,12 +344,17 @@ def number_level_loss(
     return total / w.sum().clamp_min(_EPS)
 
 
+@functools.lru_cache(maxsize=8)
+def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def _refuse_multi_digit_labels(labels: torch.Tensor, multi_ids: tuple[int, ...], ignore_index: int) -> None:
-    """One host sync per call (skipped on CUDA with strict checks off)."""
+    """``ValueError`` if a label is a multi-digit number token: one host sync per call
+    (skipped on CUDA with ``ntl.set_strict_checks(False)``, like the label-range check)."""
     if labels.numel() == 0 or (labels.is_cuda and not C._STRICT):
         return
-    ids = torch.tensor(multi_ids, device=labels.device)
-    hit = torch.isin(labels, ids) & (labels != ignore_index)
+    hit = torch.isin(labels, _id_tensor(multi_ids, labels.device)) & (labels != ignore_index)
     if bool(hit.any()):
         first = int(labels[hit][0])
         raise ValueError(
