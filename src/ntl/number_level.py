@@ -21,7 +21,11 @@ after it, clamped to ``max_number_length - 1`` (``ntloss``'s clamp). With
 
 ``reweigh=True``: ``L' = m L + 1.01 (1 - m)`` with ``m`` the full-softmax mass on the
 digit tokens at the number's first digit (``ntloss``'s ``reweigh_fn``, ``D = 1``).
-Gradients come from autograd through these ops.
+
+Kernels: on CUDA the digit-gather (:mod:`ntl.kernels.gather`) and, for ``reweigh``
+and :func:`predict_numbers`, the number-mass kernel (:mod:`ntl.kernels.mass`, one
+streaming pass per row, no ``[N, V]`` buffer kept for backward); elsewhere their
+PyTorch twins. The ``[N]``-sized segment math runs on autograd.
 """
 
 from __future__ import annotations
