@@ -12,6 +12,7 @@ from .hidden import digit_logits_from_hidden, ntl_loss_from_digit_logits, ntl_lo
 from .losses import gaussian_targets, ntl_loss, ntl_mse_loss, ntl_wasserstein_loss, shift_labels
 from .metrics import DigitStats, digit_stats
 from .module import NumberTokenLoss
+from .number_level import number_level_loss, predict_numbers
 from .vocab import DigitVocab, NumberVocab, resolve_vocab
 
 __version__ = "0.1.0"
@@ -31,6 +32,8 @@ __all__ = [
     "ntl_loss_from_hidden",
     "ntl_mse_loss",
     "ntl_wasserstein_loss",
+    "number_level_loss",
+    "predict_numbers",
     "resolve_vocab",
     "set_strict_checks",
     "shift_labels",

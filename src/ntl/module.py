@@ -7,6 +7,7 @@ from torch import nn
 
 from . import _checks as C
 from .losses import ntl_loss
+from .number_level import check_options, decimal_point, number_level_loss, number_level_vocab
 from .vocab import VocabLike, resolve_vocab
 
 __all__ = ["NumberTokenLoss"]
@@ -15,9 +16,11 @@ __all__ = ["NumberTokenLoss"]
 class NumberTokenLoss(nn.Module):
     """Number Token Loss as a module: ``NumberTokenLoss(tokenizer)(logits, labels)``.
 
-    Wraps :func:`ntl.ntl_mse_loss` (``method="mse"``) and
-    :func:`ntl.ntl_wasserstein_loss` (``method="wasserstein"``); the vocabulary is
-    resolved once at construction. Logits and labels are aligned position by
+    Wraps :func:`ntl.ntl_mse_loss` (``method="mse"``),
+    :func:`ntl.ntl_wasserstein_loss` (``method="wasserstein"``) and
+    :func:`ntl.number_level_loss` (``method="number"``, which alone takes
+    ``float_level``, ``decimal_point_id`` and ``max_number_length``); the vocabulary
+    is resolved once at construction. Logits and labels are aligned position by
     position (shift them for causal LMs).
     """
 
@@ -31,10 +34,25 @@ class NumberTokenLoss(nn.Module):
         reweigh: bool = False,
         backend: str = "auto",
         vocab_size: int | None = None,
+        float_level: bool = False,
+        decimal_point_id: int | None = None,
+        max_number_length: int = 20,
     ) -> None:
         super().__init__()
-        self.vocab = resolve_vocab(vocab_or_tokenizer, vocab_size)
-        self.method = C.check_method(method)
+        self.number_level = None
+        if method == "number":
+            self.number_level = number_level_vocab(vocab_or_tokenizer, vocab_size,
+                                                   decimal_point_id=decimal_point_id)
+            check_options(float_level, max_number_length, reweigh, decimal_point_id)
+            decimal_point(self.number_level, float_level, ignore_index=ignore_index)
+            self.vocab, self.method = self.number_level.digits, method
+            self.float_level, self.max_number_length = float_level, max_number_length
+        elif (float_level, decimal_point_id, max_number_length) != (False, None, 20):
+            raise ValueError("float_level, decimal_point_id and max_number_length apply only to "
+                             f"method='number', got method={method!r}")
+        else:
+            self.vocab = resolve_vocab(vocab_or_tokenizer, vocab_size)
+            self.method = C.check_method(method)
         self.ignore_index = C.check_ignore_index(ignore_index)
         self.reduction = C.check_choice("reduction", reduction, C.REDUCTIONS)
         self.backend = C.check_choice("backend", backend, C.BACKENDS)
@@ -49,6 +67,13 @@ class NumberTokenLoss(nn.Module):
         weights: torch.Tensor | None = None,
         target_dist: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.number_level is not None:
+            if target_dist is not None:
+                raise ValueError("target_dist is not supported with method='number'")
+            return number_level_loss(logits, labels, self.number_level, float_level=self.float_level,
+                                     max_number_length=self.max_number_length, reweigh=self.reweigh,
+                                     ignore_index=self.ignore_index, reduction=self.reduction,
+                                     weights=weights, backend=self.backend)
         return ntl_loss(logits, labels, self.vocab, method=self.method, ignore_index=self.ignore_index,
                         reduction=self.reduction, weights=weights, reweigh=self.reweigh,
                         target_dist=target_dist, backend=self.backend)
