@@ -16,7 +16,7 @@ pytest.importorskip("trl.trainer.grpo_trainer")
 from ntl_trl import NTLCallback, NTLConfig, NTLGRPOTrainer  # noqa: E402
 
 
-def _run(tmp_path, *, mixin_weight=None, callback=None, **args_kw):
+def _run(tmp_path, *, mixin_weight=None, callback=None, n_prompts=8, **args_kw):
     tok = char_tokenizer()
     kw = {}
     cls = trl.GRPOTrainer
@@ -24,19 +24,23 @@ def _run(tmp_path, *, mixin_weight=None, callback=None, **args_kw):
         cls = NTLGRPOTrainer
         kw["ntl_config"] = NTLConfig(ntl_weight=mixin_weight, ntl_labels="all", correct_only=False)
     tr = cls(model=tiny_qwen2(tok), reward_funcs=digit_count_reward, processing_class=tok,
-             train_dataset=tiny_dataset(), callbacks=[callback] if callback else None,
+             train_dataset=tiny_dataset(n_prompts), callbacks=[callback] if callback else None,
              args=trainer_args(output_dir=str(tmp_path), temperature=0.8, **args_kw), **kw)
     tr.train()
     return tr
 
 
 def test_callback_gives_the_mixins_update_and_metrics(tmp_path):
-    ga = dict(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-              gradient_checkpointing=True)
-    mixin = _run(tmp_path / "m", mixin_weight=0.7, **ga)
+    """GA 2 with one micro-batch per generation (where the mixin's window normalisation is
+    the micro-batch mean / G), over 3 micro-batches: the last window is short (1 micro-batch),
+    and both routes divide by the current G there."""
+    ga = dict(num_train_epochs=1, max_steps=-1, per_device_train_batch_size=2, num_generations=2,
+              gradient_accumulation_steps=2, steps_per_generation=1, gradient_checkpointing=True)
+    mixin = _run(tmp_path / "m", mixin_weight=0.7, n_prompts=3, **ga)
     cb = NTLCallback(ntl_weight=0.7)
-    hooked = _run(tmp_path / "c", callback=cb, **ga)
-    plain = _run(tmp_path / "p", **ga)
+    hooked = _run(tmp_path / "c", callback=cb, n_prompts=3, **ga)
+    plain = _run(tmp_path / "p", n_prompts=3, **ga)
+    assert mixin.state.global_step == hooked.state.global_step == 2  # windows of 2 and 1
     pm, pc, pp = params(mixin.model), params(hooked.model), params(plain.model)
     for k in pm:
         torch.testing.assert_close(pc[k], pm[k], rtol=1e-5, atol=1e-6, msg=k)
