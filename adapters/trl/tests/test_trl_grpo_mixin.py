@@ -222,3 +222,22 @@ def test_missing_answer_column_is_an_error(tmp_path):
               ntl_config=NTLConfig(ntl_labels="final_answer", answer_column="solution"))
     with pytest.raises(KeyError, match="solution"):
         tr.train()
+
+
+def test_digits_inside_tool_results_get_no_target(tmp_path):
+    """tool_mask = 0 marks tool-result tokens: their digits neither count nor take part."""
+    tok = char_tokenizer()
+    tr = NTLGRPOTrainer(
+        model=tiny_qwen2(tok), reward_funcs=digit_count_reward, processing_class=tok,
+        train_dataset=tiny_dataset(), args=trainer_args(output_dir=str(tmp_path), temperature=1.0),
+        ntl_config=NTLConfig(ntl_weight=1.0, ntl_labels="all", correct_only=False),
+    )
+    texts = ["ab 17 x 42"]  # "17" stands for a tool result, "42" is the model's
+    inputs = crafted_batch(tok, texts)
+    tool_mask = torch.ones_like(inputs["completion_ids"])
+    tool_mask[0, 3:5] = 0
+    inputs["tool_mask"] = tool_mask
+    loss, batch = ntl_through_compute_loss(tr, inputs)
+    assert float(batch[NTL_COUNT_KEY]) == 2
+    torch.testing.assert_close(loss, _expected_w1(tr.model, inputs, tok, {(0, 8): 4, (0, 9): 2}),
+                               rtol=1e-5, atol=1e-6)

@@ -22,15 +22,17 @@ def char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_qwen2(tok: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 32) -> Qwen2ForCausalLM:
-    """A 2-layer Qwen2 with vocab = len(tok) rounded up to a multiple of 8 (tied embeddings).
+def tiny_qwen2(tok: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 32,
+               tied: bool = True) -> Qwen2ForCausalLM:
+    """A 2-layer Qwen2 with vocab = len(tok) rounded up to a multiple of 8 (tied embeddings
+    unless ``tied=False``).
 
     With the default characters len(tok) = 48, so no padding row can be sampled."""
     torch.manual_seed(seed)
     cfg = Qwen2Config(
         vocab_size=(len(tok) + 7) // 8 * 8, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, tie_word_embeddings=True,
+        max_position_embeddings=256, tie_word_embeddings=tied,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
     )
     return Qwen2ForCausalLM(cfg)
