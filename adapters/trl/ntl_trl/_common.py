@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,19 @@ __all__ = [
     "lookup_column",
     "resolve_model_vocab",
     "targets_for_completions",
+    "warn_everywhere",
 ]
+
+logger = logging.getLogger("ntl")
+
+
+def warn_everywhere(msg: str) -> None:
+    """``msg`` on the ``ntl`` logger and on the HF trainer's logger (what users see)."""
+    from transformers.utils import logging as hf_logging
+
+    logger.warning(msg)
+    hf_logging.get_logger("transformers.trainer").warning(msg)
+
 
 #: The metrics both routes log (means over digit positions, and the count).
 METRIC_KEYS = ("ntl/loss", "ntl/digit_accuracy", "ntl/total_digits", "ntl/confidence", "ntl/target_prob")

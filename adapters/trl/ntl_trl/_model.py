@@ -35,8 +35,8 @@ __all__ = [
 
 def _gathered(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` itself, or the full tensor of a DTensor whose gradient is averaged over ranks."""
-    if t is None:
-        return None
+    if t is None or not torch.distributed.is_available():
+        return t
     from torch.distributed.tensor import DTensor, Partial
 
     if isinstance(t, DTensor):

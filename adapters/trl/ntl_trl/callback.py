@@ -58,7 +58,7 @@ from transformers import TrainerCallback
 import ntl
 
 from ._capture import ntl_sums_from_hidden
-from ._common import MetricSums, resolve_model_vocab
+from ._common import MetricSums, resolve_model_vocab, warn_everywhere
 from ._model import LMParts, find_lm_parts, last_hidden_state, replace_last_hidden_state
 from .config import NTL_METHODS
 
@@ -229,8 +229,6 @@ class NTLCallback(TrainerCallback):
         if state is not None and state.log_history:
             state.log_history[-1].update(metrics)
         if not self._logged_once and total == 0 and self.ntl_weight > 0:
-            from .trainer import warn_everywhere
-
             warn_everywhere(
                 f"NTLCallback: no completion digit in the first {len(rows)} training forward(s), so "
                 f"the NTL term is 0 (ntl_weight={self.ntl_weight:g}); check that the policy writes "

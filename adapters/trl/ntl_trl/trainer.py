@@ -41,14 +41,19 @@ import logging
 from typing import Any
 
 import torch
-from transformers.utils import logging as hf_logging
 from trl import GRPOTrainer, RLOOTrainer
 
 from ntl.accumulation import accumulation_normalizer
 from ntl.targets import digit_token_mask
 
 from ._capture import HiddenNTLCapture
-from ._common import MetricSums, lookup_column, resolve_model_vocab, targets_for_completions
+from ._common import (
+    MetricSums,
+    lookup_column,
+    resolve_model_vocab,
+    targets_for_completions,
+    warn_everywhere,
+)
 from ._model import find_lm_parts
 from .config import NTLConfig
 
@@ -68,12 +73,6 @@ logger = logging.getLogger("ntl")
 NTL_ANSWERS_KEY = "ntl_answers"
 NTL_TARGETS_KEY = "ntl_targets"
 NTL_COUNT_KEY = "ntl_num_targets"
-
-
-def warn_everywhere(msg: str) -> None:
-    """``msg`` on the ``ntl`` logger and on the HF trainer's logger (what users see)."""
-    logger.warning(msg)
-    hf_logging.get_logger("transformers.trainer").warning(msg)
 
 
 class NTLTrainerMixin:

@@ -191,3 +191,18 @@ def test_hooks_of_a_crashed_run_are_removed_not_stacked(tmp_path):
     for k in pc:  # one injection, not two
         torch.testing.assert_close(pa[k], pc[k], rtol=1e-5, atol=1e-6, msg=k)
     assert not model.model._forward_hooks and model not in _INSTALLED
+
+
+def test_no_digits_warns_once(tmp_path, caplog):
+    import logging
+
+    from trl_tiny import PROMPTS, script_generate
+
+    model = script_generate(tiny_qwen2(char_tokenizer()), char_tokenizer(),
+                            {p: ["no digits here"] for p in PROMPTS})
+    tr = _trainer(tmp_path, callbacks=[NTLCallback(ntl_weight=0.5)], model=model, max_steps=2)
+    with caplog.at_level(logging.WARNING, logger="ntl"):
+        tr.train()
+    msgs = [r.getMessage() for r in caplog.records if "no completion digit" in r.getMessage()]
+    assert len(msgs) == 1
+    assert all(h["ntl/total_digits"] == 0 for h in tr.state.log_history if "ntl/total_digits" in h)
