@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --ntl-labels all: every completion, not only correct ones")
     p.add_argument("--callback", action="store_true",
                    help="use NTLCallback on a plain GRPOTrainer instead of NTLGRPOTrainer "
-                        "(implies all labels over every completion)")
+                        "(implies all labels over every completion, normalised per micro-batch)")
     p.add_argument("--num-generations", type=int, default=None, help="default: 4 (tiny), 8")
     p.add_argument("--max-completion-length", type=int, default=None, help="default: 24 (tiny), 512")
     p.add_argument("--batch-size", type=int, default=None, help="per-device batch (completions)")
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = NTLGRPOTrainer(model=model, reward_funcs=rewards, args=cfg, train_dataset=ds,
                                  processing_class=tok, ntl_config=ntl_cfg)
     trainer.train()
-    keys = ("reward", "ntl/loss", "ntl/digit_accuracy", "ntl/total_digits", "ntl/confidence")
+    keys = ("reward", "ntl/loss", "ntl/digit_accuracy", "ntl/total_digits", "ntl/confidence",
+            "ntl/answer_rate")
     for h in trainer.state.log_history:
         if "step" in h and any(k in h for k in keys):
             print(json.dumps({"step": h["step"], **{k: h.get(k) for k in keys}}))

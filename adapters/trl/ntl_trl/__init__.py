@@ -3,6 +3,8 @@
 * :class:`NTLConfig` - options (weight, method, labels, answer column).
 * :class:`NTLTrainerMixin`, :class:`NTLGRPOTrainer`, :class:`NTLRLOOTrainer` - TRL 1.16.
 * :class:`NTLCallback` - gradient injection; also ``trl.experimental.ppo.PPOTrainer`` (TRL <= 1.12).
+* :mod:`ntl_trl._capture` - NTL inside the policy forward from the backbone's hidden states
+  (:class:`~ntl_trl._capture.HiddenNTLCapture`), shared by every route.
 * :mod:`ntl_trl.rewards` - TRL reward functions (correctness, proximity bonus).
 
 All NTL math lives in :mod:`ntl`; see adapters/trl/README.md.

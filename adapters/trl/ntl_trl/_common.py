@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,19 @@ __all__ = [
     "lookup_column",
     "resolve_model_vocab",
     "targets_for_completions",
+    "warn_everywhere",
 ]
+
+logger = logging.getLogger("ntl")
+
+
+def warn_everywhere(msg: str) -> None:
+    """``msg`` on the ``ntl`` logger and on the HF trainer's logger (what users see)."""
+    from transformers.utils import logging as hf_logging
+
+    logger.warning(msg)
+    hf_logging.get_logger("transformers.trainer").warning(msg)
+
 
 #: The metrics both routes log (means over digit positions, and the count).
 METRIC_KEYS = ("ntl/loss", "ntl/digit_accuracy", "ntl/total_digits", "ntl/confidence", "ntl/target_prob")
@@ -62,34 +75,37 @@ def targets_for_completions(
     correct_only: bool,
     answers: Sequence[Any] | None,
     tokenizer: Any,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[bool] | None]:
     """Per-token digit targets (token ids; ``-100`` where NTL does not apply), aligned with
-    ``completion_ids`` [B, C].
+    ``completion_ids`` [B, C], and whether each completion has an extracted final answer.
 
     ``all`` without ``correct_only``: every sampled token targets itself (the losses only
-    count positions whose target is a number token, so text tokens drop out by themselves);
-    otherwise :func:`ntl.targets.build_digit_targets` with the ground truths.
+    count positions whose target is a number token, so text tokens drop out by themselves)
+    and no answers are looked at (``None``); otherwise
+    :func:`ntl.targets.build_digit_targets` with the ground truths.
     """
     if labels_mode == "all" and not correct_only:
-        return completion_ids.masked_fill(mask == 0, -100)
+        return completion_ids.masked_fill(mask == 0, -100), None
     from ntl.targets import build_digit_targets
 
     if answers is None:
         raise ValueError(
-            f"ntl_labels={labels_mode!r} needs the ground-truth answers, but none reached compute_loss"
+            f"ntl_labels={labels_mode!r} needs the ground-truth answers, but none reached the trainer"
         )
     if len(answers) != completion_ids.shape[0]:
         raise ValueError(
             f"got {len(answers)} ground-truth answers for {completion_ids.shape[0]} completions"
         )
-    return build_digit_targets(
+    targets, info = build_digit_targets(
         completion_ids,
         [str(a) for a in answers],
         tokenizer,
         mode=labels_mode,
         response_mask=mask,
         vocab=vocab,
+        return_info=True,
     )
+    return targets, [p is not None for p in info.preds]
 
 
 def digit_metric_sums(digit_logits: torch.Tensor, targets: torch.Tensor, vocab: ntl.NumberVocab,

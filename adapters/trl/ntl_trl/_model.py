@@ -1,9 +1,18 @@
-"""Finding the pieces of a causal LM that NTL needs: its backbone and its LM head.
+"""Finding the pieces of a causal LM that NTL needs: its backbone, its LM head, its logit map.
 
-NTL from hidden states needs the backbone's last hidden state ``h`` (what the LM
-head multiplies) and the head's weight ``W`` / bias ``b``: the digit logits are
-``(h @ W[ids].T + b[ids]) / T``. This module only locates modules and reads
-their outputs; the math is :func:`ntl.ntl_loss_from_hidden`.
+NTL from hidden states needs the backbone's last hidden state ``h`` (what the LM head
+multiplies), the head's weight ``W`` / bias ``b`` and the elementwise map ``f`` the model
+(and TRL's fused head) applies to its logits: the digit logits are
+``f(h @ W[ids].T + b[ids])`` with ``f`` an :class:`ntl.logit_transform.LogitTransform`
+(logit scale, soft-capping, temperature). This module only locates modules, reads the
+config and hands out the head's tensors; the math is in :mod:`ntl`.
+
+Sharded heads: the adapters read ``W`` inside the model's forward (a hook on the backbone),
+where FSDP2 has all-gathered the root module's parameters; the gradient then reaches the
+unsharded parameter and FSDP reduce-scatters (averages) it with the trainer's own. A head
+that is still a sharded ``DTensor`` there (its own FSDP group, never called as a module) is
+gathered with ``full_tensor(grad_placements=[Partial("avg")])``, so its gradient is the
+rank average too (what DDP gives). DeepSpeed ZeRO-3 is refused (see :func:`find_lm_parts`).
 """
 
 from __future__ import annotations
@@ -13,31 +22,71 @@ from typing import Any
 import torch
 from torch import nn
 
+from ntl.logit_transform import LogitTransform
+
 __all__ = [
     "LMParts",
     "find_lm_parts",
     "last_hidden_state",
+    "logit_map_of",
     "replace_last_hidden_state",
 ]
 
 
+def _gathered(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself, or the full tensor of a DTensor whose gradient is averaged over ranks."""
+    if t is None or not torch.distributed.is_available():
+        return t
+    from torch.distributed.tensor import DTensor, Partial
+
+    if isinstance(t, DTensor):
+        return t.full_tensor(grad_placements=[Partial("avg")] * len(t.placements))
+    return t
+
+
 class LMParts:
-    """The causal LM (``lm``), its backbone module (``backbone``) and ``lm_head``."""
+    """The causal LM (``lm``), its backbone module, ``lm_head`` and the logit map parameters."""
 
-    def __init__(self, lm: nn.Module, backbone: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, backbone: nn.Module, lm_head: nn.Module, *,
+                 logit_scale: float = 1.0, softcap: float | None = None) -> None:
         self.lm, self.backbone, self.lm_head = lm, backbone, lm_head
+        self.logit_scale, self.softcap = logit_scale, softcap
 
     @property
-    def weight(self) -> torch.Tensor:
-        w = self.lm_head.weight
-        full = getattr(w, "full_tensor", None)  # FSDP2 DTensor
-        return full() if callable(full) else w
+    def vocab_size(self) -> int:
+        """Rows of the LM head (a DTensor reports its global shape)."""
+        return int(self.lm_head.weight.shape[0])
 
-    @property
-    def bias(self) -> torch.Tensor | None:
-        b = getattr(self.lm_head, "bias", None)
-        full = getattr(b, "full_tensor", None)
-        return full() if callable(full) else b
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W, b)`` to use *now* (inside the model's forward): plain tensors; a sharded
+        DTensor is gathered with a rank-averaged gradient (module docstring)."""
+        return _gathered(self.lm_head.weight), _gathered(getattr(self.lm_head, "bias", None))
+
+    def logit_transform(self, temperature: float = 1.0) -> LogitTransform:
+        """The model's elementwise logit map followed by division by ``temperature``."""
+        return LogitTransform(scale=self.logit_scale, softcap=self.softcap, temperature=temperature)
+
+
+def logit_map_of(config: Any) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of a model config, read as TRL 1.16's fused LM head and
+    the HF models read them:
+
+    * ``final_logit_softcapping`` (Gemma 2/3): the soft-cap, ``None`` for none;
+    * the scale, first found of ``logit_scale`` (Cohere), ``output_multiplier``,
+      ``lm_head_multiplier`` (Falcon-H1), else ``logits_scaling`` as a divisor (Granite,
+      MiniCPM3; a multiplier for ``model_type == "hyperclovax"``); ``1.0`` if none.
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(cfg, name, None)
+        if scale is not None:
+            break
+    divisor = getattr(cfg, "logits_scaling", None)
+    if scale is None and divisor is not None:
+        scale = divisor if getattr(cfg, "model_type", None) == "hyperclovax" else 1.0 / divisor
+    return float(1.0 if scale is None else scale), (None if softcap is None else float(softcap))
 
 
 def _is_causal_lm(m: nn.Module) -> bool:
@@ -51,13 +100,23 @@ def _is_causal_lm(m: nn.Module) -> bool:
     return isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor)
 
 
+def _zero3_enabled() -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - transformers is a dependency of every caller
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
 def find_lm_parts(model: nn.Module) -> LMParts:
     """Locate the causal LM inside ``model`` (PEFT, DDP and TRL's PPO policy/value wrapper
-    included), its backbone (``lm.base_model``) and its LM head (``get_output_embeddings()``).
+    included), its backbone (``lm.base_model``), its LM head (``get_output_embeddings()``)
+    and its logit map (:func:`logit_map_of`).
 
-    Raises ``TypeError`` for a model without an LM head, and ``ValueError`` when the
-    head's logits are not ``h @ W.T + b`` (final-logit soft-capping or a logit scale),
-    since NTL from hidden states would then disagree with the trainer's log-probs.
+    Raises ``TypeError`` for a model without an LM head, and ``ValueError`` for a PEFT
+    adapter on the head (NTL reads ``lm_head.weight`` and would miss it) and for DeepSpeed
+    ZeRO-3: there ``lm_head.weight`` has 0 elements outside its module's forward (TRL
+    gathers it itself, and a gather of our own would not be reduced); use ZeRO-1/2 or FSDP2.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -80,23 +139,22 @@ def find_lm_parts(model: nn.Module) -> LMParts:
             f"{type(lm).__name__} exposes no backbone (its base_model is the model itself); "
             "NTL needs the module whose output is the last hidden state"
         )
-    cfg = getattr(lm, "config", None)
-    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
-    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                 "logits_scaling"):
-        val = getattr(text_cfg, name, None)
-        if val is not None and not (name != "final_logit_softcapping" and float(val) == 1.0):
-            raise ValueError(
-                f"{type(lm).__name__} has config.{name}={val!r}: its logits are not h @ W.T + b, "
-                "which NTL from hidden states assumes"
-            )
     head = lm.get_output_embeddings()
     if hasattr(head, "base_layer"):  # PEFT adapter on the LM head: W alone is not the head
         raise ValueError(
             "the LM head carries a PEFT adapter (lm_head in target_modules); NTL from hidden "
             "states reads lm_head.weight and would ignore it. Leave lm_head out of the adapter"
         )
-    return LMParts(lm, backbone, head)
+    w = head.weight
+    if _zero3_enabled() or hasattr(w, "ds_id") or w.numel() == 0:
+        raise ValueError(
+            "NTL does not support DeepSpeed ZeRO-3: lm_head.weight is partitioned "
+            f"({w.numel()} elements here) outside its module's forward, which TRL's fused head "
+            "bypasses, so NTL could neither read it nor have its gradient reduced. Use ZeRO-1/2, "
+            "FSDP2 (accelerate's fsdp_version: 2) or DDP"
+        )
+    scale, softcap = logit_map_of(getattr(lm, "config", None))
+    return LMParts(lm, backbone, head, logit_scale=scale, softcap=softcap)
 
 
 def last_hidden_state(output: Any) -> torch.Tensor:

@@ -16,7 +16,9 @@ class NTLConfig:
     """Options of :class:`ntl_trl.NTLTrainerMixin` (validated on construction).
 
     The trainer's loss becomes ``loss + ntl_weight * NTL(method)``, where NTL is the
-    mean over the completion positions that have a digit target (see ``ntl_labels``).
+    mean over the completion positions that have a digit target (see ``ntl_labels``),
+    taken over the whole gradient-accumulation window and all processes (each micro-batch
+    adds its sum divided by the window's digit-target count, as TRL's ``dapo`` loss does).
 
     Attributes:
         ntl_weight: weight of the NTL term (``>= 0``; ``0`` logs the metrics but

@@ -2,27 +2,37 @@
 
 How it plugs in (TRL 1.16):
 
-* TRL's ``compute_loss(model, inputs)`` receives one micro-batch with ``prompt_ids``,
-  ``prompt_mask``, ``completion_ids``, ``completion_mask`` (``tool_mask`` with tools)
-  and runs *one* forward of ``cat(prompt_ids, completion_ids)`` through the fused LM
-  head (no logits are materialised). The mixin captures the backbone's
-  ``last_hidden_state`` of that very forward with a forward hook (armed only inside
-  ``compute_loss``), so there is no second forward.
-* Completion token ``t`` sits at position ``P + t`` (``P = prompt_ids.size(1)``) and is
-  predicted by the hidden state at ``P + t - 1``; NTL is
-  ``ntl.ntl_loss_from_hidden(h[:, P-1:P+C-1], lm_head.weight, targets, vocab,
-  temperature=args.temperature, bias=lm_head.bias)``, the same temperature as the
-  trainer's log-probs.
-* Gradient accumulation: GRPO's ``compute_loss`` divides its loss by
-  ``current_gradient_accumulation_steps`` itself (``loss_is_scaled_for_ga = True``);
-  RLOO returns an unscaled loss that the HF ``Trainer`` divides. The mixin adds
-  ``ntl_weight * NTL`` under the same rule, so NTL is always a per-micro-batch mean
-  averaged over the accumulation window, whatever the policy-loss normalisation.
-* Metrics go to ``self._metrics[mode]["ntl/..."]``; TRL averages them per logging window.
-* ``final_answer`` (and ``all`` with ``correct_only``) need the ground truth in
-  ``compute_loss``: the mixin extends ``_generate_and_score_completions`` to carry
-  ``NTLConfig.answer_column`` of every row along with its completion (TRL shuffles
-  and splits lists together with the tensors).
+* **Targets at generation.** The mixin extends ``_generate_and_score_completions``: for
+  the whole generation batch it builds the per-token digit targets (``ntl_targets``,
+  ``[B, C]`` token ids, ``-100`` elsewhere; completion mask times ``tool_mask``, so digits
+  in tool results never count) from ``NTLConfig.answer_column`` of every row, and the
+  digit-target count summed over processes (``ntl_num_targets``), the way TRL gathers
+  ``num_items_in_batch``. TRL shuffles and splits these with the other tensors, so they
+  stay paired with their completions across ``steps_per_generation`` and
+  ``num_iterations``.
+* **Same forward, inside it.** TRL's ``compute_loss(model, inputs)`` runs *one* forward
+  of ``cat(prompt_ids, completion_ids)`` through its fused LM head (no logits are
+  materialised). A forward hook on the backbone (:class:`ntl_trl._capture.HiddenNTLCapture`,
+  armed only inside ``compute_loss``) takes that forward's ``last_hidden_state``;
+  completion token ``t`` sits at ``P + t`` and is predicted by the state at ``P + t - 1``.
+  Only the targeted rows enter ``z = f(h @ W[ids].T + b[ids])`` (``f``: the model's logit
+  scale / soft-cap, then the trainer's temperature, as in TRL's log-probs), computed while
+  the forward runs, so under FSDP2 ``W`` is the all-gathered parameter and its gradient is
+  averaged over ranks like the trainer's own.
+* **Normalisation over the accumulation window.** Each micro-batch adds
+  ``ntl_weight * sum_i NTL_i / D`` with ``D = max(N, 1) / P * G / S``
+  (:func:`ntl.accumulation.accumulation_normalizer`; ``N`` = ``ntl_num_targets``, ``P``
+  processes, ``G`` = ``current_gradient_accumulation_steps``, ``S`` =
+  ``steps_per_generation``), TRL's ``dapo`` normaliser: after accumulation and the
+  data-parallel gradient average the update is that of the mean NTL over every digit
+  target of the window, whatever the micro-batch split. GRPO scales its loss for
+  accumulation itself (``loss_is_scaled_for_ga``); RLOO leaves it to the HF ``Trainer``,
+  so there the term is multiplied by ``G`` first. Evaluation: ``D = max(N, 1) / P``.
+* **Metrics** go to ``self._metrics[mode]["ntl/..."]`` (TRL averages them per logging
+  window and prefixes ``eval_``), reduced across processes; ``ntl/answer_rate`` is the
+  share of completions with an extracted final answer (modes that read answers). A
+  warning (``ntl`` logger and ``transformers.trainer``) says when the first generation
+  batch has no digit target at all while ``ntl_weight > 0``.
 """
 
 from __future__ import annotations
@@ -33,40 +43,36 @@ from typing import Any
 import torch
 from trl import GRPOTrainer, RLOOTrainer
 
-import ntl
+from ntl.accumulation import accumulation_normalizer
+from ntl.targets import digit_token_mask
 
+from ._capture import HiddenNTLCapture
 from ._common import (
     MetricSums,
-    digit_metric_sums,
     lookup_column,
     resolve_model_vocab,
     targets_for_completions,
+    warn_everywhere,
 )
-from ._model import find_lm_parts, last_hidden_state
+from ._model import find_lm_parts
 from .config import NTLConfig
 
-__all__ = ["NTL_ANSWERS_KEY", "NTLGRPOTrainer", "NTLRLOOTrainer", "NTLTrainerMixin"]
+__all__ = [
+    "NTL_ANSWERS_KEY",
+    "NTL_COUNT_KEY",
+    "NTL_TARGETS_KEY",
+    "NTLGRPOTrainer",
+    "NTLRLOOTrainer",
+    "NTLTrainerMixin",
+]
 
 logger = logging.getLogger("ntl")
 
-#: Key under which the ground-truth answers travel in TRL's buffered batches.
+#: Keys under which the ground truths, the digit targets and their gathered count travel
+#: in TRL's buffered batches.
 NTL_ANSWERS_KEY = "ntl_answers"
-
-
-class _HiddenCapture:
-    """Forward hook on the backbone that records its last hidden state while armed."""
-
-    def __init__(self, backbone: torch.nn.Module) -> None:
-        self.armed = False
-        self.captured: list[torch.Tensor] = []
-        self.handle = backbone.register_forward_hook(self._hook)
-
-    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if self.armed:
-            self.captured.append(last_hidden_state(output))
-
-    def remove(self) -> None:
-        self.handle.remove()
+NTL_TARGETS_KEY = "ntl_targets"
+NTL_COUNT_KEY = "ntl_num_targets"
 
 
 class NTLTrainerMixin:
@@ -76,13 +82,14 @@ class NTLTrainerMixin:
     :class:`NTLGRPOTrainer` / :class:`NTLRLOOTrainer`; pass ``ntl_config=NTLConfig(...)``
     to the constructor. Loss per micro-batch::
 
-        loss = trainer_loss + ntl_weight * NTL / s,   NTL = mean over digit targets of
-        W1: sum_k q_k |v_k - y|   or   MSE: (sum_k q_k v_k - y)^2,
-        q = softmax_k((h W[ids].T + b[ids]) / T),
+        loss = trainer_loss + ntl_weight * sum_i NTL_i / D,   D = max(N, 1) / P * G / S,
+        W1: NTL_i = sum_k q_k |v_k - y_i|   or   MSE: NTL_i = (sum_k q_k v_k - y_i)^2,
+        q = softmax_k(f(h_i W[ids].T + b[ids])),  f(z) = c tanh(s z / c) / T,
 
-    with ``s`` the gradient-accumulation divisor the trainer applies to its own loss
-    (1 where the HF ``Trainer`` divides instead). Logs ``ntl/loss``,
-    ``ntl/digit_accuracy``, ``ntl/total_digits``, ``ntl/confidence``, ``ntl/target_prob``.
+    over the digit targets ``i`` of the micro-batch (module docstring: ``N, P, G, S``; ``s``,
+    ``c`` the model's logit scale and soft-cap, ``T`` the temperature). Logs ``ntl/loss``,
+    ``ntl/digit_accuracy``, ``ntl/total_digits``, ``ntl/confidence``, ``ntl/target_prob``
+    and, when answers are read, ``ntl/answer_rate``.
     """
 
     def __init__(self, *args: Any, ntl_config: NTLConfig | None = None, **kwargs: Any) -> None:
@@ -98,18 +105,32 @@ class NTLTrainerMixin:
                     f"{type(self).__name__}: NTLTrainerMixin needs a TRL GRPO/RLOO-style trainer "
                     f"(missing attribute {attr!r}); put the mixin before the trainer class"
                 )
+        from .callback import NTLCallback
+
+        if any(isinstance(cb, NTLCallback) for cb in self.callback_handler.callbacks):
+            raise ValueError(
+                f"{type(self).__name__} already adds NTL; an NTLCallback as well would add it twice. "
+                "Drop the callback (or use a plain TRL trainer with the callback)"
+            )
         model = self.accelerator.unwrap_model(self.model)
         self._ntl_parts = find_lm_parts(model)
-        self._ntl_vocab = resolve_model_vocab(self.processing_class, self._ntl_parts.weight.shape[0])
-        self._ntl_capture = _HiddenCapture(self._ntl_parts.backbone)
+        self._ntl_vocab = resolve_model_vocab(self.processing_class, self._ntl_parts.vocab_size)
+        self._ntl_capture = HiddenNTLCapture(self._ntl_parts, self._ntl_vocab,
+                                             method=ntl_config.ntl_method)
+        self._ntl_transform = self._ntl_parts.logit_transform(self._ntl_temperature())
         self._ntl_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        self._ntl_train_rounds = 0
         logger.info(
-            "NTL on %s: weight=%g method=%s labels=%s, %d number tokens",
+            "NTL on %s: weight=%g method=%s labels=%s, %d number tokens, logits %s",
             type(self).__name__, ntl_config.ntl_weight, ntl_config.ntl_method,
-            ntl_config.ntl_labels, self._ntl_vocab.K,
+            ntl_config.ntl_labels, self._ntl_vocab.K, self._ntl_transform,
         )
 
-    # -- ground truths travel with their completions ---------------------------------
+    def _ntl_temperature(self) -> float:
+        t = self.ntl_config.temperature
+        return float(self.temperature if t is None else t)
+
+    # -- targets, built once per generation batch ----------------------------------------
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)  # type: ignore[misc]
         if self.ntl_config.needs_answers:
@@ -121,13 +142,65 @@ class NTLTrainerMixin:
                     "cannot pair ground truths with completions"
                 )
             output[NTL_ANSWERS_KEY] = answers
+        self.ntl_annotate(output)
         return output
 
-    # -- the loss -----------------------------------------------------------------------
-    def _ntl_temperature(self) -> float:
-        t = self.ntl_config.temperature
-        return float(self.temperature if t is None else t)
+    def ntl_annotate(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Add ``ntl_targets`` and the process-summed ``ntl_num_targets`` to a generated
+        batch (``completion_ids``, ``completion_mask``, optional ``tool_mask`` and, for
+        modes that read answers, ``ntl_answers``); log ``ntl/answer_rate``; warn once
+        when the first training batch has no target. Called for every generation batch."""
+        cfg = self.ntl_config
+        completion_ids = batch["completion_ids"]
+        mask = batch["completion_mask"]
+        if batch.get("tool_mask") is not None:
+            mask = mask * batch["tool_mask"]
+        targets, has_answer = targets_for_completions(
+            completion_ids, mask, self._ntl_vocab, labels_mode=cfg.ntl_labels,
+            correct_only=cfg.correct_only, answers=batch.get(NTL_ANSWERS_KEY),
+            tokenizer=self._ntl_tokenizer,
+        )
+        n_ans = float(sum(has_answer)) if has_answer is not None else 0.0
+        local = torch.stack([
+            digit_token_mask(targets, self._ntl_vocab).sum().float(),
+            torch.tensor(float(completion_ids.shape[0]), device=targets.device),
+            torch.tensor(n_ans, device=targets.device),
+        ])
+        total = self.accelerator.reduce(local, reduction="sum")
+        batch[NTL_TARGETS_KEY] = targets
+        batch[NTL_COUNT_KEY] = total[0]
+        mode = "train" if self.model.training else "eval"
+        n_targets, n_completions, n_answers = total.tolist()
+        if has_answer is not None:
+            self._metrics[mode]["ntl/answer_rate"].append(n_answers / max(n_completions, 1.0))
+        if mode == "train":
+            if self._ntl_train_rounds == 0 and n_targets == 0 and cfg.ntl_weight > 0:
+                self._ntl_warn_no_targets(int(n_completions), n_answers, has_answer is not None)
+            self._ntl_train_rounds += 1
+        return batch
 
+    def _ntl_warn_no_targets(self, n: int, n_answers: float, reads_answers: bool) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        cfg = self.ntl_config
+        if cfg.ntl_labels == "final_answer":
+            why = (f"{n_answers / max(n, 1):.0%} of them have a final answer (after '####' or in "
+                   "\\boxed{}) with digits")
+            fix = "ask for the answer as '#### <number>' in the prompt, or use ntl_labels='all'"
+        elif reads_answers:
+            why = "none has a final answer equal to the ground truth (correct_only=True)"
+            fix = "use correct_only=False, or train the format first"
+        else:
+            why = "none contains a digit token"
+            fix = "check the tokenizer's digit tokens and the task"
+        warn_everywhere(
+            f"NTL: the first generation batch ({n} completions over all processes) has no digit "
+            f"target, so the NTL term is 0 (ntl_weight={cfg.ntl_weight:g}, "
+            f"ntl_labels={cfg.ntl_labels!r}): {why}. To make NTL apply, {fix}. "
+            "Watch ntl/total_digits and ntl/answer_rate."
+        )
+
+    # -- the loss -------------------------------------------------------------------------
     def _ntl_trainer_scales_for_ga(self, num_items_in_batch: Any) -> bool:
         """Mirror of ``transformers.Trainer.training_step``: does compute_loss scale for GA itself?"""
         flag = getattr(self, "loss_is_scaled_for_ga", None)
@@ -138,70 +211,51 @@ class NTLTrainerMixin:
             or getattr(self, "compute_loss_func", None) is not None
         )
 
+    def _ntl_normalizer(self, inputs: dict[str, Any], mode: str) -> torch.Tensor:
+        n = inputs[NTL_COUNT_KEY]
+        P = self.accelerator.num_processes
+        if mode == "train":
+            return accumulation_normalizer(
+                n, num_processes=P, accumulation_steps=int(self.current_gradient_accumulation_steps),
+                steps_per_generation=int(self.args.steps_per_generation),
+            )
+        return accumulation_normalizer(n, num_processes=P)
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor:
+        cfg = self.ntl_config
+        if NTL_TARGETS_KEY not in inputs or NTL_COUNT_KEY not in inputs:
+            raise KeyError(
+                f"NTL: the batch has no {NTL_TARGETS_KEY!r}/{NTL_COUNT_KEY!r}; batches must come from "
+                "the trainer's _generate_and_score_completions (or pass through self.ntl_annotate)"
+            )
+        targets = inputs[NTL_TARGETS_KEY]
+        if targets.shape != inputs["completion_ids"].shape:
+            raise RuntimeError(
+                f"NTL: {NTL_TARGETS_KEY} {tuple(targets.shape)} is not aligned with completion_ids "
+                f"{tuple(inputs['completion_ids'].shape)}"
+            )
+        P = inputs["prompt_ids"].shape[1]
         cap = self._ntl_capture
-        cap.captured.clear()
-        cap.armed = True
+        cap.arm(targets, start=P - 1, transform=self._ntl_transform, grad=cfg.ntl_weight > 0)
         try:
             loss = super().compute_loss(  # type: ignore[misc]
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        finally:
-            cap.armed = False
-        captured, cap.captured = cap.captured, []
-        if not captured:
-            raise RuntimeError(
-                "NTL: the backbone forward hook did not fire inside compute_loss; the trainer did not "
-                f"run {type(self._ntl_parts.backbone).__name__} (is this a TRL GRPO/RLOO trainer?)"
-            )
-        hidden = captured[0] if len(captured) == 1 else torch.cat(captured, dim=0)
-        if self.ntl_config.ntl_weight == 0.0:  # metrics only; the update is untouched
-            with torch.no_grad():
-                self._ntl_loss_and_log(hidden, inputs)
-            return loss
-        ntl_term = self._ntl_loss_and_log(hidden, inputs)
+        except BaseException:
+            cap.cancel()
+            raise
+        result = cap.disarm()
         mode = "train" if self.model.training else "eval"
-        scale = self.ntl_config.ntl_weight
-        if mode == "train" and self._ntl_trainer_scales_for_ga(num_items_in_batch):
-            scale = scale / self.current_gradient_accumulation_steps
-        return loss + scale * ntl_term.to(loss.dtype)
-
-    def _ntl_loss_and_log(self, hidden: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        cfg = self.ntl_config
-        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        P, C = prompt_ids.shape[1], completion_ids.shape[1]
-        if hidden.shape[:2] != (completion_ids.shape[0], P + C):
-            raise RuntimeError(
-                f"NTL: captured hidden state {tuple(hidden.shape)} does not match prompt+completion "
-                f"({completion_ids.shape[0]}, {P}+{C}); the trainer's forward changed the sequence"
-            )
-        # hidden state at P+t-1 predicts completion token t (causal shift)
-        h = hidden[:, P - 1 : P + C - 1]
-        targets = targets_for_completions(
-            completion_ids, mask, self._ntl_vocab, labels_mode=cfg.ntl_labels,
-            correct_only=cfg.correct_only, answers=inputs.get(NTL_ANSWERS_KEY),
-            tokenizer=self._ntl_tokenizer,
-        )
-        parts, T = self._ntl_parts, self._ntl_temperature()
-        weight = parts.weight.to(h.device)
-        bias = parts.bias
-        loss = ntl.ntl_loss_from_hidden(
-            h, weight, targets, self._ntl_vocab, method=cfg.ntl_method, temperature=T, bias=bias
-        )
-        with torch.no_grad():
-            z = ntl.digit_logits_from_hidden(h.detach(), weight.detach(), self._ntl_vocab,
-                                             temperature=T,
-                                             bias=None if bias is None else bias.detach())
-            sums = digit_metric_sums(z, targets, self._ntl_vocab, cfg.ntl_method)
-            sums = self.accelerator.reduce(sums, reduction="sum")
-        mode = "train" if self.model.training else "eval"
+        sums = self.accelerator.reduce(result.sums, reduction="sum")
         for key, val in MetricSums.to_metrics(sums).items():
             self._metrics[mode][key].append(val)
-        return loss
+        if cfg.ntl_weight == 0.0:  # metrics only; the update is untouched
+            return loss
+        term = result.loss_sum / self._ntl_normalizer(inputs, mode).to(result.loss_sum.device)
+        if mode == "train" and not self._ntl_trainer_scales_for_ga(num_items_in_batch):
+            term = term * self.current_gradient_accumulation_steps  # the HF Trainer divides by G
+        return loss + cfg.ntl_weight * term.to(loss.dtype)
 
 
 class NTLGRPOTrainer(NTLTrainerMixin, GRPOTrainer):

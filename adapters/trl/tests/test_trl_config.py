@@ -45,9 +45,48 @@ def test_find_lm_parts_on_plain_and_wrapped_models():
     assert find_lm_parts(wrapper).lm is lm
     with pytest.raises(TypeError, match="no causal LM head"):
         find_lm_parts(torch.nn.Linear(2, 2))
-    lm.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    assert (parts.logit_scale, parts.softcap) == (1.0, None)
+    lm.config.final_logit_softcapping = 30.0  # read, not refused: applied to the digit logits
+    assert find_lm_parts(lm).softcap == 30.0
+
+
+@pytest.mark.parametrize(
+    ("attrs", "expected"),
+    [
+        ({}, (1.0, None)),
+        ({"final_logit_softcapping": 30.0}, (1.0, 30.0)),  # Gemma 2
+        ({"logit_scale": 0.0625}, (0.0625, None)),  # Cohere
+        ({"output_multiplier": 2.0}, (2.0, None)),
+        ({"lm_head_multiplier": 0.5}, (0.5, None)),  # Falcon-H1
+        ({"logits_scaling": 8.0}, (0.125, None)),  # Granite divides
+        ({"logits_scaling": 8.0, "model_type": "hyperclovax"}, (8.0, None)),  # HyperCLOVA X multiplies
+        ({"logit_scale": None, "output_multiplier": 3.0, "logits_scaling": 8.0}, (3.0, None)),
+    ],
+)
+def test_logit_map_read_from_the_config(attrs, expected):
+    from types import SimpleNamespace
+
+    from ntl_trl._model import logit_map_of
+
+    assert logit_map_of(SimpleNamespace(**attrs)) == expected
+
+
+def test_deepspeed_zero3_is_refused(monkeypatch):
+    """ZeRO-3 stand-ins: a partitioned (0-element, ``ds_id``-tagged) head weight, and the
+    transformers flag that ZeRO-3 is on."""
+    tok = char_tokenizer()
+    lm = tiny_qwen2(tok)
+    lm.config.tie_word_embeddings = False
+    empty = torch.nn.Parameter(torch.empty(0))
+    empty.ds_id = 7  # what deepspeed.zero.Init tags its partitioned parameters with
+    lm.lm_head.weight = empty
+    with pytest.raises(ValueError, match="ZeRO-3"):
         find_lm_parts(lm)
+    import transformers.integrations.deepspeed as hf_ds
+
+    monkeypatch.setattr(hf_ds, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        find_lm_parts(tiny_qwen2(tok))
 
 
 def test_reward_wrappers_read_nested_answer_columns():

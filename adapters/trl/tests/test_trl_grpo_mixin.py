@@ -5,19 +5,23 @@ import pytest
 import torch
 from trl_tiny import (
     char_tokenizer,
+    crafted_batch,
     digit_count_reward,
     grads_of,
+    ntl_through_compute_loss,
     params,
+    sampled_digit_targets,
     tiny_dataset,
     tiny_qwen2,
     trainer_args,
     w1_from_full_logits,
+    w1_with_targets,
 )
 
 trl = pytest.importorskip("trl")
 pytest.importorskip("trl.trainer.grpo_trainer")
 from ntl_trl import NTLConfig, NTLGRPOTrainer  # noqa: E402
-from ntl_trl.trainer import NTL_ANSWERS_KEY  # noqa: E402
+from ntl_trl.trainer import NTL_ANSWERS_KEY, NTL_COUNT_KEY, NTL_TARGETS_KEY  # noqa: E402
 
 TEMPERATURE = 0.7
 ALL_SAMPLED = NTLConfig(ntl_weight=1.0, ntl_labels="all", correct_only=False)
@@ -93,7 +97,8 @@ def test_update_difference_is_weighted_ntl_gradient_with_grad_accumulation(
     tmp_path, cls_name, checkpointing
 ):
     """SGD, no clipping, 2 micro-batches accumulated: params(NTL) - params(plain) must be
-    -lr * w * mean_mb grad NTL_mb at the initial weights (NTL from the full logits here).
+    -lr * w * grad(sum of NTL over the window's digit targets / their count) at the initial
+    weights (NTL from the full logits here).
     GRPO scales its loss for accumulation itself, RLOO leaves it to the HF Trainer: both
     paths of the mixin are covered (GRPO with gradient checkpointing, TRL's default)."""
     import ntl_trl
@@ -114,10 +119,12 @@ def test_update_difference_is_weighted_ntl_gradient_with_grad_accumulation(
     for a, b in zip(base.batches, run.batches, strict=True):
         assert torch.equal(a["completion_ids"], b["completion_ids"])  # same samples
     tok = run.processing_class
-    losses = [w1_from_full_logits(theta0, mb, tok, TEMPERATURE, requires_grad=True)
-              for mb in run.batches]
-    assert sum(n for _, n in losses) > 0
-    grad = grads_of(theta0, sum(loss for loss, _ in losses) / 2)
+    sums = [w1_with_targets(theta0, mb, tok, TEMPERATURE, sampled_digit_targets(mb, tok),
+                            requires_grad=True) for mb in run.batches]
+    n_total = sum(n for _, n in sums)
+    assert n_total > 0
+    # the mean over every digit target of the accumulation window (not a mean of means)
+    grad = grads_of(theta0, sum(s for s, _ in sums) / n_total)
     p_plain, p_ntl = params(base.model), params(run.model)
     for k in p_plain:
         expected = -lr * w * grad[k]
@@ -127,29 +134,10 @@ def test_update_difference_is_weighted_ntl_gradient_with_grad_accumulation(
     assert len(logged) == 1 and logged[0]["ntl/total_digits"] > 0
 
 
-def _crafted_batch(tok, texts, prompt="3+9="):
-    prompt_ids = tok([prompt] * len(texts), return_tensors="pt").input_ids
-    comp = [[*tok(t).input_ids, tok.eos_token_id] for t in texts]
-    C = max(map(len, comp))
-    c_ids = torch.tensor([c + [tok.pad_token_id] * (C - len(c)) for c in comp])
-    c_mask = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in comp])
-    return {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids),
-            "completion_ids": c_ids, "completion_mask": c_mask}
-
-
-def _expected_w1(model, inputs, tok, targets):
-    """targets: {(row, completion position): target digit}; W1 from the full logits."""
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=am).logits.float()
-    P = inputs["prompt_ids"].shape[1]
-    dig = [tok.convert_tokens_to_ids(d) for d in "0123456789"]
-    terms = []
-    for (b, t), y in targets.items():
-        q = torch.softmax(logits[b, P + t - 1, dig], -1)
-        terms.append(sum(q[k] * abs(k - y) for k in range(10)))
-    return torch.stack(terms).mean()
+def _expected_w1(model, inputs, tok, targets, temperature=1.0):
+    """targets: {(row, completion position): target digit}; mean W1 from the full logits."""
+    total, n = w1_with_targets(model, inputs, tok, temperature, targets)
+    return total / n
 
 
 @pytest.mark.parametrize("labels", ["final_answer", "all"])
@@ -163,11 +151,7 @@ def test_targets_through_the_compute_path(tmp_path, labels):
         ntl_config=NTLConfig(ntl_weight=1.0, ntl_labels=labels),
     )
     texts = ["ab 7 #### 12", "so #### 123"]
-    inputs = _crafted_batch(tok, texts)
-    hidden = tr.model.model(
-        input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
-        attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
-    ).last_hidden_state
+    inputs = crafted_batch(tok, texts)
     if labels == "final_answer":
         inputs[NTL_ANSWERS_KEY] = ["15", "15"]
         # row 0 "12" -> "15" (tens 1->1, units 2->5); row 1 "123" -> "015"
@@ -177,10 +161,12 @@ def test_targets_through_the_compute_path(tmp_path, labels):
         targets = {(0, 3): 7, (0, 10): 1, (0, 11): 2}
     for (b, t), _ in targets.items():
         assert texts[b][t].isdigit()
-    loss = tr._ntl_loss_and_log(hidden, inputs)
+    loss, batch = ntl_through_compute_loss(tr, inputs)
     torch.testing.assert_close(loss, _expected_w1(tr.model, inputs, tok, targets),
                                rtol=1e-5, atol=1e-6)
+    assert float(batch[NTL_COUNT_KEY]) == len(targets)
     assert tr._metrics["train"]["ntl/total_digits"] == [float(len(targets))]
+    assert tr._metrics["train"]["ntl/answer_rate"] == [1.0]
 
 
 def test_qwen_tokenizer_with_padded_model_vocab(tmp_path):
@@ -200,14 +186,11 @@ def test_qwen_tokenizer_with_padded_model_vocab(tmp_path):
         ntl_config=NTLConfig(ntl_weight=1.0, ntl_labels="final_answer"),
     )
     assert tr._ntl_vocab.token_ids == tuple(range(15, 25))
-    inputs = _crafted_batch(tok, ["The answer is #### 1,234"], prompt="Q: 1000+234?")
+    inputs = crafted_batch(tok, ["The answer is #### 1,234"], prompt="Q: 1000+234?")
     assert inputs["completion_ids"][0, :10].tolist() == [785, 4226, 374, 26274, 220, 16, 11, 17,
                                                          18, 19]
     inputs[NTL_ANSWERS_KEY] = ["1239"]
-    hidden = tr.model.model(
-        input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    ).last_hidden_state
-    loss = tr._ntl_loss_and_log(hidden, inputs)
+    loss, _ = ntl_through_compute_loss(tr, inputs)
     # digits 1 2 3 4 at completion positions 5, 7, 8, 9 target 1 2 3 9
     expected = _expected_w1(tr.model, inputs, tok, {(0, 5): 1, (0, 7): 2, (0, 8): 3, (0, 9): 9})
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
@@ -222,9 +205,15 @@ def test_final_answer_ground_truths_travel_with_their_completions(tmp_path):
     truth = dict(zip(ds["prompt"], ds["ground_truth"], strict=True))
     tok = tr.processing_class
     assert len(tr.batches) == 2
+    from ntl.targets import build_digit_targets
+
     for mb in tr.batches:
         prompts = tok.batch_decode(mb["prompt_ids"], skip_special_tokens=True)
         assert [truth[p] for p in prompts] == list(mb[NTL_ANSWERS_KEY])
+        # the targets built once for the generation batch stay with their own rows
+        own = build_digit_targets(mb["completion_ids"], [truth[p] for p in prompts], tok,
+                                  response_mask=mb["completion_mask"])
+        assert torch.equal(mb[NTL_TARGETS_KEY], own)
     assert any("ntl/total_digits" in h for h in tr.state.log_history)
 
 
@@ -233,3 +222,22 @@ def test_missing_answer_column_is_an_error(tmp_path):
               ntl_config=NTLConfig(ntl_labels="final_answer", answer_column="solution"))
     with pytest.raises(KeyError, match="solution"):
         tr.train()
+
+
+def test_digits_inside_tool_results_get_no_target(tmp_path):
+    """tool_mask = 0 marks tool-result tokens: their digits neither count nor take part."""
+    tok = char_tokenizer()
+    tr = NTLGRPOTrainer(
+        model=tiny_qwen2(tok), reward_funcs=digit_count_reward, processing_class=tok,
+        train_dataset=tiny_dataset(), args=trainer_args(output_dir=str(tmp_path), temperature=1.0),
+        ntl_config=NTLConfig(ntl_weight=1.0, ntl_labels="all", correct_only=False),
+    )
+    texts = ["ab 17 x 42"]  # "17" stands for a tool result, "42" is the model's
+    inputs = crafted_batch(tok, texts)
+    tool_mask = torch.ones_like(inputs["completion_ids"])
+    tool_mask[0, 3:5] = 0
+    inputs["tool_mask"] = tool_mask
+    loss, batch = ntl_through_compute_loss(tr, inputs)
+    assert float(batch[NTL_COUNT_KEY]) == 2
+    torch.testing.assert_close(loss, _expected_w1(tr.model, inputs, tok, {(0, 8): 4, (0, 9): 2}),
+                               rtol=1e-5, atol=1e-6)

@@ -1,0 +1,157 @@
+"""NTL inside the model's forward: digit logits from the backbone's last hidden state.
+
+Shared by every route of the adapter (GRPO/RLOO mixin, gradient-injection callback, and
+trainers built on them). For hidden states ``h [B, T, H]`` and digit targets ``y`` aligned
+with ``h[:, start:start+L]`` (token ids; ``-100`` or any non-number token where NTL does
+not apply):
+
+1. only the ``n`` rows with a number-token target are selected, *before* the
+   ``[n, H] x [H, K]`` matmul (no fp32 copy of the other rows is made or saved);
+2. ``z = f(h_sel @ W[ids].T + b[ids])`` (:func:`ntl.digit_logits_from_hidden`, then the
+   model's :class:`~ntl.logit_transform.LogitTransform` ``f``: logit scale, soft-cap,
+   temperature), in fp32 with autocast off, with ``W, b`` read inside the forward
+   (:meth:`LMParts.head`, which makes FSDP2 reduce their gradient);
+3. ``sum_i NTL_i`` (:func:`ntl.ntl_loss_from_digit_logits`, ``reduction="sum"``) and the
+   metric sums from the *same* ``z``.
+
+:class:`HiddenNTLCapture` is a forward hook on the backbone that runs these steps while
+armed with the targets of the next forward(s); the caller divides the sum by its
+normaliser and adds it to its loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import ntl
+from ntl.logit_transform import LogitTransform
+from ntl.targets import digit_token_mask
+
+from ._common import digit_metric_sums
+from ._model import LMParts, last_hidden_state
+
+__all__ = ["CaptureResult", "HiddenNTLCapture", "digit_logits_for_rows", "ntl_sums_from_hidden"]
+
+
+def digit_logits_for_rows(parts: LMParts, rows: torch.Tensor, vocab: ntl.NumberVocab,
+                          transform: LogitTransform) -> torch.Tensor:
+    """``f(rows @ W[ids].T + b[ids])``: ``[n, K]`` fp32 for hidden ``rows [n, H]``.
+
+    Call inside the model's forward (sharded heads, see :mod:`ntl_trl._model`). Autocast
+    is off, so the small matmul runs in fp32 whatever the trainer's mixed precision."""
+    weight, bias = parts.head()
+    with torch.autocast(rows.device.type, enabled=False):
+        z = ntl.digit_logits_from_hidden(rows.to(weight.device), weight, vocab, bias=bias)
+        return transform(z)
+
+
+def ntl_sums_from_hidden(parts: LMParts, hidden: torch.Tensor, targets: torch.Tensor,
+                         vocab: ntl.NumberVocab, *, method: str,
+                         transform: LogitTransform) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_i NTL_i, metric sums)`` over the positions of ``targets`` that hold a number
+    token, for ``hidden [..., H]`` aligned with ``targets [...]`` (module docstring).
+
+    The loss sum is fp32 and connected to the graph (0 with no target, still
+    differentiable); the metric sums ``[n, n*loss, n*accuracy, n*confidence,
+    n*target_prob]`` are detached (:func:`ntl_trl._common.digit_metric_sums`)."""
+    if hidden.shape[:-1] != targets.shape:
+        raise RuntimeError(
+            f"NTL: hidden states {tuple(hidden.shape)} do not match the digit targets "
+            f"{tuple(targets.shape)}; the trainer's forward changed the sequence"
+        )
+    sel = digit_token_mask(targets, vocab)
+    rows, tgt = hidden[sel], targets[sel]  # only the targeted rows (one host sync)
+    z = digit_logits_for_rows(parts, rows, vocab, transform)
+    loss = ntl.ntl_loss_from_digit_logits(z, tgt, vocab, method=method, reduction="sum")
+    return loss, digit_metric_sums(z, tgt, vocab, method)
+
+
+@dataclass
+class CaptureResult:
+    """What an armed :class:`HiddenNTLCapture` computed.
+
+    Attributes:
+        loss_sum: ``sum_i NTL_i`` over every targeted position (0-dim fp32; in the graph
+            when armed with ``grad=True``).
+        sums: ``[n, n*loss, n*accuracy, n*confidence, n*target_prob]`` (this process).
+        forwards: backbone forwards seen while armed.
+    """
+
+    loss_sum: torch.Tensor
+    sums: torch.Tensor
+    forwards: int
+
+
+class HiddenNTLCapture:
+    """Forward hook on ``parts.backbone`` computing NTL from the last hidden state while armed.
+
+    ``arm(targets, start)`` declares that the next forward(s) score ``targets [B, L]``
+    with ``hidden[:, start:start+L]`` (for a causal LM the state at ``t-1`` predicts token
+    ``t``: GRPO's completion token ``t`` sits at ``P+t``, so ``start = P-1``; SFT labels
+    ``labels[:, 1:]`` use ``start = 0``). Forwards that split the batch into row chunks are
+    consumed in order. ``disarm()`` returns the :class:`CaptureResult` and checks that
+    every row was seen. Outside ``arm``/``disarm`` the hook does nothing.
+    """
+
+    def __init__(self, parts: LMParts, vocab: ntl.NumberVocab, *, method: str) -> None:
+        self.parts, self.vocab, self.method = parts, vocab, method
+        self._plan: dict[str, Any] | None = None
+        self.handle = parts.backbone.register_forward_hook(self._hook)
+
+    def arm(self, targets: torch.Tensor, *, start: int, transform: LogitTransform,
+            grad: bool = True) -> None:
+        if targets.dim() != 2:
+            raise ValueError(f"targets must be [B, L], got shape {tuple(targets.shape)}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self._plan = {"targets": targets, "start": start, "transform": transform, "grad": grad,
+                      "row": 0, "forwards": 0, "loss": [], "sums": []}
+
+    def disarm(self) -> CaptureResult:
+        plan, self._plan = self._plan, None
+        if plan is None:
+            raise RuntimeError("HiddenNTLCapture.disarm() without arm()")
+        B = plan["targets"].shape[0]
+        if plan["forwards"] == 0:
+            raise RuntimeError(
+                "NTL: the backbone forward hook did not fire while armed; the trainer did not run "
+                f"{type(self.parts.backbone).__name__} (is this a TRL GRPO/RLOO-style trainer?)"
+            )
+        if plan["row"] != B:
+            raise RuntimeError(f"NTL: the armed forwards covered {plan['row']} of {B} rows")
+        loss = torch.stack(plan["loss"]).sum() if len(plan["loss"]) > 1 else plan["loss"][0]
+        sums = torch.stack(plan["sums"]).sum(0)
+        return CaptureResult(loss, sums, plan["forwards"])
+
+    def cancel(self) -> None:
+        """Drop an armed plan without a result (the armed step failed)."""
+        self._plan = None
+
+    def remove(self) -> None:
+        self._plan = None
+        self.handle.remove()
+
+    def _hook(self, module: Any, args: Any, output: Any) -> None:
+        plan = self._plan
+        if plan is None:
+            return
+        hidden = last_hidden_state(output)
+        r0, b = plan["row"], hidden.shape[0]
+        tg = plan["targets"][r0 : r0 + b]
+        if tg.shape[0] != b:
+            raise RuntimeError(
+                f"NTL: a forward of {b} rows while only {tg.shape[0]} of the armed "
+                f"{plan['targets'].shape[0]} rows are left; another forward ran through the backbone"
+            )
+        s, L = plan["start"], tg.shape[1]
+        h = hidden[:, s : s + L]
+        with torch.set_grad_enabled(plan["grad"] and torch.is_grad_enabled()):
+            loss, sums = ntl_sums_from_hidden(self.parts, h, tg.to(hidden.device), self.vocab,
+                                              method=self.method, transform=plan["transform"])
+        plan["loss"].append(loss)
+        plan["sums"].append(sums)
+        plan["row"] += b
+        plan["forwards"] += 1
