@@ -163,14 +163,28 @@ def _rows_per_program(block_v: int) -> int:
     return max(1, min(16, 65536 // block_v)) if interpreting() else 1
 
 
-def fwd_config(V: int, K: int) -> dict[str, int]:
+def fwd_config(V: int, K: int, row_scale: bool = False) -> dict[str, int]:
     """Launch constants of ``_ce_ntl_fwd``: ``BLOCK_V`` (the row is streamed in blocks; bigger
     in the interpreter, fewer steps), ``BLOCK_K`` (K padded to a power of two), ``BLOCK_N``
-    (rows per program) and ``num_warps``."""
-    block = min(next_pow2(V), 65536 if interpreting() else 32768)
+    (rows per program) and ``num_warps``.
+
+    On a GPU 32 warps (as Liger-Kernel's CE) cap a thread at 64 registers; the fp16 row
+    scaling and ``K > 512`` need more, so they get 16 warps over half the block and
+    ``maxnreg=128`` (ptxas would otherwise aim at two 16-warp programs per SM, i.e. 64
+    registers again, and spill). No register spills for sm_80/sm_90:
+    ``tests/test_compile_offline.py``.
+    """
+    block_k = max(16, next_pow2(K))
+    if interpreting():
+        return {"BLOCK_N": _rows_per_program(min(next_pow2(V), 65536)),
+                "BLOCK_V": min(next_pow2(V), 65536), "BLOCK_K": block_k, "num_warps": 4}
+    wide = row_scale or block_k > 512
+    block = min(next_pow2(V), 16384 if wide else 32768)
     warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
-    return {"BLOCK_N": _rows_per_program(block), "BLOCK_V": block, "BLOCK_K": max(16, next_pow2(K)),
-            "num_warps": warps}
+    cfg = {"BLOCK_N": 1, "BLOCK_V": block, "BLOCK_K": block_k, "num_warps": warps}
+    if wide and warps == 16:
+        cfg["maxnreg"] = 128
+    return cfg
 
 
 def scale_config(V: int) -> dict[str, int]:
@@ -205,7 +219,7 @@ def ce_ntl_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tenso
     if N == 0:
         return grad, rinv, ce, loss
     g = grad if grad is not None else logits
-    cfg = fwd_config(V, ids.numel())
+    cfg = fwd_config(V, ids.numel(), row_scale)
     _ce_ntl_fwd[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         logits, g, labels.contiguous(), k.contiguous(), ids, values, a.contiguous(), b.contiguous(),
         ce, loss, rinv if rinv is not None else ce, N, V, ids.numel(), logits.stride(0), g.stride(0),
