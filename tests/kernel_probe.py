@@ -2,6 +2,8 @@
 
 * :func:`count_launches`: every ``@triton.jit`` kernel referenced by an ``ntl`` module is
   wrapped for the duration (the launch still happens); yields ``{kernel name: launches}``.
+  Device functions (called by other kernels, which look them up by name) are left alone.
+  On a GPU, compile a kernel before counting its launches (a warm-up call).
 * :class:`BigOps`: a ``TorchDispatchMode`` recording every non-view ATen op whose inputs
   or outputs hold at least ``threshold`` elements, and every host read of a tensor value
   (``aten._local_scalar_dense``: ``.item()``, ``float(t)``, ``.tolist()``; a sync on CUDA).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import pkgutil
 import sys
 from collections import Counter
@@ -59,11 +62,17 @@ def count_launches() -> Iterator[Counter]:
         importlib.import_module(f"ntl.kernels.{info.name}")
     counts: Counter = Counter()
     patched = []
+    kernels = {id(o): o for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith("ntl")
+               for o in vars(m).values() if _is_kernel(o)}
+    # device functions (called by other kernels) stay as they are: kernels resolve them by name
+    sources = [inspect.getsource(o.fn) for o in kernels.values()]
+    device_fns = {i for i, o in kernels.items()
+                  if any(f"{o.fn.__name__}(" in src and f"def {o.fn.__name__}(" not in src for src in sources)}
     for modname, mod in list(sys.modules.items()):
         if not modname.startswith("ntl"):
             continue
         for attr, obj in list(vars(mod).items()):
-            if _is_kernel(obj):
+            if _is_kernel(obj) and id(obj) not in device_fns:
                 patched.append((mod, attr, obj))
                 setattr(mod, attr, _Counted(obj, obj.fn.__name__, counts))
     try:
