@@ -18,9 +18,10 @@ carry the reduction, so backward is a multiply):
 * ``ROW_SCALE`` (fp16 gradients): the row is stored times a power of two ``S_i`` that
   puts its largest entry in ``[2^14, 2^15)`` and ``1 / S_i`` is written to ``rinv``,
   so that small entries are not flushed to zero before backward applies the
-  incoming gradient (a GradScaler scale of ``2^16`` times a mean over 16k rows would
-  otherwise need ``2^-30``-sized fp16 values). The bound on the row's largest entry
-  is ``max(|coef| e^{m - lse}, |g_label|, max_k |g_k|)``.
+  incoming gradient (the mean's ``1/n`` alone, ``n = 16k``, puts most entries of a
+  ``V = 1000`` row below fp16's smallest subnormal ``2^-24``, before a GradScaler
+  scale of ``2^16`` could lift them). The bound on the row's largest entry is
+  ``max(|coef| e^{m - lse}, |g_label|, max_k |g_k|)``.
 
 Backward (``_scale_rows``): row ``i`` of the buffer times ``f_i = grad_out[i or 0] *
 rinv_i``; a row with ``f_i == 1`` is neither read nor written, so ``grad_out == 1``
