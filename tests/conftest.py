@@ -1,15 +1,26 @@
-"""Test configuration: Triton's CPU interpreter, tokenizers, markers."""
+"""Test configuration: Triton's CPU interpreter (only without CUDA), tokenizers, markers.
+
+Without a CUDA GPU, ``TRITON_INTERPRET=1`` is set before ``ntl`` (and its ``@triton.jit``
+kernels) is imported, so ``backend="triton"`` tests run the kernels in Triton's CPU
+interpreter and ``gpu`` tests are skipped. With a GPU it is left alone: ``pytest -m gpu``
+then runs the compiled kernels (a ``gpu`` test fails if the interpreter is on, since the
+interpreter would silently copy CUDA tensors to the host). The interpreter tests need it
+on, so on a GPU machine run them in their own process:
+``TRITON_INTERPRET=1 pytest -m "not gpu"``.
+"""
 
 import os
 
-# Must be set before ntl (and its @triton.jit kernels) is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # must happen before ntl (and its @triton.jit kernels) is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI runs on 2 shared cores: no per-example deadlines, no "too slow" health check.
 settings.register_profile(
@@ -22,12 +33,28 @@ GSM8K_DIR = os.path.join(SHARED, "data", "gsm8k")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def require_compiled_kernels(node) -> None:
+    """Fail a ``gpu``-marked test when Triton's interpreter is on."""
+    if node.get_closest_marker("gpu") is not None:
+        from ntl.kernels import interpreting
+
+        if interpreting():
+            pytest.fail("gpu test under TRITON_INTERPRET=1: it would test Triton's interpreter "
+                        "(which copies CUDA tensors to the host), not the compiled kernels; "
+                        "run `TRITON_INTERPRET=0 pytest -m gpu`")
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tests_run_compiled_kernels(request):
+    require_compiled_kernels(request.node)
 
 
 @pytest.fixture(scope="session")

@@ -303,43 +303,7 @@ def test_from_hidden_triton_vs_plain(method):
     rel_close(W1.grad, W2.grad, 1e-5)
 
 
-# ---------------------------------------------------------------- real GPU
-gpu = pytest.mark.gpu
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_losses_real_sizes(dtype, qwen_tok):
-    V = 151_936
-    vocab = ntl.DigitVocab.from_tokenizer(qwen_tok)
-    logits, labels = make_batch(4096, V, vocab, dtype)
-    logits, labels = logits.cuda(), labels.cuda()
-    for method in ("mse", "wasserstein"):
-        a, ga = loss_and_grad(lambda x, m=method: ntl.ntl_loss(x, labels, vocab, method=m), logits)
-        b, gb = loss_and_grad(lambda x, m=method: ntl.ntl_loss(x, labels, vocab, method=m, backend="torch"), logits)
-        rel_close(a, b, 1e-5)
-        rel_close(ga, gb, GRAD_TOL[dtype])
-    a, ga = loss_and_grad(lambda x: ntl.cross_entropy_with_ntl(x, labels, vocab), logits)
-    b, gb = loss_and_grad(lambda x: torch.nn.functional.cross_entropy(x.float(), labels)
-                          + 0.3 * ntl.ntl_wasserstein_loss(x, labels, vocab, backend="torch"), logits)
-    rel_close(a, b, 1e-5)
-    rel_close(ga, gb, GRAD_TOL[dtype])
-
-
-@gpu
-def test_gpu_more_than_2_31_elements(qwen_tok):
-    V = 151_936
-    N = (2**31 // V) + 64  # N x V > 2^31: int32 offsets would wrap
-    vocab = ntl.DigitVocab.from_tokenizer(qwen_tok)
-    logits = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
-    labels = torch.full((N,), 785, device="cuda")
-    labels[-5:] = torch.tensor([15, 16, 17, 18, 24], device="cuda")  # digits only in the last rows
-    rows = ntl.ntl_wasserstein_loss(logits, labels, vocab, reduction="none")
-    ref = ntl.ntl_wasserstein_loss(logits[-5:], labels[-5:], vocab, reduction="none", backend="torch")
-    rel_close(rows[-5:], ref, 1e-5)
-    fused = ntl.cross_entropy_with_ntl(logits, labels, vocab, reduction="none", inplace=True)
-    assert torch.isfinite(fused).all()
-    assert logits[-1].float().sum().abs().item() < 1e-2  # the last row now holds its gradient (sums to ~0)
+# ---------------------------------------------------------------- real GPU: tests/test_gpu.py
 
 
 def test_masked_digit_logits_on_rows_taking_no_part():

@@ -4,7 +4,8 @@
 second dense ``N x V`` NTL gradient that autograd then adds. Here the gradient
 of the whole objective is computed during the forward pass, row block by row
 block, into one buffer (or over the logits themselves with ``inplace=True``, as
-Liger-Kernel does); backward only scales it by the incoming gradient.
+Liger-Kernel does); backward only scales it by the incoming gradient, and skips
+that when the incoming gradient is 1 (on CUDA decided on the device).
 
 Per row with full softmax ``p = softmax(x)``, label ``c`` and CE scale ``a``,
 NTL scale ``b`` (``w / n_ntl`` for the mean)::
@@ -14,6 +15,13 @@ NTL scale ``b`` (``w / n_ntl`` for the mean)::
 and with ``reweigh=True`` (``L' = m L + D (1 - m)``, ``m = sum_{k in ids} p_k``)::
 
     dL'/dx_j = m dL/dx_j + (L - D) (p_j 1[j in ids] - m p_j)
+
+A row with ``a = b = 0`` (label ``ignore_index``) gets a zero gradient. fp16
+gradients are stored times a power of two per row, ``S_i``, that puts the row's
+largest entry in ``[2^14, 2^15)``; backward multiplies by ``grad_out / S_i`` in
+fp32. So a GradScaler scale (a power of two) costs no extra rounding and small
+entries are not flushed to zero before it is applied (fp16 has 5 exponent bits;
+``a = 1 / n`` alone pushes most entries below its range at ``n = 16k``).
 """
 
 from __future__ import annotations
@@ -47,84 +55,158 @@ def row_scales(labels: torch.Tensor, k: torch.Tensor, ignore_index: int,
     return valid, active
 
 
+def pow2_row_scale(gmax: torch.Tensor) -> torch.Tensor:
+    """``S = 2^j`` with ``gmax * S`` in ``[2^14, 2^15)`` (``j`` in ``[-126, 126]``; 1 where
+    ``gmax == 0``): the per-row scale of fp16 gradients (the kernel's ``ROW_SCALE``)."""
+    _, e = torch.frexp(gmax)  # gmax in [2^(e-1), 2^e)
+    S = torch.ldexp(torch.ones_like(gmax), (15 - e).clamp(-126, 126))
+    return torch.where(gmax > 0, S, torch.ones((), device=gmax.device))
+
+
 def ce_ntl_rows_torch(
     x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
     a: torch.Tensor, b: torch.Tensor, method: str, reweigh: bool, dmax: float,
-    out: torch.Tensor,
+    out: torch.Tensor, rinv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One row block: CE and NTL per row, and the scaled gradient written to ``out``.
 
     ``out`` may alias ``x`` (in-place mode): everything read from ``x`` is read first.
-    Returns ``(ce [n], ntl [n])`` fp32 (unscaled per-row losses).
+    With ``rinv`` (fp16 gradients) row ``i`` is stored times ``S_i``
+    (:func:`pow2_row_scale` of the bound ``max(|coef|, |g_label|, max_k |g_k|)``, as in
+    the kernel) and ``rinv[i] = 1 / S_i``. A row with ``a = b = 0`` gets zeros (also
+    when its logits are all ``-inf``). Returns ``(ce [n], ntl [n])`` fp32 (unscaled
+    per-row losses).
     """
     V = x.shape[1]
+    zero = torch.zeros((), device=x.device)
     xf = x.float()
     z = xf.index_select(1, ids)
     lab = labels.clamp(0, V - 1)[:, None]
     x_lab = xf.gather(1, lab).squeeze(1)
     m = xf.amax(1, keepdim=True)
+    m = m.masked_fill(m == float("-inf"), 0.0)  # an all -inf row: p = 0, not NaN
     if out.dtype == torch.float32 and (out.data_ptr() == x.data_ptr() or out.is_contiguous()):
         p = torch.sub(xf, m, out=out)  # exp computed straight into the gradient buffer
     else:
         p = xf - m
     p.exp_()
-    s = p.sum(1, keepdim=True)
-    ce = (m + s.log()).squeeze(1) - x_lab
+    s = p.sum(1)
+    ce = m.squeeze(1) + s.log() - x_lab
     L, dz, _ = ntl_rows_grad_torch(z, k, values, method)
-    coef = a / s.squeeze(1)
+    s = s.clamp_min(1.0)  # no-op for a row with a finite logit; 0 -> 1 for an all -inf row
+    coef = a / s
     if reweigh:
-        pd = p.index_select(1, ids) / s
+        pd = torch.where((k >= 0)[:, None], p.index_select(1, ids) / s[:, None], zero)
         mass = pd.sum(1)
         rel = L - dmax
-        coef = coef - b * rel * mass / s.squeeze(1)
+        coef = coef - b * rel * mass / s
         digit = b[:, None] * (mass[:, None] * dz + rel[:, None] * pd)
-        L = torch.where(k >= 0, mass * L + dmax * (1.0 - mass), torch.zeros((), device=x.device))
+        L = torch.where(k >= 0, mass * L + dmax * (1.0 - mass), zero)
     else:
         digit = b[:, None] * dz
+    a_s = a
+    if rinv is not None:
+        g_lab = coef * torch.exp(x_lab - m.squeeze(1)) - a
+        gd = coef[:, None] * p.index_select(1, ids) + digit - torch.where(ids[None, :] == lab, a[:, None], zero)
+        gd_max = torch.where((k >= 0)[:, None], gd.abs(), zero).amax(1)
+        S = pow2_row_scale(torch.maximum(torch.maximum(coef.abs(), g_lab.abs()), gd_max))
+        coef, a_s, digit = coef * S, a * S, digit * S[:, None]
+        rinv.copy_(1.0 / S)
     p.mul_(coef[:, None])
-    p.scatter_add_(1, lab, -a[:, None])
+    p.scatter_add_(1, lab, -a_s[:, None])
     p.index_add_(1, ids, digit)
     if p.data_ptr() != out.data_ptr():
         out.copy_(p)
     return ce, L
 
 
+def _combine(a: torch.Tensor, c: torch.Tensor, ce: torch.Tensor, L: torch.Tensor, ntl_weight: float,
+             reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ce_part, ntl_part)`` from per-row losses (rows ``[N]`` for ``"none"``)."""
+    if reduction == "none":
+        ce_part, ntl_part = ce, L
+    else:
+        ce_part, ntl_part = (a * ce).sum(), (c * L).sum()
+    return ce_part + ntl_weight * ntl_part, ce_part, ntl_part
+
+
+def fused_forward(
+    logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor,
+    values: torch.Tensor, ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
+    ignore_index: int, inplace: bool, use_kernel: bool, write_grad: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of ``CE + w NTL`` on ``logits [N, V]`` and, with ``write_grad``, its gradient.
+
+    Returns ``(grad, rinv, loss, ce_part, ntl_part)``: ``grad [N, V]`` in the logits'
+    dtype (the logits themselves with ``inplace``; ``None`` without ``write_grad``),
+    ``rinv [N]`` (fp16 gradients only: row ``i`` of ``grad`` is stored times
+    ``1 / rinv[i]``; else ``None``). On the Triton path this is one kernel launch
+    (plus the ``[N]``-sized scales and sums), with no host sync.
+    """
+    N, V = logits.shape
+    a, c = row_scales(labels, k, ignore_index, reduction)
+    b = c * ntl_weight
+    if use_kernel:
+        from .kernels.fused_ce import ce_ntl_fwd_triton
+
+        grad, rinv, ce, L = ce_ntl_fwd_triton(logits, labels, k, ids, values, a, b, method, reweigh,
+                                              dmax, inplace, write_grad)
+    else:
+        grad = rinv = None
+        if write_grad:
+            grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+            if grad.dtype == torch.float16:
+                rinv = torch.empty(N, device=logits.device)
+        ce = torch.empty(N, device=logits.device)
+        L = torch.empty(N, device=logits.device)
+        step = max(1, _CHUNK_ELEMS // V)
+        for s in range(0, N, step):
+            e = min(N, s + step)
+            ce[s:e], L[s:e] = ce_ntl_rows_torch(
+                logits[s:e], labels[s:e], k[s:e], ids, values, a[s:e], b[s:e], method, reweigh, dmax,
+                grad[s:e], rinv[s:e] if rinv is not None else None)
+        ce = torch.where(a > 0, ce, torch.zeros((), device=ce.device))
+    return (grad, rinv, *_combine(a, c, ce, L, ntl_weight, reduction))
+
+
+def fused_backward(grad: torch.Tensor, rinv: torch.Tensor | None, grad_out: torch.Tensor,
+                   reduction: str, use_kernel: bool) -> torch.Tensor:
+    """Scale the stored gradient in place by the incoming gradient (and ``rinv``), in fp32.
+
+    Triton: one launch; rows whose factor is exactly 1 are not touched, so
+    ``grad_out == 1`` costs no ``N x V`` traffic and no host sync.
+    """
+    if use_kernel:
+        from .kernels.fused_ce import scale_rows_triton
+
+        scale_rows_triton(grad, grad_out, rinv)
+        return grad
+    # multiply by the fp32 incoming gradient as is: casting it to fp16 first would turn
+    # a GradScaler scale of 2^16 into inf
+    go = grad_out.reshape(-1, 1) if reduction == "none" else grad_out
+    if rinv is not None:
+        grad.mul_(go * rinv[:, None])
+    elif reduction == "none" or grad_out.is_cuda or float(grad_out) != 1.0:
+        grad.mul_(go)
+    return grad
+
+
 class _FusedCENTL(torch.autograd.Function):
-    """CPU/PyTorch path: gradient computed in forward, row block by row block."""
+    """Gradient computed in forward (:func:`fused_forward`), scaled in backward."""
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor,
                 ids: torch.Tensor, values: torch.Tensor, ntl_weight: float, method: str,
                 reduction: str, reweigh: bool, dmax: float, ignore_index: int, inplace: bool,
                 use_kernel: bool):
-        N, V = logits.shape
-        a, c = row_scales(labels, k, ignore_index, reduction)
-        b = c * ntl_weight
-        if use_kernel:
-            from .kernels.fused_ce import ce_ntl_fwd_triton
-
-            grad, ce, L = ce_ntl_fwd_triton(logits, labels, k, ids, values, a, b, method, reweigh,
-                                            dmax, inplace)
-            if inplace:  # the kernel wrote over the logits: let autograd see it
-                torch.autograd.graph.increment_version(logits)
-        else:
-            grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-            ce = torch.empty(N, device=logits.device)
-            L = torch.empty(N, device=logits.device)
-            step = max(1, _CHUNK_ELEMS // V)
-            for s in range(0, N, step):
-                e = min(N, s + step)
-                ce[s:e], L[s:e] = ce_ntl_rows_torch(
-                    logits[s:e], labels[s:e], k[s:e], ids, values, a[s:e], b[s:e], method,
-                    reweigh, dmax, grad[s:e])
-        ce = torch.where(a > 0, ce, torch.zeros((), device=ce.device))
-        if reduction == "none":
-            ce_part, ntl_part = ce, L
-        else:
-            ce_part, ntl_part = (a * ce).sum(), (c * L).sum()
-        loss = ce_part + ntl_weight * ntl_part
-        ctx.save_for_backward(grad.detach())
+        grad, rinv, loss, ce_part, ntl_part = fused_forward(
+            logits, labels, k, ids, values, ntl_weight, method, reduction, reweigh, dmax,
+            ignore_index, inplace, use_kernel)
+        if inplace and use_kernel:  # the kernel wrote over the logits: let autograd see it
+            torch.autograd.graph.increment_version(logits)
+        ctx.save_for_backward(grad.detach(), rinv)  # type: ignore[union-attr]
         ctx.reduction = reduction
+        ctx.use_kernel = use_kernel
         ctx.consumed = False
         ctx.mark_non_differentiable(ce_part, ntl_part)
         return loss, ce_part, ntl_part
@@ -136,34 +218,33 @@ class _FusedCENTL(torch.autograd.Function):
             raise RuntimeError("cross_entropy_with_ntl: backward can run only once per forward "
                                "(its gradient buffer is scaled in place)")
         ctx.consumed = True
-        (grad,) = ctx.saved_tensors
-        # multiply by the fp32 incoming gradient as is: casting it to fp16 first would turn
-        # a GradScaler scale of 2^16 into inf
-        if ctx.reduction == "none":
-            grad.mul_(grad_out.reshape(-1, 1))
-        elif grad_out.is_cuda or float(grad_out) != 1.0:
-            grad.mul_(grad_out)
-        return (grad,) + (None,) * 12
+        grad, rinv = ctx.saved_tensors
+        return (fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel),) + (None,) * 12
 
 
 def _ce_ntl_no_grad(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, vocab: Any,
                     ntl_weight: float, method: str, reduction: str, reweigh: bool,
-                    ignore_index: int, backend: str) -> tuple[torch.Tensor, ...]:
-    """Loss and parts without a gradient buffer (evaluation): logits are never written."""
+                    ignore_index: int, use_kernel: bool) -> tuple[torch.Tensor, ...]:
+    """Loss and parts without a gradient buffer (evaluation): logits are never written.
+
+    Triton: one read-only kernel launch. PyTorch: a row-block loop for CE, then the NTL rows.
+    """
+    dev = logits.device
+    if use_kernel:
+        return fused_forward(logits, labels, k, vocab.ids(dev), vocab.values_on(dev), ntl_weight,
+                             method, reduction, reweigh, float(reweigh_ceiling(vocab, method)),
+                             ignore_index, False, True, write_grad=False)[2:]
     N, V = logits.shape
     a, c = row_scales(labels, k, ignore_index, reduction)
-    ce = torch.empty(N, device=logits.device)
+    ce = torch.empty(N, device=dev)
     step = max(1, _CHUNK_ELEMS // V)
     for s in range(0, N, step):
         x = logits[s:s + step].float()
         lab = labels[s:s + step].clamp(0, V - 1)[:, None]
         ce[s:s + step] = torch.logsumexp(x, 1) - x.gather(1, lab).squeeze(1)
     ce = torch.where(a > 0, ce, torch.zeros((), device=ce.device))
-    L = ntl_rows(logits, k, vocab, method, None, reweigh, backend)
-    if reduction == "none":
-        return ce + ntl_weight * L, ce, L
-    ce_part, ntl_part = (a * ce).sum(), (c * L).sum()
-    return ce_part + ntl_weight * ntl_part, ce_part, ntl_part
+    L = ntl_rows(logits, k, vocab, method, None, reweigh, "torch")
+    return _combine(a, c, ce, L, ntl_weight, reduction)
 
 
 def cross_entropy_with_ntl(
@@ -197,6 +278,9 @@ def cross_entropy_with_ntl(
     or for logits that do not require grad, no gradient is built and the logits
     are left untouched, ``inplace`` or not. On a leaf tensor, ``inplace=True``
     makes ``logits.grad`` share the logits' storage (it is the same gradient).
+    fp16 logits: until backward each row holds its gradient times a power of two
+    (see the module docstring), so fp16 backward always rescales the ``N x V`` buffer;
+    bf16/fp32 backward with an incoming gradient of 1 touches nothing.
     Second derivatives are not supported (backward raises under ``create_graph``).
 
     Args:
@@ -229,7 +313,7 @@ def cross_entropy_with_ntl(
     dev = logits.device
     if not (torch.is_grad_enabled() and logits.requires_grad):
         loss, ce, ntl = _ce_ntl_no_grad(logits2d, labels1d, k, vocab, float(ntl_weight), method,
-                                        reduction, reweigh, ignore_index, backend)
+                                        reduction, reweigh, ignore_index, use_kernel)
     else:
         loss, ce, ntl = _FusedCENTL.apply(
             logits2d, labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method,

@@ -68,6 +68,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cases", nargs="+", choices=list(CASES), metavar="CASE",
                    help=f"subset of {', '.join(CASES)} (default: all; --quick: a core subset)")
     p.add_argument("--providers", nargs="+", metavar="KEY", help="only these provider keys (see --list)")
+    p.add_argument("--skip-providers", nargs="+", metavar="KEY", default=[],
+                   help="leave these provider keys out (e.g. torch-compile, whose compile takes ~20 s a shape)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="start no new (N, dtype, case) after this many seconds; what is left is "
+                        "reported as skipped ('time budget'), so a GPU check ends in time (order --n "
+                        "by priority)")
     p.add_argument("--repeats", type=int, help="CPU timed runs per provider (default 5; --quick 3)")
     p.add_argument("--warmup", type=int, default=1,
                    help="CPU warm-up runs per provider; the first is the profiled check/memory run, "
@@ -92,6 +98,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.repeats is not None and a.repeats < 1:
         p.error("--repeats must be >= 1")
+    if a.time_budget is not None and a.time_budget <= 0:
+        p.error("--time-budget must be > 0")
+    unknown = sorted(set(a.skip_providers) - {pr.key for c in CASES.values() for pr in c.providers})
+    if unknown:
+        p.error(f"--skip-providers: unknown provider keys {unknown} (see --list)")
     if not 0 <= a.digit_frac + a.ignore_frac <= 1:
         p.error("--digit-frac + --ignore-frac must lie in [0, 1]")
     return a
@@ -314,7 +325,7 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     ctx = Ctx(tok, vocab, a.vocab_size)
 
     def selected(pr: Any) -> str | None:
-        if a.providers and pr.key not in a.providers:
+        if (a.providers and pr.key not in a.providers) or pr.key in a.skip_providers:
             return "deselected"
         if a.quick and not pr.quick and not a.providers:
             return "not in --quick"
@@ -344,6 +355,12 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
             exp: dict[str, dict[str, float]] = {}
             for cname in case_names:
                 case = CASES[cname]
+                if a.time_budget is not None and time.time() - t_start > a.time_budget:
+                    why = f"time budget: --time-budget {a.time_budget:g} s was spent before this case"
+                    log.warning("N=%d %s %s: %s", N, dt, cname, why)
+                    records += [_rec(case, pr, N, dt, {"status": "skipped", "reason": why})
+                                for pr in case.providers if selected(pr) != "deselected"]
+                    continue
                 if case.inputs not in inputs:
                     inputs.clear()
                     exp.clear()
@@ -378,7 +395,8 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         "config": {
             "vocab_size": a.vocab_size, "Ns": Ns, "dtypes": dtypes, "digit_frac": a.digit_frac,
             "ignore_frac": a.ignore_frac, "hidden_size": H, "ntl_weight": 0.3, "seed": a.seed,
-            "cases": case_names, "ntl_backend": ntl_backend,
+            "cases": case_names, "ntl_backend": ntl_backend, "skip_providers": a.skip_providers,
+            "time_budget_s": a.time_budget,
             "timer": (f"triton.testing.do_bench (rep {a.rep_ms} ms), median and 25/75% quantiles" if gpu else
                       f"wall clock, {a.warmup} warm-up + {a.repeats} timed runs, median and IQR; fwd and bwd "
                       "timed within the same runs"),

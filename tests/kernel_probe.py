@@ -1,0 +1,106 @@
+"""Test probes: count Triton launches and see which PyTorch ops touch big tensors.
+
+* :func:`count_launches`: every ``@triton.jit`` kernel referenced by an ``ntl`` module is
+  wrapped for the duration (the launch still happens); yields ``{kernel name: launches}``.
+  Device functions (called by other kernels, which look them up by name) are left alone.
+  On a GPU, compile a kernel before counting its launches (a warm-up call).
+* :class:`BigOps`: a ``TorchDispatchMode`` recording every non-view ATen op whose inputs
+  or outputs hold at least ``threshold`` elements, and every host read of a tensor value
+  (``aten._local_scalar_dense``: ``.item()``, ``float(t)``, ``.tolist()``; a sync on CUDA).
+  Ops issued inside a launch counted by :func:`count_launches` are the Triton
+  interpreter's own argument plumbing (it re-binds every tensor's storage around a
+  launch) and are not recorded: use both together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import pkgutil
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+_IN_LAUNCH = [0]
+
+
+def _is_kernel(obj: Any) -> bool:
+    return type(obj).__name__ in ("JITFunction", "InterpretedFunction") and hasattr(obj, "fn")
+
+
+class _Counted:
+    def __init__(self, fn: Any, name: str, counts: Counter) -> None:
+        self.fn, self.name, self.counts = fn, name, counts
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:  # a device function called by a kernel
+        return self.fn(*args, **kw)
+
+    def __getitem__(self, grid: Any):
+        launch = self.fn[grid]
+
+        def run(*args: Any, **kw: Any) -> Any:
+            self.counts[self.name] += 1
+            _IN_LAUNCH[0] += 1
+            try:
+                return launch(*args, **kw)
+            finally:
+                _IN_LAUNCH[0] -= 1
+        return run
+
+
+@contextlib.contextmanager
+def count_launches() -> Iterator[Counter]:
+    import ntl.kernels
+
+    for info in pkgutil.iter_modules(ntl.kernels.__path__):  # the launchers import them lazily
+        importlib.import_module(f"ntl.kernels.{info.name}")
+    counts: Counter = Counter()
+    patched = []
+    kernels = {id(o): o for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith("ntl")
+               for o in vars(m).values() if _is_kernel(o)}
+    # device functions (called by other kernels) stay as they are: kernels resolve them by name
+    sources = [inspect.getsource(o.fn) for o in kernels.values()]
+    device_fns = {i for i, o in kernels.items()
+                  if any(f"{o.fn.__name__}(" in src and f"def {o.fn.__name__}(" not in src for src in sources)}
+    for modname, mod in list(sys.modules.items()):
+        if not modname.startswith("ntl"):
+            continue
+        for attr, obj in list(vars(mod).items()):
+            if _is_kernel(obj) and id(obj) not in device_fns:
+                patched.append((mod, attr, obj))
+                setattr(mod, attr, _Counted(obj, obj.fn.__name__, counts))
+    try:
+        yield counts
+    finally:
+        for mod, attr, obj in patched:
+            setattr(mod, attr, obj)
+
+
+class BigOps(TorchDispatchMode):
+    """Records ``(op name, largest numel)`` for non-view ops on tensors of >= ``threshold``
+    elements in ``self.big``, and host reads of tensor values in ``self.host_reads``."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.big: list[tuple[str, int]] = []
+        self.host_reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if _IN_LAUNCH[0]:
+            return out
+        name = str(func.overloadpacket.__name__)
+        if name == "_local_scalar_dense":
+            self.host_reads.append(name)
+        if not func.is_view:
+            sizes = [t.numel() for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            if sizes and max(sizes) >= self.threshold:
+                self.big.append((name, max(sizes)))
+        return out

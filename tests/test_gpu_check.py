@@ -1,0 +1,76 @@
+"""scripts/gpu_check.sh and the benchmark options it relies on (CPU, toy shapes).
+
+The full dry run (``bash scripts/gpu_check.sh --dry-run``: preflight, gpu tests collected,
+the bench on the CPU at toy shapes) takes ~1-2 min on 2 cores and is not run here; these
+tests check its argument handling, that a real run fails loudly where no GPU is, and the
+``--skip-providers`` / ``--time-budget`` options of ``ntl bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ntl.bench.harness import main, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def run_script(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("OUT", None)
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_script_argument_errors_are_loud():
+    for args, msg in ((["--bogus"], "unknown argument '--bogus'"), (["--budget", "x"], "--budget needs"),
+                      (["--results"], "--results needs")):
+        out = run_script(*args)
+        assert out.returncode == 1 and "gpu_check: FAILED" in out.stderr and msg in out.stderr, out
+    out = run_script("--help")
+    assert out.returncode == 0 and "pytest -m gpu" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the real check")
+def test_real_run_without_a_gpu_fails_at_preflight():
+    out = run_script("--skip-tests", "--skip-bench", timeout=300)
+    assert out.returncode != 0
+    assert "gpu_check: FAILED" in out.stdout + out.stderr
+    assert "no CUDA GPU" in out.stdout + out.stderr or "missing packages" in out.stdout + out.stderr
+
+
+def test_bench_skip_providers_and_time_budget(tmp_path, toy_tok):
+    argv = ["--device", "cpu", "--n", "32", "48", "--vocab-size", "64", "--hidden-size", "8",
+            "--cases", "ntl-w1", "ce+ntl", "--skip-providers", "torch-ref", "ntloss-rw", "ce+ntloss-rw",
+            "--repeats", "1", "--time-budget", "0.001", "--out", str(tmp_path), "--name", "toy",
+            "--no-plot", "--no-progress"]
+    assert main(argv, tokenizer=toy_tok) == 0
+    doc = json.loads((tmp_path / "toy.json").read_text())
+    assert doc["config"]["skip_providers"] == ["torch-ref", "ntloss-rw", "ce+ntloss-rw"]
+    assert doc["config"]["time_budget_s"] == 0.001
+    provs = {r["provider"] for r in doc["results"]}
+    assert provs and not provs & {"torch-ref", "ntloss-rw", "ce+ntloss-rw"}
+    late = [r for r in doc["results"] if r["N"] == 48]
+    assert late and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in late)
+    for bad in (["--skip-providers", "nope"], ["--time-budget", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+@pytest.fixture(scope="module")
+def toy_tok():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>"] + [f"w{i}" for i in range(18)] + [str(d) for d in range(10)]
+    words += [f"x{i}" for i in range(10)]
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>")
