@@ -112,6 +112,14 @@ def _scatter_bwd(c: Case) -> None:
         scatter_rows(c.dz.to(c.dtype) if scale is None else c.dz, c.ids, c.V, c.dtype, scale=scale)
 
 
+def _mass(c: Case) -> None:
+    from ntl.kernels.mass import number_mass_triton
+
+    x = c.logits.clone().requires_grad_(True)
+    z, m = number_mass_triton(x, c.ids)
+    (z.sum() + m.sum()).backward()  # _mass_fwd, then _mass_bwd
+
+
 #: Every ``@triton.jit`` function of ``ntl.kernels`` -> its driver (or INLINED).
 KERNELS: dict[str, Callable[[Case], None] | str] = {
     "fused_ce._ce_ntl_fwd": _fused_fwd,
@@ -120,6 +128,8 @@ KERNELS: dict[str, Callable[[Case], None] | str] = {
     "rowloss.ntl_row_math": INLINED,
     "gather._gather_fwd": _gather_fwd,
     "gather._scatter_bwd": _scatter_bwd,
+    "mass._mass_fwd": _mass,
+    "mass._mass_bwd": _mass,
 }
 
 
