@@ -183,9 +183,11 @@ def _rank_main(rank: int, world: int, port: int, target: str, out_dir: str, args
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TOKENIZERS_PARALLELISM="false",
                       HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     torch.set_num_threads(1)
+    import signal
     import warnings
 
     warnings.filterwarnings("ignore")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run finally blocks (ray.shutdown) on terminate
     try:
         install_cpu_platform()
         import torch.distributed as dist
@@ -210,7 +212,7 @@ def start(target: str, world: int, out_dir: str, *args):
         _rank_main, args=(world, free_port(), target, out_dir, args), nprocs=world, join=False, start_method="spawn")
 
 
-def join(ctx, world: int, out_dir: str, timeout: float = 1500.0):
+def join(ctx, world: int, out_dir: str, timeout: float = 1200.0):
     """Wait for the ranks of :func:`start`; re-raise a rank's error with its traceback. Returns
     rank 0's result."""
     import time

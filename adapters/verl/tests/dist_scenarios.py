@@ -121,3 +121,78 @@ def dp_updates(rank: int, world: int, model_path: str, plan: list) -> dict:
         gc.collect()
     results["_timing"] = timing
     return results
+
+
+# --------------------------------------------------------------------------- trainer step (Ray + TQ)
+GROUP = 2  # rollout.n: responses per prompt (uid), for GRPO
+
+
+def trainer_step(rank: int, world: int, model_path: str, overrides: list[str]) -> dict:
+    """One v1 PPO step after the rollout, through verl's own code: the agent loop's outputs go into
+    a real TransferQueue (Ray, SimpleStorage) as ``AgentLoopWorkerTQ`` puts them; then verl's
+    ``PPOTrainer._compute_old_log_prob``, ``_compute_advantage`` and ``_update_actor`` run with the
+    actor worker (``ActorRolloutRefWorker.compute_log_prob`` / ``update_actor`` through verl's
+    ``tqbridge``, which fetches each batch from the store and writes every output back).
+    Returns what the store holds after each stage and the trainer's metrics."""
+    import types
+
+    import ray
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    from ntl.rewards import compute_score
+    from ntl.tokenizers import qwen2_tokenizer
+
+    # logical CPUs: TransferQueue's controller and storage unit each reserve one
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 1024**2)
+    try:
+        tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+        cfg = compose(model_path, *overrides)
+        worker = ActorRolloutRefWorker(config=cfg.actor_rollout_ref, role="actor")
+        worker.init_model()
+        tok = qwen2_tokenizer()
+        keys, rows, tags = [], [], []
+        for i, (_, response, truth) in enumerate(SAMPLES_8):
+            f = sample_fields(tok, i, stage="old_log_prob")
+            score = compute_score("openai/gsm8k", response, truth)["score"]
+            f["rm_scores"] = torch.cat([torch.zeros(len(f["responses"]) - 1), torch.tensor([float(score)])])
+            f["uid"] = f"prompt{i // GROUP}"
+            f["data_source"] = "openai/gsm8k"
+            keys.append(f"{f['uid']}_{i % GROUP}_0")
+            rows.append(f)
+            tags.append({"status": "success", "seq_len": int(f["input_ids"].numel())})
+        batch = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(rows), tags=tags)
+        stock = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["rm_scores"])
+
+        trainer = types.SimpleNamespace(config=cfg, actor_rollout_wg=worker)
+        metrics: dict = {}
+        batch = PPOTrainer._compute_old_log_prob(trainer, batch, metrics)
+        after_old = tq.kv_batch_get(keys=keys, partition_id="train")
+        batch = PPOTrainer._compute_advantage(trainer, batch, metrics)
+        after_adv = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages"])
+        batch = PPOTrainer._update_actor(trainer, batch, metrics)
+
+        def plain(td, names):
+            out = {}
+            for name in names:
+                v = td[name]
+                out[name] = [t.clone() for t in v.unbind()] if isinstance(v, torch.Tensor) else list(v)
+            return out
+
+        return {
+            "keys": keys,
+            "stock": plain(stock, ["rm_scores"]),
+            "after_old": plain(after_old, ["ntl_targets", "rm_scores", "ntl_bonus", "old_log_probs", "uid"]),
+            "nested": {k: bool(isinstance(after_old[k], torch.Tensor) and after_old[k].is_nested)
+                       for k in ("ntl_targets", "rm_scores", "ntl_bonus")},
+            "advantages": plain(after_adv, ["advantages"])["advantages"],
+            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
+    finally:
+        try:
+            tq.close()
+        finally:
+            ray.shutdown()

@@ -313,3 +313,28 @@ def test_import_fails_on_a_verl_without_the_api(tmp_path):
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode != 0
     assert "ImportError: ntl_verl needs verl>=0.9.1" in r.stderr and "_scale_logits_by_temperature" in r.stderr
+
+
+# --------------------------------------------------------------------------- 1-GPU smoke configuration
+def test_one_gpu_smoke_configuration(tmp_path, qwen_tok):
+    """examples/verl/smoke_gsm8k_qwen_ntl_1gpu.sh: 2 steps on one GPU, console logger, NTL loss and
+    digit bonus on; verl's driver-side validate_config accepts it."""
+    from ntl_verl.config import NTLActorConfig
+    from omegaconf import OmegaConf
+
+    model = tiny_model_dir(tmp_path / "model", qwen_tok)
+    cfg = compose(launcher_overrides("smoke_gsm8k_qwen_ntl_1gpu.sh", tmp_path, {"MODEL": model}))
+    want = {
+        "trainer.n_gpus_per_node": 1, "trainer.nnodes": 1, "trainer.total_training_steps": 2,
+        "trainer.val_before_train": False, "trainer.test_freq": -1, "data.train_batch_size": 16,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 16, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 4,
+        "data.max_response_length": 256, "trainer.use_v1": True,
+    }
+    for key, value in want.items():
+        assert OmegaConf.select(cfg, key) == value, key
+    assert list(cfg.trainer.logger) == ["console"]  # prints every metric, actor/ntl/* included
+    actor = actor_of(cfg)
+    assert type(actor) is NTLActorConfig
+    s = actor.ntl_settings
+    assert (s.ntl_enabled, s.ntl_labels, s.bonus_enabled, s.loss_agg_mode) == (True, "final_answer", True, "token-mean")
+    run_validate(cfg)
