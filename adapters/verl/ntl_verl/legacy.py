@@ -81,7 +81,7 @@ class NTLLegacyActorConfig(FSDPActorConfig, NTLConfigFields):
             )
         if s.bonus_enabled:
             raise ValueError(
-                "actor_rollout_ref.actor.ntl_bonus_type: the digit-aware bonus needs verl >= 0.9 "
+                "actor_rollout_ref.actor.ntl_bonus_type: the digit-aware bonus needs verl>=0.9.1 "
                 "(its trainer carries the old-log-prob outputs to the advantage); on verl 0.7 use "
                 "the proximity bonus through reward.custom_reward_function"
             )
@@ -141,7 +141,7 @@ class NTLActorMixin:
                            ("use_prefix_grouper", "the prefix grouper")):
             if getattr(self, flag, False):
                 raise NotImplementedError(
-                    f"ntl_verl.legacy: NTL with {what} is not supported on verl 0.7; use verl 0.9 "
+                    f"ntl_verl.legacy: NTL with {what} is not supported on verl 0.7; use verl>=0.9.1 "
                     "(ntl_verl.config.NTLActorConfig) or turn it off"
                 )
 
