@@ -145,16 +145,17 @@ class NTLEngineMixin:
 
     def _ntl_assign_counts(self, data: Any, s: NTLSettings) -> None:
         """``[digit targets, sequences with one, responses]`` of the global mini-batch (one
-        all-reduce over data parallel), set on the batch for :class:`ntl_verl.loss.NTLLossFn`."""
+        all-reduce over data parallel), set on the batch for :class:`ntl_verl.loss.NTLLossFn`.
+        Responses: samples with at least one response token (verl's batch-padding samples have none)."""
         tu = _tu()
-        n_resp = torch.tensor([float(len(data))], dtype=torch.float64)
+        _, mask = self._ntl_responses(data)
+        n_resp = mask.any(-1).sum().double().reshape(1)
         if s.ntl_enabled:
-            _, mask = self._ntl_responses(data)
             targets = pad_responses(data[TARGETS_KEY], mask.shape[1], IGNORE_INDEX)
             digits = (self.ntl_vocab.digit_index(targets.to(mask.device)) >= 0) & mask
-            counts = torch.cat([mask_counts(digits).double(), n_resp.to(mask.device)])
+            counts = torch.cat([mask_counts(digits).double(), n_resp])
         else:
-            counts = torch.cat([torch.zeros(2, dtype=torch.float64), n_resp])
+            counts = torch.cat([torch.zeros(2, dtype=torch.float64, device=n_resp.device), n_resp])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             counts = counts.to(self._ntl_device())
             torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM,
