@@ -20,6 +20,8 @@ v = verl_version()
 if v is None or v.release[:2] < (0, 9):
     pytest.skip("needs verl >= 0.9 (scripts/test_verl.sh runs this in its venv)", allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # separate rank processes (minutes on 2 cores): -m "not slow" skips them
+
 import cpu_dist  # noqa: E402
 from dist_scenarios import HEAD_ROWS  # noqa: E402
 from harness import VALUES  # noqa: E402
