@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Baseline: PPO (GAE) on GSM8K with Qwen2.5-0.5B-Instruct, verl 0.9.x, 4 GPUs on one node.
+# Baseline: PPO (GAE) on GSM8K with Qwen2.5-0.5B-Instruct, verl>=0.9.1, 4 GPUs on one node.
 #
 #   bash examples/verl/train_gsm8k_qwen_ppo.sh [extra hydra overrides...]
 #
@@ -8,8 +8,8 @@
 # 15 epochs, validation every 10 steps. Reward: answer correctness (ntl.rewards.compute_score).
 # The NTL launchers run this script with their extra overrides, so the runs differ only there.
 #
-# Environment: DATA_DIR (train.parquet / test.parquet in verl's GSM8K format, e.g. made by
-# verl's examples/data_preprocess/gsm8k.py), MODEL (hub id or local path), N_GPUS, NNODES,
+# Environment: DATA_DIR (train.parquet / test.parquet in verl's GSM8K format, made by
+# `python examples/verl/prepare_gsm8k.py --out DIR`), MODEL (hub id or local path), N_GPUS, NNODES,
 # ROLLOUT (vllm | sglang), PROJECT, EXPERIMENT.
 set -euo pipefail
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PPO + NTL on GSM8K (Qwen2.5-0.5B-Instruct, verl 0.9.x): the baseline run of
+# PPO + NTL on GSM8K (Qwen2.5-0.5B-Instruct, verl>=0.9.1): the baseline run of
 # train_gsm8k_qwen_ppo.sh plus the NTL actor, labels "all" (every digit token of a
 # response whose final answer is correct targets itself).
 #

@@ -1,6 +1,6 @@
 """verl adapter for ntl: Number Token Loss inside verl's PPO actor (see adapters/verl/README.md).
 
-verl 0.9.x: set ``actor_rollout_ref.actor._target_=ntl_verl.config.NTLActorConfig`` and the
+verl>=0.9.1: set ``actor_rollout_ref.actor._target_=ntl_verl.config.NTLActorConfig`` and the
 ``+actor_rollout_ref.actor.ntl_*`` keys; that import registers the NTL engine
 (:mod:`ntl_verl.engine`) which captures digit logits in the log-prob forward pass and adds
 ``ntl_weight * NTL`` to the PPO loss (:mod:`ntl_verl.loss`).

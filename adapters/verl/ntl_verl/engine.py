@@ -13,27 +13,40 @@
   head: ``ntl.digit_logits_from_hidden(h, W, vocab, temperature=T)``.
 * ``forward_backward_batch`` (update): makes sure the batch carries ``ntl_targets``
   (built from ``responses`` + ``reward_model.ground_truth`` when the old-log-prob pass did
-  not deliver them), all-reduces the mini-batch's digit count over data parallel, and
-  wraps the loss function with :class:`ntl_verl.loss.NTLLossFn`.
-* ``forward_backward_batch`` (old-log-prob pass, ``calculate_entropy`` on): returns
-  ``ntl_targets`` and, with the bonus on, ``rm_scores`` (the bonus added at the last response token) and ``ntl_bonus`` as extra model
+  not deliver them), all-reduces the mini-batch's digit targets, digit sequences and responses
+  over data parallel (the counts of :mod:`ntl_verl.loss`), and wraps the loss function with
+  :class:`ntl_verl.loss.NTLLossFn`. With the digit bonus on, a batch without ``ntl_bonus`` is an
+  error (the old-log-prob pass never reached this engine: ``rollout_correction.bypass_mode``).
+* ``forward_backward_batch`` (old-log-prob pass): returns ``ntl_targets`` and, with the bonus on,
+  ``rm_scores`` (the bonus added at the last response token) and ``ntl_bonus`` as extra model
   output. verl 0.9's trainer writes every output field back to its TransferQueue, so the
   targets reach the update (surviving mini-batch splits and dynamic batch sizes as a
   per-sample field) and the bonus reaches ``_compute_advantage`` (which reads ``rm_scores``).
+  The pass is recognised as verl's trainer marks it, ``calculate_entropy=True``, *and* by what it
+  is for: the batch has no ``old_log_probs`` yet (the reference-policy pass, which the v1 trainer
+  runs after it, already has them). With the bonus on, a forward-only pass that matches only one of
+  the two signals, or an old-log-prob pass over a batch that already carries ``ntl_bonus``, is an
+  error instead of a bonus added zero or two times.
 
 The engine only acts for the actor whose config is :class:`ntl_verl.config.NTLActorConfig`
 (it reads the settings from its engine config); the reference model and critic run stock.
+:func:`register_ntl_engine` registers it under the ``(device, vendor)`` key verl's
+``EngineRegistry.get_engine_cls`` will look up, ``VERL_ENGINE_DEVICE`` / ``VERL_ENGINE_VENDOR``
+included, and checks that the lookup returns it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 
 import ntl
+from ntl.aggregation import mask_counts
 
+from ._compat import require_verl_09
 from .batch import (
     CAPTURE_KEY,
     DIGIT_LOGITS_KEY,
@@ -44,8 +57,17 @@ from .batch import (
     has_key,
     pad_responses,
 )
-from .loss import BONUS_KEY, NUM_DIGITS_KEY, NTLLossFn, vocab_for_model
+from .loss import (
+    BONUS_KEY,
+    NUM_DIGITS_KEY,
+    NUM_RESPONSES_KEY,
+    NUM_SEQUENCES_KEY,
+    NTLLossFn,
+    vocab_for_model,
+)
 from .settings import IGNORE_INDEX, NTLSettings
+
+require_verl_09()
 
 __all__ = ["NTLEngineMixin", "NTLFSDPEngineWithLMHead", "register_ntl_engine"]
 
@@ -69,12 +91,23 @@ class NTLEngineMixin:
     """Mixin for verl's ``FSDPEngineWithLMHead`` (see the module docstring)."""
 
     # ------------------------------------------------------------------ settings
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ntl_bind()
+
     @property
     def ntl_settings(self) -> NTLSettings | None:
         """The actor's NTL settings (None: this engine is not an NTL actor)."""
         cfg = getattr(self, "engine_config", None)
         s = getattr(cfg, "_ntl_settings", None)
         return s if s is not None and s.active else None
+
+    def _ntl_bind(self) -> None:
+        """Mark the engine config as served by this engine (checked by ``NTLActorConfig``'s
+        post-build guard, :class:`ntl_verl.config.NTLEngineCheck`)."""
+        cfg = getattr(self, "engine_config", None)
+        if getattr(cfg, "_ntl_settings", None) is not None:
+            object.__setattr__(cfg, "_ntl_engine_bound", type(self).__qualname__)
 
     @property
     def ntl_vocab(self) -> ntl.DigitVocab:
@@ -92,31 +125,71 @@ class NTLEngineMixin:
         s = self.ntl_settings
         if s is None:
             return super().forward_backward_batch(data, loss_function, forward_only)
-        tu = _tu()
-        if not forward_only:
-            if loss_function is None or not (s.ntl_enabled or has_key(data, BONUS_KEY)):
-                return super().forward_backward_batch(data, loss_function, forward_only)
-            if not s.ntl_enabled:  # only the ntl/reward metric to log
-                return super().forward_backward_batch(data, self._ntl_wrap(loss_function, s), forward_only)
-            if not has_key(data, TARGETS_KEY):
-                data[TARGETS_KEY] = self._ntl_build_targets(data, s.ntl_labels)
-            targets = data[TARGETS_KEY]
-            vals = targets.values() if targets.is_nested else targets
-            n = (vals != IGNORE_INDEX).sum().to(torch.float32)
-            group = self.get_data_parallel_group()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                n = n.to(self._ntl_device())
-                torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.SUM, group=group)
-            tu.assign_non_tensor(data, **{NUM_DIGITS_KEY: int(n.item()), CAPTURE_KEY: True})
-            return super().forward_backward_batch(data, self._ntl_wrap(loss_function, s), forward_only)
+        self._ntl_bind()
+        if forward_only:
+            return self._ntl_forward_only(data, loss_function, s)
+        if s.bonus_enabled and not has_key(data, BONUS_KEY):
+            raise RuntimeError(
+                f"actor_rollout_ref.actor.ntl_bonus_type={s.ntl_bonus_type!r}, but the update batch has "
+                f"no '{BONUS_KEY}': no old-log-prob pass of this batch ran through the NTL engine, so the "
+                "digit bonus never reached the rewards. verl skips that pass with "
+                "algorithm.rollout_correction.bypass_mode=true, and trainer.use_v1=false drops its outputs; "
+                "turn the bonus off (ntl_bonus_type=none) or use the v1 trainer without bypass mode"
+            )
+        if loss_function is None or not (s.ntl_enabled or has_key(data, BONUS_KEY)):
+            return super().forward_backward_batch(data, loss_function, forward_only)
+        if s.ntl_enabled and not has_key(data, TARGETS_KEY):
+            data[TARGETS_KEY] = self._ntl_build_targets(data, s.ntl_labels)
+        self._ntl_assign_counts(data, s)
+        return super().forward_backward_batch(data, self._ntl_wrap(loss_function, s), forward_only)
 
-        old_log_prob_pass = tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False)
+    def _ntl_assign_counts(self, data: Any, s: NTLSettings) -> None:
+        """``[digit targets, sequences with one, responses]`` of the global mini-batch (one
+        all-reduce over data parallel), set on the batch for :class:`ntl_verl.loss.NTLLossFn`.
+        Responses: samples with at least one response token (verl's batch-padding samples have none)."""
+        tu = _tu()
+        _, mask = self._ntl_responses(data)
+        n_resp = mask.any(-1).sum().double().reshape(1)
+        if s.ntl_enabled:
+            targets = pad_responses(data[TARGETS_KEY], mask.shape[1], IGNORE_INDEX)
+            digits = (self.ntl_vocab.digit_index(targets.to(mask.device)) >= 0) & mask
+            counts = torch.cat([mask_counts(digits).double(), n_resp])
+        else:
+            counts = torch.cat([torch.zeros(2, dtype=torch.float64, device=n_resp.device), n_resp])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.to(self._ntl_device())
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM,
+                                         group=self.get_data_parallel_group())
+        n_digits, n_seqs, n_responses = (round(x) for x in counts.tolist())
+        tu.assign_non_tensor(data, **{NUM_DIGITS_KEY: n_digits, NUM_SEQUENCES_KEY: n_seqs,
+                                      NUM_RESPONSES_KEY: n_responses, CAPTURE_KEY: s.ntl_enabled})
+
+    def _ntl_forward_only(self, data: Any, loss_function: Any, s: NTLSettings) -> Any:
+        tu = _tu()
+        entropy_flag = bool(tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False))
+        fresh = not has_key(data, "old_log_probs")  # this pass computes them
+        if s.bonus_enabled:
+            if entropy_flag != fresh:
+                raise RuntimeError(
+                    "NTL digit bonus: cannot tell whether this forward-only actor pass is verl's "
+                    f"old-log-prob pass (calculate_entropy={entropy_flag}, batch "
+                    f"{'without' if fresh else 'with'} old_log_probs; verl 0.9's trainer marks that "
+                    "pass calculate_entropy=True on a batch without old_log_probs). Adding the bonus "
+                    "here could apply it zero or two times: set actor_rollout_ref.actor.ntl_bonus_type=none "
+                    "or report the verl version"
+                )
+            if fresh and has_key(data, BONUS_KEY):
+                raise RuntimeError(
+                    f"NTL digit bonus: the batch already carries '{BONUS_KEY}' (its rm_scores already "
+                    "hold the bonus); a second old-log-prob pass over it would add the bonus twice"
+                )
+        old_log_prob_pass = entropy_flag and fresh
         want_targets = s.ntl_enabled and not has_key(data, TARGETS_KEY)
         if not old_log_prob_pass or not (want_targets or s.bonus_enabled):
-            return super().forward_backward_batch(data, loss_function, forward_only)
+            return super().forward_backward_batch(data, loss_function, True)
         if s.bonus_enabled:
             tu.assign_non_tensor(data, **{CAPTURE_KEY: True})
-        out = super().forward_backward_batch(data, loss_function, forward_only)
+        out = super().forward_backward_batch(data, loss_function, True)
         extra = self._ntl_old_log_prob_outputs(data, out.get("model_output", {}), s)
         model_output = out.setdefault("model_output", {})
         model_output.pop(DIGIT_LOGITS_KEY, None)
@@ -305,32 +378,50 @@ def _engine_class() -> type:
 NTLFSDPEngineWithLMHead: Any = None
 
 
+def engine_lookup_key() -> tuple[str, str]:
+    """The ``(device, vendor)`` verl's ``EngineRegistry.get_engine_cls`` looks up in this process:
+    the platform's, unless ``VERL_ENGINE_DEVICE`` / ``VERL_ENGINE_VENDOR`` override it."""
+    from verl.utils.device import get_device_name, get_vendor
+
+    return (os.getenv("VERL_ENGINE_DEVICE") or get_device_name(), os.getenv("VERL_ENGINE_VENDOR") or get_vendor())
+
+
 def register_ntl_engine() -> type:
-    """Register the NTL engine for ``language_model`` / fsdp, fsdp2 under this process'
-    ``(device, vendor)`` key, which ``EngineRegistry.get_engine_cls`` consults before the
-    vendor-less default (verl's own engine). Idempotent. Returns the engine class.
+    """Register the NTL engine for ``language_model`` / fsdp, fsdp2 under the ``(device, vendor)``
+    key ``EngineRegistry.get_engine_cls`` will look up in this process (:func:`engine_lookup_key`,
+    so ``VERL_ENGINE_DEVICE`` / ``VERL_ENGINE_VENDOR`` are honoured); that key wins over the
+    vendor-less default (verl's own engine). Then check that the lookup returns the NTL engine.
+    Idempotent. Returns the engine class; raises ``RuntimeError`` when another engine holds the key.
 
     The engine behaves exactly like verl's for every engine config that carries no NTL
     settings (reference model, or an actor without ``NTLActorConfig``).
     """
-    from verl.utils.device import get_device_name, get_vendor
     from verl.workers.engine.base import EngineRegistry
 
     cls = _engine_class()
-    device, vendor = get_device_name(), get_vendor()
-    if (device, vendor) in _REGISTERED:
-        return cls
-    table = EngineRegistry._engines.setdefault("language_model", {})
+    device, vendor = engine_lookup_key()
+    if (device, vendor) not in _REGISTERED:
+        table = EngineRegistry._engines.setdefault("language_model", {})
+        for backend in ("fsdp", "fsdp2"):
+            existing = table.get(backend, {}).get((device, vendor))
+            if existing is not None and existing is not cls:
+                raise RuntimeError(
+                    f"another engine ({existing.__qualname__}) is registered for language_model/{backend} "
+                    f"on ({device}, {vendor}); the NTL engine cannot take its place (VERL_ENGINE_DEVICE="
+                    f"{os.getenv('VERL_ENGINE_DEVICE')!r}, VERL_ENGINE_VENDOR={os.getenv('VERL_ENGINE_VENDOR')!r})"
+                )
+        missing = [b for b in ("fsdp", "fsdp2") if table.get(b, {}).get((device, vendor)) is None]
+        if missing:
+            EngineRegistry.register(model_type="language_model", backend=missing, device=device, vendor=vendor)(cls)
+        _REGISTERED.append((device, vendor))
+        logger.info("ntl_verl: NTL engine registered for language_model on (%s, %s)", device, vendor)
     for backend in ("fsdp", "fsdp2"):
-        existing = table.get(backend, {}).get((device, vendor))
-        if existing is not None and existing is not cls:
+        found = EngineRegistry.get_engine_cls("language_model", backend)
+        if found is not cls:
             raise RuntimeError(
-                f"another engine ({existing.__qualname__}) is already registered for language_model/"
-                f"{backend} on ({device}, {vendor}); the NTL engine cannot take its place"
+                f"verl's EngineRegistry hands out {found.__qualname__} for language_model/{backend}, not the "
+                f"NTL engine registered on ({device}, {vendor}): NTL would silently not apply. Check "
+                f"VERL_ENGINE_DEVICE={os.getenv('VERL_ENGINE_DEVICE')!r} / "
+                f"VERL_ENGINE_VENDOR={os.getenv('VERL_ENGINE_VENDOR')!r}"
             )
-    missing = [b for b in ("fsdp", "fsdp2") if table.get(b, {}).get((device, vendor)) is None]
-    if missing:
-        EngineRegistry.register(model_type="language_model", backend=missing, device=device, vendor=vendor)(cls)
-    _REGISTERED.append((device, vendor))
-    logger.info("ntl_verl: NTL engine registered for language_model on (%s, %s)", device, vendor)
     return cls

@@ -18,7 +18,14 @@ without copying that loop:
   the returned ``log_probs`` with an identity whose backward adds ``ntl_weight * dNTL_mb``.
   verl's ``loss.backward()`` therefore back-propagates ``policy_loss * loss_scale_factor +
   ntl_weight * NTL_mb``, i.e. ``ntl_weight * mean NTL`` over the mini-batch's digits per
-  optimizer step, in the same forward/backward as the policy loss.
+  optimizer step, in the same forward/backward as the policy loss (per data-parallel rank:
+  verl 0.7 normalises every loss locally and FSDP averages the ranks' gradients).
+* Metrics: ``ntl/loss`` (and accuracy, confidence, target probability) are logged once per
+  mini-batch as the mean over its digit targets (the sum of its micro-batches' shares), not as a
+  mean of micro-batch means; ``ntl/total_digits`` is the mini-batch's digit count.
+
+Only ``actor.loss_agg_mode=token-mean`` is supported on verl 0.7 (any other mode is refused at
+start-up); verl>=0.9.1 with ``ntl_verl.config.NTLActorConfig`` aggregates NTL under every mode.
 
 Activation in verl 0.7.x: ``actor_rollout_ref.actor._target_=ntl_verl.legacy.NTLLegacyActorConfig``
 (+ the ``ntl_*`` keys) and make the workers import this module before they build the actor
@@ -39,17 +46,21 @@ from typing import Any
 import torch
 
 import ntl
-from ntl.metrics import digit_stats
+from ntl.metrics import digit_probs
 
+from ._compat import require_verl_07
 from .batch import TARGETS_KEY, digit_targets, ground_truths_from, has_key
 from .loss import ntl_loss_from_digit_logits
-from .settings import IGNORE_INDEX, NTLConfigFields, NTLSettings
+from .settings import IGNORE_INDEX, KEY_PREFIX, NTLConfigFields, NTLSettings
 
 __all__ = ["NTLActorMixin", "NTLDataParallelPPOActor", "NTLLegacyActorConfig", "install"]
 
 logger = logging.getLogger("ntl")
 
 SCALE_KEY = "ntl_scale"
+_SHARES = ("ntl/loss", "ntl/digit_accuracy", "ntl/confidence", "ntl/target_prob")
+
+require_verl_07()
 
 from verl.workers.actor.dp_actor import DataParallelPPOActor  # noqa: E402
 from verl.workers.config import FSDPActorConfig  # noqa: E402
@@ -62,9 +73,15 @@ class NTLLegacyActorConfig(FSDPActorConfig, NTLConfigFields):
 
     def __post_init__(self) -> None:
         s = self.ntl_settings
+        if s.ntl_enabled and s.loss_agg_mode != "token-mean":
+            raise ValueError(
+                f"{KEY_PREFIX}loss_agg_mode={s.loss_agg_mode!r}: ntl_verl.legacy (verl 0.7) adds NTL as a "
+                "token mean over the mini-batch's digit targets only; use loss_agg_mode=token-mean, or "
+                "verl>=0.9.1 with ntl_verl.config.NTLActorConfig (every mode)"
+            )
         if s.bonus_enabled:
             raise ValueError(
-                "actor_rollout_ref.actor.ntl_bonus_type: the digit-aware bonus needs verl >= 0.9 "
+                "actor_rollout_ref.actor.ntl_bonus_type: the digit-aware bonus needs verl>=0.9.1 "
                 "(its trainer carries the old-log-prob outputs to the advantage); on verl 0.7 use "
                 "the proximity bonus through reward.custom_reward_function"
             )
@@ -124,7 +141,7 @@ class NTLActorMixin:
                            ("use_prefix_grouper", "the prefix grouper")):
             if getattr(self, flag, False):
                 raise NotImplementedError(
-                    f"ntl_verl.legacy: NTL with {what} is not supported on verl 0.7; use verl 0.9 "
+                    f"ntl_verl.legacy: NTL with {what} is not supported on verl 0.7; use verl>=0.9.1 "
                     "(ntl_verl.config.NTLActorConfig) or turn it off"
                 )
 
@@ -150,11 +167,12 @@ class NTLActorMixin:
         per_mb = torch.zeros(int(mb.max()) + 1, device=per_sample.device).index_add_(0, mb, per_sample)
         data.batch[SCALE_KEY] = 1.0 / per_mb.clamp_min(1.0)[mb]
 
+        keep = (TARGETS_KEY, SCALE_KEY)
         orig_select = data.select
 
         def select(batch_keys: Any = None, *args: Any, **kwargs: Any) -> Any:
             if batch_keys is not None:
-                batch_keys = [*batch_keys, *(k for k in (TARGETS_KEY, SCALE_KEY) if k not in batch_keys)]
+                batch_keys = [*batch_keys, *(k for k in keep if k not in batch_keys)]
             return orig_select(batch_keys, *args, **kwargs)
 
         data.select = select  # keep the NTL columns through update_policy's key selection
@@ -163,10 +181,16 @@ class NTLActorMixin:
             metrics = super().update_policy(data)
         finally:
             del data.select
-        for st in self._ntl_stats:
+        for st in _per_minibatch(self._ntl_stats):
             for k, val in st.items():
                 metrics.setdefault(k, []).append(val)
         return metrics
+
+    def _optimizer_step(self) -> Any:
+        stats = getattr(self, "_ntl_stats", None)
+        if stats is not None and self.ntl_settings is not None:
+            stats.append({"step": 1.0})  # closes the mini-batch's metric shares
+        return super()._optimizer_step()
 
     # ------------------------------------------------------------------ forward
     def _forward_micro_batch(self, micro_batch: dict, temperature: float, calculate_entropy: bool = False) -> dict:
@@ -202,13 +226,36 @@ class NTLActorMixin:
         scale = micro_batch[SCALE_KEY].float()
         rows = ntl_loss_from_digit_logits(z, targets, self.ntl_vocab, s.ntl_method, reduction="none")
         ntl_mb = (rows * scale[:, None]).sum()
-        stats = digit_stats(z.detach(), targets, self.ntl_vocab, method=s.ntl_method).to_dict("ntl/")
-        self._ntl_stats.append(stats)
+        dp = digit_probs(z.detach(), targets, self.ntl_vocab, ignore_index=IGNORE_INDEX)
+        sc = scale[:, None]
+        vals = torch.stack([ntl_mb.detach(), (dp.correct.float() * sc).sum(), (dp.max_prob * sc).sum(),
+                            (dp.target_prob * sc).sum(), dp.mask.float().sum()]).tolist()  # one host sync
+        self._ntl_stats.append({**dict(zip(_SHARES, vals[:4], strict=True)), "ntl/total_digits": vals[4]})
         w = float(s.ntl_weight)
         if w > 0:
             coef = w * (float(self.scaler.get_scale()) if getattr(self, "scaler", None) is not None else 1.0)
             outputs["log_probs"] = _AddLossGrad.apply(outputs["log_probs"], ntl_mb, coef)
         return outputs
+
+
+def _per_minibatch(shares: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Sum the micro-batches' shares into one entry per optimizer step (= per mini-batch and
+    epoch; ``_optimizer_step`` appends a ``{"step": 1}`` marker after each mini-batch)."""
+    out: list[dict[str, float]] = []
+    current = {k: 0.0 for k in (*_SHARES, "ntl/total_digits")}
+    seen = False
+    for st in shares:
+        if "step" in st:
+            if seen:
+                out.append(current)
+            current, seen = {k: 0.0 for k in current}, False
+            continue
+        seen = True
+        for k in current:
+            current[k] += st[k]
+    if seen:
+        out.append(current)
+    return out
 
 
 class NTLDataParallelPPOActor(NTLActorMixin, DataParallelPPOActor):

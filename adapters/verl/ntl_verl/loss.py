@@ -1,17 +1,29 @@
-"""The NTL term of the actor loss (verl 0.9 engine path).
+"""The NTL term of the actor loss (verl 0.9 engine path), aggregated like verl's policy loss.
 
-``loss = policy_loss + ntl_weight * NTL`` where, per micro-batch,
+``loss = policy_loss + ntl_weight * L_NTL``. With ``l[b, t]`` the NTL of the digit logits that
+predict response token ``t`` of sequence ``b`` (``ntl.ntl_loss_from_digit_logits``, ``mse``:
+``(sum_k q_k v_k - y)^2``, ``wasserstein``: ``sum_k q_k |v_k - y|``; captured by the engine in the
+same forward as the log-probs, already divided by the sampling temperature) and ``d[b, t]`` the
+digit-target mask, ``L_NTL`` is verl's ``agg_loss`` with ``actor.loss_agg_mode`` over the **global
+mini-batch** (all micro-batches, all data-parallel ranks) with ``d`` as the loss mask and the counts
+taken on ``d`` (:mod:`ntl.aggregation`): ``N`` digit targets, ``S`` sequences with at least one:
 
-    NTL_mb = dp_size * sum_{i in digits of the micro-batch} NTL_i / N_digits(global mini-batch)
+* ``token-mean``: ``sum d l / N``;  ``token-sum``: ``sum d l``;
+* ``seq-mean-token-sum``: ``(1/S) sum_b sum_t d l``;
+* ``seq-mean-token-mean``: ``(1/S) sum_{b: n_b > 0} (1/n_b) sum_t d l``;
+* ``seq-mean-token-sum-norm``: ``(1/(S H)) sum_b sum_t d l``, ``H = actor.loss_scale_factor``, or, as
+  verl does when it is unset, the micro-batch's padded response length.
 
-so that, after verl's FSDP gradient averaging over data-parallel ranks and its
-sum over micro-batches, the gradient is that of the mean NTL over every digit
-target of the mini-batch (the same normalisation verl's ``ppo_loss`` uses with
-``batch_num_tokens``). ``NTL_i`` is ``ntl.ntl_loss`` (``mse``: ``(sum_k q_k v_k - y)^2``;
-``wasserstein``: ``sum_k q_k |v_k - y|``) on the digit logits that predict response
-token ``i`` (captured by the engine in the same forward as the log-probs, already
-divided by the sampling temperature). ``N_digits`` comes from the engine
-(``ntl_batch_num_digits``); without it the micro-batch's own count is used.
+Like verl's ``ppo_loss``, each micro-batch on each rank contributes
+``dp_size * aggregate_loss(l_mb, d_mb, mode, num_tokens=N, num_sequences=S, horizon=H)``: verl's FSDP
+averages gradients over the ``dp_size`` ranks and sums them over micro-batches, so the optimizer step
+sees ``ntl_weight * grad L_NTL`` whatever the micro-batching. ``N`` and ``S`` come from the engine
+(``ntl_batch_num_digits``, ``ntl_batch_num_sequences``, all-reduced over data parallel).
+
+Metrics (verl sums ``SUM`` metrics over micro-batches and averages them over ranks): ``ntl/loss`` =
+``L_NTL`` (what is optimised); ``ntl/digit_accuracy``, ``ntl/confidence``, ``ntl/target_prob`` = means
+over the mini-batch's ``N`` digit targets; ``ntl/total_digits`` = ``N``; ``ntl/reward`` = the mean
+digit bonus over the mini-batch's responses.
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ from typing import Any
 import torch
 
 import ntl
-from ntl.metrics import digit_stats
+from ntl.aggregation import aggregate_loss
+from ntl.metrics import digit_probs
 
 from .batch import DIGIT_LOGITS_KEY, TARGETS_KEY, has_key, pad_responses, response_mask_padded
 from .settings import IGNORE_INDEX, NTLSettings
@@ -31,7 +44,10 @@ __all__ = ["NTLLossFn", "ntl_loss_from_digit_logits", "ntl_ppo_loss", "vocab_for
 
 logger = logging.getLogger("ntl")
 
+#: Non-tensor keys the engine sets on the update batch: counts over the global mini-batch.
 NUM_DIGITS_KEY = "ntl_batch_num_digits"
+NUM_SEQUENCES_KEY = "ntl_batch_num_sequences"
+NUM_RESPONSES_KEY = "ntl_batch_num_responses"
 #: Per-response digit bonus ``[B, 1]`` returned by the old-log-prob pass (logged as ``ntl/reward``).
 BONUS_KEY = "ntl_bonus"
 
@@ -70,11 +86,9 @@ def _non_tensor(data: Any, key: str, default: Any) -> Any:
 
 class NTLLossFn:
     """A verl loss function ``(model_output, data, dp_group) -> (loss, metrics)`` that adds
-    ``ntl_weight * NTL_mb`` (module docstring) to ``base``'s loss and the NTL metrics
-    ``ntl/loss``, ``ntl/digit_accuracy``, ``ntl/total_digits``, ``ntl/confidence``,
-    ``ntl/target_prob`` to its metrics (and ``ntl/reward``, the mean digit bonus, when the
-    batch carries it). ``ntl_weight == 0`` returns ``base``'s loss object
-    unchanged (metrics still logged).
+    ``ntl_weight * L_NTL`` (this micro-batch's share, module docstring) to ``base``'s loss and
+    the NTL metrics to its metrics. ``ntl_weight == 0`` returns ``base``'s loss object unchanged
+    (metrics still logged).
     """
 
     ntl_included = True
@@ -89,9 +103,12 @@ class NTLLossFn:
         from verl.workers.utils.padding import no_padding_2_padding
 
         loss, metrics = self.base(model_output=model_output, data=data, dp_group=dp_group)
+        dp_size = float(_required(data, "dp_size"))
+        SUM, MEAN = AggregationType.SUM, AggregationType.MEAN
         if has_key(data, BONUS_KEY):  # per-response digit bonus from the old-log-prob pass
-            bonus = data[BONUS_KEY]
-            metrics["ntl/reward"] = Metric(value=float(bonus.float().mean()), aggregation=AggregationType.MEAN)
+            bonus = pad_responses(data[BONUS_KEY], None, 0.0)[:, :1].float()  # [B, 1], nested after TQ
+            n_resp = max(float(_required(data, NUM_RESPONSES_KEY)), 1.0)
+            metrics["ntl/reward"] = Metric(value=float(bonus.sum()) * dp_size / n_resp, aggregation=SUM)
         if not self.settings.ntl_enabled:
             return loss, metrics
         if DIGIT_LOGITS_KEY not in model_output:
@@ -108,26 +125,44 @@ class NTLLossFn:
         mask = response_mask_padded(data["response_mask"], R).to(z.device)
         targets = targets.masked_fill(~mask, IGNORE_INDEX)
 
-        stats = digit_stats(z.detach(), targets, self.vocab, method=self.settings.ntl_method)
-        values = stats.to_dict("ntl/")
-        mean = AggregationType.MEAN
+        s = self.settings
+        n_digits = float(_required(data, NUM_DIGITS_KEY))
+        n_seqs = float(_required(data, NUM_SEQUENCES_KEY))
+        horizon = s.loss_scale_factor
+        if horizon is None and s.loss_agg_mode == "seq-mean-token-sum-norm":
+            # verl's default horizon: the width of the padded response_mask its ppo_loss sees
+            horizon = pad_responses(data["response_mask"]).shape[1]
+        rows = ntl_loss_from_digit_logits(z, targets, self.vocab, s.ntl_method, reduction="none")  # [B, R]
+        dp = digit_probs(z.detach(), targets, self.vocab, ignore_index=IGNORE_INDEX)
+        ntl_mb = dp_size * aggregate_loss(rows, dp.mask, s.loss_agg_mode, num_tokens=n_digits,
+                                          num_sequences=n_seqs, horizon=horizon)
+        per_digit = dp_size / max(n_digits, 1.0)
+        values = torch.stack([
+            ntl_mb.detach(), dp.correct.float().sum() * per_digit, dp.max_prob.sum() * per_digit,
+            dp.target_prob.sum() * per_digit,
+        ]).tolist()  # one host sync
         metrics.update({
-            "ntl/loss": Metric(value=values["ntl/loss"], aggregation=mean),
-            "ntl/digit_accuracy": Metric(value=values["ntl/digit_accuracy"], aggregation=mean),
-            "ntl/total_digits": Metric(value=values["ntl/total_digits"], aggregation=AggregationType.SUM),
-            "ntl/confidence": Metric(value=values["ntl/confidence"], aggregation=mean),
-            "ntl/target_prob": Metric(value=values["ntl/target_prob"], aggregation=mean),
+            "ntl/loss": Metric(value=values[0], aggregation=SUM),
+            "ntl/digit_accuracy": Metric(value=values[1], aggregation=SUM),
+            "ntl/confidence": Metric(value=values[2], aggregation=SUM),
+            "ntl/target_prob": Metric(value=values[3], aggregation=SUM),
+            "ntl/total_digits": Metric(value=n_digits, aggregation=MEAN),
         })
-        w = float(self.settings.ntl_weight)
+        w = float(s.ntl_weight)
         if w == 0.0:
             return loss, metrics
-        total = ntl_loss_from_digit_logits(z, targets, self.vocab, self.settings.ntl_method, "sum")
-        n = _non_tensor(data, NUM_DIGITS_KEY, None)
-        dp_size = _non_tensor(data, "dp_size", 1) if n is not None else 1
-        if n is None:
-            n = values["ntl/total_digits"]
-        ntl_mb = total * (float(dp_size) / max(float(n), 1.0))
         return loss + w * ntl_mb, metrics
+
+
+def _required(data: Any, key: str) -> Any:
+    value = _non_tensor(data, key, None)
+    if value is None:
+        raise RuntimeError(
+            f"the NTL loss needs '{key}' on the batch, which the NTL engine's update sets "
+            "(the loss ran outside ntl_verl's engine: set actor_rollout_ref.actor._target_="
+            "ntl_verl.config.NTLActorConfig)"
+        )
+    return value
 
 
 def ntl_ppo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None) -> tuple[torch.Tensor, dict]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from ntl.aggregation import LOSS_AGG_MODES
+
 __all__ = ["BONUS_TYPES", "KEY_PREFIX", "LABELS", "METHODS", "NTLConfigFields", "NTLSettings"]
 
 METHODS = ("mse", "wasserstein")
@@ -33,6 +35,11 @@ class NTLSettings:
         ntl_bonus_type: ``"none"``, ``"final_answer"`` or ``"all"``: the digit-aware bonus
             added to each response's token-level score before the advantage.
         ntl_bonus_weight: the bonus' weight (``score += ntl_bonus_weight * bonus``).
+        loss_agg_mode: verl's ``actor.loss_agg_mode`` (not an NTL key): the NTL term is aggregated
+            over the digit targets with the same mode as verl's policy loss
+            (:mod:`ntl.aggregation`, :mod:`ntl_verl.loss`).
+        loss_scale_factor: verl's ``actor.loss_scale_factor`` (the horizon of
+            ``seq-mean-token-sum-norm``; ``None``: the micro-batch's padded response length, as verl).
     """
 
     ntl_enabled: bool = True
@@ -42,6 +49,8 @@ class NTLSettings:
     extract_digit_info: bool = False
     ntl_bonus_type: str = "none"
     ntl_bonus_weight: float = 0.1
+    loss_agg_mode: str = "token-mean"
+    loss_scale_factor: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -59,6 +68,11 @@ class NTLSettings:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{prefix}{key} must be a finite number >= 0, got {v!r}")
+        _choice(prefix + "loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        lsf = self.loss_scale_factor
+        if lsf is not None and (isinstance(lsf, bool) or not isinstance(lsf, (int, float))
+                                or not math.isfinite(lsf) or lsf <= 0):
+            raise ValueError(f"{prefix}loss_scale_factor must be null or a finite number > 0, got {lsf!r}")
         if self.ntl_bonus_type != "none" and not self.extract_digit_info:
             raise ValueError(
                 f"{prefix}ntl_bonus_type={self.ntl_bonus_type!r} needs the digit probabilities of the "
@@ -79,7 +93,8 @@ class NTLSettings:
 @dataclass
 class NTLConfigFields:
     """The NTL keys of an actor config (mixed into ``NTLActorConfig`` and the legacy
-    ``NTLLegacyActorConfig``); defaults and meaning as in :class:`NTLSettings`."""
+    ``NTLLegacyActorConfig``); defaults and meaning as in :class:`NTLSettings`. ``loss_agg_mode``
+    and ``loss_scale_factor`` are verl's own actor keys (the class this is mixed into has them)."""
 
     ntl_enabled: bool = True
     ntl_method: str = "mse"

@@ -57,8 +57,12 @@ def nested(ts):
     return torch.nested.as_nested_tensor(list(ts), layout=torch.jagged)
 
 
-def v1_batch(b: Batch, *, seed: int = 0, with_targets: torch.Tensor | None = None) -> TensorDict:
-    """The TensorDict a verl 0.9 (v1 trainer) actor receives: per-sample nested fields."""
+def v1_batch(b: Batch, *, seed: int = 0, with_targets: torch.Tensor | None = None,
+             stage: str = "update") -> TensorDict:
+    """The TensorDict a verl 0.9 (v1 trainer) actor receives: per-sample nested fields.
+
+    ``stage="old_log_prob"``: the batch of the old-log-prob pass (no ``old_log_probs`` /
+    ``advantages`` yet); ``"update"``: the update's batch."""
     g = torch.Generator().manual_seed(seed)
     n = len(b.prompts)
     seqs = [torch.cat([p, r]) for p, r in zip(b.prompts, b.responses, strict=True)]
@@ -74,6 +78,10 @@ def v1_batch(b: Batch, *, seed: int = 0, with_targets: torch.Tensor | None = Non
         "advantages": nested([torch.randn(len(r), generator=g) for r in b.responses]),
         "rm_scores": nested([torch.cat([torch.zeros(len(r) - 1), torch.ones(1)]) for r in b.responses]),
     }
+    if stage == "old_log_prob":
+        del fields["old_log_probs"], fields["advantages"]
+    elif stage != "update":
+        raise ValueError(stage)
     td = TensorDict(fields, batch_size=[n])
     from verl.utils import tensordict_utils as tu
 
@@ -98,8 +106,10 @@ def padded(b: Batch):
     return input_ids, attn, pos, P, R
 
 
-def make_engine(model, tok, settings=None, monkeypatch=None):
-    """An NTL engine around ``model`` with no FSDP, on CPU."""
+def make_engine(model, tok, settings=None, monkeypatch=None, *, config=None, stock=False):
+    """An NTL engine (``stock=True``: verl's own ``FSDPEngineWithLMHead``) around ``model``, no FSDP,
+    on CPU. ``config``: the actor config whose engine config the engine gets (as verl's worker passes
+    ``actor_config.engine``); otherwise a stand-in engine config carrying ``settings``."""
     from ntl_verl.engine import _engine_class
     from verl.workers.engine.fsdp import transformer_impl as ti
 
@@ -109,15 +119,18 @@ def make_engine(model, tok, settings=None, monkeypatch=None):
         import ntl_verl.engine as ne
 
         monkeypatch.setattr(ne.NTLEngineMixin, "_ntl_device", lambda self: "cpu")
-    cls = _engine_class()
+    cls = ti.FSDPEngineWithLMHead if stock else _engine_class()
     eng = cls.__new__(cls)
     eng.module = model
-    eng.engine_config = types.SimpleNamespace(
-        use_no_sync_for_gradient_accumulation=True, entropy_checkpointing=False,
-        entropy_from_logits_with_chunking=False,
-    )
-    if settings is not None:
-        eng.engine_config._ntl_settings = settings
+    if config is not None:
+        eng.engine_config = config.engine
+    else:
+        eng.engine_config = types.SimpleNamespace(
+            use_no_sync_for_gradient_accumulation=True, entropy_checkpointing=False,
+            entropy_from_logits_with_chunking=False,
+        )
+        if settings is not None:
+            eng.engine_config._ntl_settings = settings
     eng.model_config = types.SimpleNamespace(tokenizer=tok, hf_config=model.config)
     eng.use_ulysses_sp = False
     eng.ulysses_sequence_parallel_size = 1
@@ -132,13 +145,14 @@ def make_engine(model, tok, settings=None, monkeypatch=None):
     return eng
 
 
-def actor_config(**ntl):
-    """An NTLActorConfig as verl builds it (hydra instantiate), with NTL keys ``ntl``."""
+def actor_config(stock=False, **ntl):
+    """An NTLActorConfig as verl builds it (hydra instantiate), with NTL keys ``ntl`` (``stock``:
+    verl's own FSDPActorConfig; ``ntl`` may then hold verl keys only)."""
     from omegaconf import OmegaConf
     from verl.utils.config import omega_conf_to_dataclass
 
     cfg = {
-        "_target_": "ntl_verl.config.NTLActorConfig",
+        "_target_": "verl.workers.config.FSDPActorConfig" if stock else "ntl_verl.config.NTLActorConfig",
         "strategy": "fsdp",
         "rollout_n": 1,
         "ppo_mini_batch_size": 4,
@@ -197,25 +211,63 @@ def full_logits(model, b: Batch) -> list[torch.Tensor]:
     return out
 
 
-def ref_ntl(model, b, targets, *, method="mse", temperature=1.0, shift=True) -> float:
-    """Mean NTL over all digit targets, computed from full logits.
+def ref_ntl_digits(model, b, targets, *, method="mse", temperature=1.0, shift=True) -> list[list[float]]:
+    """Per sample, the NTL of each digit target (in response order), from full logits.
 
     Response token t (sequence position p = len(prompt) + t) is scored by the logits at
     p - 1 (shift=True) or, deliberately wrong, at p (shift=False)."""
-    total, n = 0.0, 0
+    out = []
+    for lg, p, t in zip(full_logits(model, b), b.prompts, targets, strict=True):
+        row = []
+        for j in range(len(t)):
+            if t[j] < 0:
+                continue
+            z = lg[len(p) + j - 1] if shift else lg[len(p) + j]
+            q = torch.softmax(z[DIGIT_IDS] / temperature, dim=-1)
+            y = float(t[j] - 15)
+            if method == "mse":
+                row.append(float((q @ VALUES - y) ** 2))
+            else:
+                row.append(float((q * (VALUES - y).abs()).sum()))
+        out.append(row)
+    return out
+
+
+def ref_agg(per_sample: list[list[float]], mode: str, horizon: float | None = None) -> float:
+    """verl's loss_agg_mode over the digit targets, by hand: N digits, S sequences with digits."""
+    rows = [r for r in per_sample if r]
+    N, S = sum(len(r) for r in rows), len(rows)
+    if mode == "token-mean":
+        return sum(map(sum, rows)) / N
+    if mode == "token-sum":
+        return sum(map(sum, rows))
+    if mode == "seq-mean-token-mean":
+        return sum(sum(r) / len(r) for r in rows) / S
+    total = sum(map(sum, rows)) / S
+    return total / horizon if mode == "seq-mean-token-sum-norm" else total
+
+
+def ref_ntl(model, b, targets, *, method="mse", temperature=1.0, shift=True) -> float:
+    """Mean NTL over all digit targets, computed from full logits (see ref_ntl_digits)."""
+    return ref_agg(ref_ntl_digits(model, b, targets, method=method, temperature=temperature, shift=shift),
+                   "token-mean")
+
+
+def ref_digit_means(model, b, targets, temperature=1.0) -> dict[str, float]:
+    """Digit accuracy, confidence and target probability averaged over all digit targets."""
+    acc = conf = tp = 0.0
+    n = 0
     for lg, p, t in zip(full_logits(model, b), b.prompts, targets, strict=True):
         for j in range(len(t)):
             if t[j] < 0:
                 continue
-            row = lg[len(p) + j - 1] if shift else lg[len(p) + j]
-            q = torch.softmax(row[DIGIT_IDS] / temperature, dim=-1)
-            y = float(t[j] - 15)
-            if method == "mse":
-                total += float((q @ VALUES - y) ** 2)
-            else:
-                total += float((q * (VALUES - y).abs()).sum())
+            q = torch.softmax(lg[len(p) + j - 1][DIGIT_IDS] / temperature, dim=-1)
+            k = int(t[j] - 15)
+            acc += float(int(q.argmax()) == k)
+            conf += float(q.max())
+            tp += float(q[k])
             n += 1
-    return total / n
+    return {"ntl/digit_accuracy": acc / n, "ntl/confidence": conf / n, "ntl/target_prob": tp / n}
 
 
 def bonus_ref(model, b, targets, temperature=1.0) -> list[float]:

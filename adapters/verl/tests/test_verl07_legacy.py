@@ -187,15 +187,37 @@ def test_update_step_lowers_ntl(qwen_tok, batch, dist_group, monkeypatch, dynami
     actor = make_actor(model, qwen_tok, monkeypatch, ntl={"ntl_weight": 5.0, **dyn}, lr=0.05)
     assert actor.use_dynamic_bsz is dynamic
     metrics = actor.update_policy(data_proto(batch))
-    assert sum(metrics["ntl/total_digits"]) == sum(int((t >= 0).sum()) for t in want_t)
+    # one mini-batch: one entry each, the digit-weighted mean over it (not a mean of micro-batch means)
+    assert metrics["ntl/total_digits"] == [sum(int((t >= 0).sum()) for t in want_t)]
+    assert metrics["ntl/loss"] == [pytest.approx(before, rel=1e-4)]
+    for key, want in H.ref_digit_means(model0 := H.tiny_model(seed=13, attn="sdpa"), batch, want_t).items():
+        assert metrics[key] == [pytest.approx(want, rel=1e-4, abs=1e-6)], key
+    del model0
     after = ref_ntl(model, batch, want_t)
     assert after < before - 1e-3
     assert after < ref_ntl(m0, batch, want_t) - 1e-3  # lower than the same step without NTL
 
 
+def test_minibatch_metrics_over_epochs_and_minibatches(qwen_tok, batch, dist_group, monkeypatch):
+    """2 mini-batches x 2 epochs (lr 0: the model does not move): four entries, each its
+    mini-batch's digit mean, whatever the micro-batching."""
+    model = H.tiny_model(seed=15, attn="sdpa")
+    want_t = expected_targets(qwen_tok, batch, "final_answer")
+    halves = [H.Batch(batch.prompts[i:i + 2], batch.responses[i:i + 2], batch.ground_truths[i:i + 2])
+              for i in (0, 2)]
+    want = [ref_ntl(model, h, want_t[i:i + 2]) for h, i in zip(halves, (0, 2), strict=True)]
+    assert abs(want[0] - want[1]) > 1e-3
+    actor = make_actor(model, qwen_tok, monkeypatch, ntl={"ntl_weight": 1.0, "ppo_epochs": 2,
+                                                          "ppo_mini_batch_size": 2, "ppo_micro_batch_size_per_gpu": 1})
+    metrics = actor.update_policy(data_proto(batch))
+    assert metrics["ntl/loss"] == [pytest.approx(x, rel=1e-4) for x in want * 2]
+
+
 def test_bad_values_fail_naming_the_key():
     with pytest.raises(Exception, match=r"actor_rollout_ref\.actor\.ntl_method"):
         legacy_config({"ntl_method": "l2"})
+    with pytest.raises(Exception, match=r"actor_rollout_ref\.actor\.loss_agg_mode='seq-mean-token-mean'"):
+        legacy_config({"loss_agg_mode": "seq-mean-token-mean"})
     with pytest.raises(Exception, match=r"ntl_bonus_type"):
         legacy_config({"extract_digit_info": True, "ntl_bonus_type": "final_answer"})
 

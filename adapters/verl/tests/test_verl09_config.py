@@ -194,3 +194,147 @@ def test_target_import_registers_the_engine_for_this_platform():
         assert issubclass(EngineRegistry.get_engine_cls("language_model", backend), NTLEngineMixin)
         assert EngineRegistry.get_engine_cls("value_model", backend) is FSDPEngineWithValueHead
     assert register_ntl_engine() is register_ntl_engine()  # idempotent
+
+
+# --------------------------------------------------------------------------- fail loudly at start-up
+def bonus_overrides(tmp_path, qwen_tok):
+    model = tiny_model_dir(tmp_path / "model", qwen_tok)
+    env = {"MODEL": model, "NTL_BONUS_TYPE": "final_answer"}
+    return launcher_overrides("train_gsm8k_qwen_ppo_ntl_final_answer.sh", tmp_path, env)
+
+
+def run_validate(cfg):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("algorithm.rollout_correction.bypass_mode=true", r"algorithm\.rollout_correction\.bypass_mode=true skips it"),
+        ("trainer.use_v1=false", r"trainer\.use_v1=true"),
+    ],
+)
+def test_bonus_without_old_log_prob_outputs_fails_in_validate_config(override, match, tmp_path, qwen_tok):
+    """verl's driver-side validate_config (before Ray starts) refuses the digit bonus when no
+    old-log-prob pass would deliver it (the same config with the bonus validates: the smoke test)."""
+    overrides = bonus_overrides(tmp_path, qwen_tok)  # bonus on, v1, no bypass: validates (smoke test)
+    with pytest.raises(ValueError, match=match):
+        run_validate(compose([*overrides, override]))
+    if "bypass" in override:  # the NTL loss alone works in bypass mode
+        no_bonus = [o for o in overrides if "ntl_bonus_type" not in o and "extract_digit_info" not in o]
+        run_validate(compose([*no_bonus, override]))
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """verl's EngineRegistry without the NTL engine (restored afterwards)."""
+    import ntl_verl.engine as ne
+    from verl.workers.engine.base import EngineRegistry
+
+    cls = ne._engine_class()
+    table = {mt: {b: {k: c for k, c in keys.items() if c is not cls} for b, keys in backends.items()}
+             for mt, backends in EngineRegistry._engines.items()}
+    monkeypatch.setattr(EngineRegistry, "_engines", table)
+    monkeypatch.setattr(ne, "_REGISTERED", [])
+    return EngineRegistry, cls
+
+
+def test_engine_vendor_override_gets_the_ntl_engine(fresh_registry, monkeypatch):
+    """VERL_ENGINE_VENDOR sends verl's lookup to another key; before registration that is verl's
+    stock engine (plain PPO), after it the NTL engine."""
+    from ntl_verl.engine import register_ntl_engine
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    registry, cls = fresh_registry
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", "some-vendor")
+    assert registry.get_engine_cls("language_model", "fsdp") is FSDPEngineWithLMHead
+    assert register_ntl_engine() is cls
+    for backend in ("fsdp", "fsdp2"):
+        assert registry.get_engine_cls("language_model", backend) is cls
+    monkeypatch.setenv("VERL_ENGINE_DEVICE", "npu")
+    register_ntl_engine()
+    assert registry.get_engine_cls("language_model", "fsdp2") is cls
+
+
+def test_another_engine_on_the_lookup_key_is_an_error(fresh_registry, monkeypatch):
+    from ntl_verl.engine import register_ntl_engine
+    from verl.utils.device import get_device_name
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    registry, _ = fresh_registry
+
+    class VendorEngine(FSDPEngineWithLMHead):
+        pass
+
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", "some-vendor")
+    registry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device=get_device_name(),
+                      vendor="some-vendor")(VendorEngine)
+    with pytest.raises(RuntimeError, match=r"VendorEngine.*VERL_ENGINE_VENDOR='some-vendor'"):
+        register_ntl_engine()
+
+
+def test_lookup_that_misses_the_ntl_engine_is_an_error(fresh_registry, monkeypatch):
+    from ntl_verl.engine import register_ntl_engine
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    registry, _ = fresh_registry
+    monkeypatch.setattr(registry, "get_engine_cls", classmethod(lambda c, m, b: FSDPEngineWithLMHead))
+    with pytest.raises(RuntimeError, match="NTL would silently not apply"):
+        register_ntl_engine()
+
+
+def test_verl_version_is_checked(monkeypatch):
+    import verl
+    import verl.workers.engine.fsdp.transformer_impl as ti
+    from ntl_verl._compat import require_verl_09
+
+    assert require_verl_09() == verl.__version__
+    with monkeypatch.context() as m:
+        m.setattr(verl, "__version__", "0.9.0")
+        with pytest.raises(ImportError, match=r"needs verl>=0\.9\.1, found verl 0\.9\.0"):
+            require_verl_09()
+    with monkeypatch.context() as m:
+        m.delattr(ti, "_scale_logits_by_temperature")
+        with pytest.raises(ImportError, match="_scale_logits_by_temperature"):
+            require_verl_09()
+
+
+def test_import_fails_on_a_verl_without_the_api(tmp_path):
+    """The check runs when ntl_verl.config is imported (what the _target_ override does)."""
+    import sys
+
+    code = ("import verl.workers.engine.fsdp.transformer_impl as t\n"
+            "del t._scale_logits_by_temperature\n"
+            "import ntl_verl.config\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode != 0
+    assert "ImportError: ntl_verl needs verl>=0.9.1" in r.stderr and "_scale_logits_by_temperature" in r.stderr
+
+
+# --------------------------------------------------------------------------- 1-GPU smoke configuration
+def test_one_gpu_smoke_configuration(tmp_path, qwen_tok):
+    """examples/verl/smoke_gsm8k_qwen_ntl_1gpu.sh: 2 steps on one GPU, console logger, NTL loss and
+    digit bonus on; verl's driver-side validate_config accepts it."""
+    from ntl_verl.config import NTLActorConfig
+    from omegaconf import OmegaConf
+
+    model = tiny_model_dir(tmp_path / "model", qwen_tok)
+    cfg = compose(launcher_overrides("smoke_gsm8k_qwen_ntl_1gpu.sh", tmp_path, {"MODEL": model}))
+    want = {
+        "trainer.n_gpus_per_node": 1, "trainer.nnodes": 1, "trainer.total_training_steps": 2,
+        "trainer.val_before_train": False, "trainer.test_freq": -1, "data.train_batch_size": 16,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 16, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 4,
+        "data.max_response_length": 256, "trainer.use_v1": True,
+    }
+    for key, value in want.items():
+        assert OmegaConf.select(cfg, key) == value, key
+    assert list(cfg.trainer.logger) == ["console"]  # prints every metric, actor/ntl/* included
+    actor = actor_of(cfg)
+    assert type(actor) is NTLActorConfig
+    s = actor.ntl_settings
+    assert (s.ntl_enabled, s.ntl_labels, s.bonus_enabled, s.loss_agg_mode) == (True, "final_answer", True, "token-mean")
+    run_validate(cfg)

@@ -13,7 +13,9 @@ if v is None or v.release[:2] < (0, 9):
     pytest.skip("needs verl >= 0.9 (scripts/test_verl.sh runs this in its venv)", allow_module_level=True)
 
 import harness as H  # noqa: E402
-from harness import bonus_ref, expected_targets, ref_ntl  # noqa: E402
+from harness import bonus_ref, expected_targets, ref_agg, ref_ntl, ref_ntl_digits  # noqa: E402
+
+MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -28,9 +30,8 @@ def run_update(model, tok, monkeypatch, batch, *, ntl=None, rmpad=True, temperat
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.losses import ppo_loss
 
-    cfg = H.actor_config(**(ntl or {}))
-    settings = None if stock else cfg.ntl_settings
-    eng = H.make_engine(model, tok, settings, monkeypatch)
+    cfg = H.actor_config(stock=stock, **(ntl or {}))
+    eng = H.make_engine(model, tok, monkeypatch=monkeypatch, config=cfg, stock=stock)
     td = H.assign_update_meta(H.v1_batch(batch, with_targets=targets), rmpad=rmpad,
                               temperature=temperature, micro=micro)
     if dynamic:
@@ -57,11 +58,12 @@ def test_ntl_term_equals_shifted_reference(qwen_tok, batch, dist_group, monkeypa
     assert (lw - l0) / w == pytest.approx(ref, rel=1e-4, abs=1e-6)
     assert abs(unshifted - ref) > 1e-3 * max(1.0, ref)  # the shift matters
     assert abs((lw - l0) / w - unshifted) > 1e-3 * max(1.0, ref)
-    m = out["metrics"]
+    m = out["metrics"]  # verl aggregates each over the micro-batches (SUM / MEAN as declared)
     n_digits = sum(int((t >= 0).sum()) for t in tg)
-    assert sum(m["ntl/total_digits"].values) == n_digits
-    for key in ("ntl/loss", "ntl/digit_accuracy", "ntl/total_digits", "ntl/confidence"):
-        assert key in m
+    assert m["ntl/total_digits"].aggregate() == n_digits
+    assert m["ntl/loss"].aggregate() == pytest.approx(ref, rel=1e-4)  # the digit mean, not a mean of means
+    for key, want in H.ref_digit_means(model, batch, tg).items():
+        assert m[key].aggregate() == pytest.approx(want, rel=1e-4, abs=1e-6), key
 
 
 def test_wasserstein_and_temperature(qwen_tok, batch, dist_group, monkeypatch):
@@ -128,8 +130,8 @@ def test_targets_from_old_log_prob_pass_survive_splits_and_dynamic_bsz(qwen_tok,
 
     model = H.tiny_model(seed=5)
     cfg = H.actor_config(ntl_weight=1.0, ntl_labels="final_answer")
-    eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
-    td = H.assign_update_meta(H.v1_batch(batch), micro=2)
+    eng = H.make_engine(model, qwen_tok, monkeypatch=monkeypatch, config=cfg)
+    td = H.assign_update_meta(H.v1_batch(batch, stage="old_log_prob"), micro=2)
     tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
     out = eng.forward_backward_batch(td, None, forward_only=True)
     tg = out["model_output"]["ntl_targets"]
@@ -158,8 +160,8 @@ def test_bonus_reaches_token_level_scores_and_advantage(qwen_tok, batch, dist_gr
     T = 0.7
     cfg = H.actor_config(ntl_weight=0.1, extract_digit_info=True, ntl_bonus_type="final_answer",
                          ntl_bonus_weight=0.5)
-    eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
-    td = H.assign_update_meta(H.v1_batch(batch), micro=2, temperature=T)
+    eng = H.make_engine(model, qwen_tok, monkeypatch=monkeypatch, config=cfg)
+    td = H.assign_update_meta(H.v1_batch(batch, stage="old_log_prob"), micro=2, temperature=T)
     tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
     if dynamic:  # micro-batches regrouped by token count, outputs restored to batch order
         tu.assign_non_tensor(td, use_dynamic_bsz=True, max_token_len_per_gpu=40)
@@ -191,8 +193,8 @@ def test_all_bonus_only_for_correct_responses(qwen_tok, batch, dist_group, monke
 
     model = H.tiny_model(seed=7)
     cfg = H.actor_config(ntl_enabled=False, extract_digit_info=True, ntl_bonus_type="all", ntl_bonus_weight=1.0)
-    eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
-    td = H.assign_update_meta(H.v1_batch(batch))
+    eng = H.make_engine(model, qwen_tok, monkeypatch=monkeypatch, config=cfg)
+    td = H.assign_update_meta(H.v1_batch(batch, stage="old_log_prob"))
     tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
     rm_before = pad_responses(td["rm_scores"], None, 0.0).clone()
     out = eng.forward_backward_batch(td, None, forward_only=True)
@@ -219,7 +221,7 @@ def test_reference_model_engine_is_stock(qwen_tok, batch, dist_group, monkeypatc
 
     model = H.tiny_model(seed=8)
     eng = H.make_engine(model, qwen_tok, None, monkeypatch)
-    td = H.assign_update_meta(H.v1_batch(batch))
+    td = H.assign_update_meta(H.v1_batch(batch, stage="old_log_prob"))
     tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
     out = eng.forward_backward_batch(td, None, forward_only=True)
     assert set(out["model_output"]) == {"log_probs", "entropy"}
@@ -240,7 +242,7 @@ def test_fused_kernel_path_matches_logits_path(qwen_tok, batch, dist_group, monk
     losses = {}
     for w in (0.0, 1.0):
         cfg = H.actor_config(ntl_weight=w)
-        eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
+        eng = H.make_engine(model, qwen_tok, monkeypatch=monkeypatch, config=cfg)
         td = H.assign_update_meta(H.v1_batch(batch), temperature=0.9, fused=True)
         tu.assign_non_tensor(td, use_fused_kernels=True)
         out = eng.forward_backward_batch(td, functools.partial(ppo_loss, config=cfg), forward_only=False)
@@ -259,7 +261,7 @@ def test_explicit_ntl_ppo_loss_is_not_wrapped_twice(qwen_tok, batch, dist_group,
     auto, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl={"ntl_weight": 1.0})
     cfg = H.actor_config(ntl_weight=1.0)
     cfg.model_config = types.SimpleNamespace(tokenizer=qwen_tok, hf_config=model.config)
-    eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
+    eng = H.make_engine(model, qwen_tok, monkeypatch=monkeypatch, config=cfg)
     td = H.assign_update_meta(H.v1_batch(batch))
     out = eng.forward_backward_batch(td, functools.partial(ntl_ppo_loss, config=cfg), forward_only=False)
     assert sum(out["loss"]) == pytest.approx(auto, rel=1e-6)
@@ -278,7 +280,7 @@ def test_legacy_trainer_layout_builds_targets_in_the_update(qwen_tok, batch, dis
     losses = {}
     for w in (0.0, 1.0):
         cfg = H.actor_config(ntl_weight=w, ntl_labels="all")
-        eng = H.make_engine(model, qwen_tok, cfg.ntl_settings, monkeypatch)
+        eng = H.make_engine(model, qwen_tok, monkeypatch=monkeypatch, config=cfg)
         td = left_right_2_no_padding(padded_batch(batch))
         H.assign_update_meta(td)
         tu.assign_non_tensor(td, temperature=1.0)
@@ -286,3 +288,128 @@ def test_legacy_trainer_layout_builds_targets_in_the_update(qwen_tok, batch, dis
         losses[w] = sum(out["loss"])
         assert not td["ntl_targets"].is_nested and td["ntl_targets"].shape == td["responses"].shape
     assert losses[1.0] - losses[0.0] == pytest.approx(ref, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- loss_agg_mode
+def micro_horizons(batch, micro):
+    """verl's default seq-mean-token-sum-norm horizon of each static micro-batch: its longest response."""
+    lens = [len(r) for r in batch.responses]
+    return [max(lens[i:i + micro]) for i in range(0, len(lens), micro)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ntl_is_aggregated_like_the_policy_loss(qwen_tok, batch, dist_group, monkeypatch, mode):
+    """labels='all': sample 1 (wrong answer) has no digit targets, so S = 3 < B = 4 sequences.
+    The NTL term equals verl's own agg_loss over the whole batch with the digit mask (its counts
+    taken on the mask) and the hand formula, for any micro-batching; ntl/loss logs exactly it."""
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    model = H.tiny_model(seed=20)
+    tg = expected_targets(qwen_tok, batch, "all")
+    per = ref_ntl_digits(model, batch, tg)
+    assert sum(1 for r in per if r) == 3
+    lsf = 7.0 if mode == "seq-mean-token-sum-norm" else None
+    want = ref_agg(per, mode, horizon=lsf)
+    # verl's agg_loss on [B, R] per-digit NTL with the digit mask, whole batch, no global counts
+    R = max(len(r) for r in batch.responses)
+    mat, dmask = torch.zeros(len(tg), R), torch.zeros(len(tg), R)
+    for i, (t, vals) in enumerate(zip(tg, per, strict=True)):
+        pos = (t >= 0).nonzero().flatten()
+        mat[i, pos] = torch.tensor(vals)
+        dmask[i, pos] = 1.0
+    verl_value = float(agg_loss(mat, dmask, mode, loss_scale_factor=lsf))
+    assert verl_value == pytest.approx(want, rel=1e-5)
+    kw = {"ntl_labels": "all", "loss_agg_mode": mode, "loss_scale_factor": lsf, "ntl_weight": 0.5}
+    for micro, dynamic in ((1, False), (4, False), (2, True)):
+        total, out = run_update(model, qwen_tok, monkeypatch, batch, ntl=kw, micro=micro, dynamic=dynamic)
+        policy = out["metrics"]["actor/pg_loss"].aggregate()  # entropy_coeff 0, no KL: loss = pg + w L_NTL
+        assert (total - policy) / 0.5 == pytest.approx(want, rel=1e-4), (micro, dynamic)
+        assert out["metrics"]["ntl/loss"].aggregate() == pytest.approx(want, rel=1e-4), (micro, dynamic)
+    if mode == "token-mean":
+        assert want == pytest.approx(ref_ntl(model, batch, tg), rel=1e-6)
+
+
+def test_norm_mode_without_scale_factor_uses_verls_micro_batch_horizon(qwen_tok, batch, dist_group, monkeypatch):
+    """loss_scale_factor unset: verl divides by the padded response length of each micro-batch; so
+    does the NTL term (sum over micro-batches of sum_digits / (S * H_mb))."""
+    model = H.tiny_model(seed=21)
+    tg = expected_targets(qwen_tok, batch, "final_answer")
+    per = ref_ntl_digits(model, batch, tg)
+    S = sum(1 for r in per if r)
+    kw = {"ntl_labels": "final_answer", "loss_agg_mode": "seq-mean-token-sum-norm"}
+    for micro in (1, 4):
+        horizons = micro_horizons(batch, micro)
+        want = sum(sum(map(sum, per[j * micro:(j + 1) * micro])) / (S * h) for j, h in enumerate(horizons))
+        l0, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl={**kw, "ntl_weight": 0.0}, micro=micro)
+        l1, _ = run_update(model, qwen_tok, monkeypatch, batch, ntl={**kw, "ntl_weight": 1.0}, micro=micro)
+        assert l1 - l0 == pytest.approx(want, rel=1e-4), micro
+    assert len(set(micro_horizons(batch, 1))) > 1  # the micro-batches really differ in width
+
+
+# --------------------------------------------------------------------------- fail loudly
+def test_stock_engine_with_the_ntl_config_fails_at_the_first_loss(qwen_tok, batch, dist_group, monkeypatch):
+    """An NTLActorConfig actor whose engine is verl's own (VERL_ENGINE_* override, another plugin, a
+    custom worker) would train plain PPO: the config's global_batch_info check stops it."""
+    from verl.workers.utils.losses import ppo_loss
+
+    model = H.tiny_model(seed=22)
+    cfg = H.actor_config(ntl_weight=0.1)
+    eng = H.make_engine(model, qwen_tok, monkeypatch=monkeypatch, config=cfg, stock=True)
+    td = H.assign_update_meta(H.v1_batch(batch))
+    with pytest.raises(RuntimeError, match="not ntl_verl's NTLFSDPEngineWithLMHead"):
+        eng.forward_backward_batch(td, functools.partial(ppo_loss, config=cfg), forward_only=False)
+    ok = H.make_engine(model, qwen_tok, monkeypatch=monkeypatch, config=cfg)  # the NTL engine: fine
+    ok.forward_backward_batch(H.assign_update_meta(H.v1_batch(batch)), functools.partial(ppo_loss, config=cfg),
+                              forward_only=False)
+    import copy
+    import pickle
+
+    for clone in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):  # copies keep the check
+        assert type(clone.global_batch_info).__name__ == "NTLEngineCheck"
+
+
+def bonus_config(**kw):
+    return H.actor_config(ntl_weight=0.1, extract_digit_info=True, ntl_bonus_type="final_answer", **kw)
+
+
+def test_bonus_without_an_old_log_prob_pass_fails_at_the_first_update(qwen_tok, batch, dist_group, monkeypatch):
+    from verl.workers.utils.losses import ppo_loss
+
+    cfg = bonus_config()
+    eng = H.make_engine(H.tiny_model(seed=23), qwen_tok, monkeypatch=monkeypatch, config=cfg)
+    td = H.assign_update_meta(H.v1_batch(batch))  # bypass mode: no old-log-prob pass, no ntl_bonus
+    with pytest.raises(RuntimeError, match=r"algorithm\.rollout_correction\.bypass_mode=true"):
+        eng.forward_backward_batch(td, functools.partial(ppo_loss, config=cfg), forward_only=False)
+
+
+def old_pass(batch, *, stage, entropy):
+    from verl.utils import tensordict_utils as tu
+
+    td = H.assign_update_meta(H.v1_batch(batch, stage=stage))
+    tu.assign_non_tensor(td, calculate_entropy=entropy, compute_loss=False)
+    return td
+
+
+def test_old_log_prob_pass_signals_must_agree_with_the_bonus_on(qwen_tok, batch, dist_group, monkeypatch):
+    eng = H.make_engine(H.tiny_model(seed=24), qwen_tok, monkeypatch=monkeypatch, config=bonus_config())
+    for stage, entropy in (("old_log_prob", False), ("update", True)):
+        with pytest.raises(RuntimeError, match="cannot tell whether this forward-only actor pass"):
+            eng.forward_backward_batch(old_pass(batch, stage=stage, entropy=entropy), None, forward_only=True)
+
+
+def test_reference_pass_through_the_actor_adds_no_bonus(qwen_tok, batch, dist_group, monkeypatch):
+    """ref_in_actor (LoRA): the reference pass runs on the actor's engine after the old-log-prob
+    pass (batch has old_log_probs, calculate_entropy=False): stock outputs, rm_scores untouched."""
+    eng = H.make_engine(H.tiny_model(seed=25), qwen_tok, monkeypatch=monkeypatch, config=bonus_config())
+    out = eng.forward_backward_batch(old_pass(batch, stage="update", entropy=False), None, forward_only=True)
+    assert set(out["model_output"]) == {"log_probs"}
+
+
+def test_a_second_old_log_prob_pass_would_add_the_bonus_twice(qwen_tok, batch, dist_group, monkeypatch):
+    eng = H.make_engine(H.tiny_model(seed=26), qwen_tok, monkeypatch=monkeypatch, config=bonus_config())
+    td = old_pass(batch, stage="old_log_prob", entropy=True)
+    out = eng.forward_backward_batch(td, None, forward_only=True)
+    again = old_pass(batch, stage="old_log_prob", entropy=True)
+    again["ntl_bonus"] = out["model_output"]["ntl_bonus"]
+    with pytest.raises(RuntimeError, match="would add the bonus twice"):
+        eng.forward_backward_batch(again, None, forward_only=True)

@@ -1,0 +1,245 @@
+"""verl's real workers on CPU, in separate rank processes.
+
+* :func:`install_cpu_platform`: a verl platform for CPUs (verl's own extension point,
+  ``verl.plugin.platform.PlatformRegistry``; selected with ``VERL_PLATFORM=cpu``): gloo, device
+  ``"cpu"``, no-op memory/stream calls. verl's FSDP2 engine then runs unchanged on CPU.
+* :func:`spawn`: ``world`` ranks with ``torch.multiprocessing`` (spawn), a gloo process group on a
+  free 127.0.0.1 port, each rank's results written to ``out_dir`` and read back by the parent.
+* :func:`model_dir`: a tiny Qwen2 (weights + Qwen2.5's real tokenizer) saved to disk, what verl's
+  ``HFModelConfig`` loads; :func:`compose` / :data:`CPU_OVERRIDES`: verl's ``ppo_trainer`` config for it.
+
+Nothing here imports verl at module level: the platform must be chosen before verl's first import
+in a rank process (``transformer_impl`` resolves it at import time).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+
+import torch
+
+V = 32768  # > every token id of the samples (Qwen2.5 itself has 151936); keeps CPU ranks fast
+
+# (prompt, response text, ground truth): harness.SAMPLES plus four more; the last has no answer
+# (no digit targets with either label mode), sample 1 and 6 answer wrongly.
+SAMPLES_8 = [
+    ("Q: 100 + 23?", " First 100 then 23. #### 123", "123"),
+    ("Question: 7*6", " 7*6 = 42 so #### 45", "42"),
+    ("Q: add 5 and 9", " 5+9 is 14. The answer #### 14", "14"),
+    ("Q: 2?", " #### 2,001", "2001"),
+    ("Q: 9 + 9?", " 9 plus 9 makes 18. #### 18", "18"),
+    ("Q: 30 / 5?", " thirty over five is #### 7", "6"),
+    ("Q: 12 * 12?", " #### 144", "144"),
+    ("Q: 7 - 3?", " it is four", "4"),
+]
+
+CPU_OVERRIDES = [
+    "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+    # the tiny model's vocabulary (32768) is smaller than Qwen's special-token ids
+    "+actor_rollout_ref.model.override_config.pad_token_id=0",
+    "+actor_rollout_ref.model.override_config.bos_token_id=0",
+    "+actor_rollout_ref.model.override_config.eos_token_id=0",
+    "actor_rollout_ref.model.use_remove_padding=True",
+    "actor_rollout_ref.actor.strategy=fsdp2",
+    "actor_rollout_ref.actor.use_torch_compile=False",
+    "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
+    "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
+    "+actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32",
+    "+actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32",
+    # lr 0: the update leaves the weights alone, so several updates see the same model
+    "actor_rollout_ref.actor.optim.lr=0.0",
+    "actor_rollout_ref.actor.optim.clip_grad=1e9",
+    "actor_rollout_ref.actor.optim.total_training_steps=1",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.rollout.name=vllm",
+    "actor_rollout_ref.actor.use_kl_loss=False",
+    "actor_rollout_ref.actor.entropy_coeff=0.0",
+    "actor_rollout_ref.actor.shuffle=False",
+    "algorithm.use_kl_in_reward=False",
+    "trainer.n_gpus_per_node=1",
+    "data.train_batch_size=8",
+]
+
+DYNAMIC_BSZ = [
+    "actor_rollout_ref.actor.use_dynamic_bsz=True",
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=64",
+    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=64",
+]
+
+NTL_TARGET = "actor_rollout_ref.actor._target_=ntl_verl.config.NTLActorConfig"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_dir(path: str, seed: int = 0) -> str:
+    """A tiny Qwen2 (2 layers, hidden 32, untied head scaled for non-trivial digit logits) with
+    Qwen2.5's tokenizer, saved like a hub checkpoint."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ntl.tokenizers import qwen2_tokenizer
+
+    cfg = Qwen2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        architectures=["Qwen2ForCausalLM"], pad_token_id=0, bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(path)
+    qwen2_tokenizer().save_pretrained(path)
+    return path
+
+
+def compose(model_path: str, *overrides: str):
+    """verl's ``ppo_trainer`` config (Hydra) for a CPU actor on ``model_path``."""
+    import verl
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    cfg_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=cfg_dir, version_base=None):
+        return hydra_compose(config_name="ppo_trainer", overrides=[
+            f"actor_rollout_ref.model.path={model_path}", f"critic.model.path={model_path}",
+            *CPU_OVERRIDES, *overrides,
+        ])
+
+
+def install_cpu_platform() -> None:
+    """Register and select verl's ``cpu`` platform (call before anything imports verl's engine)."""
+    os.environ["VERL_PLATFORM"] = "cpu"
+    import types
+    from contextlib import contextmanager
+
+    from verl.plugin.platform.platform_base import PlatformBase
+    from verl.plugin.platform.platform_manager import PlatformRegistry
+
+    def nothing(*_a, **_k):
+        return None
+
+    module = types.SimpleNamespace(
+        is_available=lambda: True, empty_cache=nothing, synchronize=nothing, set_device=nothing,
+        current_device=lambda: "cpu", device_count=lambda: 1, manual_seed=torch.manual_seed,
+        manual_seed_all=torch.manual_seed, max_memory_allocated=lambda *a: 0, max_memory_reserved=lambda *a: 0,
+        memory_allocated=lambda *a: 0, memory_reserved=lambda *a: 0, mem_get_info=lambda *a: (1 << 34, 1 << 34),
+        get_rng_state=torch.get_rng_state, set_rng_state=torch.set_rng_state, reset_peak_memory_stats=nothing,
+        ipc_collect=nothing, get_device_name=lambda *a: "cpu",
+    )
+
+    @PlatformRegistry.register(platform="cpu")
+    class PlatformCPU(PlatformBase):
+        device_name = "cpu"
+        vendor_name = "cpu"
+        device_module = module
+
+        def is_available(self): return True
+        def current_device(self): return "cpu"
+        def device_count(self): return 1
+        def set_device(self, device_index): pass
+        def synchronize(self, device_index=None): pass
+        def manual_seed(self, seed): torch.manual_seed(seed)
+        def manual_seed_all(self, seed): torch.manual_seed(seed)
+        def set_allocator_settings(self, settings): pass
+        def empty_cache(self): pass
+        def get_device_capability(self, device_index=0): return (None, None)
+        def communication_backend_name(self): return "gloo"
+        def visible_devices_envvar(self): return "CPU_VISIBLE_DEVICES"
+        def profiler_start(self): pass
+        def profiler_stop(self): pass
+        def ray_resource_name(self): return "CPU"
+        def ray_noset_envvars(self): return []
+        def is_ipc_supported(self): return False
+        def cudart(self): return None
+
+        @contextmanager
+        def nvtx_range(self, msg):
+            yield
+
+
+def register_stock_engine_for_cpu() -> None:
+    """verl registers its FSDP engine for cuda/npu only; register it (vendor-less, as verl does)
+    for the cpu platform. Call before ``ntl_verl`` is imported in the rank."""
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(
+        FSDPEngineWithLMHead)
+
+
+def _rank_main(rank: int, world: int, port: int, target: str, out_dir: str, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TOKENIZERS_PARALLELISM="false",
+                      HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    torch.set_num_threads(1)
+    import signal
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run finally blocks (ray.shutdown) on terminate
+    try:
+        install_cpu_platform()
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        module, name = target.rsplit(":", 1)
+        fn = getattr(__import__(module, fromlist=[name]), name)
+        result = fn(rank, world, *args)
+        if rank == 0:
+            torch.save(result, os.path.join(out_dir, f"result_{world}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"error_{world}_{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def start(target: str, world: int, out_dir: str, *args):
+    """Start ``world`` rank processes running ``target(rank, world, *args)`` (``"module:function"``;
+    rank 0's return value is saved). Returns the ``ProcessContext``; :func:`join` it."""
+    return torch.multiprocessing.start_processes(
+        _rank_main, args=(world, free_port(), target, out_dir, args), nprocs=world, join=False, start_method="spawn")
+
+
+def join(ctx, world: int, out_dir: str, timeout: float = 1200.0):
+    """Wait for the ranks of :func:`start`; re-raise a rank's error with its traceback. Returns
+    rank 0's result."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} rank(s) still running after {timeout} s")
+    except Exception as e:
+        errs = []
+        for f in sorted(os.listdir(out_dir)):
+            if f.startswith("error_"):
+                with open(os.path.join(out_dir, f)) as fh:
+                    errs.append(fh.read())
+        raise RuntimeError(f"a rank failed: {e}\n" + "\n".join(errs)) from None
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    return torch.load(os.path.join(out_dir, f"result_{world}.pt"), weights_only=False)
+
+
+def run(target: str, world: int, out_dir: str, *args):
+    """:func:`start` + :func:`join`."""
+    return join(start(target, world, out_dir, *args), world, out_dir)
+
+
+if os.path.dirname(__file__) not in sys.path:  # the rank processes import the scenario modules by name
+    sys.path.insert(0, os.path.dirname(__file__))
