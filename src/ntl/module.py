@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from .losses import ntl_loss
+from .losses import check_squash_factor, ntl_loss, squash_table
 from .vocab import VocabLike, resolve_vocab
 
 __all__ = ["NumberTokenLoss"]
@@ -16,9 +16,9 @@ class NumberTokenLoss(nn.Module):
     """Number Token Loss as a module: ``NumberTokenLoss(tokenizer)(logits, labels)``.
 
     Wraps :func:`ntl.ntl_mse_loss` (``method="mse"``) and
-    :func:`ntl.ntl_wasserstein_loss` (``method="wasserstein"``); the vocabulary is
-    resolved once at construction. Logits and labels are aligned position by
-    position (shift them for causal LMs).
+    :func:`ntl.ntl_wasserstein_loss` (``method="wasserstein"``, optionally with
+    ``squash_factor``); the vocabulary is resolved once at construction. Logits and
+    labels are aligned position by position (shift them for causal LMs).
     """
 
     def __init__(
@@ -31,6 +31,7 @@ class NumberTokenLoss(nn.Module):
         reweigh: bool = False,
         backend: str = "auto",
         vocab_size: int | None = None,
+        squash_factor: float | None = None,
     ) -> None:
         super().__init__()
         self.vocab = resolve_vocab(vocab_or_tokenizer, vocab_size)
@@ -41,6 +42,9 @@ class NumberTokenLoss(nn.Module):
         if not isinstance(reweigh, bool):
             raise TypeError(f"reweigh must be a bool, got {type(reweigh).__name__}")
         self.reweigh = reweigh
+        self.squash_factor = check_squash_factor(squash_factor, self.method)
+        if self.squash_factor is not None:
+            squash_table(self.vocab, self.squash_factor)  # a vocab it cannot squash fails here
 
     def forward(
         self,
@@ -51,7 +55,9 @@ class NumberTokenLoss(nn.Module):
     ) -> torch.Tensor:
         return ntl_loss(logits, labels, self.vocab, method=self.method, ignore_index=self.ignore_index,
                         reduction=self.reduction, weights=weights, reweigh=self.reweigh,
-                        target_dist=target_dist, backend=self.backend)
+                        target_dist=target_dist, squash_factor=self.squash_factor, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, K={self.vocab.K}, reduction={self.reduction!r}, reweigh={self.reweigh}"
+        sq = f", squash_factor={self.squash_factor}" if self.squash_factor is not None else ""
+        return (f"method={self.method!r}, K={self.vocab.K}, reduction={self.reduction!r}, "
+                f"reweigh={self.reweigh}{sq}")

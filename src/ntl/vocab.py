@@ -16,7 +16,7 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["DigitVocab", "NumberVocab", "VocabLike", "resolve_vocab"]
+__all__ = ["DigitVocab", "NumberVocab", "VocabLike", "resolve_vocab", "vocab_from_handle"]
 
 DIGITS = "0123456789"
 logger = logging.getLogger("ntl")
@@ -114,6 +114,8 @@ class NumberVocab:
                         t = torch.tensor(self.token_ids, dtype=torch.long, device=dev)
                     elif kind == "values":
                         t = torch.tensor(self.values, dtype=torch.float32, device=dev)
+                    elif kind == "arange":
+                        t = torch.arange(self.K, device=dev)
                     else:  # lookup: token id -> index k, -1 for non-number tokens
                         t = torch.full((width,), -1, dtype=torch.long)
                         t[torch.tensor(self.token_ids)] = torch.arange(self.K)
@@ -128,6 +130,22 @@ class NumberVocab:
     def values_on(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[K]`` float32 values (ascending) on ``device``."""
         return self._cached("values", device)
+
+    def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[K]`` int64 ``0..K-1`` on ``device`` (the columns of gathered number logits)."""
+        return self._cached("arange", device)
+
+    @property
+    def handle(self) -> int:
+        """A small int naming this vocab's content (equal vocabs share it), for custom ops:
+        :func:`vocab_from_handle` turns it back into a vocab whose tensors are cached."""
+        h = self.__dict__.get("_handle")
+        if h is None:
+            with _CACHE_LOCK:
+                h = _HANDLES.setdefault(self, len(_HANDLES))
+                _BY_HANDLE.setdefault(h, self)
+            self._handle = h
+        return h
 
     def lookup(self, width: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``[width]`` int64 map from token id to number index ``k`` (``-1`` if not a number)."""
@@ -295,6 +313,17 @@ def resolve_vocab(vocab_or_tokenizer: VocabLike, vocab_size: int | None = None, 
 
 
 _SIMPLE_CACHE: dict[tuple, NumberVocab] = {}
+# content -> handle, handle -> the first vocab with that content (kept alive: vocabs are small and few)
+_HANDLES: dict[NumberVocab, int] = {}
+_BY_HANDLE: dict[int, NumberVocab] = {}
+
+
+def vocab_from_handle(handle: int) -> NumberVocab:
+    """The vocab registered under :attr:`NumberVocab.handle`."""
+    try:
+        return _BY_HANDLE[handle]
+    except KeyError:
+        raise ValueError(f"no number vocab has handle {handle!r}") from None
 
 
 def _cached_simple(key: tuple, build: Any) -> NumberVocab:
