@@ -116,8 +116,11 @@ class NumberVocab:
                         t = torch.tensor(self.values, dtype=torch.float32, device=dev)
                     elif kind == "arange":
                         t = torch.arange(self.K, device=dev)
-                    else:  # lookup: token id -> index k, -1 for non-number tokens
-                        t = torch.full((width,), -1, dtype=torch.long)
+                    elif kind == "table":  # [0..K-1, -1]: k -> k, and index -1 -> -1
+                        t = torch.cat([torch.arange(self.K), torch.tensor([-1])]).to(dev)
+                    else:  # lookup: token id -> index k, -1 for non-number tokens (table: + a final -1)
+                        extra = 1 if kind == "lookup_table" else 0
+                        t = torch.full((width + extra,), -1, dtype=torch.long)
                         t[torch.tensor(self.token_ids)] = torch.arange(self.K)
                         t = t.to(dev)
                     self._cache[key] = t
@@ -134,6 +137,15 @@ class NumberVocab:
     def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[K]`` int64 ``0..K-1`` on ``device`` (the columns of gathered number logits)."""
         return self._cached("arange", device)
+
+    def index_table(self, width: int | None, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[width + 1]`` int64: :meth:`lookup` plus a final ``-1``, so that
+        ``table[labels.clamp(-1, width)]`` maps every label (negative, ``>= width``) in one
+        gather. ``width=None``: labels are number indices already (``[0..K-1, -1]``)."""
+        if width is None:
+            return self._cached("table", device)
+        self.lookup(width, device)  # validates the width
+        return self._cached("lookup_table", device, width)
 
     @property
     def handle(self) -> int:

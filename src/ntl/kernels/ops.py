@@ -52,10 +52,11 @@ class LossConfig(NamedTuple):
 
 
 def _vocab_tensors(cfg: LossConfig, device: torch.device) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(ids or None, values, index table [W + 1])`` from the vocab's cache."""
     vocab = vocab_from_handle(cfg.handle)
     ids = None if cfg.digit_cols else vocab.ids(device)
-    lut = vocab.positions(device) if cfg.pre_indexed else vocab.lookup(cfg.W, device)
-    return ids, vocab.values_on(device), lut
+    table = vocab.index_table(None if cfg.pre_indexed else cfg.W, device)
+    return ids, vocab.values_on(device), table
 
 
 def _forward(x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | None,
@@ -73,10 +74,7 @@ def _forward(x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | N
             weights = weights.view(torch.uint8)
             args = (*args[:2], weights, *args[3:])
         return ntl_loss_fwd_triton(*args, cfg.need_dz)
-    res = list(ntl_loss_fwd_torch(*args))
-    if not cfg.need_dz:
-        res[2] = x.new_empty(0, dtype=torch.float32)
-    return tuple(res)
+    return ntl_loss_fwd_torch(*args, cfg.need_dz)
 
 
 def _backward_x(g: Tensor, x: Tensor | None, size: tuple[int, int], dtype: torch.dtype,

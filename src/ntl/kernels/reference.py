@@ -58,7 +58,7 @@ def _w1_dist(values: torch.Tensor, y: torch.Tensor, squash: tuple[float, float] 
     if squash is None:
         return d
     a, b = squash
-    return torch.where(d > 0, a + b * d, torch.zeros((), device=d.device))
+    return torch.where(d > 0, a + b * d, 0.0)
 
 
 def ntl_rows_torch(
@@ -81,7 +81,7 @@ def ntl_rows_torch(
     """
     active = k >= 0
     # rows that take no part never reach the softmax (their digit logits may be -inf)
-    z = torch.where(active[:, None], digit_logits.float(), torch.zeros((), device=digit_logits.device))
+    z = torch.where(active[:, None], digit_logits.float(), 0.0)
     q = torch.softmax(z, dim=-1)
     y = values[k.clamp_min(0)]
     if method != "wasserstein":
@@ -92,7 +92,7 @@ def ntl_rows_torch(
         gaps = values[1:] - values[:-1]
         cdf_gap = q.cumsum(-1)[:, :-1] - soft.float().cumsum(-1)[:, :-1]
         loss = (cdf_gap.abs() * gaps).sum(-1)
-    return torch.where(active, loss, torch.zeros((), device=loss.device))
+    return torch.where(active, loss, 0.0)
 
 
 def ntl_rows_grad_torch(
@@ -116,7 +116,7 @@ def ntl_rows_grad_torch(
                        dL/dz_j = q_j (g_j - sum_i q_i g_i)
     """
     active = (k >= 0)[:, None]
-    z = torch.where(active, z.float(), torch.zeros((), device=z.device))
+    z = torch.where(active, z.float(), 0.0)
     q = torch.softmax(z, dim=-1)
     y = values[k.clamp_min(0)][:, None]
     if method != "wasserstein":
@@ -135,43 +135,51 @@ def ntl_rows_grad_torch(
         s = torch.sign(d) * gaps  # [N, K-1]
         g = torch.nn.functional.pad(s.flip(-1).cumsum(-1).flip(-1), (0, 1))  # sum_{k>=i}
         grad = q * (g - (q * g).sum(-1, keepdim=True))
-    zero = torch.zeros((), device=z.device)
-    return torch.where(active[:, 0], loss, zero), torch.where(active, grad, zero), q
+    return torch.where(active[:, 0], loss, 0.0), torch.where(active, grad, 0.0), q
 
 
-def number_index_torch(labels: torch.Tensor, lut: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """``k [N]``: ``lut[label]`` for labels in ``[0, len(lut))`` other than ``ignore_index``, else -1."""
-    W = lut.numel()
-    inside = (labels >= 0) & (labels < W) & (labels != ignore_index)
-    k = lut[labels.clamp(0, W - 1)]
-    return torch.where(inside, k, torch.full_like(k, -1))
+def number_index_torch(labels: torch.Tensor, table: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``k [N]``: the number index of each label, ``-1`` for labels outside ``[0, W)`` and
+    ``ignore_index``. ``table [W + 1]`` is the vocab's lookup with a final ``-1``
+    (:meth:`ntl.NumberVocab.index_table`): out-of-range labels clamp onto that entry."""
+    W = table.numel() - 1
+    k = table[labels.clamp(-1, W)]
+    if 0 <= ignore_index < W:
+        k = k.masked_fill(labels == ignore_index, -1)
+    return k
 
 
 def ntl_loss_fwd_torch(
     x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, soft: torch.Tensor | None,
-    ids: torch.Tensor | None, values: torch.Tensor, lut: torch.Tensor, ignore_index: int, method: str,
+    ids: torch.Tensor | None, values: torch.Tensor, table: torch.Tensor, ignore_index: int, method: str,
     reduction: str, reweigh: bool, dmax: float, squash: tuple[float, float] | None, huber_delta: float,
+    need_dz: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Twin of ``rowloss._ntl_loss_fwd`` + ``_ntl_finalize``: the whole standalone forward.
 
     ``x [N, Vx]`` logits (``ids`` their number columns) or ``[N, K]`` number logits
-    (``ids=None``); ``labels [N]`` token ids mapped by ``lut`` to ``k``. Per row:
+    (``ids=None``); ``labels [N]`` token ids mapped to ``k`` by ``table``
+    (:func:`number_index_torch`). Per row:
     ``L`` the NTL, with ``reweigh`` ``L' = m L + D (1 - m)`` where
     ``m = sum_{j in ids} softmax(x)_j`` (computed on the rows that take part only, from
     their row max ``M`` and ``S = sum_j exp(x_j - M)``, so ``lse = M + log S``);
     ``rw = w 1[k >= 0]``; ``out = rw L'`` (none), ``sum rw L'`` or that over ``max(sum rw, eps)``.
 
     Returns ``(out, rows=L', dz [N, K], rw, den, L, mass, lse)`` (fp32; ``den`` is the mean's
-    divisor, 1 for the sum, empty for "none"; ``L``/``mass``/``lse`` are empty without ``reweigh``).
+    divisor, 1 for the sum, empty for "none"; ``L``/``mass``/``lse`` are empty without ``reweigh``,
+    ``dz`` without ``need_dz``).
     """
     N = x.shape[0]
     dev = x.device
-    k = number_index_torch(labels, lut, ignore_index)
+    k = number_index_torch(labels, table, ignore_index)
     z = x if ids is None else x.index_select(1, ids)
-    L, dz, _ = ntl_rows_grad_torch(z, k, values, method, soft, squash=squash, huber_delta=huber_delta)
+    if need_dz:
+        L, dz, _ = ntl_rows_grad_torch(z, k, values, method, soft, squash=squash, huber_delta=huber_delta)
+    else:
+        L = ntl_rows_torch(z, k, values, method, soft, squash=squash, huber_delta=huber_delta)
+        dz = x.new_empty(0, dtype=torch.float32)
     active = k >= 0
-    zero = torch.zeros((), device=dev)
-    rw = torch.where(active, weights.float(), zero) if weights is not None else active.float()
+    rw = torch.where(active, weights.float(), 0.0) if weights is not None else active.float()
     def empty() -> torch.Tensor:
         return x.new_empty(0, dtype=torch.float32)
 
@@ -187,7 +195,7 @@ def ntl_loss_fwd_torch(
         mass = torch.zeros(N, device=dev).index_copy_(0, idx, ma)
         lse = torch.zeros(N, device=dev).index_copy_(0, idx, M.squeeze(1) + S.log())
         Lraw = L
-        rows = torch.where(active, mass * L + dmax * (1.0 - mass), zero)
+        rows = torch.where(active, mass * L + dmax * (1.0 - mass), 0.0)
     contrib = rw * rows
     if reduction == "none":
         return contrib, rows, dz, rw, empty(), Lraw, mass, lse

@@ -253,7 +253,7 @@ def row_blocks(K: int, V: int, reweigh: bool) -> tuple[int, int, int, int]:
 
 def ntl_loss_fwd_triton(
     x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, soft: torch.Tensor | None,
-    ids: torch.Tensor | None, values: torch.Tensor, lut: torch.Tensor, ignore_index: int, method: str,
+    ids: torch.Tensor | None, values: torch.Tensor, table: torch.Tensor, ignore_index: int, method: str,
     reduction: str, reweigh: bool, dmax: float, squash: tuple[float, float] | None, huber_delta: float,
     need_dz: bool,
 ) -> tuple[torch.Tensor, ...]:
@@ -279,10 +279,10 @@ def ntl_loss_fwd_triton(
     a, b = squash if squash is not None else (0.0, 1.0)
     if N > 0:
         _ntl_loss_fwd[(n_part,)](
-            x, labels, lut, ids if ids is not None else values, values,
+            x, labels, table, ids if ids is not None else values, values,
             weights if weights is not None else rows, soft if soft is not None else rows,
             out, rows, dz, rw, L, mass, lse, part,
-            N, V, K, lut.numel(), ignore_index, x.stride(0), soft.stride(0) if soft is not None else 0,
+            N, V, K, table.numel() - 1, ignore_index, x.stride(0), soft.stride(0) if soft is not None else 0,
             n_part, float(dmax), float(a), float(b), float(huber_delta),
             METHOD=_METHOD[method], SOFT=soft is not None, REWEIGH=reweigh, HAS_W=weights is not None,
             IDS=ids is not None, PARTIAL=partial, STORE_DZ=need_dz, BLOCK_N=bn, BLOCK_K=bk, BLOCK_V=bv,
@@ -327,8 +327,8 @@ class NTLRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, k, ids, values, method, soft):  # type: ignore[override]
-        lut = torch.arange(values.numel(), device=x.device)
-        _, rows, dz, *_ = ntl_loss_fwd_triton(x, k, None, soft, ids, values, lut, -1, method, "none",
+        table = torch.arange(values.numel() + 1, device=x.device)  # only [0, K) is read
+        _, rows, dz, *_ = ntl_loss_fwd_triton(x, k, None, soft, ids, values, table, -1, method, "none",
                                               False, 0.0, None, 1.0, True)
         ctx.save_for_backward(dz, ids)
         ctx.shape = (x.shape[1], x.dtype)
