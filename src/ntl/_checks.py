@@ -142,16 +142,17 @@ def check_values(labels: torch.Tensor, V: int | None, ignore_index: int,
         (weights < 0).any() if weights is not None and weights.dtype != torch.bool else no,
     ]
     neg, big, negw = torch.stack(flags).tolist()
-    if neg or big:
-        lo, hi = int(labels.min()), int(labels.max())
+    if neg or big:  # report the range of the offending labels only
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V if V is not None else False))
+        lo, hi = (int(t) for t in torch.aminmax(labels[bad]))
         if V is None:
             raise ValueError(
                 f"labels must be token ids >= 0 or ignore_index={ignore_index}; got values in "
-                f"[{lo}, {hi}]"
+                f"[{lo}, {hi}] outside that"
             )
         raise ValueError(
             f"labels must be token ids in [0, V={V}) or ignore_index={ignore_index}; "
-            f"got values in [{lo}, {hi}] (V is {where})"
+            f"got values in [{lo}, {hi}] outside that (V is {where})"
         )
     if negw:
         raise ValueError("weights must be >= 0")

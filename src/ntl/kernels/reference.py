@@ -230,7 +230,8 @@ def ntl_loss_bwd_torch(
     assert x is not None
     idx = (s != 0).nonzero().squeeze(1)
     sa, La, ma = s[idx], L[idx], mass[idx]
-    p = (x.index_select(0, idx).float() - lse[idx, None]).exp_()  # [n, V] full softmax
+    p = x.index_select(0, idx)  # [n, V]: its own copy, turned in place into the full softmax
+    p = (p.float() if p.dtype != torch.float32 else p).sub_(lse[idx, None]).exp_()
     rel = La - dmax
     pd = p.index_select(1, cols)
     num = sa[:, None] * (ma[:, None] * dz[idx] + (rel * (1.0 - ma))[:, None] * pd)
