@@ -135,14 +135,13 @@ def check_values(labels: torch.Tensor, V: int | None, ignore_index: int,
     """
     if labels.numel() == 0 or not _STRICT:
         return
-    no = labels.new_zeros((), dtype=torch.bool)
-    flags = [
-        ((labels < 0) & (labels != ignore_index)).any(),
-        ((labels >= V) & (labels != ignore_index)).any() if V is not None else no,
-        (weights < 0).any() if weights is not None and weights.dtype != torch.bool else no,
-    ]
-    neg, big, negw = torch.stack(flags).tolist()
-    if neg or big:  # report the range of the offending labels only
+    inside = labels.clamp(0, V - 1) if V is not None else labels.clamp_min(0)
+    bad_label = ((inside != labels) & (labels != ignore_index)).any()
+    if weights is not None and weights.dtype != torch.bool:
+        bad_label, negw = torch.stack([bad_label, (weights < 0).any()]).tolist()
+    else:
+        bad_label, negw = bool(bad_label), False
+    if bad_label:  # report the range of the offending labels only
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V if V is not None else False))
         lo, hi = (int(t) for t in torch.aminmax(labels[bad]))
         if V is None:

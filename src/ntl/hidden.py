@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from .kernels.ops import LossConfig, ntl_loss_apply, number_rows
-from .losses import LossSpec, _soft_targets, loss_spec, need_grad, use_triton
+from .losses import LossSpec, loss_spec, need_grad, soft_targets, use_triton
 from .vocab import VocabLike
 
 __all__ = ["digit_logits_from_hidden", "ntl_loss_from_digit_logits", "ntl_loss_from_hidden"]
@@ -82,7 +82,7 @@ def _from_digit_logits(z: torch.Tensor, labels: torch.Tensor, spec: LossSpec, me
                        W: int, hi: int, hi_what: str, backend: str) -> torch.Tensor:
     """The loss of number logits ``z [N, K]`` (value order) against token-id ``labels``."""
     w = C.check_weights(weights, labels)
-    soft = _soft_targets(target_dist, labels, spec.K, method, None)
+    soft = soft_targets(target_dist, labels, spec.K, method, None)
     kernel = use_triton(backend, z)
     if kernel and z.stride(-1) != 1:
         z = z.contiguous()

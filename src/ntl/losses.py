@@ -233,7 +233,7 @@ def _standalone(
     spec = loss_spec(vocab_or_tokenizer, None, V, method, squash_factor, huber_delta)
     C.check_ids_fit(spec.max_id, spec.vocab_size, V)
     w = C.check_weights(weights, labels)
-    soft = _soft_targets(target_dist, labels, spec.K, method, squash_factor)
+    soft = soft_targets(target_dist, labels, spec.K, method, squash_factor)
     kernel = use_triton(backend, logits)
     x = logits.reshape(-1, V)
     if kernel and x.stride(-1) != 1:
@@ -246,8 +246,9 @@ def _standalone(
     return out.view(labels.shape) if reduction == "none" else out
 
 
-def _soft_targets(target_dist: Any, labels: torch.Tensor, K: int, method: str,
-                  squash_factor: float | None) -> torch.Tensor | None:
+def soft_targets(target_dist: Any, labels: torch.Tensor, K: int, method: str,
+                 squash_factor: float | None) -> torch.Tensor | None:
+    """The validated ``[N, K]`` soft targets (``None`` without ``target_dist``)."""
     if target_dist is None:
         return None
     if method != "wasserstein":

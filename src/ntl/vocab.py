@@ -101,6 +101,15 @@ class NumberVocab:
     def __hash__(self) -> int:
         return hash((self.token_ids, self.values, self.vocab_size))
 
+    def __getstate__(self) -> dict:
+        """Pickle / deepcopy the content only (not the lock, the device tensors or the handle)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock", "_handle", "_specs")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache = {}
+        self._lock = threading.Lock()
+
     # -- cached device tensors ---------------------------------------------
     def _cached(self, kind: str, device: torch.device | str | None, width: int = 0) -> torch.Tensor:
         dev = torch.device(device if device is not None else "cpu")
@@ -144,15 +153,19 @@ class NumberVocab:
         gather. ``width=None``: labels are number indices already (``[0..K-1, -1]``)."""
         if width is None:
             return self._cached("table", device)
-        self.lookup(width, device)  # validates the width
+        self._check_width(width)
         return self._cached("lookup_table", device, width)
+
+    def _check_width(self, width: int) -> None:
+        if width < self.vocab_size and max(self.token_ids) >= width:
+            raise ValueError(f"lookup width {width} is smaller than the largest number token id")
 
     @property
     def handle(self) -> int:
         """A small int naming this vocab's content (equal vocabs share it), for custom ops:
         :func:`vocab_from_handle` turns it back into a vocab whose tensors are cached."""
         h = self.__dict__.get("_handle")
-        if h is None:
+        if h is None or (_BY_HANDLE.get(h) is not self and _BY_HANDLE.get(h) != self):
             with _CACHE_LOCK:
                 h = _HANDLES.setdefault(self, len(_HANDLES))
                 _BY_HANDLE.setdefault(h, self)
@@ -161,8 +174,7 @@ class NumberVocab:
 
     def lookup(self, width: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``[width]`` int64 map from token id to number index ``k`` (``-1`` if not a number)."""
-        if width < self.vocab_size and max(self.token_ids) >= width:
-            raise ValueError(f"lookup width {width} is smaller than the largest number token id")
+        self._check_width(width)
         return self._cached("lookup", device, width)
 
     def digit_index(self, labels: torch.Tensor, width: int | None = None) -> torch.Tensor:
