@@ -436,7 +436,7 @@ def test_squash_monotone_in_distance(y, sf):
                 assert losses[d1] < losses[d2]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.lists(st.tuples(digit_logits, text_logits), min_size=2, max_size=2),
        st.lists(st.sampled_from([0, 3, 9, 10, -100]), min_size=2, max_size=2),
        st.sampled_from(["mae", "huber", "squash"]), st.booleans())
