@@ -92,11 +92,50 @@ def _fused_scale(c: Case) -> None:
         scale_rows_triton(c.logits.clone(), go, rinv)
 
 
-def _rows_fwd(c: Case) -> None:
-    from ntl.kernels.rowloss import ntl_rows_triton
+def _loss_args(c: Case, x: torch.Tensor, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(labels, index table)`` for the standalone-loss launchers (table: label -> k, else -1)."""
+    table = torch.full((x.shape[1] + 1,), -1, dtype=torch.long)
+    cols = ids if ids is not None else torch.arange(c.K)
+    table[cols] = torch.arange(c.K)
+    return cols[:c.N].clone(), table
 
-    for method, soft in (("mse", None), ("wasserstein", None), ("wasserstein", c.soft)):
-        ntl_rows_triton(c.logits, c.k, c.ids, c.values, method, soft)
+
+def _loss_fwd(c: Case) -> None:
+    from ntl.kernels.rowloss import ntl_loss_fwd_triton
+
+    # every METHOD x REWEIGH x PARTIAL at each K and dtype; the rarer flags (SOFT, squash,
+    # weights, digit-logit input, no dz) once per K, at bf16
+    variants = [(m, rw, red, None, None, True, True, False)
+                for m in ("mse", "wasserstein", "mae", "huber") for rw in (False, True)
+                for red in ("none", "mean")]
+    if c.dtype == torch.bfloat16:
+        variants += [("wasserstein", False, "mean", c.soft, None, True, True, False),
+                     ("wasserstein", False, "mean", None, None, True, True, True),
+                     ("mse", False, "sum", None, torch.ones(c.N), True, True, False),
+                     ("wasserstein", True, "mean", None, torch.ones(c.N, dtype=torch.long), True, True, True),
+                     ("wasserstein", False, "mean", None, None, False, True, False),
+                     ("huber", False, "none", None, None, False, True, False),
+                     ("mse", False, "mean", None, None, True, False, False)]
+    for method, reweigh, red, soft, w, use_ids, need_dz, squash in variants:
+        ids = c.ids if use_ids else None
+        x = c.logits if use_ids else c.logits[:, :c.K].contiguous()
+        labels, table = _loss_args(c, x, ids)
+        ntl_loss_fwd_triton(x, labels, w, soft, ids, c.values, table, -100, method, red, reweigh,
+                            9.09, (0.5, 1.5) if squash else None, 1.0, need_dz)
+
+
+def _loss_bwd(c: Case) -> None:
+    from ntl.kernels.rowloss import ntl_loss_bwd_triton
+
+    N, V, K = c.N, c.V, c.K
+    f = torch.rand(N)
+    for reweigh, g, use_ids in ((False, torch.tensor(1.0), True), (False, torch.ones(N), True),
+                                (False, torch.tensor(1.0), False), (True, torch.tensor(1.0), True),
+                                (True, torch.ones(N), True)):
+        ids = c.ids if use_ids else None
+        size = (N, V if use_ids else K)
+        ntl_loss_bwd_triton(g, c.logits if use_ids else c.logits[:, :K].contiguous(), size, c.dtype,
+                            c.dz, f, torch.tensor(3.0), f, f, f, ids, reweigh, 9.09)
 
 
 def _gather_fwd(c: Case) -> None:
@@ -124,7 +163,10 @@ def _mass(c: Case) -> None:
 KERNELS: dict[str, Callable[[Case], None] | str] = {
     "fused_ce._ce_ntl_fwd": _fused_fwd,
     "fused_ce._scale_rows": _fused_scale,
-    "rowloss._ntl_rows_fwd": _rows_fwd,
+    "rowloss._ntl_loss_fwd": _loss_fwd,
+    "rowloss._ntl_finalize": _loss_fwd,
+    "rowloss._ntl_loss_bwd": _loss_bwd,
+    "rowloss._ntl_loss_bwd_reweigh": _loss_bwd,
     "rowloss.ntl_row_math": INLINED,
     "gather._gather_fwd": _gather_fwd,
     "gather._scatter_bwd": _scatter_bwd,

@@ -26,8 +26,6 @@ pytestmark = pytest.mark.slow
 #: spill and on a listed one that has gone (then delete its line).
 #: (kernel, arch, dtype of the first pointer, BLOCK_K)
 KNOWN_SPILLS: dict[tuple[str, int, str, int], str] = {
-    ("gather._gather_fwd", 80, "*bf16", 2048): "16 B on sm_80: tile 2 x 2048 with 4 warps (gather.tiles)",
-    ("gather._gather_fwd", 80, "*fp16", 2048): "16 B on sm_80: tile 2 x 2048 with 4 warps (gather.tiles)",
 }
 
 

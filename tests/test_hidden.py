@@ -172,3 +172,58 @@ def test_loss_from_digit_logits_equals_loss_on_full_logits(method, reduction):
         torch.testing.assert_close(g_got, g_full, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="digit_logits has 5 columns but the vocab has K=4"):
         ntl.ntl_loss_from_digit_logits(torch.randn(2, 5), torch.tensor([3, 8]), vocab)
+
+
+def test_digit_logits_with_id_list_accept_text_labels_beyond_max_id():
+    """Issue 18.10: with a plain id list, V is unknown (not max(id) + 1): ordinary text labels
+    such as 50 take no part instead of raising."""
+    ids = list(range(10))
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(2, 4, 10, generator=g, requires_grad=True)
+    labels = torch.tensor([[3, 50, 9, 151_000], [-100, 7, 12, 0]])
+    for backend in ("torch", "triton"):
+        got = ntl.ntl_loss_from_digit_logits(z, labels, ids, reduction="none", backend=backend)
+        # reference: the same positions with the text labels replaced by -100
+        text = labels >= 10
+        ref = ntl.ntl_loss_from_digit_logits(z, labels.masked_fill(text, -100), ids, reduction="none",
+                                             backend="torch")
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        assert torch.all(got[text] == 0) and torch.all(got[~text & (labels >= 0)] > 0)
+        got.sum().backward()
+        assert torch.all(z.grad[text] == 0)
+        z.grad = None
+    # a dict works the same; negative labels other than ignore_index are still errors
+    d = {i: float(i) for i in ids}
+    ntl.ntl_loss_from_digit_logits(z, labels, d)
+    with pytest.raises(ValueError, match=r"labels must be token ids >= 0 or ignore_index=-100; got values in \[-5,"):
+        ntl.ntl_loss_from_digit_logits(z, labels.masked_fill(labels == 50, -5), ids)
+
+
+def test_digit_logits_vocab_size_bounds_the_labels(qwen_tok):
+    """vocab_size= makes labels >= V an error that says where V came from; a tokenizer's own size
+    (len(tokenizer)) is the default bound, also named in the message."""
+    z = torch.randn(3, 10)
+    ids = list(range(15, 25))
+    ntl.ntl_loss_from_digit_logits(z, torch.tensor([15, 151_000, 151_935]), ids, vocab_size=151_936)
+    with pytest.raises(ValueError, match=r"in \[0, V=151936\) .*\(V is vocab_size=151936\)"):
+        ntl.ntl_loss_from_digit_logits(z, torch.tensor([15, 151_936, 3]), ids, vocab_size=151_936)
+    with pytest.raises(ValueError, match=r"in \[0, V=151665\) .*V is the vocab's vocab_size; pass vocab_size="):
+        ntl.ntl_loss_from_digit_logits(z, torch.tensor([15, 151_700, 3]), qwen_tok)
+    got = ntl.ntl_loss_from_digit_logits(z, torch.tensor([15, 151_700, 3]), qwen_tok, vocab_size=151_936)
+    ref = ntl.ntl_loss_from_digit_logits(z[:1], torch.tensor([15]), qwen_tok)
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=20\)"):
+        ntl.ntl_loss_from_digit_logits(z, torch.tensor([15, 16, 3]), ids, vocab_size=20)
+    with pytest.raises(ValueError, match="vocab_size=20 is too small for the vocab's number token id 24"):
+        ntl.ntl_loss_from_digit_logits(z, torch.tensor([15, 16, 3]), ntl.DigitVocab(ids, 151_936),
+                                       vocab_size=20)
+    with pytest.raises(ValueError, match="vocab_size must be a positive int or None, got 0"):
+        ntl.ntl_loss_from_digit_logits(z, torch.tensor([15, 16, 3]), ids, vocab_size=0)
+
+
+def test_hidden_labels_beyond_lm_head_name_it():
+    h, W, _b, _ = make(7)
+    y = torch.full(h.shape[:-1], 3)
+    y[0, 0] = V
+    with pytest.raises(ValueError, match=r"in \[0, V=40\) .*\(V is lm_head_weight.shape\[0\]\)"):
+        ntl.ntl_loss_from_hidden(h, W, y, VOCAB)

@@ -219,3 +219,66 @@ def test_shift_labels_scores_the_same_pairs_as_slicing():
     sliced = ntl.ntl_wasserstein_loss(logits[:, :-1], ids[:, 1:], vocab)
     shifted = ntl.ntl_wasserstein_loss(logits, ntl.shift_labels(ids), vocab)
     torch.testing.assert_close(shifted, sliced)
+
+
+# ------------------------------------------------- ntl_dot_loss (MAE, Huber) and squash_factor
+def test_mae_and_huber_hand_values():
+    # q = [0.5, 0.5] on digits 0, 1 -> yhat = 0.5; target 3 -> r = -2.5
+    # MAE = 2.5, dL/dz_j = sign(r) q_j (v_j - yhat) = -1 * 0.5 * (-0.5, +0.5) = (+0.25, -0.25)
+    # Huber(delta=1): 1 * (2.5 - 0.5) = 2.0, e'(r) = -1 -> the same gradient
+    # Huber(delta=4): 0.5 * 2.5^2 = 3.125,   e'(r) = r = -2.5 -> (+0.625, -0.625)
+    for error, delta, value, g0 in (("mae", 1.0, 2.5, 0.25), ("huber", 1.0, 2.0, 0.25),
+                                    ("huber", 4.0, 3.125, 0.625)):
+        x = torch.tensor([digit_row({0: 0.5, 1: 0.5})], requires_grad=True)
+        loss = ntl.ntl_dot_loss(x, torch.tensor([3]), DIGITS, error=error, huber_delta=delta)
+        assert loss.item() == pytest.approx(value, abs=1e-6)
+        loss.backward()
+        want = torch.zeros(1, V)
+        want[0, 0], want[0, 1] = g0, -g0
+        torch.testing.assert_close(x.grad, want, atol=1e-6, rtol=0)
+
+
+def test_squash_factor_hand_values():
+    # digits: d_min = 1, d_max = 9; squash_factor 5 -> d' = 1 + (d - 1) * 4 / 8 = 0.5 + 0.5 d (d > 0)
+    # q = [0.5, 0.5] on 0, 1, target 3: 0.5 * (0.5 + 1.5) + 0.5 * (0.5 + 1.0) = 1.75
+    # dL/dz_j = q_j (d'_j - L) = 0.5 * (2.0 - 1.75), 0.5 * (1.5 - 1.75) = +0.125, -0.125
+    x = torch.tensor([digit_row({0: 0.5, 1: 0.5})], requires_grad=True)
+    loss = ntl.ntl_wasserstein_loss(x, torch.tensor([3]), DIGITS, squash_factor=5.0)
+    assert loss.item() == pytest.approx(1.75, abs=1e-6)
+    loss.backward()
+    want = torch.zeros(1, V)
+    want[0, 0], want[0, 1] = 0.125, -0.125
+    torch.testing.assert_close(x.grad, want, atol=1e-6, rtol=0)
+    # the point mass on the target costs 0 (not the squashed "1 + ..." of a distance 0)
+    exact = ntl.ntl_wasserstein_loss(torch.tensor([digit_row({3: 1.0})]), torch.tensor([3]), DIGITS,
+                                     squash_factor=5.0)
+    assert exact.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("error", ["mae", "huber"])
+def test_dot_loss_equals_autograd_on_plain_formula(error, backend):
+    """ntl_dot_loss (its analytic gradient) == autograd through the plain formula written here:
+    q = softmax(logits[:, ids]), yhat = q @ v, F.l1_loss / F.huber_loss, weighted mean."""
+    g = torch.Generator().manual_seed(0)
+    ids = [7, 2, 11, 0, 5, 9, 1, 3, 8, 6]  # '0'..'9' at scattered ids, V = 14
+    vocab = ntl.DigitVocab(ids, 14)
+    x = torch.randn(40, 14, generator=g) * 2
+    y = torch.tensor(ids)[torch.randint(0, 10, (40,), generator=g)]
+    y[::4] = 4  # text
+    y[1::9] = -100
+    w = torch.rand(40, generator=g)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got = ntl.ntl_dot_loss(xa, y, vocab, error=error, huber_delta=1.3, weights=w, backend=backend)
+    got.backward()
+    take = torch.tensor([int(t) in ids for t in y])
+    q = torch.softmax(xb[take][:, ids], -1)
+    yhat = q @ torch.arange(10.0)
+    target = torch.tensor([ids.index(int(t)) for t in y[take]], dtype=torch.float32)
+    f = torch.nn.functional
+    e = f.l1_loss(yhat, target, reduction="none") if error == "mae" else \
+        f.huber_loss(yhat, target, reduction="none", delta=1.3)
+    ref = (e * w[take]).sum() / w[take].sum()
+    ref.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)

@@ -6,13 +6,21 @@ both ``reweigh`` settings, every reduction, with and without weights, on Qwen2.5
 real tokenizer (V = 151,936 padded logits) and on a small synthetic word-level
 tokenizer whose digits sit at scattered ids (not in value order). fp32, 1e-5.
 
+Also ``squash_factor`` (``ntloss.NTLoss(squash_factor=...)``), the other errors of the
+expected value (``NTLossDotProduct(loss_function=F.l1_loss | F.huber_loss)`` <->
+``ntl.ntl_dot_loss(error="mae" | "huber")``) and integer / bool weights.
+
 Notes on the oracle:
 * ``ntloss`` calls ``tokenizer.add_tokens('0'..'9')`` in its constructor; both
   tokenizers already hold every digit, so nothing changes (asserted).
 * With no number label ``ntloss`` returns a *detached* zero (no backward); ntl's
   zero is attached to the graph, so there we compare values only.
+* ``reweigh=True`` in the new tests: ntloss is evaluated on float64 logits (its fp32
+  softmax over 151,936 logits is off by up to ~5e-5 from its own float64 value; ntl's
+  fp32 result is within 1e-6 of it).
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -211,3 +219,122 @@ def test_reweigh_mse_precision_vs_float64_truth(syn_tok):
     logits, labels, truth = _reweigh_case(syn_tok)
     got = ntl.ntl_mse_loss(logits, labels, syn_tok, reduction="none", reweigh=True)
     torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- squash_factor, other errors, int weights
+def oracle_kw(tok, V, cls, reweigh, f64=False, **kw):
+    """ntloss loss object for extra constructor keywords (cached like :func:`oracle`).
+
+    ``f64``: its number values in float64 too, so that float64 logits are evaluated in float64
+    throughout (ntloss keeps them in fp32, which breaks the Huber backward on float64 logits).
+    """
+    key = (id(tok), V, cls.__name__, reweigh, f64, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+    if key not in _ORACLES:
+        n = len(tok)
+        obj = cls(tok, vocab_size=V, digit_level=True, reweigh=reweigh, **kw)
+        if f64:
+            obj.number_values = obj.number_values.double()
+        _ORACLES[key] = (tok, obj)
+        assert len(tok) == n
+    return _ORACLES[key][1]
+
+
+def compare_fn(tok, V, digit_ids, text_ids, ref_loss, ntl_call, reduction, weights_kind, seed,
+               f64=False):
+    """``ntl_call(x, labels, w, reduction)`` vs ``ref_loss(x, labels, loss_weights=w, reduction=...)``.
+
+    ``f64``: evaluate the oracle on float64 logits (with ``reweigh`` over Qwen's 151,936 logits
+    ntloss's fp32 softmax mass is off by up to ~5e-5 from its own float64 value, ntl's by < 1e-6).
+    """
+    logits, labels, weights = make_case(V, digit_ids, text_ids, seed)
+    mask = (weights > 0.5).long() + (weights > 1.8).long()  # attention-mask-like, a few 2s
+    w = {"none": None, "float": weights, "int": mask, "uint8": mask.to(torch.uint8),
+         "bool": mask > 0}[weights_kind]
+    x_ref = (logits.double() if f64 else logits.clone()).requires_grad_(True)
+    x_ntl = logits.clone().requires_grad_(True)
+    ref = ref_loss(x_ref, labels, loss_weights=w, reduction=reduction)
+    got = ntl_call(x_ntl, labels, w, reduction)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    torch.testing.assert_close(got, ref.float(), **TOL)
+    up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1))
+    (ref * up.to(ref.dtype)).sum().backward()
+    (got * up).sum().backward()
+    torch.testing.assert_close(x_ntl.grad, x_ref.grad.float(), **TOL)
+
+
+# At V = 151,936 a case costs seconds: on Qwen the weights are the int mask only (float weights
+# on the cheap synthetic tokenizer)
+TOK_WEIGHTS = [("qwen", "none"), ("qwen", "int"), ("synthetic", "none"), ("synthetic", "float"),
+               ("synthetic", "int")]
+QWEN_DIGITS = list(range(15, 25))
+QWEN_TEXT = [785, 4226, 374, 151_643, 151_700]
+
+
+def syn_case(syn_tok):
+    gv = syn_tok.get_vocab()
+    return [DIGIT_IDS[str(d)] for d in range(10)], [gv["the"], gv["12"], gv["007"], gv["[PAD]"], 35]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reweigh", [False, True])
+@pytest.mark.parametrize("squash", [1.5, 30.0])
+@pytest.mark.parametrize(("tokenizer", "weights_kind"), TOK_WEIGHTS)
+def test_oracle_squash_factor(qwen_tok, syn_tok, tokenizer, squash, reweigh, reduction, weights_kind):
+    """ntloss.NTLoss(squash_factor=...) vs ntl_wasserstein_loss(squash_factor=...), and the module."""
+    tok, V = (qwen_tok, QWEN_V) if tokenizer == "qwen" else (syn_tok, SYN_V)
+    digits, text = (QWEN_DIGITS, QWEN_TEXT) if tokenizer == "qwen" else syn_case(syn_tok)
+    ref = oracle_kw(tok, V, ntloss.NTLoss, reweigh, f64=reweigh, squash_factor=squash)
+
+    def call(x, labels, w, reduction):
+        return ntl.ntl_wasserstein_loss(x, labels, tok, reduction=reduction, weights=w,
+                                        reweigh=reweigh, squash_factor=squash)
+
+    compare_fn(tok, V, digits, text, ref, call, reduction, weights_kind, seed=11, f64=reweigh)
+    if tokenizer == "synthetic" and reduction == "mean":
+        crit = ntl.NumberTokenLoss(tok, reweigh=reweigh, squash_factor=squash, vocab_size=V)
+        compare_fn(tok, V, digits, text, ref, lambda x, y, w, r: crit(x, y, weights=w), "mean",
+                   weights_kind, seed=12, f64=reweigh)
+
+
+def _huber(delta):
+    return functools.partial(torch.nn.functional.huber_loss, delta=delta)
+
+
+ERRORS = {  # "mse" is test_oracle_qwen / test_oracle_synthetic (ntl_mse_loss)
+    "mae": (torch.nn.functional.l1_loss, {}),
+    "huber": (torch.nn.functional.huber_loss, {}),
+    "huber-2.5": (_huber(2.5), {"huber_delta": 2.5}),
+}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reweigh", [False, True])
+@pytest.mark.parametrize("error", list(ERRORS))
+@pytest.mark.parametrize(("tokenizer", "weights_kind"), TOK_WEIGHTS)
+def test_oracle_dot_loss_errors(qwen_tok, syn_tok, tokenizer, error, reweigh, reduction, weights_kind):
+    """ntloss.NTLossDotProduct(loss_function=F.l1_loss / F.huber_loss(delta)) vs ntl_dot_loss."""
+    tok, V = (qwen_tok, QWEN_V) if tokenizer == "qwen" else (syn_tok, SYN_V)
+    digits, text = (QWEN_DIGITS, QWEN_TEXT) if tokenizer == "qwen" else syn_case(syn_tok)
+    fn, kw = ERRORS[error]
+    ref = oracle_kw(tok, V, ntloss.NTLossDotProduct, reweigh, f64=reweigh, loss_function=fn)
+
+    def call(x, labels, w, reduction):
+        return ntl.ntl_dot_loss(x, labels, tok, error=error.split("-")[0], reduction=reduction,
+                                weights=w, reweigh=reweigh, **kw)
+
+    compare_fn(tok, V, digits, text, ref, call, reduction, weights_kind, seed=13, f64=reweigh)
+
+
+@pytest.mark.parametrize("weights_kind", ["int", "uint8", "bool"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("method", METHODS)
+def test_oracle_integer_and_bool_weights(syn_tok, method, reduction, weights_kind):
+    """An HF attention mask (int64), uint8 and bool masks as weights: equal to ntloss given the
+    same tensor (it accepts them all)."""
+    digits, text = syn_case(syn_tok)
+    ref = oracle(syn_tok, SYN_V, method, False)
+
+    def call(x, labels, w, reduction):
+        return ntl_fn(method)(x, labels, syn_tok, reduction=reduction, weights=w)
+
+    compare_fn(syn_tok, SYN_V, digits, text, ref, call, reduction, weights_kind, seed=17)

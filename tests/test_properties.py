@@ -305,3 +305,170 @@ def test_soft_target_gradient_matches_finite_differences(vocab, data):
         return ntl.ntl_wasserstein_loss(inp, label, vocab, target_dist=t) / vocab.max_distance
 
     check_fd(f, z, eps=1e-3, tol=1e-2)
+
+
+# ------------------------------------------------------------------ ntl_dot_loss: MAE, Huber
+def expectation(z, vals=None):
+    zz = np.array(z, dtype=np.float64)
+    q = np.exp(zz - zz.max())
+    q /= q.sum()
+    return float(np.dot(q, np.arange(10) if vals is None else np.array(vals)))
+
+
+def huber64(r, delta):
+    return 0.5 * r * r if abs(r) < delta else delta * (abs(r) - 0.5 * delta)
+
+
+@SETTINGS
+@given(digit_logits, target, st.floats(0.1, 12.0), st.booleans())
+def test_dot_errors_equal_float64_formulas(z, y, delta, reweigh):
+    """MAE = |E[v] - y|, Huber = its Huber with delta (numpy float64); >= 0; huber <= both of
+    r^2 / 2 and delta |r|; MSE = ntl_mse_loss; with reweigh the same formula scaled by m."""
+    x = torch.tensor([[*z, 0.0, 0.0]])
+    lab = torch.tensor([y])
+    r = expectation(z) - y
+    mae = ntl.ntl_dot_loss(x, lab, DIGITS, error="mae").item()
+    hub = ntl.ntl_dot_loss(x, lab, DIGITS, error="huber", huber_delta=delta).item()
+    mse = ntl.ntl_dot_loss(x, lab, DIGITS, error="mse").item()
+    assert mae == pytest.approx(abs(r), rel=1e-4, abs=1e-5)
+    assert hub == pytest.approx(huber64(r, delta), rel=1e-4, abs=1e-5)
+    assert mse == pytest.approx(ntl.ntl_mse_loss(x, lab, DIGITS).item(), rel=1e-6, abs=1e-7)
+    assert min(mae, hub, mse) >= 0.0
+    assert hub <= min(0.5 * r * r, delta * abs(r)) + 1e-5
+    if reweigh:
+        zz = np.array([*z, 0.0, 0.0], dtype=np.float64)
+        p = np.exp(zz - zz.max())
+        m = p[:10].sum() / p.sum()
+        got = ntl.ntl_dot_loss(x, lab, DIGITS, error="huber", huber_delta=delta, reweigh=True).item()
+        D = 1.01 * huber64(9.0, delta)
+        assert got == pytest.approx(m * huber64(r, delta) + D * (1 - m), rel=1e-4, abs=1e-5)
+
+
+@SETTINGS
+@given(st.integers(0, 9), st.integers(0, 9), st.floats(0.05, 0.95))
+def test_dot_errors_zero_when_expectation_equals_target(a, b, frac):
+    assume(a != b)
+    lo, hi = min(a, b), max(a, b)
+    y = lo + max(1, round(frac * (hi - lo)))
+    assume(lo < y < hi)
+    p_hi = (y - lo) / (hi - lo)
+    row = [NEG] * 12
+    row[lo], row[hi] = math.log(1 - p_hi), math.log(p_hi)
+    for error in ("mae", "huber"):
+        assert ntl.ntl_dot_loss(torch.tensor([row]), torch.tensor([y]), DIGITS, error=error).item() == \
+            pytest.approx(0.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------ squash_factor
+def squashed_table64(vals, sf):
+    vals = np.array(vals, dtype=np.float64)
+    d = np.abs(vals[:, None] - vals[None, :])
+    nz = d[d > 0]
+    scale = (sf - 1) / (d.max() - nz.min())
+    return np.where(d > 0, 1 + (d - nz.min()) * scale, 0.0)
+
+
+@st.composite
+def squashable_vocabs(draw):
+    """A NumberVocab with >= 3 distinct values (two different nonzero distances)."""
+    v = draw(number_vocabs())
+    gaps = np.diff(np.array(v.values))
+    assume(v.max_distance > gaps[gaps > 0].min())
+    return v
+
+
+@SETTINGS
+@given(squashable_vocabs(), st.floats(1.01, 50.0), st.data())
+def test_squash_equals_table_formula_and_bounds(vocab, sf, data):
+    """W1 with squash_factor = sum_k q_k T[k, y] for the float64 table (ntloss's definition);
+    0 <= loss <= squash_factor; zero for a point mass on the target; the closest distinct value
+    costs 1 and the farthest squash_factor."""
+    k = data.draw(st.integers(0, vocab.K - 1))
+    z = data.draw(st.lists(logit, min_size=16, max_size=16))
+    label = torch.tensor([vocab.token_ids[k]])
+    got = ntl.ntl_wasserstein_loss(torch.tensor([z]), label, vocab, squash_factor=sf).item()
+    zz = np.array([z[i] for i in vocab.token_ids], dtype=np.float64)
+    q = np.exp(zz - zz.max())
+    q /= q.sum()
+    table = squashed_table64(vocab.values, sf)
+    assert got == pytest.approx(float(q @ table[:, k]), rel=1e-4, abs=1e-5)
+    assert -1e-6 <= got <= sf * (1 + 1e-5)
+    point = [NEG] * 16
+    point[vocab.token_ids[k]] = 0.0
+    assert ntl.ntl_wasserstein_loss(torch.tensor([point]), label, vocab, squash_factor=sf).item() == 0.0
+    # point masses on every value j for every target i: the loss is the table T[j, i]; its
+    # smallest nonzero entry is 1 and its largest squash_factor
+    K = vocab.K
+    rows = torch.full((K * K, 16), NEG)
+    ids = torch.tensor(vocab.token_ids)
+    rows[torch.arange(K * K), ids.repeat(K)] = 0.0
+    costs = ntl.ntl_wasserstein_loss(rows, ids.repeat_interleave(K), vocab, squash_factor=sf,
+                                     reduction="none").view(K, K).numpy()
+    np.testing.assert_allclose(costs, table.T, rtol=1e-5, atol=1e-5)
+    assert costs[costs > 0].min() == pytest.approx(1.0, rel=1e-5)
+    assert costs.max() == pytest.approx(sf, rel=1e-5)
+
+
+@SETTINGS
+@given(digit_logits, target, st.booleans())
+def test_squash_nine_on_digits_is_plain_w1(z, y, reweigh):
+    """For the digits (distances 1..9) squash_factor = 9 is the identity table."""
+    x = torch.tensor([[*z, 0.0, 0.0]])
+    lab = torch.tensor([y])
+    a = ntl.ntl_wasserstein_loss(x, lab, DIGITS, squash_factor=9, reweigh=reweigh).item()
+    b = ntl.ntl_wasserstein_loss(x, lab, DIGITS, reweigh=reweigh).item()
+    assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+
+@SETTINGS
+@given(target, st.floats(1.5, 30.0))
+def test_squash_monotone_in_distance(y, sf):
+    rows = []
+    for d in range(10):
+        r = [0.0] * 10 + [NEG, NEG]
+        r[d] = 12.0
+        rows.append(r)
+    losses = ntl.ntl_wasserstein_loss(torch.tensor(rows), torch.full((10,), y), DIGITS,
+                                      squash_factor=sf, reduction="none").tolist()
+    for d1 in range(10):
+        for d2 in range(10):
+            if abs(d1 - y) < abs(d2 - y):
+                assert losses[d1] < losses[d2]
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.tuples(digit_logits, text_logits), min_size=2, max_size=2),
+       st.lists(st.sampled_from([0, 3, 9, 10, -100]), min_size=2, max_size=2),
+       st.sampled_from(["mae", "huber", "squash"]), st.booleans())
+def test_new_losses_gradient_matches_finite_differences(rows, ys, kind, reweigh):
+    x = torch.tensor([z + t for z, t in rows])
+    labels = torch.tensor(ys)
+    w = torch.tensor([1.0, 2.5])
+    if kind in ("mae", "huber"):  # stay off the kinks of |r| (and of Huber's switch at delta)
+        for (z, _), y in zip(rows, ys, strict=True):
+            if 0 <= y <= 9:
+                r = abs(expectation(z) - y)
+                assume(r > 0.05 and abs(r - 1.5) > 0.05)
+
+    def f(inp):
+        if kind == "squash":
+            return ntl.ntl_wasserstein_loss(inp, labels, DIGITS, squash_factor=4.0, weights=w,
+                                            reweigh=reweigh)
+        return ntl.ntl_dot_loss(inp, labels, DIGITS, error=kind, huber_delta=1.5, weights=w,
+                                reweigh=reweigh)
+
+    check_fd(f, x)
+
+
+@SETTINGS
+@given(st.lists(st.integers(0, 3), min_size=6, max_size=6), st.sampled_from(["mean", "sum", "none"]))
+def test_integer_weights_equal_their_float_values(wts, reduction):
+    """An int64 weight (e.g. an attention mask) is its float value."""
+    g = torch.Generator().manual_seed(sum(wts))
+    x = torch.randn(6, V, generator=g)
+    labels = torch.tensor([0, 3, 9, 10, -100, 5])
+    wi = torch.tensor(wts)
+    for fn in (ntl.ntl_wasserstein_loss, ntl.ntl_mse_loss):
+        a = fn(x, labels, DIGITS, weights=wi, reduction=reduction)
+        b = fn(x, labels, DIGITS, weights=wi.float(), reduction=reduction)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

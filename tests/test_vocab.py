@@ -224,3 +224,24 @@ def test_cache_follows_tokenizer_growth():
     tok.add_tokens(["<extra>"])
     w = ntl.DigitVocab.from_tokenizer(tok)
     assert w is not v and w.vocab_size == 33 and w.token_ids == v.token_ids
+
+
+def test_vocab_pickles_and_deep_copies_by_content():
+    """A vocab (and a NumberTokenLoss holding one) survives pickle / deepcopy; the copy gets its
+    own lock and device-tensor cache, and the same handle (content-keyed) in this process."""
+    import copy
+    import pickle
+
+    import torch
+
+    import ntl
+
+    v = ntl.DigitVocab([3, 9, 12, 20, 21, 30, 33, 40, 41, 49], vocab_size=50)
+    v.ids()
+    c = pickle.loads(pickle.dumps(v))
+    assert c == v and type(c) is type(v) and c.handle == v.handle
+    assert torch.equal(c.ids(), v.ids()) and c.ids() is not v.ids()
+    crit = ntl.NumberTokenLoss(v, squash_factor=3.0)
+    dup = copy.deepcopy(crit)
+    x, y = torch.randn(4, 50), torch.tensor([3, 9, 1, 49])
+    assert torch.equal(dup(x, y), crit(x, y))

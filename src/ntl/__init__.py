@@ -9,7 +9,14 @@ Quick start::
 from ._checks import set_strict_checks
 from .fused import cross_entropy_with_ntl
 from .hidden import digit_logits_from_hidden, ntl_loss_from_digit_logits, ntl_loss_from_hidden
-from .losses import gaussian_targets, ntl_loss, ntl_mse_loss, ntl_wasserstein_loss, shift_labels
+from .losses import (
+    gaussian_targets,
+    ntl_dot_loss,
+    ntl_loss,
+    ntl_mse_loss,
+    ntl_wasserstein_loss,
+    shift_labels,
+)
 from .metrics import DigitStats, digit_stats
 from .module import NumberTokenLoss
 from .number_level import number_level_loss, predict_numbers
@@ -27,6 +34,7 @@ __all__ = [
     "digit_logits_from_hidden",
     "digit_stats",
     "gaussian_targets",
+    "ntl_dot_loss",
     "ntl_loss",
     "ntl_loss_from_digit_logits",
     "ntl_loss_from_hidden",

@@ -2,9 +2,10 @@
 
 Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right
 kind, wrong value) with a message naming the argument and the shapes involved.
-The data-dependent checks (label range, negative weights) cost one host sync of
-a two-element tensor per call; :func:`set_strict_checks` turns them off for CUDA
-tensors (e.g. under CUDA graphs). CPU tensors are always checked.
+The data-dependent checks (label range, negative weights) read a three-element
+tensor back to the host once per call; :func:`set_strict_checks` turns them off
+(e.g. under CUDA graphs). The standalone losses run them inside their custom op,
+so they never break a ``torch.compile`` graph.
 """
 
 from __future__ import annotations
@@ -22,9 +23,25 @@ METHODS = ("mse", "wasserstein")
 
 
 def set_strict_checks(enabled: bool) -> None:
-    """Enable/disable the data-dependent checks on CUDA tensors (default: enabled)."""
+    """Enable/disable the data-dependent checks (label range, weight sign; default: enabled).
+
+    Off, no loss reads anything back to the host: the CUDA forward is sync-free and can be
+    captured in a CUDA graph, on every device. Out-of-range labels then take no part
+    (as text tokens do) instead of raising.
+    """
     global _STRICT
     _STRICT = bool(enabled)
+
+
+def strict_checks() -> bool:
+    """Whether the data-dependent checks are on (:func:`set_strict_checks`)."""
+    return _STRICT
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
@@ -68,19 +85,26 @@ def check_labels(labels: object, expected_shape: torch.Size, device: torch.devic
 
 
 def check_vocab_fits(vocab: NumberVocab, V: int) -> None:
-    if max(vocab.token_ids) >= V:
+    check_ids_fit(max(vocab.token_ids), vocab.vocab_size, V)
+
+
+def check_ids_fit(max_id: int, vocab_size: int, V: int) -> None:
+    """The vocab (largest number id ``max_id``, built for ``vocab_size``) fits ``V`` logits."""
+    if max_id >= V:
         raise ValueError(
-            f"the number vocab has token id {max(vocab.token_ids)} but logits have only V={V} "
+            f"the number vocab has token id {max_id} but logits have only V={V} "
             "columns (vocab larger than the logits)"
         )
-    if vocab.vocab_size > V:
+    if vocab_size > V:
         raise ValueError(
-            f"the number vocab was built for vocab_size={vocab.vocab_size} but logits have "
+            f"the number vocab was built for vocab_size={vocab_size} but logits have "
             f"V={V} columns (vocab larger than the logits)"
         )
 
 
 def check_weights(weights: object, labels: torch.Tensor) -> torch.Tensor | None:
+    """``weights`` shaped like ``labels``: bool, integer (e.g. an attention mask) or float; returned
+    as given (consumers read them as fp32)."""
     if weights is None:
         return None
     if not isinstance(weights, torch.Tensor):
@@ -91,10 +115,8 @@ def check_weights(weights: object, labels: torch.Tensor) -> torch.Tensor | None:
         )
     if weights.device != labels.device:
         raise ValueError(f"weights are on {weights.device} but labels are on {labels.device}")
-    if weights.dtype == torch.bool:
-        return weights.float()
-    if not weights.dtype.is_floating_point:
-        raise TypeError(f"weights must be a float (or bool) tensor, got {weights.dtype}")
+    if weights.dtype.is_complex:
+        raise TypeError(f"weights must be a real (bool, integer or float) tensor, got {weights.dtype}")
     return weights
 
 
@@ -104,22 +126,32 @@ def check_ignore_index(ignore_index: object) -> int:
     return ignore_index
 
 
-def check_values(labels: torch.Tensor, V: int, ignore_index: int,
-                 weights: torch.Tensor | None) -> None:
-    """Label range and weight sign: one host sync of a 3-element tensor."""
-    if labels.numel() == 0 or (labels.is_cuda and not _STRICT):
+def check_values(labels: torch.Tensor, V: int | None, ignore_index: int,
+                 weights: torch.Tensor | None, where: str = "logits.shape[-1]") -> None:
+    """Label range and weight sign: one host read of a 3-element tensor (none with strict checks off).
+
+    ``V`` is the upper bound of the token ids (``None``: unknown, only negatives are errors);
+    ``where`` says where ``V`` came from, for the message.
+    """
+    if labels.numel() == 0 or not _STRICT:
         return
-    flags = [
-        ((labels < 0) & (labels != ignore_index)).any(),
-        ((labels >= V) & (labels != ignore_index)).any(),
-        (weights < 0).any() if weights is not None else labels.new_zeros((), dtype=torch.bool),
-    ]
-    neg, big, negw = torch.stack(flags).tolist()
-    if neg or big:
-        lo, hi = int(labels.min()), int(labels.max())
+    inside = labels.clamp(0, V - 1) if V is not None else labels.clamp_min(0)
+    bad_label = ((inside != labels) & (labels != ignore_index)).any()
+    if weights is not None and weights.dtype != torch.bool:
+        bad_label, negw = torch.stack([bad_label, (weights < 0).any()]).tolist()
+    else:
+        bad_label, negw = bool(bad_label), False
+    if bad_label:  # report the range of the offending labels only
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V if V is not None else False))
+        lo, hi = (int(t) for t in torch.aminmax(labels[bad]))
+        if V is None:
+            raise ValueError(
+                f"labels must be token ids >= 0 or ignore_index={ignore_index}; got values in "
+                f"[{lo}, {hi}] outside that"
+            )
         raise ValueError(
             f"labels must be token ids in [0, V={V}) or ignore_index={ignore_index}; "
-            f"got values in [{lo}, {hi}]"
+            f"got values in [{lo}, {hi}] outside that (V is {where})"
         )
     if negw:
         raise ValueError("weights must be >= 0")

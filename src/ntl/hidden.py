@@ -8,15 +8,16 @@ materialises logits (fused LM-head kernels in TRL >= 1.15 and verl).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks as C
-from .kernels.reference import ntl_rows_torch
-from .losses import check_target_dist, prepare_labels, reduce_rows, use_triton
-from .vocab import NumberVocab, VocabLike, resolve_vocab
+from .kernels.ops import LossConfig, ntl_loss_apply, number_rows
+from .losses import LossSpec, loss_spec, need_grad, soft_targets, use_triton
+from .vocab import VocabLike
 
 __all__ = ["digit_logits_from_hidden", "ntl_loss_from_digit_logits", "ntl_loss_from_hidden"]
 
@@ -49,11 +50,10 @@ def _check_head(hidden: Any, weight: Any, bias: Any, temperature: Any) -> tuple[
     return weight.shape[0], float(temperature)
 
 
-def _digit_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab: NumberVocab,
+def _digit_logits(hidden: torch.Tensor, weight: torch.Tensor, handle: int,
                   temperature: float, bias: torch.Tensor | None) -> torch.Tensor:
-    ids = vocab.ids(hidden.device)
-    w = weight.index_select(0, ids).float()
-    b = bias.index_select(0, ids).float() if bias is not None else None
+    w = number_rows(weight, handle).float()
+    b = number_rows(bias, handle).float() if bias is not None else None
     z = F.linear(hidden.float(), w, b)
     return z / temperature if temperature != 1.0 else z
 
@@ -72,9 +72,25 @@ def digit_logits_from_hidden(
     number tokens in value order. Gradients reach ``hidden`` and the ``K`` rows of ``W``.
     """
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
-    vocab = resolve_vocab(vocab_or_tokenizer, default_size=V)
-    C.check_vocab_fits(vocab, V)
-    return _digit_logits(hidden, lm_head_weight, vocab, t, bias)
+    spec = loss_spec(vocab_or_tokenizer, None, V, "wasserstein", None, 1.0)
+    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
+    return _digit_logits(hidden, lm_head_weight, spec.handle, t, bias)
+
+
+def _from_digit_logits(z: torch.Tensor, labels: torch.Tensor, spec: LossSpec, method: str,
+                       ignore_index: int, reduction: str, weights: Any, target_dist: Any,
+                       W: int, hi: int, hi_what: str, backend: str) -> torch.Tensor:
+    """The loss of number logits ``z [N, K]`` (value order) against token-id ``labels``."""
+    w = C.check_weights(weights, labels)
+    soft = soft_targets(target_dist, labels, spec.K, method, None)
+    kernel = use_triton(backend, z)
+    if kernel and z.stride(-1) != 1:
+        z = z.contiguous()
+    cfg = LossConfig(spec.handle, W, True, False, method, reduction, ignore_index, False, spec.dmax,
+                     False, 0.0, 1.0, 1.0, kernel, C.strict_checks(), hi, hi_what, need_grad(z))
+    out = ntl_loss_apply(z, labels.reshape(-1).contiguous(),
+                         w.reshape(-1).contiguous() if w is not None else None, soft, cfg)
+    return out.view(labels.shape) if reduction == "none" else out
 
 
 def ntl_loss_from_hidden(
@@ -112,31 +128,14 @@ def ntl_loss_from_hidden(
     """
     method = C.check_method(method)
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
-    _, vocab, k, w = prepare_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", V,
-                                    vocab_or_tokenizer, ignore_index, weights, reduction)
-    soft = _soft(target_dist, method, labels, vocab)
-    z = _digit_logits(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, vocab, t, bias)
-    return reduce_rows(_rows_from_digit_logits(z, k, vocab, method, soft, backend), k, w, reduction,
-                       labels.shape)
-
-
-def _soft(target_dist: Any, method: str, labels: torch.Tensor, vocab: NumberVocab) -> torch.Tensor | None:
-    if target_dist is None:
-        return None
-    if method != "wasserstein":
-        raise ValueError("target_dist is only supported with method='wasserstein'")
-    return check_target_dist(target_dist, labels, vocab)
-
-
-def _rows_from_digit_logits(z: torch.Tensor, k: torch.Tensor, vocab: NumberVocab, method: str,
-                            soft: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """Per-row NTL from ``[N, K]`` digit logits (columns in the vocab's value order)."""
-    values = vocab.values_on(z.device)
-    if use_triton(backend, z):
-        from .kernels.rowloss import ntl_rows_triton
-
-        return ntl_rows_triton(z, k, torch.arange(vocab.K, device=z.device), values, method, soft)
-    return ntl_rows_torch(z, k, values, method, soft)
+    labels = C.check_labels(labels, hidden.shape[:-1], hidden.device, what="hidden.shape[:-1]")
+    ignore_index = C.check_ignore_index(ignore_index)
+    C.check_choice("reduction", reduction, C.REDUCTIONS)
+    spec = loss_spec(vocab_or_tokenizer, None, V, method, None, 1.0)
+    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
+    z = _digit_logits(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, spec.handle, t, bias)
+    return _from_digit_logits(z, labels, spec, method, ignore_index, reduction, weights, target_dist,
+                              V, V, "lm_head_weight.shape[0]", backend)
 
 
 def ntl_loss_from_digit_logits(
@@ -149,6 +148,7 @@ def ntl_loss_from_digit_logits(
     reduction: str = "mean",
     weights: torch.Tensor | None = None,
     target_dist: torch.Tensor | None = None,
+    vocab_size: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """NTL from number-token logits ``[..., K]`` that were already gathered.
@@ -157,18 +157,36 @@ def ntl_loss_from_digit_logits(
     :func:`digit_logits_from_hidden` and ``ntl.kernels.digit_gather(logits, vocab.ids())``
     produce them; ``labels`` are token ids as for :func:`ntl.ntl_loss`, whose formulas
     and reductions apply. Useful when a framework hands out digit logits only.
+
+    Labels that are not number tokens take no part, whatever their value. ``vocab_size``
+    (the model's ``V``) makes labels ``>= V`` an error; without it the bound is the vocab's
+    ``vocab_size`` for a tokenizer or ``NumberVocab``, and none for a plain id list or dict
+    (whose size would only be ``max(id) + 1``).
     """
     method = C.check_method(method)
     C.check_logits(digit_logits, "digit_logits", dim="K")
-    vocab = resolve_vocab(vocab_or_tokenizer)
-    if digit_logits.shape[-1] != vocab.K:
+    plain = isinstance(vocab_or_tokenizer, (list, tuple, Mapping, torch.Tensor))
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size <= 0):
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    spec = loss_spec(vocab_or_tokenizer, vocab_size, None, method, None, 1.0)
+    if digit_logits.shape[-1] != spec.K:
         raise ValueError(f"digit_logits has {digit_logits.shape[-1]} columns but the vocab has "
-                         f"K={vocab.K} number tokens (shape {tuple(digit_logits.shape)})")
-    _, vocab, k, w = prepare_labels(labels, digit_logits.shape[:-1], digit_logits.device,
-                                    "digit_logits.shape[:-1]", vocab.vocab_size, vocab, ignore_index,
-                                    weights, reduction)
-    soft = _soft(target_dist, method, labels, vocab)
-    z = digit_logits.reshape(-1, vocab.K)
-    return reduce_rows(_rows_from_digit_logits(z, k, vocab, method, soft, backend), k, w, reduction,
-                       labels.shape)
-
+                         f"K={spec.K} number tokens (shape {tuple(digit_logits.shape)})")
+    labels = C.check_labels(labels, digit_logits.shape[:-1], digit_logits.device,
+                            what="digit_logits.shape[:-1]")
+    ignore_index = C.check_ignore_index(ignore_index)
+    C.check_choice("reduction", reduction, C.REDUCTIONS)
+    if vocab_size is not None:
+        if vocab_size <= spec.max_id:
+            raise ValueError(f"vocab_size={vocab_size} is too small for the vocab's number token id "
+                             f"{spec.max_id}")
+        W, hi, where = vocab_size, vocab_size, f"vocab_size={vocab_size}"
+    elif plain:
+        W, hi, where = spec.vocab_size, -1, ""
+    else:
+        W, hi = spec.vocab_size, spec.vocab_size
+        where = "the vocab's vocab_size; pass vocab_size= for the model's (padded) vocabulary"
+    z = digit_logits.reshape(-1, spec.K)
+    return _from_digit_logits(z, labels, spec, method, ignore_index, reduction, weights, target_dist,
+                              W, hi, where, backend)

@@ -20,16 +20,19 @@ Shared semantics (see each function for its formula):
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+import math
+from typing import Any, NamedTuple
 
 import torch
 
 from . import _checks as C
 from .kernels import _triton
-from .kernels.reference import digit_gather_torch, ntl_rows_torch
+from .kernels.ops import LossConfig, ntl_loss_apply
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
-__all__ = ["gaussian_targets", "ntl_loss", "ntl_mse_loss", "ntl_wasserstein_loss", "shift_labels"]
+__all__ = ["gaussian_targets", "ntl_dot_loss", "ntl_loss", "ntl_mse_loss", "ntl_wasserstein_loss",
+           "shift_labels"]
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -97,44 +100,163 @@ def reduce_rows(rows: torch.Tensor, k: torch.Tensor, weights: torch.Tensor | Non
     return total / w.sum().clamp_min(_EPS)
 
 
-def reweigh_ceiling(vocab: NumberVocab, method: str) -> float:
-    """``D = 1.01 x`` the largest per-position loss (``v_max - v_min`` for W1, its square for MSE).
+class LossSpec(NamedTuple):
+    """Python constants of a (vocab, loss) pair: all the front end needs from the vocab."""
+
+    handle: int
+    K: int
+    vocab_size: int
+    max_id: int
+    dmax: float  # reweigh ceiling D
+    squash: bool
+    sq_a: float
+    sq_b: float
+
+
+def _max_loss(vocab: NumberVocab, method: str, squash_factor: float | None, delta: float) -> float:
+    """The largest per-position loss, ``ntloss``'s ``max_dist``: ``d = v_max - v_min`` for W1
+    (``squash_factor`` when squashed), ``d^2`` (MSE), ``d`` (MAE), ``huber(d)``."""
+    d = vocab.max_distance
+    if method == "wasserstein":
+        return float(squash_factor) if squash_factor is not None else d
+    if method == "mse":
+        return d * d
+    if method == "mae":
+        return d
+    return 0.5 * d * d if d < delta else delta * (d - 0.5 * delta)
+
+
+def squash_table(vocab: NumberVocab, squash_factor: float) -> tuple[float, float]:
+    """``(a, b)`` of ``ntloss``'s squashed W1 distances: ``d' = a + b d`` for ``d = |v_i - v_j| > 0``
+    (0 for ``d = 0``), so that the closest distinct values cost 1 and the farthest ``squash_factor``::
+
+        b = (squash_factor - 1) / (d_max - d_min),   a = 1 - b d_min   (d_min the smallest d > 0)
+    """
+    vals = vocab.values
+    gaps = [b - a for a, b in itertools.pairwise(vals) if b > a]
+    d_max = vals[-1] - vals[0]
+    if not gaps or min(gaps) == d_max:
+        raise ValueError(
+            f"squash_factor needs number values with at least two different nonzero distances; "
+            f"this vocab has values {sorted(set(vals))[:4]}{' ...' if len(set(vals)) > 4 else ''}"
+        )
+    d_min = min(gaps)
+    b = (float(squash_factor) - 1.0) / (d_max - d_min)
+    return 1.0 - b * d_min, b
+
+
+def reweigh_ceiling(vocab: NumberVocab, method: str, squash_factor: float | None = None,
+                    huber_delta: float = 1.0) -> float:
+    """``D = 1.01 x`` the largest per-position loss (``v_max - v_min`` for W1, its square for MSE,
+    ``squash_factor`` for squashed W1, see :func:`_max_loss`).
 
     ``reweigh=True`` gives ``L' = m L + D (1 - m)``: mass off the number tokens costs
     more than the worst number token (``ntloss``'s constant).
     """
-    d = vocab.max_distance
-    return 1.01 * (d * d if method == "mse" else d)
+    return 1.01 * _max_loss(vocab, method, squash_factor, huber_delta)
+
+
+def loss_spec(vocab_or_tokenizer: VocabLike, vocab_size: int | None, default_size: int | None,
+              method: str, squash_factor: float | None, huber_delta: float) -> LossSpec:
+    """Resolve the vocab and the loss constants (cached per vocab). ``torch.compile`` runs this once
+    at trace time and keeps the result as a constant (tokenizer -> vocab is pure, cached Python)."""
+    vocab = resolve_vocab(vocab_or_tokenizer, vocab_size, default_size=default_size)
+    specs = vocab.__dict__.setdefault("_specs", {})
+    key = (method, squash_factor, huber_delta)
+    spec = specs.get(key)
+    if spec is None:
+        a, b = squash_table(vocab, squash_factor) if squash_factor is not None else (0.0, 1.0)
+        spec = LossSpec(vocab.handle, vocab.K, vocab.vocab_size, max(vocab.token_ids),
+                        reweigh_ceiling(vocab, method, squash_factor, huber_delta),
+                        squash_factor is not None, a, b)
+        specs[key] = spec
+    return spec
+
+
+# what torch.compiler.assume_constant_result does, without importing torch._dynamo (seconds) at
+# `import ntl`: Dynamo calls loss_spec eagerly while tracing and bakes its result into the graph
+loss_spec._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def check_squash_factor(squash_factor: Any, method: str) -> float | None:
+    if squash_factor is None:
+        return None
+    if isinstance(squash_factor, bool) or not isinstance(squash_factor, (int, float)):
+        raise TypeError(f"squash_factor must be a number > 1 or None, got {type(squash_factor).__name__}")
+    if not (math.isfinite(squash_factor) and squash_factor > 1):
+        raise ValueError(f"squash_factor must be a finite number > 1 (1 would be cross-entropy), got {squash_factor!r}")
+    if method != "wasserstein":
+        raise ValueError(f"squash_factor applies to the Wasserstein loss only, not method={method!r}")
+    return float(squash_factor)
+
+
+def check_huber_delta(huber_delta: Any) -> float:
+    if isinstance(huber_delta, bool) or not isinstance(huber_delta, (int, float)):
+        raise TypeError(f"huber_delta must be a positive number, got {type(huber_delta).__name__}")
+    if not (math.isfinite(huber_delta) and huber_delta > 0):
+        raise ValueError(f"huber_delta must be a positive finite number, got {huber_delta!r}")
+    return float(huber_delta)
+
+
+def need_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def ntl_rows(
     logits2d: torch.Tensor, k: torch.Tensor, vocab: NumberVocab, method: str,
     soft: torch.Tensor | None = None, reweigh: bool = False, backend: str = "auto",
 ) -> torch.Tensor:
-    """Per-row NTL ``[N]`` fp32 (0 where ``k < 0``) through the chosen backend."""
-    dev = logits2d.device
-    ids, values = vocab.ids(dev), vocab.values_on(dev)
-    triton_path = use_triton(backend, logits2d)
-    if triton_path:
-        from .kernels.rowloss import ntl_rows_triton
+    """Per-row NTL ``[N]`` fp32 (0 where ``k < 0``) through the chosen backend, for a precomputed
+    number index ``k``; differentiable. ``reweigh`` reads full rows only where ``k >= 0``."""
+    kernel = use_triton(backend, logits2d)
+    spec = loss_spec(vocab, None, logits2d.shape[1], method, None, 1.0)
+    x = logits2d.contiguous() if kernel and logits2d.stride(-1) != 1 else logits2d
+    cfg = LossConfig(spec.handle, vocab.K, False, True, method, "none", -1, reweigh, spec.dmax, False,
+                     0.0, 1.0, 1.0, kernel, False, -1, "", need_grad(logits2d))
+    return ntl_loss_apply(x, k.contiguous(), None, soft.contiguous() if soft is not None else None, cfg)
 
-        rows = ntl_rows_triton(logits2d, k, ids, values, method, soft)
-    else:
-        rows = ntl_rows_torch(digit_gather_torch(logits2d, ids), k, values, method, soft)
-    if reweigh:
-        if triton_path:
-            from .kernels.gather import DigitGather
 
-            z = DigitGather.apply(logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous(), ids)
-        else:
-            z = digit_gather_torch(logits2d, ids)
-        # full-softmax mass on the number tokens, relative to the row max (as softmax does)
-        x = logits2d.float()
-        m = x.detach().amax(-1, keepdim=True)
-        mass = torch.exp(z.float() - m).sum(-1) / torch.exp(x - m).sum(-1)
-        rows = rows * mass + reweigh_ceiling(vocab, method) * (1.0 - mass)
-        rows = torch.where(k >= 0, rows, torch.zeros((), device=dev))
-    return rows
+def _standalone(
+    logits: Any, labels: Any, vocab_or_tokenizer: VocabLike, method: str, ignore_index: Any,
+    reduction: Any, weights: Any, reweigh: Any, target_dist: Any, squash_factor: Any,
+    huber_delta: Any, backend: str,
+) -> torch.Tensor:
+    """The front end of every logits-level loss: checks, the vocab's constants, one op."""
+    logits = C.check_logits(logits)
+    V = logits.shape[-1]
+    labels = C.check_labels(labels, logits.shape[:-1], logits.device)
+    ignore_index = C.check_ignore_index(ignore_index)
+    C.check_choice("reduction", reduction, C.REDUCTIONS)
+    C.check_bool("reweigh", reweigh)
+    squash_factor = check_squash_factor(squash_factor, method)
+    huber_delta = check_huber_delta(huber_delta)
+    spec = loss_spec(vocab_or_tokenizer, None, V, method, squash_factor, huber_delta)
+    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
+    w = C.check_weights(weights, labels)
+    soft = soft_targets(target_dist, labels, spec.K, method, squash_factor)
+    kernel = use_triton(backend, logits)
+    x = logits.reshape(-1, V)
+    if kernel and x.stride(-1) != 1:
+        x = x.contiguous()
+    cfg = LossConfig(spec.handle, V, False, False, method, reduction, ignore_index, reweigh, spec.dmax,
+                     spec.squash, spec.sq_a, spec.sq_b, huber_delta, kernel, C.strict_checks(), V,
+                     "logits.shape[-1]", need_grad(logits))
+    out = ntl_loss_apply(x, labels.reshape(-1).contiguous(),
+                         w.reshape(-1).contiguous() if w is not None else None, soft, cfg)
+    return out.view(labels.shape) if reduction == "none" else out
+
+
+def soft_targets(target_dist: Any, labels: torch.Tensor, K: int, method: str,
+                 squash_factor: float | None) -> torch.Tensor | None:
+    """The validated ``[N, K]`` soft targets (``None`` without ``target_dist``)."""
+    if target_dist is None:
+        return None
+    if method != "wasserstein":
+        raise ValueError("target_dist is only supported with method='wasserstein'")
+    if squash_factor is not None:
+        raise ValueError("squash_factor is not supported with target_dist (the squashed distance "
+                         "is defined for a one-hot target)")
+    return check_target_dist(target_dist, labels, K).contiguous()
 
 
 def ntl_loss(
@@ -148,33 +270,28 @@ def ntl_loss(
     weights: torch.Tensor | None = None,
     reweigh: bool = False,
     target_dist: torch.Tensor | None = None,
+    squash_factor: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """NTL with ``method="mse"`` (:func:`ntl_mse_loss`) or ``"wasserstein"``
-    (:func:`ntl_wasserstein_loss`); the arguments are theirs."""
+    (:func:`ntl_wasserstein_loss`); the arguments are theirs (``target_dist`` and
+    ``squash_factor`` with ``"wasserstein"`` only)."""
     method = C.check_method(method)
-    if not isinstance(reweigh, bool):
-        raise TypeError(f"reweigh must be a bool, got {type(reweigh).__name__}")
-    logits2d, _, vocab, k, w = prepare(logits, labels, vocab_or_tokenizer, ignore_index, weights, reduction)
-    soft = None
-    if target_dist is not None:
-        if method != "wasserstein":
-            raise ValueError("target_dist is only supported with method='wasserstein'")
-        soft = check_target_dist(target_dist, labels, vocab)
-    rows = ntl_rows(logits2d, k, vocab, method, soft, reweigh, backend)
-    return reduce_rows(rows, k, w, reduction, labels.shape)
+    return _standalone(logits, labels, vocab_or_tokenizer, method, ignore_index, reduction, weights,
+                       reweigh, target_dist, squash_factor, 1.0, backend)
 
 
-def check_target_dist(target_dist: Any, labels: torch.Tensor, vocab: NumberVocab) -> torch.Tensor:
+def check_target_dist(target_dist: Any, labels: torch.Tensor, vocab_or_K: NumberVocab | int) -> torch.Tensor:
     """Validate a soft target distribution ``[..., K]`` and flatten it to ``[N, K]``."""
+    K = vocab_or_K if isinstance(vocab_or_K, int) else vocab_or_K.K
     if not isinstance(target_dist, torch.Tensor) or not target_dist.dtype.is_floating_point:
         raise TypeError("target_dist must be a floating-point torch.Tensor of shape labels.shape + (K,)")
-    want = (*labels.shape, vocab.K)
+    want = (*labels.shape, K)
     if tuple(target_dist.shape) != want:
         raise ValueError(f"target_dist shape {tuple(target_dist.shape)} must be labels.shape + (K,) = {want}")
     if target_dist.device != labels.device:
         raise ValueError(f"target_dist is on {target_dist.device} but labels are on {labels.device}")
-    return target_dist.reshape(-1, vocab.K)
+    return target_dist.reshape(-1, K)
 
 
 def ntl_mse_loss(
@@ -188,10 +305,11 @@ def ntl_mse_loss(
     reweigh: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """NTL-MSE: squared error of the expected number-token value.
+    """NTL-MSE: squared error of the expected number-token value
+    (:func:`ntl_dot_loss` with ``error="mse"``).
 
-    Per position with number logits ``z`` (``K`` of them), ``q = softmax(z)``,
-    values ``v`` and target value ``y``::
+    Per position with number logits ``z`` (``K`` of them), ``q = softmax(z)``, values ``v``
+    and target value ``y``::
 
         yhat = sum_k q_k v_k,   L = (yhat - y)^2,   dL/dz_j = 2 (yhat - y) q_j (v_j - yhat)
 
@@ -204,15 +322,51 @@ def ntl_mse_loss(
         ignore_index: label value that never takes part.
         reduction: ``"mean"`` (weighted mean over taking-part positions), ``"sum"``
             or ``"none"`` (shaped like ``labels``).
-        weights: optional ``[...]`` non-negative per-position weights.
+        weights: optional ``[...]`` non-negative per-position weights: bool, integer (e.g. an
+            attention mask) or float.
         reweigh: ``ntloss``'s full-vocabulary reweighting (off, as in the paper).
         backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``.
 
     Returns:
         fp32 scalar, or ``labels``-shaped tensor for ``reduction="none"``.
     """
-    return ntl_loss(logits, labels, vocab_or_tokenizer, method="mse", ignore_index=ignore_index,
-                    reduction=reduction, weights=weights, reweigh=reweigh, backend=backend)
+    return _standalone(logits, labels, vocab_or_tokenizer, "mse", ignore_index, reduction, weights,
+                       reweigh, None, None, 1.0, backend)
+
+
+def ntl_dot_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_or_tokenizer: VocabLike,
+    *,
+    error: str = "mse",
+    huber_delta: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    weights: torch.Tensor | None = None,
+    reweigh: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """NTL-Lp: an error ``e`` of the expected number-token value
+    (``ntloss.NTLossDotProduct(loss_function=...)``, the paper's ablations).
+
+    With ``q = softmax(z)`` over the ``K`` number logits, ``yhat = sum_k q_k v_k`` and
+    ``r = yhat - y``::
+
+        L = e(r),   dL/dz_j = e'(r) q_j (v_j - yhat)
+
+        error="mse":   e = r^2,                                     e' = 2 r
+        error="mae":   e = |r|,                                     e' = sign(r)  (0 at r = 0)
+        error="huber": e = r^2 / 2 if |r| < delta else delta (|r| - delta / 2),
+                                                                    e' = clamp(r, -delta, delta)
+
+    (``F.mse_loss``, ``F.l1_loss``, ``F.huber_loss(delta=huber_delta)``). ``reweigh=True``
+    uses ``D = 1.01 e(v_max - v_min)``. ``error`` and ``huber_delta`` are keyword-only,
+    the other arguments as in :func:`ntl_mse_loss`.
+    """
+    error = C.check_choice("error", error, ("mse", "mae", "huber"))
+    return _standalone(logits, labels, vocab_or_tokenizer, error, ignore_index, reduction, weights,
+                       reweigh, None, None, huber_delta, backend)
 
 
 def ntl_wasserstein_loss(
@@ -225,6 +379,7 @@ def ntl_wasserstein_loss(
     weights: torch.Tensor | None = None,
     reweigh: bool = False,
     target_dist: torch.Tensor | None = None,
+    squash_factor: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """NTL-W1: Wasserstein-1 distance between the number-token distribution and the target.
@@ -233,16 +388,20 @@ def ntl_wasserstein_loss(
     ``Q_k = sum_{i<=k} q_i``, target CDF ``T_k`` and gaps ``g_k = v_{k+1} - v_k``::
 
         L = sum_{k<K-1} |Q_k - T_k| g_k          (= sum_k q_k |v_k - y| for a one-hot target y)
-        dL/dz_j = q_j (|v_j - y| - L)            (one-hot target)
+        dL/dz_j = q_j (d_j - L),   d_j = |v_j - y|       (one-hot target)
+
+    ``squash_factor`` (``ntloss.NTLoss(squash_factor=...)``, a number > 1) reshapes the
+    distance table so that the closest distinct value costs 1 and the farthest
+    ``squash_factor``: ``d_j = 1 + (|v_j - y| - d_min) (squash_factor - 1) / (d_max - d_min)``
+    for ``v_j != y`` (0 for ``v_j = y``); with ``reweigh`` then ``D = 1.01 squash_factor``.
 
     ``target_dist`` (``labels.shape + (K,)``, rows summing to 1, in the vocab's
     value order) replaces the one-hot target at taking-part positions, e.g. a
-    Gaussian smoothing over digits (:func:`ntl.gaussian_targets`). Other arguments
-    as in :func:`ntl_mse_loss`.
+    Gaussian smoothing over digits (:func:`ntl.gaussian_targets`); not with ``squash_factor``.
+    Other arguments as in :func:`ntl_mse_loss`.
     """
-    return ntl_loss(logits, labels, vocab_or_tokenizer, method="wasserstein",
-                    ignore_index=ignore_index, reduction=reduction, weights=weights,
-                    reweigh=reweigh, target_dist=target_dist, backend=backend)
+    return _standalone(logits, labels, vocab_or_tokenizer, "wasserstein", ignore_index, reduction,
+                       weights, reweigh, target_dist, squash_factor, 1.0, backend)
 
 
 def gaussian_targets(

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from .losses import ntl_loss
+from .losses import check_squash_factor, ntl_loss, squash_table
 from .number_level import check_options, decimal_point, number_level_loss, number_level_vocab
 from .vocab import VocabLike, resolve_vocab
 
@@ -17,11 +17,11 @@ class NumberTokenLoss(nn.Module):
     """Number Token Loss as a module: ``NumberTokenLoss(tokenizer)(logits, labels)``.
 
     Wraps :func:`ntl.ntl_mse_loss` (``method="mse"``),
-    :func:`ntl.ntl_wasserstein_loss` (``method="wasserstein"``) and
-    :func:`ntl.number_level_loss` (``method="number"``, which alone takes
-    ``float_level``, ``decimal_point_id`` and ``max_number_length``); the vocabulary
-    is resolved once at construction. Logits and labels are aligned position by
-    position (shift them for causal LMs).
+    :func:`ntl.ntl_wasserstein_loss` (``method="wasserstein"``, optionally with
+    ``squash_factor``) and :func:`ntl.number_level_loss` (``method="number"``, which
+    alone takes ``float_level``, ``decimal_point_id`` and ``max_number_length``); the
+    vocabulary is resolved once at construction. Logits and labels are aligned
+    position by position (shift them for causal LMs).
     """
 
     def __init__(
@@ -37,6 +37,7 @@ class NumberTokenLoss(nn.Module):
         float_level: bool = False,
         decimal_point_id: int | None = None,
         max_number_length: int = 20,
+        squash_factor: float | None = None,
     ) -> None:
         super().__init__()
         self.number_level = None
@@ -59,6 +60,9 @@ class NumberTokenLoss(nn.Module):
         if not isinstance(reweigh, bool):
             raise TypeError(f"reweigh must be a bool, got {type(reweigh).__name__}")
         self.reweigh = reweigh
+        self.squash_factor = check_squash_factor(squash_factor, self.method)
+        if self.squash_factor is not None:
+            squash_table(self.vocab, self.squash_factor)  # a vocab it cannot squash fails here
 
     def forward(
         self,
@@ -76,7 +80,9 @@ class NumberTokenLoss(nn.Module):
                                      weights=weights, backend=self.backend)
         return ntl_loss(logits, labels, self.vocab, method=self.method, ignore_index=self.ignore_index,
                         reduction=self.reduction, weights=weights, reweigh=self.reweigh,
-                        target_dist=target_dist, backend=self.backend)
+                        target_dist=target_dist, squash_factor=self.squash_factor, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, K={self.vocab.K}, reduction={self.reduction!r}, reweigh={self.reweigh}"
+        sq = f", squash_factor={self.squash_factor}" if self.squash_factor is not None else ""
+        return (f"method={self.method!r}, K={self.vocab.K}, reduction={self.reduction!r}, "
+                f"reweigh={self.reweigh}{sq}")

@@ -16,7 +16,7 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["DigitVocab", "NumberVocab", "VocabLike", "resolve_vocab"]
+__all__ = ["DigitVocab", "NumberVocab", "VocabLike", "resolve_vocab", "vocab_from_handle"]
 
 DIGITS = "0123456789"
 logger = logging.getLogger("ntl")
@@ -101,6 +101,15 @@ class NumberVocab:
     def __hash__(self) -> int:
         return hash((self.token_ids, self.values, self.vocab_size))
 
+    def __getstate__(self) -> dict:
+        """Pickle / deepcopy the content only (not the lock, the device tensors or the handle)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock", "_handle", "_specs")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache = {}
+        self._lock = threading.Lock()
+
     # -- cached device tensors ---------------------------------------------
     def _cached(self, kind: str, device: torch.device | str | None, width: int = 0) -> torch.Tensor:
         dev = torch.device(device if device is not None else "cpu")
@@ -114,8 +123,13 @@ class NumberVocab:
                         t = torch.tensor(self.token_ids, dtype=torch.long, device=dev)
                     elif kind == "values":
                         t = torch.tensor(self.values, dtype=torch.float32, device=dev)
-                    else:  # lookup: token id -> index k, -1 for non-number tokens
-                        t = torch.full((width,), -1, dtype=torch.long)
+                    elif kind == "arange":
+                        t = torch.arange(self.K, device=dev)
+                    elif kind == "table":  # [0..K-1, -1]: k -> k, and index -1 -> -1
+                        t = torch.cat([torch.arange(self.K), torch.tensor([-1])]).to(dev)
+                    else:  # lookup: token id -> index k, -1 for non-number tokens (table: + a final -1)
+                        extra = 1 if kind == "lookup_table" else 0
+                        t = torch.full((width + extra,), -1, dtype=torch.long)
                         t[torch.tensor(self.token_ids)] = torch.arange(self.K)
                         t = t.to(dev)
                     self._cache[key] = t
@@ -129,10 +143,38 @@ class NumberVocab:
         """``[K]`` float32 values (ascending) on ``device``."""
         return self._cached("values", device)
 
-    def lookup(self, width: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """``[width]`` int64 map from token id to number index ``k`` (``-1`` if not a number)."""
+    def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[K]`` int64 ``0..K-1`` on ``device`` (the columns of gathered number logits)."""
+        return self._cached("arange", device)
+
+    def index_table(self, width: int | None, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[width + 1]`` int64: :meth:`lookup` plus a final ``-1``, so that
+        ``table[labels.clamp(-1, width)]`` maps every label (negative, ``>= width``) in one
+        gather. ``width=None``: labels are number indices already (``[0..K-1, -1]``)."""
+        if width is None:
+            return self._cached("table", device)
+        self._check_width(width)
+        return self._cached("lookup_table", device, width)
+
+    def _check_width(self, width: int) -> None:
         if width < self.vocab_size and max(self.token_ids) >= width:
             raise ValueError(f"lookup width {width} is smaller than the largest number token id")
+
+    @property
+    def handle(self) -> int:
+        """A small int naming this vocab's content (equal vocabs share it), for custom ops:
+        :func:`vocab_from_handle` turns it back into a vocab whose tensors are cached."""
+        h = self.__dict__.get("_handle")
+        if h is None or (_BY_HANDLE.get(h) is not self and _BY_HANDLE.get(h) != self):
+            with _CACHE_LOCK:
+                h = _HANDLES.setdefault(self, len(_HANDLES))
+                _BY_HANDLE.setdefault(h, self)
+            self._handle = h
+        return h
+
+    def lookup(self, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[width]`` int64 map from token id to number index ``k`` (``-1`` if not a number)."""
+        self._check_width(width)
         return self._cached("lookup", device, width)
 
     def digit_index(self, labels: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -295,6 +337,17 @@ def resolve_vocab(vocab_or_tokenizer: VocabLike, vocab_size: int | None = None, 
 
 
 _SIMPLE_CACHE: dict[tuple, NumberVocab] = {}
+# content -> handle, handle -> the first vocab with that content (kept alive: vocabs are small and few)
+_HANDLES: dict[NumberVocab, int] = {}
+_BY_HANDLE: dict[int, NumberVocab] = {}
+
+
+def vocab_from_handle(handle: int) -> NumberVocab:
+    """The vocab registered under :attr:`NumberVocab.handle`."""
+    try:
+        return _BY_HANDLE[handle]
+    except KeyError:
+        raise ValueError(f"no number vocab has handle {handle!r}") from None
 
 
 def _cached_simple(key: tuple, build: Any) -> NumberVocab:

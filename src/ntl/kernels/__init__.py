@@ -1,7 +1,9 @@
 """Triton kernels for NTL, their plain-PyTorch twins, and dispatch.
 
 * :func:`digit_gather` — ``[..., V] -> [..., K]`` number-token logits (kernel 1).
-* :mod:`.rowloss` — expected-digit MSE and W1 loss + dL/dz in one pass (kernels 2, 3).
+* :mod:`.rowloss` — the standalone losses (expected-value MSE/MAE/Huber, W1) + dL/dz, the
+  label lookup, weights and reduction in one pass + a finalize (kernels 2, 3).
+* :mod:`.ops` — their autograd Function (eager) and ``torch.library`` custom ops (compile).
 * :mod:`.fused_ce` — cross-entropy + NTL, online softmax over ``V`` (kernel 4).
 * :mod:`.reference` — the plain-PyTorch twins (CPU path and test reference).
 """

@@ -1,32 +1,43 @@
-"""Kernels 2 and 3 — expected-digit MSE and Wasserstein-1, loss and dL/dz in one pass.
+"""Kernels 2 and 3 — the standalone NTL losses, loss and dL/dz in one pass, sync-free.
 
-One program handles a tile of rows: it gathers the ``K`` number logits of each
-row (rows whose label is not a number token load nothing), takes the softmax
-over ``K`` (padded to a power of two with ``-inf``), and writes the per-row loss
-and ``dL/dz [N, K]`` (fp32). Backward scatters ``grad_row * dL/dz`` into the
-number-token columns (:func:`gather.scatter_rows`). Formulas: see
-:func:`reference.ntl_rows_grad_torch`, the plain-PyTorch twin.
+``_ntl_loss_fwd``: one program handles a tile of rows. It maps each label to its
+number index ``k`` through a dense ``[W]`` table (``-1``: text, out of range or
+``ignore_index``), gathers the ``K`` number logits of the rows that take part (the
+others load nothing), takes the softmax over ``K`` (padded to a power of two with
+``-inf``) and writes the per-row loss, ``dL/dz [N, K]`` (fp32) and the weighted
+row sums of its tile, which ``_ntl_finalize`` (one program) reduces to the sum or
+mean: two launches, no host sync. With ``REWEIGH`` an online log-sum-exp over the
+whole row gives the full-softmax mass ``m`` of the number tokens, on rows that
+take part only. Backward: ``_ntl_loss_bwd`` scatters ``s dL/dz`` (``s = rw g / den``)
+into a zero ``[N, V]`` gradient; ``_ntl_loss_bwd_reweigh`` writes the dense rows
+of the reweighed loss. Formulas and twins: :mod:`.reference`
+(:func:`~.reference.ntl_rows_grad_torch`, :func:`~.reference.ntl_loss_fwd_torch`,
+:func:`~.reference.ntl_loss_bwd_torch`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, no_double_backward, tl, triton
+from ._triton import HAS_TRITON, interpreting, next_pow2, no_double_backward, tl, triton
 from .gather import scatter_rows, tiles
 
-__all__ = ["ntl_rows_triton"]
+__all__ = ["ntl_loss_bwd_triton", "ntl_loss_fwd_triton", "ntl_rows_triton"]
 
-_METHOD = {"mse": 0, "wasserstein": 1}
+_METHOD = {"mse": 0, "wasserstein": 1, "mae": 2, "huber": 3}
+_FINAL_BLOCK = 1024
 
 if HAS_TRITON:
 
     @triton.jit
-    def ntl_row_math(z, cmask, kt, vals, gaps, soft, METHOD: tl.constexpr, SOFT: tl.constexpr):
+    def ntl_row_math(z, cmask, kt, vals, gaps, soft, METHOD: tl.constexpr, SOFT: tl.constexpr,
+                     sq_a=0.0, sq_b=1.0, delta=1.0):
         """Per-row loss and dL/dz for a ``[BLOCK_N, BLOCK_K]`` tile of number logits ``z``.
 
         ``kt [BLOCK_N]`` target index, ``vals``/``gaps [BLOCK_K]`` values and
         ``v_{k+1} - v_k`` (0 past the end), ``soft`` the target distribution (SOFT only).
+        METHOD 0/2/3: MSE/MAE/Huber(``delta``) of ``yhat - y``; 1: W1 with the distance
+        ``d = |v - y|`` squashed to ``sq_a + sq_b d`` where ``d > 0`` (defaults keep ``d``).
         """
         z = tl.where(cmask[None, :], z, float("-inf"))
         zmax = tl.max(z, axis=1)
@@ -34,69 +45,296 @@ if HAS_TRITON:
         q = e / tl.sum(e, axis=1)[:, None]
         cols = tl.arange(0, z.shape[1])
         y = tl.sum(tl.where(cols[None, :] == kt[:, None], vals[None, :], 0.0), axis=1)
-        if METHOD == 0:
-            yhat = tl.sum(q * vals[None, :], axis=1)
-            diff = yhat - y
-            loss = diff * diff
-            grad = 2.0 * diff[:, None] * q * (vals[None, :] - yhat[:, None])
-        elif SOFT:
-            d = tl.cumsum(q, axis=1) - tl.cumsum(soft, axis=1)
-            loss = tl.sum(tl.abs(d) * gaps[None, :], axis=1)
-            s = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) * gaps[None, :]
-            g = tl.sum(s, axis=1)[:, None] - tl.cumsum(s, axis=1) + s  # sum_{k >= i} s_k
-            grad = q * (g - tl.sum(q * g, axis=1)[:, None])
+        if METHOD == 1:
+            if SOFT:
+                d = tl.cumsum(q, axis=1) - tl.cumsum(soft, axis=1)
+                loss = tl.sum(tl.abs(d) * gaps[None, :], axis=1)
+                s = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) * gaps[None, :]
+                g = tl.sum(s, axis=1)[:, None] - tl.cumsum(s, axis=1) + s  # sum_{k >= i} s_k
+                grad = q * (g - tl.sum(q * g, axis=1)[:, None])
+            else:
+                dist = tl.abs(vals[None, :] - y[:, None])
+                dist = tl.where(dist > 0, sq_a + sq_b * dist, 0.0)
+                loss = tl.sum(q * dist, axis=1)
+                grad = q * (dist - loss[:, None])
         else:
-            dist = tl.abs(vals[None, :] - y[:, None])
-            loss = tl.sum(q * dist, axis=1)
-            grad = q * (dist - loss[:, None])
+            yhat = tl.sum(q * vals[None, :], axis=1)
+            r = yhat - y
+            if METHOD == 0:
+                loss = r * r
+                de = 2.0 * r
+            elif METHOD == 2:
+                loss = tl.abs(r)
+                de = tl.where(r > 0, 1.0, tl.where(r < 0, -1.0, 0.0))
+            else:
+                small = tl.abs(r) < delta
+                loss = tl.where(small, 0.5 * r * r, delta * (tl.abs(r) - 0.5 * delta))
+                de = tl.minimum(tl.maximum(r, -delta), delta)
+            grad = de[:, None] * q * (vals[None, :] - yhat[:, None])
         grad = tl.where(cmask[None, :], grad, 0.0)
         return loss, grad
 
     @triton.jit
-    def _ntl_rows_fwd(x_ptr, ids_ptr, k_ptr, vals_ptr, soft_ptr, loss_ptr, dz_ptr, N, K,
-                      stride_x, stride_s, METHOD: tl.constexpr, SOFT: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _ntl_loss_fwd(x_ptr, lab_ptr, lut_ptr, ids_ptr, vals_ptr, w_ptr, soft_ptr,
+                      out_ptr, rows_ptr, dz_ptr, rw_ptr, L_ptr, mass_ptr, lse_ptr, part_ptr,
+                      N, V, K, W, ignore_index, stride_x, stride_s, n_part, dmax, sq_a, sq_b, delta,
+                      METHOD: tl.constexpr, SOFT: tl.constexpr, REWEIGH: tl.constexpr,
+                      HAS_W: tl.constexpr, IDS: tl.constexpr, PARTIAL: tl.constexpr,
+                      STORE_DZ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         rmask = rows < N
         cmask = cols < K
-        kt = tl.load(k_ptr + rows, mask=rmask, other=-1)
-        active = kt >= 0
         r64 = rows.to(tl.int64)
-        ids = tl.load(ids_ptr + cols, mask=cmask, other=0).to(tl.int64)
+        # label -> number index through the dense table; text / out of range / ignored: -1
+        lab = tl.load(lab_ptr + r64, mask=rmask, other=-1).to(tl.int64)
+        inside = rmask & (lab >= 0) & (lab < W) & (lab != ignore_index)
+        kt = tl.load(lut_ptr + lab, mask=inside, other=-1).to(tl.int32)
+        active = kt >= 0
+        if IDS:
+            ids = tl.load(ids_ptr + cols, mask=cmask, other=0).to(tl.int64)
+        else:  # x holds the K number logits themselves
+            ids = cols.to(tl.int64)
         vals = tl.load(vals_ptr + cols, mask=cmask, other=0.0)
         vnext = tl.load(vals_ptr + cols + 1, mask=cols + 1 < K, other=0.0)
         gaps = tl.where(cols + 1 < K, vnext - vals, 0.0)
         lmask = active[:, None] & cmask[None, :]
-        z = tl.load(x_ptr + r64[:, None] * stride_x + ids[None, :], mask=lmask, other=0.0).to(tl.float32)
+        xrow = x_ptr + r64[:, None] * stride_x
+        z = tl.load(xrow + ids[None, :], mask=lmask, other=0.0).to(tl.float32)
         soft = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if SOFT:
             soft = tl.load(soft_ptr + r64[:, None] * stride_s + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
-        loss, grad = ntl_row_math(z, cmask, kt, vals, gaps, soft, METHOD, SOFT)
+        loss, grad = ntl_row_math(z, cmask, kt, vals, gaps, soft, METHOD, SOFT, sq_a, sq_b, delta)
         loss = tl.where(active, loss, 0.0)
-        grad = tl.where(active[:, None], grad, 0.0)
-        tl.store(loss_ptr + rows, loss, mask=rmask)
-        tl.store(dz_ptr + r64[:, None] * K + cols[None, :], grad, mask=rmask[:, None] & cmask[None, :])
+        if HAS_W:
+            w = tl.load(w_ptr + r64, mask=rmask, other=0).to(tl.float32)
+            rw = tl.where(active, w, 0.0)
+        else:
+            rw = tl.where(active, 1.0, 0.0)
+        if REWEIGH:
+            # online log-sum-exp over the whole row, on rows that take part only
+            m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+            s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            vend = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, V, 0)
+            for start in range(0, vend, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                xm = active[:, None] & (offs < V)[None, :]
+                xx = tl.load(xrow + offs[None, :], mask=xm, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(xx, axis=1))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(xx - m_ref[:, None]), axis=1)
+                m = m_new
+            m = tl.where(active, m, 0.0)
+            s = tl.where(active, s, 1.0)
+            pd = tl.where(lmask, tl.exp(z - m[:, None]), 0.0)
+            mass = tl.where(active, tl.sum(pd, axis=1) / s, 0.0)
+            tl.store(L_ptr + r64, loss, mask=rmask)
+            tl.store(mass_ptr + r64, mass, mask=rmask)
+            tl.store(lse_ptr + r64, tl.where(active, m + tl.log(s), 0.0), mask=rmask)
+            loss = tl.where(active, mass * loss + dmax * (1.0 - mass), 0.0)
+        contrib = rw * loss
+        tl.store(rows_ptr + r64, loss, mask=rmask)
+        tl.store(rw_ptr + r64, rw, mask=rmask)
+        if STORE_DZ:
+            grad = tl.where(active[:, None], grad, 0.0)
+            tl.store(dz_ptr + r64[:, None] * K + cols[None, :], grad, mask=rmask[:, None] & cmask[None, :])
+        if PARTIAL:  # this tile's share of the sum / mean (reduced by _ntl_finalize)
+            tl.store(part_ptr + pid, tl.sum(contrib, axis=0))
+            tl.store(part_ptr + n_part + pid, tl.sum(rw, axis=0))
+        else:
+            tl.store(out_ptr + r64, contrib, mask=rmask)
+
+    @triton.jit
+    def _ntl_finalize(part_ptr, out_ptr, den_ptr, n_part, eps, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+        """``out = sum(part[0]) (/ max(sum(part[1]), eps) for the mean)``; ``den`` = that divisor (1 for sum)."""
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        wacc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, n_part, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(part_ptr + offs, mask=offs < n_part, other=0.0)
+            wacc += tl.load(part_ptr + n_part + offs, mask=offs < n_part, other=0.0)
+        num = tl.sum(acc, axis=0)
+        den = tl.sum(wacc, axis=0)
+        # the mean divides by max(sum of weights, eps); the sum by 1
+        den = tl.maximum(den, eps) if MEAN else den * 0.0 + 1.0
+        tl.store(out_ptr, num / den)
+        tl.store(den_ptr, den)
+
+    @triton.jit
+    def _ntl_loss_bwd(dz_ptr, rw_ptr, g_ptr, den_ptr, ids_ptr, out_ptr, N, K, stride_o, stride_g,
+                      G_ROWS: tl.constexpr, IDS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+        """``out[i, ids] = s_i dL/dz_i`` with ``s = rw g / den`` into a zero ``out``; rows with ``s = 0`` store nothing."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        rmask = rows < N
+        cmask = cols < K
+        r64 = rows.to(tl.int64)
+        rw = tl.load(rw_ptr + r64, mask=rmask, other=0.0)
+        if G_ROWS:  # reduction="none": g per row (any stride), no divisor
+            s = rw * tl.load(g_ptr + r64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            s = rw * (tl.load(g_ptr).to(tl.float32) / tl.load(den_ptr))
+        live = rmask & (rw != 0.0)
+        if IDS:
+            ids = tl.load(ids_ptr + cols, mask=cmask, other=0).to(tl.int64)
+        else:
+            ids = cols.to(tl.int64)
+        m2 = live[:, None] & cmask[None, :]
+        dz = tl.load(dz_ptr + r64[:, None] * K + cols[None, :], mask=m2, other=0.0)
+        tl.store(out_ptr + r64[:, None] * stride_o + ids[None, :],
+                 (s[:, None] * dz).to(out_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _ntl_loss_bwd_reweigh(x_ptr, dz_ptr, rw_ptr, L_ptr, mass_ptr, lse_ptr, g_ptr, den_ptr, ids_ptr,
+                              out_ptr, N, V, K, stride_x, stride_o, stride_g, dmax, G_ROWS: tl.constexpr,
+                              IDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_V: tl.constexpr):
+        """Dense rows of ``dL'/dx`` (``L' = m L + D (1 - m)``) into a zero ``out``, for rows with ``s != 0``::
+
+            j in ids: s (m dL/dz_j + (L - D) p_j (1 - m)),   else: -s (L - D) m p_j,   p = exp(x - lse)
+        """
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        rmask = rows < N
+        cmask = cols < K
+        r64 = rows.to(tl.int64)
+        rw = tl.load(rw_ptr + r64, mask=rmask, other=0.0)
+        if G_ROWS:  # reduction="none": g per row (any stride), no divisor
+            s = rw * tl.load(g_ptr + r64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            s = rw * (tl.load(g_ptr).to(tl.float32) / tl.load(den_ptr))
+        live = rmask & (rw != 0.0)
+        L = tl.load(L_ptr + r64, mask=live, other=0.0)
+        mass = tl.load(mass_ptr + r64, mask=live, other=0.0)
+        lse = tl.load(lse_ptr + r64, mask=live, other=0.0)
+        rel = L - dmax
+        coef = -s * rel * mass
+        xrow = x_ptr + r64[:, None] * stride_x
+        orow = out_ptr + r64[:, None] * stride_o
+        vend = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, V, 0)
+        for start in range(0, vend, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            xm = live[:, None] & (offs < V)[None, :]
+            xx = tl.load(xrow + offs[None, :], mask=xm, other=float("-inf")).to(tl.float32)
+            tl.store(orow + offs[None, :], (coef[:, None] * tl.exp(xx - lse[:, None])).to(out_ptr.dtype.element_ty),
+                     mask=xm)
+        tl.debug_barrier()
+        if IDS:
+            ids = tl.load(ids_ptr + cols, mask=cmask, other=0).to(tl.int64)
+        else:
+            ids = cols.to(tl.int64)
+        m2 = live[:, None] & cmask[None, :]
+        z = tl.load(xrow + ids[None, :], mask=m2, other=float("-inf")).to(tl.float32)
+        pd = tl.exp(z - lse[:, None])
+        dz = tl.load(dz_ptr + r64[:, None] * K + cols[None, :], mask=m2, other=0.0)
+        gd = s[:, None] * (mass[:, None] * dz + (rel * (1.0 - mass))[:, None] * pd)
+        tl.store(orow + ids[None, :], gd.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+def row_blocks(K: int, V: int, reweigh: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_K, BLOCK_V, num_warps)`` of the forward / backward launches.
+
+    Without reweigh: ``tiles(K)`` rows per program (~4k elements), 4 warps. With it
+    the programs stream whole rows: on a GPU one row per program (``BLOCK_V <= 4096``,
+    8 warps, 4 for ``K >= 1024``), in the interpreter the same row tiles as without
+    (fewer programs; the result does not depend on the tiling).
+    """
+    bn, bk = tiles(K)
+    if not reweigh:
+        return bn, bk, 16, 4
+    if interpreting():
+        return bn, bk, max(16, min(next_pow2(V), (1 << 18) // bn)), 4
+    bv = max(16, min(next_pow2(V), 4096))
+    # K >= 1024 (Llama-3): 4 warps leave each thread the registers for its share of the
+    # BLOCK_K-wide row beside the V stream (8 warps spill 8 B on sm_90; tests/test_compile_offline.py)
+    return 1, bk, bv, 8 if bv >= 2048 and bk < 1024 else 4
+
+
+def ntl_loss_fwd_triton(
+    x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, soft: torch.Tensor | None,
+    ids: torch.Tensor | None, values: torch.Tensor, table: torch.Tensor, ignore_index: int, method: str,
+    reduction: str, reweigh: bool, dmax: float, squash: tuple[float, float] | None, huber_delta: float,
+    need_dz: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the forward (1 program per row tile, + 1 finalize for sum/mean). Same contract as
+    :func:`.reference.ntl_loss_fwd_torch` (``x`` needs a unit column stride; ``dz`` is empty
+    unless ``need_dz``)."""
+    N, V = x.shape
+    K = values.numel()
+    dev = x.device
+    f32 = torch.float32
+    rows = torch.empty(N, dtype=f32, device=dev)
+    rw = torch.empty(N, dtype=f32, device=dev)
+    dz = torch.empty((N, K) if need_dz else (0,), dtype=f32, device=dev)
+    L = torch.empty(N if reweigh else 0, dtype=f32, device=dev)
+    mass = torch.empty(N if reweigh else 0, dtype=f32, device=dev)
+    lse = torch.empty(N if reweigh else 0, dtype=f32, device=dev)
+    bn, bk, bv, warps = row_blocks(K, V, reweigh)
+    n_part = triton.cdiv(N, bn)
+    partial = reduction != "none"
+    out = torch.empty((() if partial else (N,)), dtype=f32, device=dev)
+    den = torch.empty(() if partial else (0,), dtype=f32, device=dev)
+    part = torch.empty(2 * n_part if partial else 0, dtype=f32, device=dev)
+    a, b = squash if squash is not None else (0.0, 1.0)
+    if N > 0:
+        _ntl_loss_fwd[(n_part,)](
+            x, labels, table, ids if ids is not None else values, values,
+            weights if weights is not None else rows, soft if soft is not None else rows,
+            out, rows, dz, rw, L, mass, lse, part,
+            N, V, K, table.numel() - 1, ignore_index, x.stride(0), soft.stride(0) if soft is not None else 0,
+            n_part, float(dmax), float(a), float(b), float(huber_delta),
+            METHOD=_METHOD[method], SOFT=soft is not None, REWEIGH=reweigh, HAS_W=weights is not None,
+            IDS=ids is not None, PARTIAL=partial, STORE_DZ=need_dz, BLOCK_N=bn, BLOCK_K=bk, BLOCK_V=bv,
+            num_warps=warps)
+    if partial:
+        _ntl_finalize[(1,)](part, out, den, n_part, float(torch.finfo(f32).eps),
+                            MEAN=reduction == "mean", BLOCK=_FINAL_BLOCK, num_warps=4)
+    return out, rows, dz, rw, den, L, mass, lse
+
+
+def ntl_loss_bwd_triton(
+    g: torch.Tensor, x: torch.Tensor | None, size: tuple[int, int], dtype: torch.dtype,
+    dz: torch.Tensor, rw: torch.Tensor, den: torch.Tensor, L: torch.Tensor, mass: torch.Tensor,
+    lse: torch.Tensor, ids: torch.Tensor | None, reweigh: bool, dmax: float,
+) -> torch.Tensor:
+    """``dOut/dx`` (a zero ``[N, V]`` + one launch); same contract as :func:`.reference.ntl_loss_bwd_torch`."""
+    N, V = size
+    K = dz.shape[1]
+    out = torch.zeros((N, V), dtype=dtype, device=dz.device)
+    if N == 0:
+        return out
+    g_rows = g.dim() > 0
+    stride_g = g.stride(0) if g_rows else 0
+    den_arg = den if not g_rows else rw  # den is not read for reduction="none"
+    bn, bk, bv, warps = row_blocks(K, V, reweigh)
+    grid = (triton.cdiv(N, bn),)
+    ids_arg = ids if ids is not None else rw
+    if reweigh:
+        _ntl_loss_bwd_reweigh[grid](
+            x, dz, rw, L, mass, lse, g, den_arg, ids_arg, out, N, V, K, x.stride(0), out.stride(0),
+            stride_g, float(dmax), G_ROWS=g_rows, IDS=ids is not None, BLOCK_N=bn, BLOCK_K=bk,
+            BLOCK_V=bv, num_warps=warps)
+    else:
+        _ntl_loss_bwd[grid](dz, rw, g, den_arg, ids_arg, out, N, K, out.stride(0), stride_g,
+                            G_ROWS=g_rows, IDS=ids is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return out
 
 
 class NTLRows(torch.autograd.Function):
-    """Per-row NTL on ``[N, V]`` logits via the fused Triton kernel."""
+    """Per-row NTL ``[N]`` for a given target index ``k`` (the pre-0.2 entry point, kept for
+    callers that already hold ``k``): the forward kernel with an identity label table."""
 
     @staticmethod
     def forward(ctx, x, k, ids, values, method, soft):  # type: ignore[override]
-        N, V = x.shape
-        K = ids.numel()
-        loss = torch.empty(N, dtype=torch.float32, device=x.device)
-        dz = torch.empty((N, K), dtype=torch.float32, device=x.device)
-        if N > 0:
-            bn, bk = tiles(K)
-            s = soft.contiguous() if soft is not None else dz
-            _ntl_rows_fwd[(triton.cdiv(N, bn),)](
-                x, ids, k, values, s, loss, dz, N, K, x.stride(0), s.stride(0),
-                METHOD=_METHOD[method], SOFT=soft is not None, BLOCK_N=bn, BLOCK_K=bk)
+        table = torch.arange(values.numel() + 1, device=x.device)  # only [0, K) is read
+        _, rows, dz, *_ = ntl_loss_fwd_triton(x, k, None, soft, ids, values, table, -1, method, "none",
+                                              False, 0.0, None, 1.0, True)
         ctx.save_for_backward(dz, ids)
-        ctx.shape = (V, x.dtype)
-        return loss
+        ctx.shape = (x.shape[1], x.dtype)
+        return rows
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -111,4 +349,5 @@ def ntl_rows_triton(x: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values:
     """Per-row NTL ``[N]`` fp32 (0 where ``k < 0``) for ``x [N, V]``, differentiable."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return NTLRows.apply(x, k.contiguous(), ids, values, method, soft)
+    return NTLRows.apply(x, k.contiguous(), ids, values, method,
+                         soft.contiguous() if soft is not None else None)
