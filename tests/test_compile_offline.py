@@ -57,6 +57,10 @@ def test_every_jit_function_has_a_table_entry(report):
     assert not table - found, f"KERNELS entries for kernels that no longer exist: {sorted(table - found)}"
 
 
+#: Kernels whose pointer dtypes never follow the logits' dtype (one signature is right).
+DTYPE_FREE = {"rowloss._ntl_finalize": "reduces the fp32 per-tile partial sums"}
+
+
 def test_every_kernel_was_launched_at_every_width(report):
     """Each driver really reached its kernel (K = 10 and 1,110, three dtypes each)."""
     for key, kind in report["table"].items():
@@ -65,8 +69,9 @@ def test_every_kernel_was_launched_at_every_width(report):
         assert report["launches"][key] >= 6, (key, report["launches"][key])
         recs = [r for r in report["records"] if r["kernel"] == key]
         assert {r["arch"] for r in recs} == {80, 90}
-        firsts = {next(iter(r["signature"].values())) for r in recs}
-        assert len(firsts) >= 2, (key, firsts)  # more than one dtype reached the kernel
+        floats = {v for r in recs for v in r["signature"].values()} & {"*fp32", "*bf16", "*fp16"}
+        if key not in DTYPE_FREE:
+            assert len(floats) >= 2, (key, floats)  # more than one dtype reached the kernel
 
 
 def test_compiles_without_errors(report):
