@@ -27,6 +27,9 @@ NTL_PYBASE=${PYTHON:-python3}
 # uv must never fetch a Python build (GitHub may be unreachable) or be steered by an active venv.
 export UV_PYTHON_DOWNLOADS=${UV_PYTHON_DOWNLOADS:-never}
 unset VIRTUAL_ENV CONDA_PREFIX 2>/dev/null || true
+# Byte-compile at install time: with PYTHONDONTWRITEBYTECODE set (as on CI machines) every
+# import of torch/transformers would otherwise compile from source again (2-3x slower tests).
+export UV_COMPILE_BYTECODE=${UV_COMPILE_BYTECODE:-1}
 
 ntl_die() {
     echo "ntl: error: $*" >&2
