@@ -159,3 +159,21 @@ def test_console_script_from_the_wheel(scratch, tmp_path):
     listing = _run([str(ntl_bin), "bench", "--list"], cwd=tmp_path).stdout
     assert "ntl.cross_entropy_with_ntl" in listing and "F.cross_entropy" in listing
     assert list(tmp_path.iterdir()) == []  # --list writes nothing
+
+
+def test_bench_from_the_wheel_writes_to_the_current_directory(scratch, tmp_path):
+    """The default output is ./ntl-bench (not the installed package's folder)."""
+    site = Path(_run([str(scratch / "bin" / "python"), "-c",
+                      "import ntl, os; print(os.path.dirname(os.path.dirname(ntl.__file__)))"]).stdout.strip())
+    before = sorted(p for p in site.rglob("*") if "__pycache__" not in p.parts)
+    _run([str(scratch / "bin" / "ntl"), "bench", "--device", "cpu", "--n", "8", "--vocab-size", "1000",
+          "--cases", "ntl-mse", "--providers", "ntl", "--repeats", "1", "--warmup", "0",
+          "--no-plot", "--no-progress"], cwd=tmp_path)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written and all(w.startswith("ntl-bench/") for w in written), written
+    assert {Path(w).suffix for w in written} == {".json", ".md"}
+    result = json.loads(next((tmp_path / "ntl-bench").glob("*.json")).read_text())
+    [row] = result["results"]
+    assert (row["case"], row["provider"], row["N"], row["status"]) == ("ntl-mse", "ntl", 8, "ok")
+    assert row["check"]["ok"]  # checked against the harness's float64 reference
+    assert sorted(p for p in site.rglob("*") if "__pycache__" not in p.parts) == before
