@@ -123,10 +123,11 @@ def test_trl_block(tmp_path):
     from ntl.rewards import correctness_reward
 
     src = block(MARKERS["trl"])
+    # the block's placeholders, filled with the tiny pieces below (names it uses as they are)
     for placeholder, value in (("model=...", "model=model"), ("reward_funcs=[...]", "reward_funcs=[reward]"),
                                ("GRPOConfig(...)", "GRPOConfig(**grpo_args)")):
-        assert placeholder in src, placeholder
         src = src.replace(placeholder, value)
+    assert "..." not in src, f"unfilled placeholder in\n{src}"
     tok = _char_tokenizer()
     ns = {
         "GRPOConfig": GRPOConfig,
