@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The README's main-job command: installs ntl with the demo extra (pinned CPU torch first), runs `ntl demo`.
+# The README's main-job command: builds the project's environment .venv with uv from
+# requirements/core.txt (scripts/_env.sh; CPU torch, nothing else to install by hand), then
+# runs `ntl demo` in it. Arguments go to `ntl demo` (e.g. --quick, --seeds 0 1 2, --rl).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-$PY -m pip install -q torch==2.13.0
-$PY -m pip install -q -e ".[demo]"
-exec $PY -m ntl demo "$@"
+# shellcheck source=scripts/_env.sh
+source "$(dirname "$0")/_env.sh"
+cd "$NTL_ROOT"
+ntl_env core
+exec "$NTL_PY" -m ntl demo "$@"

@@ -7,7 +7,8 @@
 #
 # NTL_METHOD (mse | wasserstein), NTL_WEIGHT (0.1), NTL_BONUS_TYPE (none | final_answer | all;
 # the digit-aware reward bonus, computed from the old-log-prob pass) and NTL_BONUS_WEIGHT
-# can be set in the environment. Needs `pip install ntl[verl]` on every node.
+# can be set in the environment. Needs ntl with its verl extra on every node
+# (from source: `pip install -e ".[verl]"` in a clone).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -46,3 +46,16 @@ __all__ = [
     "set_strict_checks",
     "shift_labels",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Documented submodules (``ntl.tokenizers.qwen2_tokenizer()``, ``ntl.answers``, ...) load
+    on first use (PEP 562), so ``import ntl`` stays light."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ntl' has no attribute {name!r}")
+
+
+_SUBMODULES = ("answers", "rewards", "targets", "tokenizers")
