@@ -208,8 +208,7 @@ def test_label_smoothing_path_scores_the_gradient_forward_once(tmp_path):
     """label_smoothing_factor > 0: TRL runs a full-logits forward with gradient, then a fused
     one without for its metrics; NTL comes from the first, once."""
     rows = gsm8k_rows(2)
-    with pytest.warns(FutureWarning):
-        tr, tok = make(tmp_path, prompt_completion(rows), label_smoothing_factor=0.1)
+    tr, tok = make(tmp_path, prompt_completion(rows), label_smoothing_factor=0.1)  # TRL: deprecated
     rec, snaps = record(tr)
     tr.train()
     (log,) = step_logs(tr)
