@@ -31,6 +31,7 @@ How it plugs in (transformers 5 ``Trainer``; TRL 1.16 ``SFTTrainer``):
   data-parallel gradient average, the update is that of ``ntl_weight * sum_{i in window}
   NTL_i / N``: the mean over every digit target of the window, however they fall on
   micro-batches and processes (the trainer's CE is the same mean over the window's tokens).
+  The count is always global, also with ``average_tokens_across_devices=False``.
   A ``compute_loss`` call outside the training loop (no window recorded) uses the
   micro-batch's own mean, divided by ``G`` like a per-micro-batch CE. Evaluation: the mean
   over the batch's digit targets.

@@ -145,3 +145,20 @@ def test_recipe_needs_no_trl(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK" in out.stdout
+
+
+def test_refusals(tmp_path):
+    from ntl_trl import NTLConfig
+    from transformers import Qwen2Model
+
+    tok = tokenizer()
+    ds = tokenized(tok, gsm8k_rows(1))
+    backbone = tiny_qwen(tok).model  # a Qwen2Model: no LM head
+    assert isinstance(backbone, Qwen2Model)
+    with pytest.raises(TypeError, match="no causal LM head"):
+        NTLTrainer(model=backbone, args=hf_args(tmp_path), train_dataset=ds, processing_class=tok)
+    with pytest.raises(ValueError, match="tokenizer"):
+        NTLTrainer(model=tiny_qwen(tok), args=hf_args(tmp_path), train_dataset=ds)
+    with pytest.raises(TypeError, match="NTLSFTConfig"):
+        NTLTrainer(model=tiny_qwen(tok), args=hf_args(tmp_path), train_dataset=ds,
+                   processing_class=tok, ntl_config=NTLConfig())
