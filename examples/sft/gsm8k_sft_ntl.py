@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="plain transformers.Trainer (ntl_trl.NTLTrainer) instead of TRL's SFTTrainer")
     p.add_argument("--max-steps", type=int, default=None, help="default: 3 (tiny), 500")
     p.add_argument("--train-size", type=int, default=None, help="rows of train.parquet (default: 16 tiny)")
-    p.add_argument("--eval-size", type=int, default=None, help="rows of test.parquet (default: 4 tiny, 64)")
+    p.add_argument("--eval-size", type=int, default=None, help="rows of test.parquet (default: 2 tiny, 64)")
     p.add_argument("--ntl-weight", type=float, default=0.3)
     p.add_argument("--ntl-method", default="wasserstein", choices=["wasserstein", "mse"])
     p.add_argument("--batch-size", type=int, default=None, help="per-device batch (default: 2 tiny, 8)")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     tiny = args.tiny
     train_rows = load_gsm8k(args.data_dir, "train", args.train_size or (16 if tiny else None))
-    eval_rows = load_gsm8k(args.data_dir, "test", args.eval_size or (4 if tiny else 64))
+    eval_rows = load_gsm8k(args.data_dir, "test", args.eval_size or (2 if tiny else 64))
     if tiny:
         from ntl.tokenizers import qwen2_tokenizer
 
