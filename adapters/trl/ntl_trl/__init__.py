@@ -1,7 +1,11 @@
-"""TRL adapter for ntl: the Number Token Loss in GRPO/RLOO (mixin) and any trainer (callback).
+"""TRL adapter for ntl: the Number Token Loss in GRPO/RLOO (mixin), any trainer (callback),
+and supervised fine-tuning (SFT mixin).
 
-* :class:`NTLConfig` - options (weight, method, labels, answer column).
+* :class:`NTLConfig` - RL options (weight, method, labels, answer column).
 * :class:`NTLTrainerMixin`, :class:`NTLGRPOTrainer`, :class:`NTLRLOOTrainer` - TRL 1.16.
+* :class:`NTLSFTConfig`, :class:`NTLSFTMixin` - NTL on the supervised digit tokens;
+  :class:`NTLSFTTrainer` (``trl.SFTTrainer``) and :class:`NTLTrainer` (plain
+  ``transformers.Trainer``, no TRL needed).
 * :class:`NTLCallback` - gradient injection; also ``trl.experimental.ppo.PPOTrainer`` (TRL <= 1.12).
 * :mod:`ntl_trl._capture` - NTL inside the policy forward from the backbone's hidden states
   (:class:`~ntl_trl._capture.HiddenNTLCapture`), shared by every route.
@@ -14,13 +18,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import NTLConfig
+from .config import NTLConfig, NTLSFTConfig
 
 __all__ = [
     "NTLCallback",
     "NTLConfig",
     "NTLGRPOTrainer",
     "NTLRLOOTrainer",
+    "NTLSFTConfig",
+    "NTLSFTMixin",
+    "NTLSFTTrainer",
+    "NTLTrainer",
     "NTLTrainerMixin",
 ]
 
@@ -29,6 +37,9 @@ _LAZY = {
     "NTLTrainerMixin": "trainer",
     "NTLGRPOTrainer": "trainer",
     "NTLRLOOTrainer": "trainer",
+    "NTLSFTMixin": "supervised",
+    "NTLTrainer": "supervised",
+    "NTLSFTTrainer": "sft",
 }
 
 

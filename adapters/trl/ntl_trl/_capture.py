@@ -94,6 +94,14 @@ class HiddenNTLCapture:
     ``labels[:, 1:]`` use ``start = 0``). Forwards that split the batch into row chunks are
     consumed in order. ``disarm()`` returns the :class:`CaptureResult` and checks that
     every row was seen. Outside ``arm``/``disarm`` the hook does nothing.
+
+    Two checks are optional (``arm`` keywords): ``seq_len`` requires every armed forward's
+    hidden state to have exactly that many positions (SFT: the labels' length, so a forward
+    that adds positions, e.g. PEFT prompt tuning's virtual tokens, is an error rather than a
+    shifted alignment); ``repeats="skip"`` ignores forwards run *without gradient* after
+    every armed row was scored (trainers that re-run the same batch for metrics or logits,
+    as TRL's ``SFTTrainer`` does with ``compute_loss_func``, label smoothing and
+    ``return_outputs``). A further forward with gradient is always an error.
     """
 
     def __init__(self, parts: LMParts, vocab: ntl.NumberVocab, *, method: str) -> None:
@@ -102,12 +110,17 @@ class HiddenNTLCapture:
         self.handle = parts.backbone.register_forward_hook(self._hook)
 
     def arm(self, targets: torch.Tensor, *, start: int, transform: LogitTransform,
-            grad: bool = True) -> None:
+            grad: bool = True, seq_len: int | None = None, repeats: str = "error") -> None:
         if targets.dim() != 2:
             raise ValueError(f"targets must be [B, L], got shape {tuple(targets.shape)}")
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
+        if seq_len is not None and seq_len < start + targets.shape[1]:
+            raise ValueError(f"seq_len={seq_len} is shorter than start + L = {start + targets.shape[1]}")
+        if repeats not in ("error", "skip"):
+            raise ValueError(f"repeats must be 'error' or 'skip', got {repeats!r}")
         self._plan = {"targets": targets, "start": start, "transform": transform, "grad": grad,
+                      "seq_len": seq_len, "repeats": repeats,
                       "row": 0, "forwards": 0, "loss": [], "sums": []}
 
     def disarm(self) -> CaptureResult:
@@ -140,6 +153,14 @@ class HiddenNTLCapture:
             return
         hidden = last_hidden_state(output)
         r0, b = plan["row"], hidden.shape[0]
+        if r0 == plan["targets"].shape[0] and plan["repeats"] == "skip" and not torch.is_grad_enabled():
+            return  # the trainer re-runs the scored batch without gradient (metrics, logits)
+        if plan["seq_len"] is not None and hidden.shape[1] != plan["seq_len"]:
+            raise RuntimeError(
+                f"NTL: the backbone returned {hidden.shape[1]} positions for labels of length "
+                f"{plan['seq_len']}; the forward added or removed positions (PEFT prompt learning?), "
+                "so hidden states and labels no longer line up"
+            )
         tg = plan["targets"][r0 : r0 + b]
         if tg.shape[0] != b:
             raise RuntimeError(

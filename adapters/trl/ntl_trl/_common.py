@@ -18,6 +18,7 @@ __all__ = [
     "lookup_column",
     "resolve_model_vocab",
     "targets_for_completions",
+    "trainer_scales_loss_for_ga",
     "warn_everywhere",
 ]
 
@@ -30,6 +31,20 @@ def warn_everywhere(msg: str) -> None:
 
     logger.warning(msg)
     hf_logging.get_logger("transformers.trainer").warning(msg)
+
+
+def trainer_scales_loss_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
+    """Whether ``trainer.compute_loss``'s loss counts as already scaled for gradient
+    accumulation, i.e. ``transformers.Trainer.training_step`` will *not* divide it by the
+    accumulation count: ``trainer.loss_is_scaled_for_ga`` when set, else (the HF rule) the
+    model takes loss kwargs and ``num_items_in_batch`` is given, or a ``compute_loss_func`` is."""
+    flag = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if flag is not None:
+        return bool(flag)
+    return bool(
+        (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+        or getattr(trainer, "compute_loss_func", None) is not None
+    )
 
 
 #: The metrics both routes log (means over digit positions, and the count).

@@ -1,11 +1,11 @@
-"""Configuration of the TRL adapter: :class:`NTLConfig`."""
+"""Configuration of the TRL adapter: :class:`NTLConfig` (RL) and :class:`NTLSFTConfig` (SFT)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-__all__ = ["NTL_LABELS", "NTL_METHODS", "NTLConfig"]
+__all__ = ["NTL_LABELS", "NTL_METHODS", "NTLConfig", "NTLSFTConfig"]
 
 NTL_METHODS = ("wasserstein", "mse")
 NTL_LABELS = ("all", "final_answer")
@@ -84,3 +84,38 @@ class NTLConfig:
     def needs_answers(self) -> bool:
         """Whether the targets need the dataset's ground-truth answers."""
         return self.ntl_labels == "final_answer" or self.correct_only
+
+
+@dataclass
+class NTLSFTConfig:
+    """Options of :class:`ntl_trl.supervised.NTLSFTMixin` (``NTLSFTTrainer``, ``NTLTrainer``),
+    validated on construction.
+
+    The trainer's loss becomes ``CE + ntl_weight * NTL(method)`` with NTL the mean over the
+    supervised positions (labels not ``-100``, after the causal shift) whose label is a
+    number token, taken over the whole gradient-accumulation window and all processes.
+
+    Attributes:
+        ntl_weight: weight of the NTL term (``>= 0``; default ``0.3``, the paper's SFT
+            recipe; ``0`` logs the metrics and leaves the update bit-identical to the
+            plain trainer).
+        ntl_method: ``"wasserstein"`` (NTL-W1) or ``"mse"`` (NTL-MSE).
+
+    ``ntloss``'s ``reweigh`` (weighting each position by its number-token probability mass
+    over the full vocabulary) is not offered: it needs every position's full-vocabulary
+    log-sum-exp, which neither TRL's fused LM head nor the digit logits from hidden states
+    provide.
+    """
+
+    ntl_weight: float = 0.3
+    ntl_method: str = "wasserstein"
+
+    def __post_init__(self) -> None:
+        w = self.ntl_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"NTLSFTConfig.ntl_weight must be a finite number >= 0, got {w!r}")
+        self.ntl_weight = float(w)
+        if self.ntl_method not in NTL_METHODS:
+            raise ValueError(
+                f"NTLSFTConfig.ntl_method must be one of {NTL_METHODS}, got {self.ntl_method!r}"
+            )

@@ -52,6 +52,7 @@ from ._common import (
     lookup_column,
     resolve_model_vocab,
     targets_for_completions,
+    trainer_scales_loss_for_ga,
     warn_everywhere,
 )
 from ._model import find_lm_parts
@@ -203,13 +204,7 @@ class NTLTrainerMixin:
     # -- the loss -------------------------------------------------------------------------
     def _ntl_trainer_scales_for_ga(self, num_items_in_batch: Any) -> bool:
         """Mirror of ``transformers.Trainer.training_step``: does compute_loss scale for GA itself?"""
-        flag = getattr(self, "loss_is_scaled_for_ga", None)
-        if flag is not None:
-            return bool(flag)
-        return bool(
-            (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
-            or getattr(self, "compute_loss_func", None) is not None
-        )
+        return trainer_scales_loss_for_ga(self, num_items_in_batch)
 
     def _ntl_normalizer(self, inputs: dict[str, Any], mode: str) -> torch.Tensor:
         n = inputs[NTL_COUNT_KEY]
