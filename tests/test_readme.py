@@ -33,7 +33,8 @@ def block(marker: str) -> str:
     return found[0]
 
 
-MARKERS = {"quick start": "ntl.cross_entropy_with_ntl(logits, targets, tok", "trl": "NTLGRPOTrainer("}
+MARKERS = {"quick start": "ntl.cross_entropy_with_ntl(logits, targets, tok", "trl": "NTLGRPOTrainer(",
+           "sft": "NTLSFTTrainer("}
 
 
 def test_every_python_block_is_run():
@@ -149,3 +150,33 @@ def test_trl_block(tmp_path):
     trainer.train()
     logged = [k for row in trainer.state.log_history for k in row]
     assert "ntl/total_digits" in logged, logged
+
+
+def test_sft_block(tmp_path):
+    if importlib.util.find_spec("trl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("trl is not installed (.venv has TRL 1.16: requirements/core.txt)")
+        pytest.skip("needs trl (pip install -e '.[trl]')")
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    src = block(MARKERS["sft"]).replace("SFTConfig(...)", "SFTConfig(**sft_args)")
+    assert "..." not in src.split("#")[0], f"unfilled placeholder in\n{src}"
+    tok = _char_tokenizer()
+    ns = {
+        "SFTConfig": SFTConfig,
+        "model": tiny_qwen2((len(tok) + 7) // 8 * 8),
+        "tok": tok,
+        "ds": Dataset.from_dict({"prompt": ["12+30=", "7*6=", "9-4=", "8*2="],
+                                 "completion": ["42", "42", "5", "16"]}),
+        "sft_args": dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[],
+                         per_device_train_batch_size=4, max_steps=1, logging_steps=1,
+                         save_strategy="no", seed=0, disable_tqdm=True),
+    }
+    exec(compile(src, "README.md (SFT)", "exec"), ns)
+    trainer = ns["trainer"]
+    assert (trainer.ntl_config.ntl_weight, trainer.ntl_config.ntl_method) == (0.3, "wasserstein")
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "ntl/total_digits" in row]
+    # completion digits only: "42", "42", "5", "16"
+    assert rows and rows[0]["ntl/total_digits"] == 7, trainer.state.log_history
