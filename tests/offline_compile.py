@@ -82,6 +82,10 @@ def _fused_fwd(c: Case) -> None:
         x = c.logits.clone() if inplace else c.logits
         ce_ntl_fwd_triton(x, c.labels, c.k, c.ids, c.values, c.a, c.b, method, reweigh, 9.09,
                           inplace, write_grad)
+    # squash_factor: runtime scalars (sq_a, sq_b), so the same specialisations with other values
+    for reweigh, write_grad in itertools.product((False, True), (True, False)):
+        ce_ntl_fwd_triton(c.logits, c.labels, c.k, c.ids, c.values, c.a, c.b, "wasserstein", reweigh,
+                          3.03, False, write_grad, squash=(0.75, 0.25))
 
 
 def _fused_scale(c: Case) -> None:

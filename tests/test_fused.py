@@ -601,3 +601,114 @@ def test_gpu_tiling_one_row_per_program_in_the_interpreter(dtype, monkeypatch):
     torch.testing.assert_close(per_row[0], torch_path[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(per_row[1].float(), torch_path[1].float(), rtol=tol,
                                atol=tol * torch_path[1].float().abs().max().item())
+
+
+# --------------------------------------------------------------------------- squash_factor (issue 12.2)
+SQUASH_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reweigh", [False, True])
+def test_squash_factor_matches_unfused_sum(backend, dtype, reweigh):
+    """``squash_factor=s`` equals ``F.cross_entropy + w * ntl_wasserstein_loss(..., squash_factor=s)``
+    (itself equal to ``ntloss.NTLoss(squash_factor=s)``: tests/test_losses_oracle.py), every
+    reduction, values (1e-5, on the upcast logits) and gradients (to the gradient dtype's
+    rounding); reweigh uses ``D = 1.01 s``."""
+    Vx = 300
+    vocab = ntl.DigitVocab(IDS, vocab_size=Vx)
+    x, y = mixed_batch(53, Vx, seed=40, dtype=dtype, digit_frac=0.5)
+    up_rows = torch.rand(53, generator=torch.Generator().manual_seed(41)) * 3.0
+    for reduction in REDUCTIONS:
+        up = up_rows if reduction == "none" else torch.tensor(1.5)
+        xr = x.float().clone().requires_grad_(True)
+        ref = (F.cross_entropy(xr, y, reduction=reduction)
+               + 0.7 * ntl.ntl_wasserstein_loss(xr, y, vocab, squash_factor=3.5, reweigh=reweigh,
+                                                reduction=reduction))
+        (ref * up).sum().backward()
+        xh = x.clone().requires_grad_(True)
+        got = ntl.cross_entropy_with_ntl(xh, y, vocab, ntl_weight=0.7, squash_factor=3.5,
+                                         reweigh=reweigh, reduction=reduction, backend=backend)
+        (got * up).sum().backward()
+        torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+        tol = SQUASH_TOL[dtype]
+        assert xh.grad.dtype == dtype
+        torch.testing.assert_close(xh.grad.float(), xr.grad, rtol=tol, atol=tol * xr.grad.abs().max().item())
+        with torch.no_grad():  # evaluation: no gradient buffer, same value
+            ev = ntl.cross_entropy_with_ntl(x, y, vocab, ntl_weight=0.7, squash_factor=3.5,
+                                            reweigh=reweigh, reduction=reduction, backend=backend)
+        torch.testing.assert_close(ev, ref.detach(), **TOL)
+    # the squash changes the loss (it is not ignored): s = 3.5 on digits costs 1 + (d - 1) 2.5 / 8
+    plain = ntl.cross_entropy_with_ntl(x, y, vocab, ntl_weight=0.7, reweigh=reweigh, backend=backend)
+    assert (got.detach() - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_squash_factor_inplace(backend):
+    """inplace=True with squash_factor: the logits end up holding the reference gradient."""
+    Vx = 200
+    vocab = ntl.DigitVocab(IDS, vocab_size=Vx)
+    x, y = mixed_batch(37, Vx, seed=42)
+    xr = x.clone().requires_grad_(True)
+    ref = F.cross_entropy(xr, y) + 0.3 * ntl.ntl_wasserstein_loss(xr, y, vocab, squash_factor=9.0,
+                                                                  reweigh=True)
+    ref.backward()
+    leaf = x.clone().requires_grad_(True)
+    loss = ntl.cross_entropy_with_ntl(leaf * 1, y, vocab, squash_factor=9.0, reweigh=True,
+                                      inplace=True, backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), **TOL)
+    torch.testing.assert_close(leaf.grad, xr.grad, **TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reweigh", [False, True])
+@pytest.mark.parametrize("tokenizer", ["qwen", "synthetic"])
+def test_squash_factor_matches_ntloss(qwen_tok, tokenizer, reweigh, backend):
+    """Through to the oracle: ``F.cross_entropy + w * ntloss.NTLoss(squash_factor=s)`` on Qwen2.5's
+    tokenizer (V = 151,936) and a word-level digit tokenizer with scattered digit ids; values and
+    gradients, fp32, 1e-5 (with reweigh ntloss runs in float64: its fp32 softmax mass over
+    151,936 logits is off by up to ~5e-5)."""
+    import ntloss
+    from test_vocab import DIGIT_IDS, synthetic_tokenizer
+
+    if tokenizer == "qwen":
+        tok, Vx, digits, text = qwen_tok, 151_936, list(range(15, 25)), [785, 4226, 151_643, 151_700]
+    else:
+        tok, Vx = synthetic_tokenizer(), 40
+        digits = [DIGIT_IDS[str(d)] for d in range(10)]
+        text = [i for i in range(36) if i not in digits][:5]
+    n = len(tok)
+    crit = ntloss.NTLoss(tok, vocab_size=Vx, digit_level=True, reweigh=reweigh, squash_factor=4.0)
+    assert len(tok) == n  # ntloss added no token
+    g = torch.Generator().manual_seed(43)
+    x = torch.randn(2, 6, Vx, generator=g) * 1.5
+    x[..., digits] += torch.tensor([0.0, 6.0, 12.0])[torch.randint(0, 3, (2, 6), generator=g)][..., None]
+    y = torch.tensor(digits + text + [-100])[torch.randint(0, 15, (2, 6), generator=g)]
+    y[0, 0], y[1, 1], y[1, 2] = digits[7], text[0], -100
+    dt = torch.float64 if reweigh else torch.float32
+    xr = x.to(dt).clone().requires_grad_(True)
+    ref = F.cross_entropy(xr.view(-1, Vx), y.view(-1)) + 0.4 * crit(xr, y)
+    ref.backward()
+    xh = x.clone().requires_grad_(True)
+    got = ntl.cross_entropy_with_ntl(xh, y, tok, ntl_weight=0.4, squash_factor=4.0, reweigh=reweigh,
+                                     backend=backend)
+    got.backward()
+    torch.testing.assert_close(got.detach().double(), ref.detach().double(), **TOL)
+    torch.testing.assert_close(xh.grad.double(), xr.grad.double(), **TOL)
+
+
+@pytest.mark.parametrize(("kw", "err", "match"), [
+    ({"squash_factor": 1}, ValueError, r"squash_factor must be a finite number > 1 \(1 would be cross-entropy\)"),
+    ({"squash_factor": 0.5}, ValueError, r"squash_factor must be a finite number > 1"),
+    ({"squash_factor": float("inf")}, ValueError, r"squash_factor must be a finite number > 1"),
+    ({"squash_factor": "3"}, TypeError, r"squash_factor must be a number > 1 or None, got str"),
+    ({"squash_factor": 3.0, "method": "mse"}, ValueError,
+     r"squash_factor applies to the Wasserstein loss only, not method='mse'"),
+])
+def test_squash_factor_bad_values(kw, err, match):
+    x, y = make(44)
+    with pytest.raises(err, match=match):
+        ntl.cross_entropy_with_ntl(x, y, VOCAB, **kw)
+    with pytest.raises(ValueError, match="at least two different nonzero distances"):
+        ntl.cross_entropy_with_ntl(x, y, ntl.NumberVocab([1, 2], [0.0, 5.0], V), squash_factor=3.0)

@@ -244,3 +244,54 @@ def test_cuda_graph_capture(qwen_tok, reweigh, reduction):
             torch.testing.assert_close(got_grad, head.weight.grad, rtol=1e-4, atol=1e-6)
     finally:
         ntl.set_strict_checks(True)
+
+
+# ---------------------------------------------------------------- cross_entropy_with_ntl (fused)
+FUSED_KERNELS = ("_ce_ntl_fwd", "_scale_rows")
+
+
+@pytest.fixture
+def fused_stubbed(monkeypatch):
+    from ntl.kernels import fused_ce
+
+    log: list[str] = []
+    for name in FUSED_KERNELS:
+        monkeypatch.setattr(fused_ce, name, KernelStub(name, log))
+    ntl.set_strict_checks(False)
+    yield log
+    ntl.set_strict_checks(True)
+
+
+FUSED_CALLS = [("wasserstein", "mean", False, None), ("mse", "sum", True, None),
+               ("wasserstein", "none", True, 3.0), ("wasserstein", "mean", False, 2.0)]
+
+
+@pytest.mark.parametrize(("method", "reduction", "reweigh", "squash"), FUSED_CALLS)
+def test_fused_one_kernel_each_way_and_no_sync(fused_stubbed, method, reduction, reweigh, squash):
+    """Triton path, strict checks off: forward is one ``_ce_ntl_fwd`` launch plus a fixed handful
+    of ``[N]``-sized ATen ops (label lookup, row scales, the reduction), backward one
+    ``_scale_rows`` launch; no host sync either way (CUDA-graph capturable)."""
+    x, y, _ = inputs()
+    kw = {"method": method, "reduction": reduction, "reweigh": reweigh, "squash_factor": squash,
+          "backend": "triton"}
+    ntl.cross_entropy_with_ntl(x, y, VOCAB, **kw)  # warm the vocab's device tensors
+    fused_stubbed.clear()
+    with OpLog() as log:
+        loss = ntl.cross_entropy_with_ntl(x, y, VOCAB, **kw)
+    assert fused_stubbed == ["_ce_ntl_fwd"]
+    assert log.syncs == []
+    assert len(log.launches) <= 20, log.launches
+    fused_stubbed.clear()
+    with OpLog() as blog:
+        loss.sum().backward()
+    assert fused_stubbed == ["_scale_rows"]
+    assert blog.syncs == []
+
+
+def test_fused_strict_checks_are_the_only_sync(fused_stubbed):
+    """Positive control: with strict checks on, the label-range check is the one sync."""
+    x, y, _ = inputs()
+    ntl.set_strict_checks(True)
+    with OpLog() as log:
+        ntl.cross_entropy_with_ntl(x, y, VOCAB, backend="triton")
+    assert len(log.syncs) == 1, log.syncs

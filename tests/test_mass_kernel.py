@@ -161,3 +161,52 @@ def test_kernels_compile_offline_for_sm80_and_sm90():
     out = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split().count("ok") == 4
+
+
+# ---------------------------------------------------------------- the twin's row selection
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_twin_selected_rows(dtype):
+    """``number_mass_torch(x, ids, rows)``: the mass on the selected rows (float64 truth), 0 on
+    the others, whose logits beyond the K number columns are never read (an all -inf row there
+    stays finite); the gradient is the truth's with the mass's upstream gradient masked the
+    same way; without grad the same values."""
+    x, ids, gz, gm = case(23, 3000, dtype, seed=8)
+    rows = torch.rand(23, generator=torch.Generator().manual_seed(9)) < 0.4
+    rows[0], rows[1] = True, False
+    x[1] = float("-inf")
+    x[1, ids] = 0.5  # its number logits are still read (z)
+    leaf = x.clone().requires_grad_(True)
+    z, m = number_mass_torch(leaf, ids, rows)
+    ((z * gz).sum() + (m * gm).sum()).backward()
+    clean = x.clone()
+    clean[1] = 0.0
+    clean[1, ids] = 0.5
+    tz, tm, tg = truth(clean, ids, gz, torch.where(rows, gm, 0.0))
+    torch.testing.assert_close(z.double(), tz, rtol=0, atol=0)
+    torch.testing.assert_close(m.double(), torch.where(rows, tm, 0.0), **TOL32)
+    assert torch.equal(m[~rows], torch.zeros(int((~rows).sum())))
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}
+    assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all()
+    torch.testing.assert_close(leaf.grad.double(), tg.to(dtype).double(), **tol)
+    with torch.no_grad():
+        z2, m2 = number_mass_torch(x, ids, rows)
+        _, m3 = number_mass_torch(clean, ids)
+    torch.testing.assert_close(m2, m, rtol=0, atol=0)
+    torch.testing.assert_close(z2, z.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(m3.double(), tm, **TOL32)
+
+
+def test_torch_twin_backward_once_in_place():
+    """The twin's backward turns its exp buffer into the gradient in place: a second backward
+    of the same graph raises instead of returning a wrong gradient; no double backward."""
+    x, ids, gz, gm = case(4, 200, torch.float32, seed=10)
+    leaf = x.clone().requires_grad_(True)
+    z, m = number_mass_torch(leaf, ids)
+    loss = (z * gz).sum() + (m * gm).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward can run only once"):
+        loss.backward()
+    leaf.grad = None
+    _, m = number_mass_torch(leaf, ids)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(m.sum(), leaf, create_graph=True)

@@ -644,7 +644,8 @@ def test_host_syncs_do_not_grow_with_numbers(qwen_tok, monkeypatch, reweigh):
         assert x.grad.abs().sum() > 0
         counts[n_numbers] = (f, b)
     assert counts[2] == counts[200], counts
-    assert counts[2][0] <= 1 and counts[2][1] == 0, counts
+    # reweigh on a CPU: + one row selection (nonzero) for the mass at first digits (no device wait)
+    assert counts[2][0] <= (2 if reweigh else 1) and counts[2][1] == 0, counts
     # the real tokenizer adds nothing: its spec is cached and Qwen has no multi-digit tokens
     x = torch.randn(1, 6, QWEN_V)
     labels = torch.tensor([[16, 17, QWEN_DOT, 18, 785, 19]])

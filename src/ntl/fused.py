@@ -22,19 +22,28 @@ largest entry in ``[2^14, 2^15)``; backward multiplies by ``grad_out / S_i`` in
 fp32. So a GradScaler scale (a power of two) costs no extra rounding and small
 entries are not flushed to zero before it is applied (fp16 has 5 exponent bits;
 ``a = 1 / n`` alone pushes most entries below its range at ``n = 16k``).
+
+``squash_factor`` (``ntloss.NTLoss(squash_factor=...)``) only reshapes the W1 distance
+table: ``d > 0`` becomes ``sq_a + sq_b d`` (:func:`ntl.losses.squash_table`), so ``dNTL/dz``
+keeps its form ``q_j (d_j - L)``; with ``reweigh`` ``D = 1.01 squash_factor``.
+
+Eager calls run :class:`_FusedCENTL` (an autograd Function: no custom-op dispatch);
+under ``torch.compile`` the call is the custom op ``ntl::ce_ntl_fwd`` (a fake for its
+shapes, the same :func:`_fused_call` inside) whose registered backward multiplies the
+saved buffer by the incoming gradient with traceable ops.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from . import _checks as C
 from .kernels._triton import no_double_backward
-from .kernels.reference import ntl_rows_grad_torch
-from .losses import ntl_rows, prepare, reweigh_ceiling, use_triton
-from .vocab import VocabLike
+from .kernels.reference import ntl_rows_grad_torch, ntl_rows_torch, number_index_torch
+from .losses import check_squash_factor, loss_spec, use_triton
+from .vocab import VocabLike, vocab_from_handle
 
 __all__ = ["cross_entropy_with_ntl"]
 
@@ -66,16 +75,19 @@ def pow2_row_scale(gmax: torch.Tensor) -> torch.Tensor:
 def ce_ntl_rows_torch(
     x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
     a: torch.Tensor, b: torch.Tensor, method: str, reweigh: bool, dmax: float,
-    out: torch.Tensor, rinv: torch.Tensor | None = None,
+    out: torch.Tensor | None, rinv: torch.Tensor | None = None,
+    squash: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One row block: CE and NTL per row, and the scaled gradient written to ``out``.
 
-    ``out`` may alias ``x`` (in-place mode): everything read from ``x`` is read first.
+    ``out`` may alias ``x`` (in-place mode): everything read from ``x`` is read first;
+    ``out=None``: losses only (evaluation), ``x`` is only read.
     With ``rinv`` (fp16 gradients) row ``i`` is stored times ``S_i``
     (:func:`pow2_row_scale` of the bound ``max(|coef|, |g_label|, max_k |g_k|)``, as in
     the kernel) and ``rinv[i] = 1 / S_i``. A row with ``a = b = 0`` gets zeros (also
-    when its logits are all ``-inf``). Returns ``(ce [n], ntl [n])`` fp32 (unscaled
-    per-row losses).
+    when its logits are all ``-inf``). ``squash = (sq_a, sq_b)``: the W1 distances
+    ``d > 0`` become ``sq_a + sq_b d`` (:func:`ntl.losses.squash_table`). Returns
+    ``(ce [n], ntl [n])`` fp32 (unscaled per-row losses).
     """
     V = x.shape[1]
     zero = torch.zeros((), device=x.device)
@@ -85,25 +97,32 @@ def ce_ntl_rows_torch(
     x_lab = xf.gather(1, lab).squeeze(1)
     m = xf.amax(1, keepdim=True)
     m = m.masked_fill(m == float("-inf"), 0.0)  # an all -inf row: p = 0, not NaN
-    if out.dtype == torch.float32 and (out.data_ptr() == x.data_ptr() or out.is_contiguous()):
+    if out is not None and out.dtype == torch.float32 and (
+            out.data_ptr() == x.data_ptr() or out.is_contiguous()):
         p = torch.sub(xf, m, out=out)  # exp computed straight into the gradient buffer
     else:
         p = xf - m
     p.exp_()
     s = p.sum(1)
     ce = m.squeeze(1) + s.log() - x_lab
-    L, dz, _ = ntl_rows_grad_torch(z, k, values, method)
+    if out is None:
+        L = ntl_rows_torch(z, k, values, method, squash=squash)
+    else:
+        L, dz, _ = ntl_rows_grad_torch(z, k, values, method, squash=squash)
     s = s.clamp_min(1.0)  # no-op for a row with a finite logit; 0 -> 1 for an all -inf row
     coef = a / s
     if reweigh:
         pd = torch.where((k >= 0)[:, None], p.index_select(1, ids) / s[:, None], zero)
         mass = pd.sum(1)
-        rel = L - dmax
-        coef = coef - b * rel * mass / s
-        digit = b[:, None] * (mass[:, None] * dz + rel[:, None] * pd)
+        if out is not None:
+            rel = L - dmax
+            coef = coef - b * rel * mass / s
+            digit = b[:, None] * (mass[:, None] * dz + rel[:, None] * pd)
         L = torch.where(k >= 0, mass * L + dmax * (1.0 - mass), zero)
-    else:
+    elif out is not None:
         digit = b[:, None] * dz
+    if out is None:
+        return ce, L
     a_s = a
     if rinv is not None:
         g_lab = coef * torch.exp(x_lab - m.squeeze(1)) - a
@@ -134,6 +153,7 @@ def fused_forward(
     logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor,
     values: torch.Tensor, ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
     ignore_index: int, inplace: bool, use_kernel: bool, write_grad: bool = True,
+    squash: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of ``CE + w NTL`` on ``logits [N, V]`` and, with ``write_grad``, its gradient.
 
@@ -141,7 +161,8 @@ def fused_forward(
     dtype (the logits themselves with ``inplace``; ``None`` without ``write_grad``),
     ``rinv [N]`` (fp16 gradients only: row ``i`` of ``grad`` is stored times
     ``1 / rinv[i]``; else ``None``). On the Triton path this is one kernel launch
-    (plus the ``[N]``-sized scales and sums), with no host sync.
+    (plus the ``[N]``-sized scales and sums), with no host sync; without ``write_grad``
+    it only reads the logits.
     """
     N, V = logits.shape
     a, c = row_scales(labels, k, ignore_index, reduction)
@@ -150,7 +171,7 @@ def fused_forward(
         from .kernels.fused_ce import ce_ntl_fwd_triton
 
         grad, rinv, ce, L = ce_ntl_fwd_triton(logits, labels, k, ids, values, a, b, method, reweigh,
-                                              dmax, inplace, write_grad)
+                                              dmax, inplace, write_grad, squash=squash)
     else:
         grad = rinv = None
         if write_grad:
@@ -164,7 +185,8 @@ def fused_forward(
             e = min(N, s + step)
             ce[s:e], L[s:e] = ce_ntl_rows_torch(
                 logits[s:e], labels[s:e], k[s:e], ids, values, a[s:e], b[s:e], method, reweigh, dmax,
-                grad[s:e], rinv[s:e] if rinv is not None else None)
+                grad[s:e] if grad is not None else None, rinv[s:e] if rinv is not None else None,
+                squash=squash)
         ce = torch.where(a > 0, ce, torch.zeros((), device=ce.device))
     return (grad, rinv, *_combine(a, c, ce, L, ntl_weight, reduction))
 
@@ -191,22 +213,51 @@ def fused_backward(grad: torch.Tensor, rinv: torch.Tensor | None, grad_out: torc
     return grad
 
 
+class FusedConfig(NamedTuple):
+    """Everything but the tensors: the constants of one call (hashable Python scalars)."""
+
+    handle: int  # the vocab (:attr:`ntl.NumberVocab.handle`)
+    W: int  # labels must lie in [0, W) (W = V, the logits' width)
+    method: str  # mse | wasserstein
+    reduction: str
+    ignore_index: int
+    reweigh: bool
+    dmax: float  # reweigh ceiling D
+    squash: bool
+    sq_a: float
+    sq_b: float
+    ntl_weight: float
+    use_triton: bool
+    check: bool  # data-dependent label checks (strict)
+
+
+def _fused_call(logits: torch.Tensor, labels: torch.Tensor, cfg: FusedConfig, write_grad: bool,
+                inplace: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor,
+                                        torch.Tensor, torch.Tensor]:
+    """The label checks, label -> number index, and :func:`fused_forward`; what both the eager
+    Function and the custom op run (so the compiled graph runs the same code as eager)."""
+    if cfg.check:
+        C.check_values(labels, cfg.W, cfg.ignore_index, None)
+    vocab = vocab_from_handle(cfg.handle)
+    dev = logits.device
+    k = number_index_torch(labels, vocab.index_table(cfg.W, dev), cfg.ignore_index)
+    return fused_forward(logits, labels, k, vocab.ids(dev), vocab.values_on(dev), cfg.ntl_weight,
+                         cfg.method, cfg.reduction, cfg.reweigh, cfg.dmax, cfg.ignore_index, inplace,
+                         cfg.use_triton, write_grad, (cfg.sq_a, cfg.sq_b) if cfg.squash else None)
+
+
 class _FusedCENTL(torch.autograd.Function):
-    """Gradient computed in forward (:func:`fused_forward`), scaled in backward."""
+    """Eager path: gradient computed in forward (:func:`fused_forward`), scaled in place in backward."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor,
-                ids: torch.Tensor, values: torch.Tensor, ntl_weight: float, method: str,
-                reduction: str, reweigh: bool, dmax: float, ignore_index: int, inplace: bool,
-                use_kernel: bool):
-        grad, rinv, loss, ce_part, ntl_part = fused_forward(
-            logits, labels, k, ids, values, ntl_weight, method, reduction, reweigh, dmax,
-            ignore_index, inplace, use_kernel)
-        if inplace and use_kernel:  # the kernel wrote over the logits: let autograd see it
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, cfg: FusedConfig,
+                inplace: bool):
+        grad, rinv, loss, ce_part, ntl_part = _fused_call(logits, labels, cfg, True, inplace)
+        if inplace and cfg.use_triton:  # the kernel wrote over the logits: let autograd see it
             torch.autograd.graph.increment_version(logits)
         ctx.save_for_backward(grad.detach(), rinv)  # type: ignore[union-attr]
-        ctx.reduction = reduction
-        ctx.use_kernel = use_kernel
+        ctx.reduction = cfg.reduction
+        ctx.use_kernel = cfg.use_triton
         ctx.consumed = False
         ctx.mark_non_differentiable(ce_part, ntl_part)
         return loss, ce_part, ntl_part
@@ -219,32 +270,71 @@ class _FusedCENTL(torch.autograd.Function):
                                "(its gradient buffer is scaled in place)")
         ctx.consumed = True
         grad, rinv = ctx.saved_tensors
-        return (fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel),) + (None,) * 12
+        return fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel), None, None, None
 
 
-def _ce_ntl_no_grad(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, vocab: Any,
-                    ntl_weight: float, method: str, reduction: str, reweigh: bool,
-                    ignore_index: int, use_kernel: bool) -> tuple[torch.Tensor, ...]:
-    """Loss and parts without a gradient buffer (evaluation): logits are never written.
+# ------------------------------------------------------------------ custom op (torch.compile)
+@torch.library.custom_op("ntl::ce_ntl_fwd", mutates_args=())
+def _ce_ntl_fwd_op(
+    logits: torch.Tensor, labels: torch.Tensor, handle: int, W: int, method: str, reduction: str,
+    ignore_index: int, reweigh: bool, dmax: float, squash: bool, sq_a: float, sq_b: float,
+    ntl_weight: float, use_triton: bool, check: bool, write_grad: bool, inplace: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad [N, V] | [0], rinv [N] | [0], loss, ce, ntl)``: :func:`fused_forward` out of place
+    (empty tensors stand for ``None``). ``inplace`` (asked for in a compiled graph) raises when
+    the graph runs: with or without ``fullgraph`` the graph holds the logits as a functional
+    value, so writing the gradient "over" them would write into a copy."""
+    if inplace:
+        raise ValueError(
+            "cross_entropy_with_ntl: inplace=True is not supported under torch.compile (the "
+            "compiled graph would write the gradient into a copy of the logits, not over them); "
+            "pass inplace=False in compiled code, or call it eagerly")
+    cfg = FusedConfig(handle, W, method, reduction, ignore_index, reweigh, dmax, squash, sq_a, sq_b,
+                      ntl_weight, use_triton, check)
+    grad, rinv, loss, ce, ntl = _fused_call(logits, labels, cfg, write_grad, False)
+    return (grad if grad is not None else logits.new_empty(0),
+            rinv if rinv is not None else logits.new_empty(0, dtype=torch.float32), loss, ce, ntl)
 
-    Triton: one read-only kernel launch. PyTorch: a row-block loop for CE, then the NTL rows.
-    """
-    dev = logits.device
-    if use_kernel:
-        return fused_forward(logits, labels, k, vocab.ids(dev), vocab.values_on(dev), ntl_weight,
-                             method, reduction, reweigh, float(reweigh_ceiling(vocab, method)),
-                             ignore_index, False, True, write_grad=False)[2:]
-    N, V = logits.shape
-    a, c = row_scales(labels, k, ignore_index, reduction)
-    ce = torch.empty(N, device=dev)
-    step = max(1, _CHUNK_ELEMS // V)
-    for s in range(0, N, step):
-        x = logits[s:s + step].float()
-        lab = labels[s:s + step].clamp(0, V - 1)[:, None]
-        ce[s:s + step] = torch.logsumexp(x, 1) - x.gather(1, lab).squeeze(1)
-    ce = torch.where(a > 0, ce, torch.zeros((), device=ce.device))
-    L = ntl_rows(logits, k, vocab, method, None, reweigh, "torch")
-    return _combine(a, c, ce, L, ntl_weight, reduction)
+
+@_ce_ntl_fwd_op.register_fake
+def _(logits, labels, handle, W, method, reduction, ignore_index, reweigh, dmax, squash, sq_a, sq_b,
+      ntl_weight, use_triton, check, write_grad, inplace):
+    N = logits.shape[0]
+    grad = (logits.new_empty(logits.shape) if write_grad
+            else logits.new_empty(0))
+    rinv = logits.new_empty(N if write_grad and logits.dtype == torch.float16 else 0, dtype=torch.float32)
+    shape = (N,) if reduction == "none" else ()
+    return (grad, rinv, *(logits.new_empty(shape, dtype=torch.float32) for _ in range(3)))
+
+
+def _op_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    grad, rinv, _loss, ce, ntl = output
+    ctx.mark_non_differentiable(grad, rinv, ce, ntl)
+    ctx.save_for_backward(grad, rinv)
+    ctx.reduction = inputs[5]
+
+
+def _op_backward(ctx: Any, _g_grad: Any, _g_rinv: Any, g: torch.Tensor, *_parts: Any):
+    """``grad x g`` (``x rinv`` for fp16) in fp32, traceable: under inductor a pointwise kernel
+    that may write into the saved buffer (AOTAutograd donates it to the backward)."""
+    grad, rinv = ctx.saved_tensors
+    f = g.float().reshape(-1, 1) if ctx.reduction == "none" else g.float()
+    if rinv.numel():
+        f = f * rinv[:, None]
+    return ((grad.float() * f).to(grad.dtype),) + (None,) * 16
+
+
+_ce_ntl_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+def _ce_ntl(logits2d: torch.Tensor, labels1d: torch.Tensor, cfg: FusedConfig, grad: bool,
+            inplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ce, ntl)``: the eager Function or no-grad call, or under ``torch.compile`` the op."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ntl.ce_ntl_fwd(logits2d, labels1d, *cfg, grad, inplace and grad)[2:]
+    if grad:
+        return _FusedCENTL.apply(logits2d, labels1d, cfg, inplace)
+    return _fused_call(logits2d, labels1d, cfg, False, False)[2:]
 
 
 def cross_entropy_with_ntl(
@@ -257,6 +347,7 @@ def cross_entropy_with_ntl(
     ignore_index: int = -100,
     reduction: str = "mean",
     reweigh: bool = False,
+    squash_factor: float | None = None,
     inplace: bool = False,
     return_parts: bool = False,
     backend: str = "auto",
@@ -283,6 +374,13 @@ def cross_entropy_with_ntl(
     bf16/fp32 backward with an incoming gradient of 1 touches nothing.
     Second derivatives are not supported (backward raises under ``create_graph``).
 
+    ``torch.compile(fullgraph=True)``: the call is one custom op (``ntl::ce_ntl_fwd``, the
+    vocab a constant; the label checks run inside it, so strict checks do not break the
+    graph); its backward is a traceable multiply of the saved buffer (always run, even for
+    an incoming gradient of 1). ``inplace=True`` with a gradient to build raises a
+    ``ValueError`` when the compiled graph runs (``fullgraph`` or not): the graph holds the
+    logits as a functional value, so the gradient would land in a copy, not over them.
+
     Args:
         logits: ``[..., V]`` float logits aligned with ``labels`` (shift for causal LMs).
         labels: ``[...]`` token ids; ``ignore_index`` positions take no part.
@@ -291,6 +389,9 @@ def cross_entropy_with_ntl(
         method: ``"wasserstein"`` or ``"mse"``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         reweigh: ``ntloss``'s full-vocabulary reweighting of the NTL term.
+        squash_factor: ``ntloss.NTLoss(squash_factor=...)``'s squashed W1 distances (a number
+            > 1, ``method="wasserstein"`` only; :func:`ntl.ntl_wasserstein_loss`); with
+            ``reweigh`` the ceiling is then ``D = 1.01 squash_factor``.
         inplace: write the gradient over ``logits`` (no extra ``N x V`` memory).
         return_parts: also return the detached CE and NTL parts (for logging).
         backend: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
@@ -304,21 +405,24 @@ def cross_entropy_with_ntl(
     for name, flag in (("reweigh", reweigh), ("inplace", inplace), ("return_parts", return_parts)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    logits2d, labels1d, vocab, k, _ = prepare(logits, labels, vocab_or_tokenizer, ignore_index,
-                                             None, reduction)
-    if inplace and (logits2d.data_ptr() != logits.data_ptr() or logits2d.stride(-1) != 1):
+    squash_factor = check_squash_factor(squash_factor, method)
+    logits = C.check_logits(logits)
+    V = logits.shape[-1]
+    labels = C.check_labels(labels, logits.shape[:-1], logits.device)
+    ignore_index = C.check_ignore_index(ignore_index)
+    C.check_choice("reduction", reduction, C.REDUCTIONS)
+    spec = loss_spec(vocab_or_tokenizer, None, V, method, squash_factor, 1.0)
+    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
+    logits2d = logits.reshape(-1, V)
+    if inplace and not torch.compiler.is_compiling() and (
+            logits2d.data_ptr() != logits.data_ptr() or logits2d.stride(-1) != 1):
         raise ValueError("inplace=True needs logits that can be viewed as [N, V] without a copy, "
                          f"with a contiguous last dimension (got strides {tuple(logits.stride())})")
-    use_kernel = use_triton(backend, logits2d)
-    dev = logits.device
-    if not (torch.is_grad_enabled() and logits.requires_grad):
-        loss, ce, ntl = _ce_ntl_no_grad(logits2d, labels1d, k, vocab, float(ntl_weight), method,
-                                        reduction, reweigh, ignore_index, use_kernel)
-    else:
-        loss, ce, ntl = _FusedCENTL.apply(
-            logits2d, labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method,
-            reduction, reweigh, float(reweigh_ceiling(vocab, method)), ignore_index, inplace,
-            use_kernel)
+    cfg = FusedConfig(spec.handle, V, method, reduction, ignore_index, reweigh, spec.dmax, spec.squash,
+                      spec.sq_a, spec.sq_b, float(ntl_weight), use_triton(backend, logits2d),
+                      C.strict_checks())
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, ce, ntl = _ce_ntl(logits2d, labels.reshape(-1), cfg, grad, inplace)
     if reduction == "none":
         loss, ce, ntl = (t.view(labels.shape) for t in (loss, ce, ntl))
     return (loss, ce, ntl) if return_parts else loss

@@ -176,17 +176,19 @@ def _gather(x2d: torch.Tensor, ids: torch.Tensor, backend: str) -> torch.Tensor:
     return digit_gather_torch(x2d, ids)
 
 
-def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str,
-                     with_mass: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str, with_mass: bool,
+                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Number logits ``z [N, K]`` fp32 and, if asked, the full-softmax number mass ``[N]``
-    (:mod:`ntl.kernels.mass`: sums relative to the row max; one fp32 gradient cast once)."""
+    (:mod:`ntl.kernels.mass`: sums relative to the row max; one fp32 gradient cast once).
+    ``rows`` (bool ``[N]``): where the mass is needed; the PyTorch path computes it only there
+    (0 elsewhere), the Triton kernel on every row."""
     if not with_mass:
         return _gather(x2d, ids, backend).float(), None
     if use_triton(backend, x2d):
         from .kernels.mass import number_mass_triton
 
         return number_mass_triton(x2d, ids)
-    return number_mass_torch(x2d, ids)
+    return number_mass_torch(x2d, ids, rows)
 
 
 def predict_numbers(
@@ -327,7 +329,9 @@ def number_level_loss(
     start, owner, scale = number_spans(digit.view(-1, T), dot, max_number_length)
     start = start.view(-1)
 
-    z, m = _logits_and_mass(x2d, vocab.ids(dev), backend, reweigh)
+    # reweigh needs the mass at first digits only: on a CPU select those rows (a nonzero, which
+    # waits for no device); elsewhere every row (no sync)
+    z, m = _logits_and_mass(x2d, vocab.ids(dev), backend, reweigh, start if dev.type == "cpu" else None)
     # rows without a digit label never reach the softmax (their logits may be -inf)
     q = torch.softmax(torch.where(digit[:, None], z, zero), dim=-1)
     values = vocab.values_on(dev)

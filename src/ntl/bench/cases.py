@@ -7,6 +7,8 @@ Cases (``--cases``):
   alone) is the baseline every ratio "x CE" refers to.
 * ``hidden``: NTL-W1 from ``hidden [N, H]`` and the LM head ``W [V, H]``; its
   baseline "x CE" is a full LM-head forward+backward with cross-entropy.
+* ``number-level``, ``predict``, ``dot-mae``, ``dot-huber``, ``w1-squash``, ``reweigh``: the
+  ntloss-parity features against ``ntloss`` (:mod:`ntl.bench.parity`).
 
 Every provider is a builder ``(ctx, inputs) -> fwd`` where ``fwd()`` returns the
 scalar loss; it raises :class:`Unavailable` (with the reason shown in the
@@ -250,6 +252,10 @@ class Case:
     ce_ref: tuple[str, str]  # (case, provider) the "x CE" ratios refer to
     quick: bool = True
     quick_cpu: bool = True
+    #: extra float64 reference values for this case's providers (merged over expected_values)
+    expected: Callable[[Inputs], dict[str, float]] | None = None
+    #: (N, V, digit_frac, ignore_frac): the case runs once per dtype at this shape only
+    fixed: tuple[int, int, float, float] | None = None
 
 
 def _ntl_attr(name: str) -> Any:

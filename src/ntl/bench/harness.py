@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import report
+from . import parity, report  # noqa: F401  (parity registers the ntloss-parity cases in CASES)
 from .cases import CASES, Ctx, Inputs, Unavailable, expected_values, make_inputs, rel_err
 from .measure import (
     MODES,
@@ -290,6 +290,33 @@ def _run_case(case: Any, inp: Inputs | None, expected: dict[str, float], ctx: Ct
     return [_rec(case, pr, N, dt, recs[pr.key]) for pr in order]
 
 
+def _run_fixed(case: Any, tok: Any, a: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+               dt: str, selected: Any, prog: _Progress) -> list[dict[str, Any]]:
+    """A case with its own ``(N, V, digit_frac, ignore_frac)`` (``Case.fixed``): own inputs and
+    vocab width, the same measurement as every other case."""
+    import ntl
+
+    N, V, digit_frac, ignore_frac = case.fixed
+    _free(device, full=True)
+    vocab = ntl.DigitVocab.from_tokenizer(tok, vocab_size=V)
+    ctx = Ctx(tok, vocab, V)
+    prog.start(f"N={N} V={V} {dt}: making {case.inputs} inputs")
+    try:
+        inp = make_inputs(case.inputs, N, V, dtype, device, vocab, digit_frac=digit_frac,
+                          ignore_frac=ignore_frac, hidden_size=a.hidden_size, seed=a.seed)
+        exp = expected_values(inp)
+        if case.expected is not None:
+            exp.update(case.expected(inp))
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        inp, exp = None, {}
+    recs = _run_case(case, inp, exp, ctx, a, device, selected, prog, N, dt)
+    del inp
+    _free(device, full=True)
+    return recs
+
+
 def _rec(case: Any, pr: Any, N: int, dt: str, rec: dict[str, Any]) -> dict[str, Any]:
     return {"case": case.name, "provider": pr.key, "label": pr.label, "N": N, "dtype": dt, **rec}
 
@@ -335,7 +362,8 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
             return "GPU runs only (slow on CPU)"
         return None
 
-    plan = [(N, dt, c) for N in Ns for dt in dtypes for c in case_names]
+    plan = [(N, dt, c) for N in Ns for dt in dtypes for c in case_names
+            if CASES[c].fixed is None or Ns[0] == N]  # a fixed-shape case runs once per dtype
     per = 1 if gpu else 1 + a.repeats  # progress units per provider
     total = per * sum(1 for _, _, c in plan for pr in CASES[c].providers if selected(pr) is None)
     prog = _Progress(total, not a.no_progress)
@@ -361,6 +389,10 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
                     records += [_rec(case, pr, N, dt, {"status": "skipped", "reason": why})
                                 for pr in case.providers if selected(pr) != "deselected"]
                     continue
+                if case.fixed is not None:  # its own shape, once per dtype
+                    if Ns[0] == N:
+                        records += _run_fixed(case, tok, a, device, dtype, dt, selected, prog)
+                    continue
                 if case.inputs not in inputs:
                     inputs.clear()
                     exp.clear()
@@ -375,8 +407,10 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
                         if not _is_oom(e):
                             raise
                         inputs.pop(case.inputs, None)
-                records += _run_case(case, inputs.get(case.inputs), exp.get(case.inputs, {}), ctx, a,
-                                     device, selected, prog, N, dt)
+                inp, e = inputs.get(case.inputs), exp.get(case.inputs, {})
+                if case.expected is not None and inp is not None:
+                    e = {**e, **case.expected(inp)}
+                records += _run_case(case, inp, e, ctx, a, device, selected, prog, N, dt)
             inputs.clear()
             _free(device, full=True)
     prog.close()

@@ -287,7 +287,9 @@ def evaluate_targets(records: Sequence[dict[str, Any]], device_kind: str,
     add("gpu-hidden-overhead", "cuda", "ntl_loss_from_hidden fwd+bwd time / LM head (hidden @ W.T + CE) "
         "fwd+bwd", N, dt, val("hidden", "ntl-from-hidden", N, dt, "fwd+bwd", "ratio_to_ce"), "<=", 0.01,
         "same hidden size H, see config")
-    return out
+    from .parity import parity_targets  # the ntloss-parity cases (issue 12) and reweigh (18.6)
+
+    return out + parity_targets(records, device_kind)
 
 
 # --------------------------------------------------------------------------- rendering

@@ -10,7 +10,8 @@ carry the reduction, so backward is a multiply):
 * Otherwise read the label logit and, for number rows, the ``K`` number logits first,
   then pass 1 streams the row for an online softmax (running max ``m`` and sum ``s``,
   ``lse = m + log s``); the NTL loss and ``dL/dz`` come from the ``K`` logits
-  (:func:`rowloss.ntl_row_math`). Pass 2 (``WRITE_GRAD``) streams the row again and
+  (:func:`rowloss.ntl_row_math`; W1 distances ``d > 0`` squashed to ``sq_a + sq_b d``,
+  ``(0, 1)`` without ``squash_factor``). Pass 2 (``WRITE_GRAD``) streams the row again and
   writes ``coef * p`` (``p = exp(x - lse)``) into the gradient buffer, which may be
   the logits themselves (in place); then the label column (``- a``) and the number
   columns (``+ dNTL``) are rewritten from values kept in registers. Without
@@ -44,7 +45,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _ce_ntl_fwd(x_ptr, g_ptr, lab_ptr, k_ptr, ids_ptr, vals_ptr, a_ptr, b_ptr, ce_ptr, loss_ptr,
-                    rinv_ptr, N, V, K, stride_x, stride_g, dmax, METHOD: tl.constexpr,
+                    rinv_ptr, N, V, K, stride_x, stride_g, dmax, sq_a, sq_b, METHOD: tl.constexpr,
                     REWEIGH: tl.constexpr, WRITE_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,7 +96,7 @@ if HAS_TRITON:
 
             # NTL loss and dL/dz from the K logits (text rows: z = 0, masked out below)
             nosoft = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            L, dz = ntl_row_math(z, cmask, kt, vals, gaps, nosoft, METHOD, False)
+            L, dz = ntl_row_math(z, cmask, kt, vals, gaps, nosoft, METHOD, False, sq_a, sq_b)
             pd = tl.where(dmask, tl.exp(z - lse[:, None]), 0.0)
             if REWEIGH:
                 mass = tl.sum(pd, axis=1)
@@ -197,12 +198,15 @@ def scale_config(V: int) -> dict[str, int]:
 
 def ce_ntl_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor,
                       values: torch.Tensor, a: torch.Tensor, b: torch.Tensor, method: str,
-                      reweigh: bool, dmax: float, inplace: bool, write_grad: bool = True
+                      reweigh: bool, dmax: float, inplace: bool, write_grad: bool = True, *,
+                      squash: tuple[float, float] | None = None,
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Run kernel 4: ``(grad [N, V] logits dtype, rinv [N] fp32 | None, ce [N], ntl [N])``.
 
     ``write_grad=False``: one read-only pass, ``grad`` is ``None``. ``rinv`` (the
     inverse per-row scale of the stored gradient) is returned for fp16 gradients only.
+    ``squash = (sq_a, sq_b)``: W1 distances ``d > 0`` become ``sq_a + sq_b d`` (runtime
+    scalars of the kernel: ``(0, 1)`` keeps ``d``, no separate specialisation).
     """
     N, V = logits.shape
     if logits.stride(-1) != 1:
@@ -221,11 +225,12 @@ def ce_ntl_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tenso
         return grad, rinv, ce, loss
     g = grad if grad is not None else logits
     cfg = fwd_config(V, ids.numel(), row_scale)
+    sq_a, sq_b = squash if squash is not None else (0.0, 1.0)
     _ce_ntl_fwd[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         logits, g, labels.contiguous(), k.contiguous(), ids, values, a.contiguous(), b.contiguous(),
         ce, loss, rinv if rinv is not None else ce, N, V, ids.numel(), logits.stride(0), g.stride(0),
-        float(dmax), METHOD=_METHOD[method], REWEIGH=reweigh, WRITE_GRAD=write_grad,
-        ROW_SCALE=row_scale, **cfg)
+        float(dmax), float(sq_a), float(sq_b), METHOD=_METHOD[method], REWEIGH=reweigh,
+        WRITE_GRAD=write_grad, ROW_SCALE=row_scale, **cfg)
     return grad, rinv, ce, loss
 
 
