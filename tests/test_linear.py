@@ -143,7 +143,9 @@ def test_chunk_rows_rule():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert linear_chunk_rows(37, H, V, cpu, 5) == 5
     assert linear_chunk_rows(37, H, V, cpu, 1000) == 37
-    assert linear_chunk_rows(2048, 896, 151_936, cpu) == 48  # 8 Mi fp32 elements, multiple of 8
+    assert linear_chunk_rows(2048, 896, 151_936, cpu) == 224  # H / 4: a quarter of dL/dW's size
+    assert linear_chunk_rows(2048, 3584, 151_936, cpu) == 896
+    assert linear_chunk_rows(2048, 100, 151_936, cpu) == 32  # at least 32 rows
     assert linear_chunk_rows(3, 896, 151_936, cpu) == 3
     # CUDA: Liger's rule next_pow2(ceil(N / ceil(V / H)))
     assert linear_chunk_rows(16384, 3584, 151_936, cuda) == 512  # ceil(16384 / 43) = 382 -> 512

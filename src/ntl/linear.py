@@ -42,25 +42,18 @@ from .vocab import VocabLike, resolve_vocab
 
 __all__ = ["LinearCrossEntropyWithNTL", "linear_chunk_rows", "linear_cross_entropy_with_ntl"]
 
-#: Logits-chunk budget on the PyTorch (CPU) path, in fp32 elements: ~32 MiB, i.e.
-#: 48 rows of Qwen2.5's V = 151,936. Large enough for efficient GEMMs, small next to
-#: the weight gradient (V x H) that every fused linear CE holds.
-_CPU_CHUNK_ELEMS = 8 << 20
-
-
 def linear_chunk_rows(N: int, H: int, V: int, device: torch.device, chunk_size: int | None = None) -> int:
     """Rows per chunk: ``chunk_size`` (capped at ``N``) or the automatic choice.
 
-    CUDA: Liger-Kernel's rule ``next_pow2(ceil(N / ceil(V / H)))``, a logits chunk
-    about the size of ``hidden``. Elsewhere: ``_CPU_CHUNK_ELEMS / V`` rows rounded down
-    to a multiple of 8 (at least 8).
+    CUDA: Liger-Kernel's rule ``next_pow2(ceil(N / ceil(V / H)))``, a logits chunk about
+    the size of ``hidden`` (so memory matches Liger's). Elsewhere: ``H / 4`` rounded down
+    to a multiple of 32 (at least 32), i.e. a ``[rows, V]`` buffer at most a quarter of the
+    ``[V, H]`` weight gradient: few chunks (every op of the chunk loop is an OpenMP
+    parallel region; on a shared CPU each waits for both threads) and large GEMMs.
     """
     if chunk_size is not None:
         return max(1, min(int(chunk_size), N))
-    if device.type == "cuda":
-        rows = next_pow2(-(-N // -(-V // H)))
-    else:
-        rows = max(8, (_CPU_CHUNK_ELEMS // V) // 8 * 8)
+    rows = next_pow2(-(-N // -(-V // H))) if device.type == "cuda" else max(32, H // 4 // 32 * 32)
     return max(1, min(rows, N))
 
 
@@ -108,14 +101,13 @@ def _chunk_pass(
             gw.zero_()
         return ce, L, [gh, gw, gb]
     buf = torch.empty(min(rows, N), V, dtype=dt, device=dev)
-    wt = w.t()
     for s in range(0, N, rows):
         e = min(N, s + rows)
         x, hc = buf[: e - s], h[s:e]
         if bias is None:
-            torch.mm(hc, wt, out=x)
+            torch.mm(hc, w.t(), out=x)
         else:
-            torch.addmm(bias, hc, wt, out=x)
+            torch.addmm(bias, hc, w.t(), out=x)
         ce[s:e], L[s:e] = _grad_rows(x, labels[s:e], k[s:e], ids, values, a[s:e], b[s:e], method,
                                      reweigh, dmax, use_kernel)
         if gh is not None:
