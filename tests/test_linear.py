@@ -488,3 +488,61 @@ BAD = [
 def test_bad_input_raises(exc, pattern, thunk):
     with pytest.raises(exc, match=pattern):
         thunk()
+
+
+# --------------------------------------------------------------------------- real GPU (compiled kernels)
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_matches_logits_path(dtype, qwen_tok):
+    Vq, N, Hq = 151_936, 2048, 896
+    vocab = ntl.DigitVocab.from_tokenizer(qwen_tok, vocab_size=Vq)
+    g = torch.Generator().manual_seed(20)
+    h = torch.randn(N, Hq, generator=g).to("cuda", dtype)
+    W = (torch.randn(Vq, Hq, generator=g) * Hq ** -0.5).to("cuda", dtype)
+    y = torch.randint(0, 151_665, (N,), generator=g)
+    y[::4] = torch.tensor(list(vocab.token_ids))[torch.randint(0, 10, (N // 4,), generator=g)]
+    y[1::9] = -100
+    y = y.cuda()
+    la = [t.clone().requires_grad_(True) for t in (h, W)]
+    got = ntl.linear_cross_entropy_with_ntl(*la, y, vocab, reweigh=True)  # auto: Triton kernel
+    lb = [t.clone().requires_grad_(True) for t in (h, W)]
+    ref = ntl.cross_entropy_with_ntl(lb[0] @ lb[1].T, y, vocab, reweigh=True, backend="torch")
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-4 if dtype == torch.float32 else 1e-2,
+                               atol=1e-4)
+    for a, b in zip(la, lb, strict=True):
+        err = (a.grad.float() - b.grad.float()).abs().max() / b.grad.float().abs().max()
+        assert err <= (1e-4 if dtype == torch.float32 else 3e-2), float(err)
+
+
+@gpu
+def test_gpu_memory_and_no_host_sync(qwen_tok):
+    Vq, N, Hq = 151_936, 8192, 896
+    vocab = ntl.DigitVocab.from_tokenizer(qwen_tok, vocab_size=Vq)
+    h = torch.randn(N, Hq, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = (torch.randn(Vq, Hq, device="cuda") * Hq ** -0.5).to(torch.bfloat16).requires_grad_(True)
+    y = torch.randint(15, 25, (N,), device="cuda")
+    ntl.linear_cross_entropy_with_ntl(h, W, y, vocab).backward()  # warm-up: compile, caches
+    h.grad = W.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    ntl.set_strict_checks(False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = ntl.linear_cross_entropy_with_ntl(h, W, y, vocab)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        ntl.set_strict_checks(True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    rows = linear_chunk_rows(N, Hq, Vq, h.device)
+    need = (N * Hq + Vq * Hq) * 2 + Vq * 4 + rows * Vq * 2  # dL/dh, dL/dW (bf16), fp32 bias/sum, one chunk
+    assert peak <= 1.15 * need + (8 << 20), (peak, need)
+    assert peak < N * Vq * 2  # not even one bf16 [N, V] tensor
