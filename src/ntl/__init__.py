@@ -9,6 +9,7 @@ Quick start::
 from ._checks import set_strict_checks
 from .fused import cross_entropy_with_ntl
 from .hidden import digit_logits_from_hidden, ntl_loss_from_digit_logits, ntl_loss_from_hidden
+from .linear import LinearCrossEntropyWithNTL, linear_cross_entropy_with_ntl
 from .losses import (
     gaussian_targets,
     ntl_dot_loss,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DigitStats",
     "DigitVocab",
+    "LinearCrossEntropyWithNTL",
     "NumberTokenLoss",
     "NumberVocab",
     "__version__",
@@ -34,6 +36,7 @@ __all__ = [
     "digit_logits_from_hidden",
     "digit_stats",
     "gaussian_targets",
+    "linear_cross_entropy_with_ntl",
     "ntl_dot_loss",
     "ntl_loss",
     "ntl_loss_from_digit_logits",

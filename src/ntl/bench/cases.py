@@ -9,6 +9,11 @@ Cases (``--cases``):
   baseline "x CE" is a full LM-head forward+backward with cross-entropy.
 * ``number-level``, ``predict``, ``dot-mae``, ``dot-huber``, ``w1-squash``, ``reweigh``: the
   ntloss-parity features against ``ntloss`` (:mod:`ntl.bench.parity`).
+* ``linear``: ``CE + 0.3 * NTL-W1`` from ``hidden [N, H]`` and ``W [V, H]`` (H = 896,
+  Qwen2.5-0.5B's head, by default): the logits path ``hidden @ W.T`` +
+  ``ntl.cross_entropy_with_ntl`` (its baseline), ``F.linear_cross_entropy`` (CE only)
+  with and without chunking, ``ntl.linear_cross_entropy_with_ntl``, and on GPU
+  Liger's fused linear CE and Cut Cross-Entropy (CE only; plus NTL from hidden).
 
 Every provider is a builder ``(ctx, inputs) -> fwd`` where ``fwd()`` returns the
 scalar loss; it raises :class:`Unavailable` (with the reason shown in the
@@ -68,6 +73,7 @@ class Inputs:
     hidden: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     dirty: bool = False  # logits were overwritten by an in-place provider
+    kind: str = "logits"
 
     def leaves(self) -> list[torch.Tensor]:
         return [t for t in (self.logits, self.hidden, self.weight) if t is not None]
@@ -106,19 +112,20 @@ def make_labels(N: int, V: int, digit_ids: torch.Tensor, *, digit_frac: float, i
 
 def make_inputs(kind: str, N: int, V: int, dtype: torch.dtype, device: torch.device, vocab: Any, *,
                 digit_frac: float, ignore_frac: float, hidden_size: int, seed: int = 0) -> Inputs:
-    """Inputs for ``kind`` ``"logits"`` (``[N, V]`` standard normal) or ``"hidden"``
-    (``hidden [N, H]`` standard normal, ``W [V, H]`` with std ``H^-1/2``, so logits ~ N(0, 1))."""
+    """Inputs for ``kind`` ``"logits"`` (``[N, V]`` standard normal) or ``"hidden"`` /
+    ``"linear"`` (``hidden [N, H]`` standard normal, ``W [V, H]`` with std ``H^-1/2``, so
+    logits ~ N(0, 1); the two kinds differ only in their default ``H``)."""
     ids = vocab.ids(device)
     values = vocab.values_on(device)
     lut = torch.full((V,), -1, dtype=torch.long, device=device)
     lut[ids] = torch.arange(len(ids), device=device)
     labels = make_labels(N, V, ids.cpu(), digit_frac=digit_frac, ignore_frac=ignore_frac, seed=seed).to(device)
-    inp = Inputs(N, V, dtype, device, seed, labels, ids, values, lut)
+    inp = Inputs(N, V, dtype, device, seed, labels, ids, values, lut, kind=kind)
     if kind == "logits":
         logits = torch.empty(N, V, dtype=dtype, device=device)
         logits.normal_(generator=_gen(seed + 1, device))
         inp.logits = logits.requires_grad_(True)
-    elif kind == "hidden":
+    elif kind in ("hidden", "linear"):
         g = _gen(seed + 2, device)
         inp.hidden = torch.empty(N, hidden_size, dtype=dtype, device=device).normal_(generator=g).requires_grad_(True)
         w = torch.empty(V, hidden_size, dtype=dtype, device=device).normal_(generator=g)
@@ -126,7 +133,7 @@ def make_inputs(kind: str, N: int, V: int, dtype: torch.dtype, device: torch.dev
             w.mul_(hidden_size ** -0.5)
         inp.weight = w.requires_grad_(True)
     else:
-        raise ValueError(f"kind must be 'logits' or 'hidden', got {kind!r}")
+        raise ValueError(f"kind must be 'logits', 'hidden' or 'linear', got {kind!r}")
     return inp
 
 
@@ -157,8 +164,12 @@ def expected_values(inp: Inputs, hidden_chunk: int = 256) -> dict[str, float]:
 
     Keys: ``mse``, ``w1`` (NTL), ``mse-rw``, ``w1-rw`` (ntloss's reweighing
     ``m L + 1.01 D (1 - m)``, ``m`` the full-softmax mass on digits, ``D`` 81 / 9),
-    ``ce``, ``ce+w1``, ``ce+w1-rw``; for hidden inputs ``w1`` from ``hidden @ W[ids].T``.
+    ``ce``, ``ce+w1``, ``ce+w1-rw``; for hidden inputs ``w1`` from ``hidden @ W[ids].T``;
+    for linear inputs ``ce``, ``w1``, ``ce+w1`` from float64 logits ``hidden @ W.T``
+    (:func:`_linear_expected`).
     """
+    if inp.logits is None and inp.kind == "linear":
+        return _linear_expected(inp)
     labels, lut, values = inp.labels, inp.lut, inp.values.double()
     k = torch.where(labels >= 0, lut[labels.clamp_min(0)], -1)
     active = k >= 0
@@ -191,6 +202,32 @@ def expected_values(inp: Inputs, hidden_chunk: int = 256) -> dict[str, float]:
     return out
 
 
+def _linear_expected(inp: Inputs, vocab_block: int = 8192) -> dict[str, float]:
+    """``ce``, ``w1``, ``ce+w1`` of ``hidden @ W.T`` in float64, a block of vocabulary rows of
+    ``W`` at a time (online log-sum-exp), so no float64 copy of ``W`` or ``[N, V]`` logits."""
+    labels, lut, values = inp.labels, inp.lut, inp.values.double()
+    k = torch.where(labels >= 0, lut[labels.clamp_min(0)], -1)
+    active, valid = k >= 0, labels != -100
+    with torch.no_grad():
+        h = inp.hidden.detach().double()  # type: ignore[union-attr]
+        W = inp.weight.detach()  # type: ignore[union-attr]
+        z = h @ W[inp.ids].double().T
+        q = torch.softmax(z, -1)
+        y = values[k.clamp_min(0)]
+        w1 = float(torch.where(active, (q * (values[None] - y[:, None]).abs()).sum(-1), 0.0).sum()
+                   / max(int(active.sum()), 1))
+        m = torch.full((inp.N,), -math.inf, dtype=torch.float64, device=inp.device)
+        s = torch.zeros(inp.N, dtype=torch.float64, device=inp.device)
+        for v0 in range(0, inp.V, vocab_block):
+            x = h @ W[v0:v0 + vocab_block].double().T
+            m_new = torch.maximum(m, x.amax(1))
+            s = s * torch.exp(m - m_new) + torch.exp(x - m_new[:, None]).sum(1)
+            m = m_new
+        tgt = (h * W[labels.clamp_min(0)].double()).sum(1)
+        ce = float(torch.where(valid, m + s.log() - tgt, 0.0).sum() / max(int(valid.sum()), 1))
+    return {"ce": ce, "w1": w1, "ce+w1": ce + NTL_WEIGHT * w1}
+
+
 # --------------------------------------------------------------------------- context + providers
 
 
@@ -206,6 +243,8 @@ class Ctx:
     def ntloss(self, method: str, reweigh: bool) -> Any:
         method = "mse" if method == "mse" else "w1"
         key = ("ntloss", method, reweigh)
+        if self.tokenizer is None:
+            raise Unavailable("ntloss needs the tokenizer (this process has digit ids only)")
         if key not in self.cache:
             try:
                 import ntloss
@@ -256,6 +295,8 @@ class Case:
     expected: Callable[[Inputs], dict[str, float]] | None = None
     #: (N, V, digit_frac, ignore_frac): the case runs once per dtype at this shape only
     fixed: tuple[int, int, float, float] | None = None
+    hidden_size: tuple[int, int] | None = None  # default H (CPU, GPU) when --hidden-size is not given
+    cpu_ns: tuple[int, ...] | None = None  # default N on CPU when --n is not given
 
 
 def _ntl_attr(name: str) -> Any:
@@ -436,6 +477,74 @@ def _hidden() -> tuple[Provider, ...]:
     )
 
 
+# -- cross-entropy + NTL from hidden states (linear head)
+
+
+def _linear() -> tuple[Provider, ...]:
+    w = NTL_WEIGHT
+
+    def b_logits(inplace: bool) -> Builder:
+        def b(ctx: Ctx, inp: Inputs):
+            f = _ntl_attr("cross_entropy_with_ntl")
+            kw = {"inplace": True} if inplace else {}
+            return lambda: f(inp.hidden @ inp.weight.T, inp.labels, ctx.vocab, ntl_weight=w, **kw)
+        return b
+
+    def b_ours(ctx: Ctx, inp: Inputs):
+        f = _ntl_attr("linear_cross_entropy_with_ntl")
+        return lambda: f(inp.hidden, inp.weight, inp.labels, ctx.vocab, ntl_weight=w)
+
+    def b_torch(chunked: bool) -> Builder:
+        def b(ctx: Ctx, inp: Inputs):
+            f = getattr(F, "linear_cross_entropy", None)
+            opts = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+            if f is None or (chunked and opts is None):
+                raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy"
+                                  + (" options" if f is not None else ""))
+            kw = {"options": opts()} if chunked else {}
+            return lambda: f(inp.hidden, inp.weight, inp.labels, **kw)
+        return b
+
+    def b_liger(with_ntl: bool) -> Builder:
+        def b(ctx: Ctx, inp: Inputs):
+            _gpu_only(inp)
+            try:
+                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            except ImportError as e:
+                raise Unavailable("liger_kernel is not installed (pip install liger-kernel)") from e
+            flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
+            if not with_ntl:
+                return lambda: _first(flce(inp.weight, inp.hidden, inp.labels))
+            f = _ntl_attr("ntl_loss_from_hidden")
+            return lambda: (_first(flce(inp.weight, inp.hidden, inp.labels))
+                            + w * f(inp.hidden, inp.weight, inp.labels, ctx.vocab))
+        return b
+
+    def b_cce(ctx: Ctx, inp: Inputs):
+        _gpu_only(inp)
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except ImportError as e:
+            raise Unavailable("cut-cross-entropy is not installed (pip install cut-cross-entropy)") from e
+        return lambda: linear_cross_entropy(inp.hidden, inp.weight, inp.labels)
+
+    return (
+        Provider("logits+fused", "hidden @ W.T + ntl.cross_entropy_with_ntl (logits path)", b_logits(False),
+                 "ce+w1"),
+        Provider("logits+fused-inplace", "hidden @ W.T + ntl.cross_entropy_with_ntl(inplace=True)",
+                 b_logits(True), "ce+w1", quick=False),
+        Provider("torch-lce", "F.linear_cross_entropy (CE only, options=None: unchunked)", b_torch(False), "ce",
+                 quick=False),
+        Provider("torch-lce-chunked", "F.linear_cross_entropy (CE only, LinearCrossEntropyOptions())",
+                 b_torch(True), "ce"),
+        Provider("ntl-linear", "ntl.linear_cross_entropy_with_ntl", b_ours, "ce+w1"),
+        Provider("liger-flce", "Liger fused linear CE (CE only)", b_liger(False), "ce", gpu_only=True),
+        Provider("liger-flce+ntl", "Liger fused linear CE + ntl.ntl_loss_from_hidden", b_liger(True), "ce+w1",
+                 gpu_only=True),
+        Provider("cce", "Cut Cross-Entropy (CE only)", b_cce, "ce", gpu_only=True),
+    )
+
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in (
@@ -447,6 +556,9 @@ CASES: dict[str, Case] = {
              "ntl-fused", ("ce+ntl", "ce")),
         Case("hidden", "NTL-W1 from hidden states [N, H] and the LM head W [V, H]", "hidden", _hidden(),
              "ntl-from-hidden", ("hidden", "lm-head+ce"), quick_cpu=False),
+        Case("linear", f"Cross-entropy + {NTL_WEIGHT} x NTL-W1 from hidden [N, H] and W [V, H]", "linear",
+             _linear(), "ntl-linear", ("linear", "logits+fused"), quick_cpu=False, hidden_size=(896, 3584),
+             cpu_ns=(2048,)),
     )
 }
 

@@ -79,7 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="CPU warm-up runs per provider; the first is the profiled check/memory run, "
                         "which always happens (default 1)")
     p.add_argument("--rep-ms", type=int, help="GPU do_bench rep time in ms (default 100; --quick 50)")
-    p.add_argument("--hidden-size", type=int, help="H for the hidden case (default CPU 64, GPU 3584)")
+    p.add_argument("--hidden-size", type=int,
+                   help="H for the hidden-state cases (default: hidden CPU 64, GPU 3584; linear CPU 896, GPU 3584)")
     p.add_argument("--vocab-size", type=int, default=QWEN_V, help="V (default Qwen2.5's 151936)")
     p.add_argument("--digit-frac", type=float, default=0.2, help="share of digit labels (default 0.2)")
     p.add_argument("--ignore-frac", type=float, default=0.02, help="share of -100 labels (default 0.02)")
@@ -95,7 +96,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list", action="store_true", help="list cases and providers and exit")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads(T) in every measuring process")
+    p.add_argument("--isolate", action="store_true",
+                   help="run every provider in a fresh Python process (honest peak memory, no state "
+                        "shared between providers); the loss check runs once in this process")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --isolate: rounds of one process per provider, providers alternating; "
+                        "timed samples are pooled over the rounds (default 1)")
+    # internal: a child of --isolate writes its records to this file
+    p.add_argument("--worker-json", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--digit-ids", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error("--rounds must be >= 1")
+    if a.rounds > 1 and not a.isolate:
+        p.error("--rounds needs --isolate (in one process the providers' runs are interleaved already)")
+    if a.threads is not None and a.threads < 1:
+        p.error("--threads must be >= 1")
     if a.repeats is not None and a.repeats < 1:
         p.error("--repeats must be >= 1")
     if a.time_budget is not None and a.time_budget <= 0:
@@ -240,7 +257,7 @@ def _run_case(case: Any, inp: Inputs | None, expected: dict[str, float], ctx: Ct
                 if pr.inplace:
                     inp.dirty = True
                 timings, mem = cuda_measure(fwd, leaves, rep_ms=a.rep_ms, warmup_ms=max(10, a.rep_ms // 4))
-                recs[pr.key] = {"status": "ok", "modes": _modes(timings, mem),
+                recs[pr.key] = {"status": "ok", "modes": _modes(timings, mem), "value": value,
                                 "check": _check(pr, value, expected, inp.dtype)}
             else:
                 loss, mem = cpu_first_run(fwd, leaves)
@@ -248,7 +265,7 @@ def _run_case(case: Any, inp: Inputs | None, expected: dict[str, float], ctx: Ct
                     inp.dirty = True
                 for _ in range(max(0, a.warmup - 1)):
                     cpu_timed_run(fwd, leaves)
-                recs[pr.key] = {"status": "ok", "mem": mem,
+                recs[pr.key] = {"status": "ok", "mem": mem, "value": float(loss.float()),
                                 "check": _check(pr, float(loss.float()), expected, inp.dtype)}
                 built.append((pr, fwd))
         except Exception as e:
@@ -286,6 +303,8 @@ def _run_case(case: Any, inp: Inputs | None, expected: dict[str, float], ctx: Ct
             rec = recs[pr.key]
             mem = rec.pop("mem")
             rec["modes"] = _modes({m: summarize(samples[pr.key][m]) for m in MODES}, mem)
+            if a.worker_json is not None:  # an --isolate child: the parent pools the raw samples
+                rec["samples_ms"] = samples[pr.key]
             prog.write(_one_line(_rec(case, pr, N, dt, rec)))
     return [_rec(case, pr, N, dt, recs[pr.key]) for pr in order]
 
@@ -321,6 +340,45 @@ def _rec(case: Any, pr: Any, N: int, dt: str, rec: dict[str, Any]) -> dict[str, 
     return {"case": case.name, "provider": pr.key, "label": pr.label, "N": N, "dtype": dt, **rec}
 
 
+def _case_H(case: Any, a: argparse.Namespace, gpu: bool) -> int:
+    """Hidden size of a case's inputs: ``--hidden-size``, else the case's default, else 3584 / 64."""
+    if a.hidden_size_arg:
+        return a.hidden_size_arg
+    if case.hidden_size:
+        return case.hidden_size[1 if gpu else 0]
+    return 3584 if gpu else 64
+
+
+def _case_Ns(case: Any, a: argparse.Namespace, gpu: bool, Ns: list[int]) -> list[int]:
+    """The token counts a case runs at: ``--n``, else the case's CPU default, else the run's."""
+    if a.n or gpu or not case.cpu_ns:
+        return Ns
+    return list(case.cpu_ns)
+
+
+def _selector(a: argparse.Namespace, gpu: bool) -> Any:
+    def selected(pr: Any) -> str | None:
+        if (a.providers and pr.key not in a.providers) or pr.key in a.skip_providers:
+            return "deselected"
+        if a.quick and not pr.quick and not a.providers:
+            return "not in --quick"
+        if not gpu and pr.gpu_only:
+            return "GPU only"
+        if not gpu and not pr.cpu:
+            return "GPU runs only (slow on CPU)"
+        return None
+    return selected
+
+
+def _max_rss_bytes() -> int | None:
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    except (ImportError, OSError):  # pragma: no cover - not on every platform
+        return None
+
+
 def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     """Run the selected benchmarks; return the result document (see README for the schema).
 
@@ -330,6 +388,8 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     import ntl
     from ntl.tokenizers import qwen2_tokenizer
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -343,45 +403,46 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         dtypes.remove("bfloat16")
     a.repeats = a.repeats or (3 if a.quick else 5)
     a.rep_ms = a.rep_ms or (50 if a.quick else 100)
-    H = a.hidden_size or (3584 if gpu else 64)
+    a.hidden_size_arg = getattr(a, "hidden_size_arg", a.hidden_size)
+    H = a.hidden_size_arg or (3584 if gpu else 64)
     a.hidden_size = H
     case_names = a.cases or [c.name for c in CASES.values() if not a.quick or (c.quick and (gpu or c.quick_cpu))]
+    case_Ns = {c: _case_Ns(CASES[c], a, gpu, Ns) for c in case_names}
+    all_Ns = sorted(set().union(*case_Ns.values())) if case_Ns else Ns
 
-    tok = tokenizer if tokenizer is not None else qwen2_tokenizer()
-    vocab = ntl.DigitVocab.from_tokenizer(tok, vocab_size=a.vocab_size)
+    if a.digit_ids:  # an --isolate child of a run with a custom tokenizer: only the digit ids travel
+        tok = None
+        vocab = ntl.DigitVocab([int(x) for x in a.digit_ids.split(",")], vocab_size=a.vocab_size)
+    else:
+        tok = tokenizer if tokenizer is not None else qwen2_tokenizer()
+        vocab = ntl.DigitVocab.from_tokenizer(tok, vocab_size=a.vocab_size)
     ctx = Ctx(tok, vocab, a.vocab_size)
+    selected = _selector(a, gpu)
 
-    def selected(pr: Any) -> str | None:
-        if (a.providers and pr.key not in a.providers) or pr.key in a.skip_providers:
-            return "deselected"
-        if a.quick and not pr.quick and not a.providers:
-            return "not in --quick"
-        if not gpu and pr.gpu_only:
-            return "GPU only"
-        if not gpu and not pr.cpu:
-            return "GPU runs only (slow on CPU)"
-        return None
-
-    plan = [(N, dt, c) for N in Ns for dt in dtypes for c in case_names
-            if CASES[c].fixed is None or Ns[0] == N]  # a fixed-shape case runs once per dtype
+    plan = [(N, dt, c) for N in all_Ns for dt in dtypes for c in case_names
+            if N in case_Ns[c] and (CASES[c].fixed is None or case_Ns[c][0] == N)]  # fixed shape: once per dtype
     per = 1 if gpu else 1 + a.repeats  # progress units per provider
+    if a.isolate:
+        per = a.rounds
     total = per * sum(1 for _, _, c in plan for pr in CASES[c].providers if selected(pr) is None)
     prog = _Progress(total, not a.no_progress)
     records: list[dict[str, Any]] = []
     baselines: dict[str, Any] = {"empty_kernel_launch_ms": None}
-    if gpu:
+    if gpu and a.worker_json is None:
         try:
             baselines["empty_kernel_launch_ms"] = cuda_empty_launch_ms(a.rep_ms).to_dict()
         except Exception as e:
             log.warning("empty kernel launch timing failed: %s", e)
     t_start = time.time()
     load_start = _loadavg()
-    for N in Ns:
+    for N in all_Ns:
         for dt in dtypes:
             dtype = DTYPES[dt]
-            inputs: dict[str, Inputs] = {}
-            exp: dict[str, dict[str, float]] = {}
+            inputs: dict[Any, Inputs] = {}
+            exp: dict[Any, dict[str, float]] = {}
             for cname in case_names:
+                if N not in case_Ns[cname]:
+                    continue
                 case = CASES[cname]
                 if a.time_budget is not None and time.time() - t_start > a.time_budget:
                     why = f"time budget: --time-budget {a.time_budget:g} s was spent before this case"
@@ -390,30 +451,47 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
                                 for pr in case.providers if selected(pr) != "deselected"]
                     continue
                 if case.fixed is not None:  # its own shape, once per dtype
-                    if Ns[0] == N:
+                    if case_Ns[cname][0] == N:
                         records += _run_fixed(case, tok, a, device, dtype, dt, selected, prog)
                     continue
-                if case.inputs not in inputs:
+                Hc = _case_H(case, a, gpu)
+                key = (case.inputs, Hc)
+                if key not in inputs:
                     inputs.clear()
                     exp.clear()
                     _free(device, full=True)
                     prog.start(f"N={N} {dt}: making {case.inputs} inputs")
                     try:
-                        inputs[case.inputs] = make_inputs(case.inputs, N, a.vocab_size, dtype, device, vocab,
-                                                          digit_frac=a.digit_frac, ignore_frac=a.ignore_frac,
-                                                          hidden_size=H, seed=a.seed)
-                        exp[case.inputs] = expected_values(inputs[case.inputs])
+                        inputs[key] = make_inputs(case.inputs, N, a.vocab_size, dtype, device, vocab,
+                                                  digit_frac=a.digit_frac, ignore_frac=a.ignore_frac,
+                                                  hidden_size=Hc, seed=a.seed)
+                        # an --isolate child leaves the check to its parent
+                        exp[key] = expected_values(inputs[key]) if a.worker_json is None else {}
                     except Exception as e:
                         if not _is_oom(e):
                             raise
-                        inputs.pop(case.inputs, None)
-                inp, e = inputs.get(case.inputs), exp.get(case.inputs, {})
+                        inputs.pop(key, None)
+                inp, e = inputs.get(key), exp.get(key, {})
                 if case.expected is not None and inp is not None:
                     e = {**e, **case.expected(inp)}
-                records += _run_case(case, inp, e, ctx, a, device, selected, prog, N, dt)
+                if a.isolate:
+                    inputs.clear()  # the children make their own; this process keeps only the check values
+                    _free(device, full=True)
+                    records += _run_case_isolated(case, e, a, device, selected, prog, N, dt, Hc,
+                                                  vocab if tokenizer is not None or a.digit_ids else None)  # ids only
+                    exp.clear()
+                    continue
+                rss_base = _max_rss_bytes()
+                recs = _run_case(case, inp, e, ctx, a, device, selected, prog, N, dt)
+                if a.worker_json is not None:
+                    for r in recs:
+                        r["rss"] = {"base_bytes": rss_base, "peak_bytes": _max_rss_bytes()}
+                records += recs
             inputs.clear()
             _free(device, full=True)
     prog.close()
+    if a.worker_json is not None:
+        a.worker_json.write_text(json.dumps({"results": records}, allow_nan=True))
     report.add_ratios(records, CASES)
     dev = report.device_info(device)
     ntl_backend = ("auto -> Triton kernels on CUDA" if gpu else "auto -> PyTorch path on CPU")
@@ -427,10 +505,17 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         "wall_s": round(time.time() - t_start, 1),
         "load_avg_1min": {"start": load_start, "end": _loadavg()},
         "config": {
-            "vocab_size": a.vocab_size, "Ns": Ns, "dtypes": dtypes, "digit_frac": a.digit_frac,
+            "vocab_size": a.vocab_size, "Ns": all_Ns, "dtypes": dtypes, "digit_frac": a.digit_frac,
             "ignore_frac": a.ignore_frac, "hidden_size": H, "ntl_weight": 0.3, "seed": a.seed,
             "cases": case_names, "ntl_backend": ntl_backend, "skip_providers": a.skip_providers,
             "time_budget_s": a.time_budget,
+            "hidden_size_by_case": {c: _case_H(CASES[c], a, gpu) for c in case_names
+                                    if CASES[c].inputs != "logits"},
+            "Ns_by_case": case_Ns,
+            "threads": torch.get_num_threads(),
+            "isolated": ({"rounds": a.rounds, "how": "one fresh Python process per provider and round; "
+                          "timed samples pooled over the rounds; peak memory the largest of the rounds"}
+                         if a.isolate else None),
             "timer": (f"triton.testing.do_bench (rep {a.rep_ms} ms), median and 25/75% quantiles" if gpu else
                       f"wall clock, {a.warmup} warm-up + {a.repeats} timed runs, median and IQR; fwd and bwd "
                       "timed within the same runs"),
@@ -444,6 +529,97 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     }
     doc["targets"] = report.evaluate_targets(records, device.type, baselines)
     return doc
+
+
+# --------------------------------------------------------------------------- --isolate
+
+
+def _child_argv(a: argparse.Namespace, device: torch.device, N: int, dt: str, case: str, key: str, H: int,
+                out: Path, ids_vocab: Any) -> list[str]:
+    argv = [sys.executable, "-m", "ntl.bench", "--device", device.type, "--n", str(N), "--dtype", dt,
+            "--cases", case, "--providers", key, "--repeats", str(a.repeats), "--warmup", str(a.warmup),
+            "--rep-ms", str(a.rep_ms), "--hidden-size", str(H), "--vocab-size", str(a.vocab_size),
+            "--digit-frac", repr(a.digit_frac), "--ignore-frac", repr(a.ignore_frac), "--seed", str(a.seed),
+            "--no-save", "--no-progress", "--worker-json", str(out)]
+    if a.threads:
+        argv += ["--threads", str(a.threads)]
+    if ids_vocab is not None:
+        argv += ["--digit-ids", ",".join(str(i) for i in ids_vocab.token_ids)]
+    return argv
+
+
+def _run_child(argv: list[str]) -> dict[str, Any]:
+    """One provider in a fresh process; its record, or an error/oom record."""
+    import subprocess
+    import tempfile
+
+    import ntl
+
+    env = dict(os.environ)
+    src = str(Path(ntl.__file__).resolve().parent.parent)  # this ntl, not another installed one
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    out = Path(argv[argv.index("--worker-json") + 1])
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
+                          cwd=tempfile.gettempdir())
+    if proc.returncode == 0 and out.exists():
+        recs = json.loads(out.read_text())["results"]
+        out.unlink()
+        if len(recs) == 1:
+            return recs[0]
+    tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
+    status = "oom" if proc.returncode in (-9, 137) or "memory" in tail[0].lower() else "error"
+    return {"status": status, "reason": f"child process exit {proc.returncode}: {tail[0]}"[:300]}
+
+
+def _pool(pr: Any, rounds: list[dict[str, Any]], expected: dict[str, float], dtype: torch.dtype
+          ) -> dict[str, Any]:
+    """One record from a provider's rounds: samples pooled, memory the largest round's."""
+    bad = [r for r in rounds if r["status"] != "ok"]
+    if bad:
+        keep = {k: bad[0][k] for k in ("status", "reason") if k in bad[0]}
+        return {**keep, "reason": f"round {rounds.index(bad[0]) + 1}/{len(rounds)}: {keep.get('reason', '')}"}
+    samples = {m: [x for r in rounds for x in (r.get("samples_ms", {}).get(m)
+                                               or [r["modes"][m]["time_ms"]["median"]])] for m in MODES}
+    mem = {m: max(r["modes"][m]["peak_mem_bytes"] for r in rounds) for m in MODES}
+    value = rounds[0]["value"]
+    return {
+        "status": "ok", "modes": _modes({m: summarize(samples[m]) for m in MODES}, mem), "value": value,
+        "check": _check(pr, value, expected, dtype),
+        "rounds": [{"fwd+bwd_median_ms": r["modes"]["fwd+bwd"]["time_ms"]["median"],
+                    "peak_mem_bytes": r["modes"]["fwd+bwd"]["peak_mem_bytes"], "rss": r.get("rss"),
+                    "value": r["value"]} for r in rounds],
+    }
+
+
+def _run_case_isolated(case: Any, expected: dict[str, float], a: argparse.Namespace, device: torch.device,
+                       selected: Any, prog: _Progress, N: int, dt: str, H: int, ids_vocab: Any
+                       ) -> list[dict[str, Any]]:
+    """``--isolate``: each selected provider of ``case`` in its own process, ``a.rounds`` rounds in
+    which every provider runs once (so load changes on a shared machine hit all of them alike).
+    ``ids_vocab``: pass the children this vocab's digit ids instead of letting them build Qwen's
+    tokenizer (a run with a custom tokenizer)."""
+    import tempfile
+
+    order = [pr for pr in case.providers if selected(pr) != "deselected"]
+    runnable = [pr for pr in order if selected(pr) is None]
+    rounds: dict[str, list[dict[str, Any]]] = {pr.key: [] for pr in runnable}
+    with tempfile.TemporaryDirectory(prefix="ntl-bench-") as tmp:
+        for r in range(a.rounds):
+            for pr in runnable:
+                prog.start(f"N={N} {dt} {case.name}: {pr.key} (own process, round {r + 1}/{a.rounds})")
+                out = Path(tmp) / f"{pr.key}-{r}.json"
+                rec = _run_child(_child_argv(a, device, N, dt, case.name, pr.key, H, out, ids_vocab))
+                rounds[pr.key].append(rec)
+                prog.update(1, None if rec["status"] == "ok" else f"{pr.key}: {rec['status']}: {rec.get('reason')}")
+    recs = []
+    for pr in order:
+        why = selected(pr)
+        rec = {"status": "skipped", "reason": why} if why is not None else _pool(pr, rounds[pr.key], expected,
+                                                                                DTYPES[dt])
+        recs.append(_rec(case, pr, N, dt, rec))
+        if why is None:
+            prog.write(_one_line(recs[-1]))
+    return recs
 
 
 def _one_line(r: dict[str, Any]) -> str:
@@ -469,6 +645,8 @@ def main(argv: list[str] | None = None, *, tokenizer: Any = None, prog: str = "n
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     doc = run(a, tokenizer)
+    if a.worker_json is not None:  # an --isolate child: its parent reports
+        return 0
     title = (f"ntl bench: {doc['device']['name']} | torch {doc['versions']['torch']} | "
              f"{doc['mode']} | {doc['wall_s']} s")
     report.print_table(doc["results"], doc["targets"], title)

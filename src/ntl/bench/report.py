@@ -258,6 +258,29 @@ def evaluate_targets(records: Sequence[dict[str, Any]], device_kind: str,
         "(issue: 2.5x)", N, dt, val("ce+ntl", "ce+ntloss-rw", N, dt, "fwd+bwd", "ratio_to_ce"), "<=", None,
         "info")
 
+    # ---- CPU, N = 2048, fp32: CE + NTL from hidden states (issue 13; H = 896, see config)
+    N, dt = 2048, "float32"
+    ours = ("linear", "ntl-linear", N, dt, "fwd+bwd")
+    add("cpu-linear-time-vs-logits", "cpu", "linear_cross_entropy_with_ntl fwd+bwd time / logits path "
+        "(hidden @ W.T + cross_entropy_with_ntl)", N, dt, val(*ours, "ratio_to_ce"), "<=", 1.2,
+        "time ratio, medians of the same run")
+    add("cpu-linear-time-vs-torch-chunked", "cpu", "linear_cross_entropy_with_ntl fwd+bwd time / chunked "
+        "F.linear_cross_entropy (CE only)", N, dt,
+        _div(t(*ours), t("linear", "torch-lce-chunked", N, dt, "fwd+bwd")), "<=", 1.0,
+        "time ratio, medians of the same run")
+    add("cpu-linear-mem-vs-logits", "cpu", "linear_cross_entropy_with_ntl fwd+bwd peak memory / logits path",
+        N, dt, val(*ours, "mem_ratio_to_ce"), "<=", 0.3, "peak bytes allocated during the call (inputs excluded)")
+    add("cpu-linear-mem-vs-torch-chunked", "cpu", "linear_cross_entropy_with_ntl fwd+bwd peak memory / "
+        "chunked F.linear_cross_entropy (CE only)", N, dt,
+        _div(m(*ours), m("linear", "torch-lce-chunked", N, dt, "fwd+bwd")), "<=", 1.1,
+        "peak bytes allocated during the call (inputs excluded)")
+    for prov, what in (("torch-lce-chunked", "chunked F.linear_cross_entropy"),
+                       ("torch-lce", "unchunked F.linear_cross_entropy")):
+        add(f"cpu-linear-{prov}-time", "cpu", f"{what} (CE only) fwd+bwd time / logits path", N, dt,
+            val("linear", prov, N, dt, "fwd+bwd", "ratio_to_ce"), "<=", None, "info")
+        add(f"cpu-linear-{prov}-mem", "cpu", f"{what} (CE only) fwd+bwd peak memory / logits path", N, dt,
+            val("linear", prov, N, dt, "fwd+bwd", "mem_ratio_to_ce"), "<=", None, "info")
+
     # ---- GPU, N = 16384, bf16
     N, dt = 16384, "bfloat16"
     empty = (baselines.get("empty_kernel_launch_ms") or {}).get("median")
@@ -284,6 +307,22 @@ def evaluate_targets(records: Sequence[dict[str, Any]], device_kind: str,
             f"fused CE+NTL ({label}) fwd+bwd peak memory / Liger cross-entropy alone", N, dt,
             _div(m("ce+ntl", prov, N, dt, "fwd+bwd"), liger_m), "<=",
             1.05 if prov == "ntl-fused-inplace" else None, "peak bytes during the call", missing_liger)
+    flce_t = t("linear", "liger-flce", N, dt, "fwd+bwd")
+    flce_m = m("linear", "liger-flce", N, dt, "fwd+bwd")
+    missing_flce = "" if flce_t is not None else "needs liger_kernel installed and this shape"
+    add("gpu-linear-vs-liger-time", "cuda", "linear_cross_entropy_with_ntl fwd+bwd time / Liger fused linear CE "
+        "(CE only)", N, dt, _div(t("linear", "ntl-linear", N, dt, "fwd+bwd"), flce_t), "<=", 1.05,
+        "same H, see config", missing_flce)
+    add("gpu-linear-vs-liger-mem", "cuda", "linear_cross_entropy_with_ntl fwd+bwd peak memory / Liger fused "
+        "linear CE (CE only)", N, dt, _div(m("linear", "ntl-linear", N, dt, "fwd+bwd"), flce_m), "<=", 1.05,
+        "peak bytes during the call", missing_flce)
+    add("gpu-linear-vs-liger-ntl-time", "cuda", "linear_cross_entropy_with_ntl fwd+bwd time / Liger fused linear "
+        "CE + ntl_loss_from_hidden", N, dt, _div(t("linear", "ntl-linear", N, dt, "fwd+bwd"),
+                                                t("linear", "liger-flce+ntl", N, dt, "fwd+bwd")), "<=", None,
+        "info", missing_flce)
+    add("gpu-linear-vs-cce-time", "cuda", "linear_cross_entropy_with_ntl fwd+bwd time / Cut Cross-Entropy "
+        "(CE only)", N, dt, _div(t("linear", "ntl-linear", N, dt, "fwd+bwd"), t("linear", "cce", N, dt, "fwd+bwd")),
+        "<=", None, "info", "needs cut-cross-entropy installed and this shape")
     add("gpu-hidden-overhead", "cuda", "ntl_loss_from_hidden fwd+bwd time / LM head (hidden @ W.T + CE) "
         "fwd+bwd", N, dt, val("hidden", "ntl-from-hidden", N, dt, "fwd+bwd", "ratio_to_ce"), "<=", 0.01,
         "same hidden size H, see config")
@@ -410,7 +449,14 @@ def render_markdown(doc: dict[str, Any], plot_name: str | None) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v),
         f"- shapes: V = {cfg['vocab_size']}, N = {', '.join(map(str, cfg['Ns']))}, dtypes "
         f"{', '.join(cfg['dtypes'])}, digit labels {cfg['digit_frac']:.0%}, ignored {cfg['ignore_frac']:.0%}, "
-        f"hidden size H = {cfg['hidden_size']}",
+        f"hidden size H = {cfg['hidden_size']}"
+        + "".join(f"; {c}: H = {h}" for c, h in (cfg.get("hidden_size_by_case") or {}).items()
+                  if h != cfg["hidden_size"])
+        + "".join(f"; {c}: N = {', '.join(map(str, n))}" for c, n in (cfg.get("Ns_by_case") or {}).items()
+                  if n != cfg["Ns"]),
+        *([f"- threads: {cfg['threads']}"] if cfg.get("threads") else []),
+        *([f"- isolation: {cfg['isolated']['how']} ({cfg['isolated']['rounds']} rounds)"]
+          if cfg.get("isolated") else []),
         f"- timing: {cfg['timer']}",
         f"- memory: {cfg['memory']}",
         f"- `ntl` backend: {cfg['ntl_backend']}",
@@ -419,7 +465,8 @@ def render_markdown(doc: dict[str, Any], plot_name: str | None) -> str:
           if doc.get("load_avg_1min") and dev["kind"] == "cpu" else []),
         "",
         "Times are `median ±half-IQR` in ms; `x ntl` / `x CE` are fwd+bwd time ratios to the case's `ntl` "
-        "provider and to `F.cross_entropy` alone on the same logits (LM head + CE for the hidden case); "
+        "provider and to `F.cross_entropy` alone on the same logits (LM head + CE for the hidden case, "
+        "the logits path `hidden @ W.T` + `cross_entropy_with_ntl` for the linear case); "
         "`peak MiB` is the fwd+bwd peak allocated on top of the inputs; `check` compares the loss with a "
         "float64 reference.",
         "",

@@ -1,0 +1,361 @@
+"""Cross-entropy + NTL straight from hidden states: no ``[N, V]`` tensor at any time.
+
+``loss = CE(h W^T + b, y) + w * NTL(h W^T + b, y)`` is computed ``r`` rows at a time
+(Liger-Kernel's fused-linear-cross-entropy scheme). For a chunk ``c`` of rows the
+logits ``x_c = h_c W^T + b`` (``[r, V]``, one buffer reused by every chunk) are
+overwritten in place by their gradient ``G_c = dLoss/dx_c`` -- :func:`ntl.fused.ce_ntl_rows_torch`
+on the PyTorch path, Triton kernel 4 (:mod:`ntl.kernels.fused_ce`) on CUDA::
+
+    G_c = a (softmax(x_c) - e_y) + b scatter_ids(dNTL/dz),   z = x_c[:, ids]   ([r, K])
+
+(``a``, ``b``: the per-row CE and NTL scales that carry the reduction; ``reweigh``
+uses the chunk's own log-sum-exp) -- and the forward accumulates::
+
+    dLoss/dh_c = G_c W,    dLoss/dW += G_c^T h_c,    dLoss/db += sum_rows G_c
+
+so backward needs no second pass over ``W``: it multiplies the stored gradients by
+the incoming (scalar) gradient. With ``reduction="none"`` the row scales depend on
+the incoming gradient ``u``, so the forward computes the per-row losses only and
+backward runs the chunk pass once, with ``a_i = u_i 1[y_i valid]`` and
+``b_i = w u_i 1[y_i number]``.
+
+Precision: fp32 and bf16 logits chunks are computed in the input dtype (as
+``hidden @ W.T`` is), the softmax/NTL math in fp32, the gradients in the input dtype
+(bf16: accumulated across chunks in bf16, as Liger does by default). fp16 has too
+little range for gradients computed before the incoming gradient (e.g. a GradScaler
+scale) is known, so fp16 inputs are computed in fp32 throughout (an fp32 copy of
+``W`` and fp32 gradient accumulators) and the gradients are cast to fp16 in backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _checks as C
+from .fused import ce_ntl_rows_torch, row_scales
+from .kernels._triton import next_pow2, no_double_backward
+from .losses import prepare_labels, reweigh_ceiling, use_triton
+from .vocab import VocabLike, resolve_vocab
+
+__all__ = ["LinearCrossEntropyWithNTL", "linear_chunk_rows", "linear_cross_entropy_with_ntl"]
+
+def linear_chunk_rows(N: int, H: int, V: int, device: torch.device, chunk_size: int | None = None) -> int:
+    """Rows per chunk: ``chunk_size`` (capped at ``N``) or the automatic choice.
+
+    CUDA: Liger-Kernel's rule ``next_pow2(ceil(N / ceil(V / H)))``, a logits chunk about
+    the size of ``hidden`` (so memory matches Liger's). Elsewhere: ``H / 4`` rounded down
+    to a multiple of 32 (at least 32), i.e. a ``[rows, V]`` buffer at most a quarter of the
+    ``[V, H]`` weight gradient: few chunks (every op of the chunk loop is an OpenMP
+    parallel region; on a shared CPU each waits for both threads) and large GEMMs.
+    """
+    if chunk_size is not None:
+        return max(1, min(int(chunk_size), N))
+    rows = next_pow2(-(-N // -(-V // H))) if device.type == "cuda" else max(32, H // 4 // 32 * 32)
+    return max(1, min(rows, N))
+
+
+# --------------------------------------------------------------------------- the chunk pass
+
+
+def _grad_rows(x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor,
+               values: torch.Tensor, a: torch.Tensor, b: torch.Tensor, method: str, reweigh: bool,
+               dmax: float, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite the logits chunk ``x [r, V]`` with ``dLoss/dx``; return ``(ce [r], ntl [r])``.
+
+    The one place that calls the fused CE + NTL row math (:mod:`ntl.fused`, kernel 4).
+    """
+    if use_kernel:
+        from .kernels.fused_ce import ce_ntl_fwd_triton
+
+        out = ce_ntl_fwd_triton(x, labels, k, ids, values, a, b, method, reweigh, dmax, True)
+        return out[-2], out[-1]  # (grad [, rinv], ce, ntl): the gradient is x itself
+    return ce_ntl_rows_torch(x, labels, k, ids, values, a, b, method, reweigh, dmax, x)
+
+
+def _chunk_pass(
+    h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    method: str, reweigh: bool, dmax: float, rows: int, need: tuple[bool, bool, bool],
+    use_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """One pass over the rows of ``h [N, H]`` in chunks of ``rows``.
+
+    Returns ``(ce [N], ntl [N], [dh [N, H], dW [V, H], db [V]])`` (fp32 losses; the
+    gradients, with the scales ``a``, ``b`` applied, in ``h``'s dtype, ``db`` in fp32;
+    ``None`` where ``need`` is False). ``h``, ``w``, ``bias`` share one dtype.
+    """
+    N, H = h.shape
+    V = w.shape[0]
+    dev, dt = h.device, h.dtype
+    need_h, need_w, need_b = need
+    ce = torch.empty(N, device=dev)
+    L = torch.empty(N, device=dev)
+    gh = torch.empty(N, H, dtype=dt, device=dev) if need_h else None
+    gw = torch.empty(V, H, dtype=dt, device=dev) if need_w else None
+    gb = torch.zeros(V, device=dev) if need_b else None
+    if N == 0:
+        if gw is not None:
+            gw.zero_()
+        return ce, L, [gh, gw, gb]
+    buf = torch.empty(min(rows, N), V, dtype=dt, device=dev)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        x, hc = buf[: e - s], h[s:e]
+        if bias is None:
+            torch.mm(hc, w.t(), out=x)
+        else:
+            torch.addmm(bias, hc, w.t(), out=x)
+        ce[s:e], L[s:e] = _grad_rows(x, labels[s:e], k[s:e], ids, values, a[s:e], b[s:e], method,
+                                     reweigh, dmax, use_kernel)
+        if gh is not None:
+            torch.mm(x, w, out=gh[s:e])
+        if gw is not None:
+            if s == 0:
+                torch.mm(x.t(), hc, out=gw)
+            else:
+                gw.addmm_(x.t(), hc)
+        if gb is not None:
+            gb += x.sum(0, dtype=torch.float32)
+    return ce, L, [gh, gw, gb]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16 runs in fp32 (see the module docstring); fp32 and bf16 run as they are."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+             k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, ntl_weight: float, method: str,
+             reduction: str, reweigh: bool, dmax: float, ignore_index: int, rows: int, use_kernel: bool,
+             need: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
+    """``(loss, ce_part, ntl_part, grads)``; the gradients (``need``) only for mean/sum."""
+    cd = _compute_dtype(hidden.dtype)
+    a, c = row_scales(labels, k, ignore_index, reduction)
+    if reduction == "none":
+        need = (False, False, False)
+    ce, L, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids, values, a,
+                               c * ntl_weight, method, reweigh, dmax, rows, need, use_kernel)
+    ce = torch.where(labels != ignore_index, ce, torch.zeros((), device=ce.device))
+    if reduction == "none":
+        ce_part, ntl_part = ce, L
+    else:
+        ce_part, ntl_part = (a * ce).sum(), (c * L).sum()
+    return ce_part + ntl_weight * ntl_part, ce_part, ntl_part, grads
+
+
+class _LinearCENTL(torch.autograd.Function):
+    """Gradients of ``hidden``, ``weight``, ``bias`` computed in forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
+                ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
+                ignore_index: int, rows: int, use_kernel: bool):
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        loss, ce_part, ntl_part, grads = _forward(hidden, weight, bias, labels, k, ids, values,
+                                                  ntl_weight, method, reduction, reweigh, dmax,
+                                                  ignore_index, rows, use_kernel, need)
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, labels, k, ids, values)
+        ctx.grads = grads
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.args = (ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, need)
+        ctx.reduction = reduction
+        ctx.consumed = False
+        ctx.mark_non_differentiable(ce_part, ntl_part)
+        return loss, ce_part, ntl_part
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):
+        no_double_backward("linear_cross_entropy_with_ntl")
+        if ctx.consumed:
+            raise RuntimeError("linear_cross_entropy_with_ntl: backward can run only once per forward "
+                               "(its gradients are computed in forward and scaled in place)")
+        ctx.consumed = True
+        ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, need = ctx.args
+        if ctx.reduction == "none":
+            hidden, weight, bias, labels, k, ids, values = ctx.saved_tensors
+            u = grad_out.reshape(-1).float()
+            zero = torch.zeros((), device=u.device)
+            a = torch.where(labels != ignore_index, u, zero)
+            b = torch.where(k >= 0, u * ntl_weight, zero)
+            cd = _compute_dtype(hidden.dtype)
+            _, _, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids,
+                                      values, a, b, method, reweigh, dmax, rows, need, use_kernel)
+            scale = None
+        else:
+            grads, ctx.grads = ctx.grads, None  # drop ctx's reference: autograd can take the buffers
+            # the fp32 incoming gradient as is (fp16: 2^16 from a GradScaler is inf in fp16)
+            scale = grad_out if (grad_out.is_cuda or float(grad_out) != 1.0) else None
+        out: list[torch.Tensor | None] = []
+        for g, dt in zip(grads, ctx.dtypes, strict=True):
+            if g is not None and scale is not None:
+                g = g.mul_(scale) if g.dtype == dt else g * scale
+            out.append(None if g is None else g.to(dt))
+        return (*out, *(None,) * 12)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check_head(hidden: Any, weight: Any, bias: Any) -> int:
+    """Checks of ``hidden [..., H]``, ``weight [V, H]`` and ``bias [V]``; returns ``V``."""
+    C.check_logits(hidden, "hidden", dim="H")
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.dim() != 2:
+        raise TypeError("weight must be a 2-D float tensor [V, H], got "
+                        + (f"{weight.dtype} of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
+                           else type(weight).__name__))
+    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]} "
+                         f"(hidden shape {tuple(hidden.shape)}); expected [V, {hidden.shape[-1]}] with V > 0")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype} "
+                        "(hidden @ weight.T needs one dtype; cast one of them)")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            raise TypeError("bias must be a float tensor of shape [V] or None, got "
+                            + (str(bias.dtype) if isinstance(bias, torch.Tensor) else type(bias).__name__))
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias shape {tuple(bias.shape)} must be [V={weight.shape[0]}]")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+    return weight.shape[0]
+
+
+def _check_options(ntl_weight: Any, chunk_size: Any, **flags: Any) -> None:
+    if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float)) or not ntl_weight >= 0:
+        raise ValueError(f"ntl_weight must be a non-negative number, got {ntl_weight!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+
+
+def linear_cross_entropy_with_ntl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_or_tokenizer: VocabLike,
+    *,
+    bias: torch.Tensor | None = None,
+    ntl_weight: float = 0.3,
+    method: str = "wasserstein",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    reweigh: bool = False,
+    chunk_size: int | None = None,
+    return_parts: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``CE(hidden @ weight.T + bias, labels) + ntl_weight * NTL(...)`` without any ``[N, V]`` tensor.
+
+    Equal in value and in the gradients of ``hidden``, ``weight`` and ``bias`` to
+    ``ntl.cross_entropy_with_ntl(F.linear(hidden, weight, bias), labels, vocab, ...)``, i.e.
+    ``F.cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=ignore_index,
+    reduction=reduction) + ntl_weight * ntl_loss(logits, labels, vocab, method=method, ...)``
+    (a batch with no non-ignored label gives CE = 0 instead of NaN; the CE mean is over
+    non-ignored labels, the NTL mean over number-token labels). The rows are processed
+    ``chunk_size`` at a time: each chunk's logits ``[chunk, V]`` live in one reused
+    buffer, are turned into their gradient in place, and the gradients of ``hidden``,
+    ``weight`` and ``bias`` are accumulated during the forward (see the module
+    docstring), so backward only scales them (``reduction="none"``: backward runs the
+    chunk pass once more with the incoming per-row gradients). One backward per forward;
+    no second derivatives. Under ``torch.no_grad()``, or when none of ``hidden``,
+    ``weight``, ``bias`` requires grad, no gradient is built.
+
+    Args:
+        hidden: ``[..., H]`` hidden states (fp32/bf16/fp16), aligned with ``labels``
+            (for a causal LM, the state at position ``t-1`` scores the token at ``t``).
+        weight: ``[V, H]`` LM-head weight (tied embeddings work the same way), same dtype.
+        labels: ``[...]`` token ids (``hidden.shape[:-1]``); ``ignore_index`` takes no part.
+        vocab_or_tokenizer: tokenizer, ``NumberVocab``, digit id list or ``{id: value}``.
+        bias: optional ``[V]`` LM-head bias.
+        ntl_weight: weight ``w`` of the NTL term.
+        method: ``"wasserstein"`` or ``"mse"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``labels``-shaped).
+        reweigh: ``ntloss``'s full-vocabulary reweighting of the NTL term.
+        chunk_size: rows per chunk (default: :func:`linear_chunk_rows`); memory of the
+            logits buffer is ``chunk_size x V`` elements.
+        return_parts: also return the detached CE and NTL parts (for logging).
+        backend: ``"auto"`` (Triton kernel 4 on CUDA), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        fp32 loss, or ``(loss, ce, ntl)`` with ``return_parts=True``.
+    """
+    method = C.check_method(method)
+    _check_options(ntl_weight, chunk_size, reweigh=reweigh, return_parts=return_parts)
+    V = _check_head(hidden, weight, bias)
+    labels1d, vocab, k, _ = prepare_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]",
+                                           V, vocab_or_tokenizer, ignore_index, None, reduction)
+    tensors = [hidden, weight] + ([bias] if bias is not None else [])
+    use_kernel = use_triton(backend, *tensors)
+    H = hidden.shape[-1]
+    h2d = hidden.reshape(-1, H)
+    rows = linear_chunk_rows(h2d.shape[0], H, V, hidden.device, chunk_size)
+    dev = hidden.device
+    args = (labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method, reduction,
+            reweigh, float(reweigh_ceiling(vocab, method)), ignore_index, rows, use_kernel)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        loss, ce, ntl = _LinearCENTL.apply(h2d, weight, bias, *args)
+    else:
+        with torch.no_grad():
+            loss, ce, ntl, _ = _forward(h2d, weight, bias, *args, (False, False, False))
+    if reduction == "none":
+        loss, ce, ntl = (t.view(labels.shape) for t in (loss, ce, ntl))
+    return (loss, ce, ntl) if return_parts else loss
+
+
+class LinearCrossEntropyWithNTL(nn.Module):
+    """:func:`linear_cross_entropy_with_ntl` as a module: ``crit(hidden, weight, labels, bias=None)``.
+
+    The LM head stays with the model (pass ``model.lm_head.weight``, tied or not); the
+    vocabulary is resolved once at construction.
+    """
+
+    def __init__(
+        self,
+        vocab_or_tokenizer: VocabLike,
+        *,
+        ntl_weight: float = 0.3,
+        method: str = "wasserstein",
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        reweigh: bool = False,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.vocab = resolve_vocab(vocab_or_tokenizer, vocab_size)
+        self.method = C.check_method(method)
+        _check_options(ntl_weight, chunk_size, reweigh=reweigh)
+        self.ntl_weight = float(ntl_weight)
+        self.ignore_index = C.check_ignore_index(ignore_index)
+        self.reduction = C.check_choice("reduction", reduction, C.REDUCTIONS)
+        self.backend = C.check_choice("backend", backend, C.BACKENDS)
+        self.reweigh = reweigh
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_cross_entropy_with_ntl(  # type: ignore[return-value]
+            hidden, weight, labels, self.vocab, bias=bias, ntl_weight=self.ntl_weight, method=self.method,
+            ignore_index=self.ignore_index, reduction=self.reduction, reweigh=self.reweigh,
+            chunk_size=self.chunk_size, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"ntl_weight={self.ntl_weight}, method={self.method!r}, K={self.vocab.K}, "
+                f"reduction={self.reduction!r}, reweigh={self.reweigh}, chunk_size={self.chunk_size}")
