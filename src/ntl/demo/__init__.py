@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"prompts per GRPO step (default {DEFAULTS['rl_prompts']})")
     g.add_argument("--num-generations", type=int, default=None,
                    help=f"completions per prompt (default {DEFAULTS['num_generations']})")
-    g.add_argument("--rl-lr", type=float, default=1e-4, help="GRPO learning rate (1e-4)")
+    g.add_argument("--rl-lr", type=float, default=2e-5, help="GRPO learning rate (2e-5)")
     g.add_argument("--rl-ntl-weight", type=float, default=0.1, help="NTL weight of GRPO+NTL (0.1)")
     g.add_argument("--bonus-weight", type=float, default=0.1,
                    help="weight of the digit-aware reward bonus of GRPO+bonus (0.1)")

@@ -11,8 +11,8 @@ import time
 from importlib import resources
 from typing import Any
 
-__all__ = ["finish_timing", "load_reference", "machine_info", "print_footer", "start_timing",
-           "strip_volatile"]
+__all__ = ["finish_timing", "load_reference", "machine_info", "print_footer", "reference_config",
+           "start_timing", "strip_volatile", "write_reference"]
 
 #: Keys of results.json that change from run to run (everything else is deterministic).
 VOLATILE = ("date", "timing", "seconds", "cpu_seconds", "train_seconds", "train_cpu_seconds",
@@ -70,6 +70,16 @@ def finish_timing(t: dict[str, float], jobs: list[dict[str, Any]], n_jobs: int) 
     }
 
 
+_REF_KEYS = {"sft": ("task", "model", "train", "device", "backend", "ntl_weight"),
+             "rl": ("task", "model", "train", "device", "backend", "rl")}
+
+
+def reference_config(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a results.json ``config`` (or of ``Settings.to_dict()``) that a committed
+    reference must share with a run to be compared with it: everything but the seeds."""
+    return json.loads(json.dumps({k: config[k] for k in _REF_KEYS[stage]}))
+
+
 def load_reference(stage: str, s: Any) -> dict[str, Any] | None:
     """The committed multi-seed summary of ``stage`` ("sft" or "rl") from
     ``ntl/demo/reference.json``, or ``None`` when none is committed or its configuration
@@ -81,10 +91,37 @@ def load_reference(stage: str, s: Any) -> dict[str, Any] | None:
     ref = json.loads(text).get(stage)
     if not ref:
         return None
-    want = s.sft_dict() if stage == "sft" else {**s.sft_dict(), "rl": s.rl.to_dict()}
-    if stage == "sft":
-        want = {**want, "ntl_weight": s.ntl_weight}
-    return ref if ref.get("config") == json.loads(json.dumps(want)) else None
+    return ref if ref.get("config") == reference_config(stage, s.to_dict()) else None
+
+
+def write_reference(out: str, path: str, machine: str) -> dict[str, Any]:
+    """Write the committed summary ``path`` (``src/ntl/demo/reference.json``) from the
+    ``results.json`` and ``rl_results.json`` in ``out``: per stage the command, machine
+    (``machine``: a human description), date, seeds, configuration, per-arm summary (mean,
+    std, min, max) and the paired differences with their intervals."""
+    ref: dict[str, Any] = {}
+    for stage, name, paired in (("sft", "results.json", "paired_vs_CE"),
+                                ("rl", "rl_results.json", "paired_vs_GRPO")):
+        fn = os.path.join(out, name)
+        if not os.path.exists(fn):
+            continue
+        with open(fn) as f:
+            res = json.load(f)
+        seeds = res["config"]["seeds"]
+        cmd = "ntl demo" + (" --rl" if stage == "rl" else "") + " --seeds " + " ".join(map(str, seeds))
+        ref[stage] = {
+            "command": cmd, "machine": machine, "date": res["date"][:10], "seeds": seeds,
+            "versions": res["versions"], "config": reference_config(stage, res["config"]),
+            "summary": strip_volatile(res["summary"]), paired: res[paired],
+            "verdicts": res["verdicts"], "timing": res["timing"],
+        }
+        if stage == "rl":
+            ref[stage]["summary_before"] = res["summary_before"]
+            ref[stage]["change"] = res["change"]
+    with open(path, "w") as f:
+        json.dump(ref, f, indent=1)
+        f.write("\n")
+    return ref
 
 
 def strip_volatile(obj: Any) -> Any:

@@ -31,7 +31,7 @@ class RLConfig:
     steps: int = 200
     prompts_per_step: int = 8
     num_generations: int = 8
-    lr: float = 1e-4
+    lr: float = 2e-5
     temperature: float = 1.0
     ntl_weight: float = 0.1
     bonus_weight: float = 0.1

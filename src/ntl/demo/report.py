@@ -197,7 +197,8 @@ def plot_sft(runs: Sequence[dict[str, Any]], arms: Sequence[str], groups: Sequen
              paired: dict[str, Any], path: str) -> str | None:
     """``results.png``: training loss (CE part solid, total dashed; first seed), held-out
     exact match and digit accuracy per arm (mean, 95 % t-interval over seeds), and the
-    paired MAE difference vs CE per operation with its interval."""
+    paired relative MAE change vs CE per operation (``100 (MAE - MAE_CE) / MAE_CE`` per
+    seed; mean and t-interval)."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -229,16 +230,25 @@ def plot_sft(runs: Sequence[dict[str, Any]], arms: Sequence[str], groups: Sequen
     ax.legend(fontsize=8, loc="lower right")
 
     ax = axes[2]
+    from .stats import t_interval
+
     others = list(paired)
     gs = [g for g in groups if g != "all"] or ["all"]
     bw = 0.8 / len(gs)
+    base = arms[0]
+
+    def rel(r: dict[str, Any], a: str, g: str) -> float | None:
+        x, y = _metric(r, a, g, "mae"), _metric(r, base, g, "mae")
+        return None if x is None or not y else 100.0 * (x - y) / y
+
     for j, g in enumerate(gs):
-        stats = [paired[a][g]["mae"] for a in others]
+        stats = [t_interval([rel(r, a, g) for r in runs]) for a in others]
         _bars_with_ci(ax, others, stats, (j - (len(gs) - 1) / 2) * bw, bw, f"'{g}' problems", f"C{j + 3}")
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(range(len(others)), others)
-    ax.set_title("MAE − CE's MAE, paired by seed (below 0: NTL better)"
-                 + (f"\n95% t-interval, {n} seeds" if n > 1 else "\none seed: no interval"))
+    ax.set_ylabel(f"MAE change vs {base} (%)")
+    ax.set_title(f"MAE vs {base}, paired by seed (below 0: NTL better)"
+                 + (f"\nmean, 95% t-interval over {n} seeds" if n > 1 else "\none seed: no interval"))
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, plt, path)
@@ -251,38 +261,48 @@ def _save(fig: Any, plt: Any, path: str) -> str:
     return path
 
 
-def _curve(run: dict[str, Any], arm: str, key: str) -> tuple[list[float], list[float]]:
-    h = run["arms"][arm]["history"]
-    xs = [float(x) for x, v in zip(h["step"], h.get(key, []), strict=False) if v is not None]
-    ys = [float(v) for v in h.get(key, []) if v is not None]
-    return xs, ys
+def _curve(runs: Sequence[dict[str, Any]], arm: str, key: str) -> tuple[list[float], list[float]]:
+    """Per GRPO step, the mean of ``key`` over the seeds that logged it."""
+    acc: dict[float, list[float]] = {}
+    for run in runs:
+        h = run["arms"][arm]["history"]
+        for x, v in zip(h["step"], h.get(key, []), strict=False):
+            if v is not None:
+                acc.setdefault(float(x), []).append(float(v))
+    xs = sorted(acc)
+    return xs, [sum(acc[x]) / len(acc[x]) for x in xs]
 
 
 def plot_rl(runs: Sequence[dict[str, Any]], arms: Sequence[str], path: str,
             get_after: Getter, get_before: Callable[[dict[str, Any], str, str], float | None]) -> str | None:
     """``rl_results.png``: correctness reward, ``ntl/loss`` and ``ntl/digit_accuracy`` per GRPO
-    step (first seed, smoothed), and held-out exact match before / after per arm (mean,
+    step (mean over seeds, smoothed), and held-out exact match before / after per arm (mean,
     95 % t-interval over seeds)."""
     plt = _pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
-    run = runs[0]
     colors = {a: f"C{i}" for i, a in enumerate(arms)}
+    n = len(runs)
     panels = (("rewards/correctness_reward/mean", "correctness reward (mean per step)"),
               ("ntl/loss", "ntl/loss (W1 of the final-answer digits)"),
               ("ntl/digit_accuracy", "ntl/digit_accuracy (final-answer digits)"))
     for ax, (key, title) in zip(axes[:3], panels, strict=True):
         for a in arms:
-            xs, ys = _curve(run, a, key)
+            xs, ys = _curve(runs, a, key)
             if ys:
                 k = max(1, len(ys) // 25)
                 ax.plot(xs, _smooth(ys, k), color=colors[a], label=a)
+            if key.startswith("rewards/") and any(
+                    v is not None for r in runs for v in r["arms"][a]["history"].get("rewards/ntl_bonus/mean", [])):
+                xs, ys = _curve(runs, a, "reward")
+                ax.plot(xs, _smooth(ys, max(1, len(ys) // 25)), color=colors[a], ls="--",
+                        label=f"{a}: total reward (with the bonus)")
         ax.set_xlabel("GRPO step")
-        ax.set_title(f"{title}, seed {run['seed']}", fontsize=9)
+        ax.set_title(title + (f", mean of {n} seeds" if n > 1 else f", seed {runs[0]['seed']}"),
+                     fontsize=9)
         ax.legend(fontsize=7)
     ax = axes[3]
-    n = len(runs)
     from .stats import t_interval
 
     before = [t_interval([get_before(r, "all", "exact_match") for r in runs])] * len(arms)

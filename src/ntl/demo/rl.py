@@ -167,6 +167,9 @@ def rl_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[str
         ntl_config=NTLConfig(ntl_weight=arm.ntl_weight, ntl_method="wasserstein",
                              ntl_labels="final_answer", answer_column="ground_truth"),
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # with disable_tqdm it prints every log dict
     if holder is not None:
         holder["trainer"] = trainer
     trainer.train()
