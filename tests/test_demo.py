@@ -21,6 +21,7 @@ from ntl.demo import main
 from ntl.demo.common import strip_volatile
 from ntl.demo.config import Settings
 from ntl.demo.report import compare_to_reference
+from ntl.demo.runner import default_jobs, run_jobs
 from ntl.demo.sft import ce_model_paths, load_ce_model
 from ntl.demo.stats import position_in_range, t_critical, t_interval, verdict
 from ntl.demo.task import (
@@ -288,6 +289,26 @@ def test_compare_to_reference_places_each_arm():
     (line,) = compare_to_reference(summary, ref, ["CE"])
     assert "exact 0.550 inside" in line and "MAE 3.00 above" in line and "digit acc 0.700 below" in line
     assert compare_to_reference(summary, None, ["CE"]) == []
+
+
+def _square_job(payload, progress):
+    progress(2)
+    progress(1)
+    if payload < 0:
+        raise ArithmeticError(f"negative payload {payload}")
+    return payload * payload
+
+
+def test_run_jobs_in_process_order_progress_and_errors():
+    assert run_jobs(_square_job, [3, 1, 2], jobs=1, labels=["a", "b", "c"], totals=[3, 3, 3],
+                    progress=False) == [9, 1, 4]
+    with pytest.raises(ArithmeticError, match="negative payload -1"):
+        run_jobs(_square_job, [2, -1], jobs=1, labels=["a", "b"], totals=[3, 3], progress=False)
+    with pytest.raises(ValueError, match="jobs"):
+        run_jobs(_square_job, [1], jobs=0, labels=["a"], totals=[1])
+    with pytest.raises(ValueError, match="same length"):
+        run_jobs(_square_job, [1, 2], jobs=1, labels=["a"], totals=[1, 1])
+    assert default_jobs(15, 3) >= 3 and default_jobs(2, 3) == 2 and default_jobs(1, 3) == 1
 
 
 # ---------------------------------------------------------------------------

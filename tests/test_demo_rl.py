@@ -16,11 +16,11 @@ import torch
 
 pytest.importorskip("trl")
 
-from ntl.demo import main  # noqa: E402
-from ntl.demo.common import strip_volatile  # noqa: E402
-from ntl.demo.rl import make_bonus_reward  # noqa: E402
-from ntl.demo.task import demo_tokenizer, encode  # noqa: E402
-from ntl.demo.train import ModelConfig, build_model  # noqa: E402
+from ntl.demo import main
+from ntl.demo.common import strip_volatile
+from ntl.demo.rl import make_bonus_reward
+from ntl.demo.task import demo_tokenizer, encode
+from ntl.demo.train import ModelConfig, build_model
 
 TINY_RL = ["--rl", "--steps", "30", "--batch-size", "16", "--eval-size", "24", "--hidden", "32",
            "--layers", "1", "--rl-steps", "3", "--rl-prompts", "2", "--num-generations", "4",

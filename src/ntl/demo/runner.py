@@ -9,7 +9,8 @@ independent of the core count and of how jobs are scheduled: ``--jobs 1`` and
 ``run_jobs(fn, payloads, ...)`` calls ``fn(payload, progress)`` for every payload, either
 in this process (``jobs=1``) or in a pool of ``spawn``ed workers; ``progress(n)`` advances
 the job's tqdm bar, drawn by the parent (workers send their counts through a queue).
-Results come back in payload order. A job that raises stops the run with its error.
+Results come back in payload order. A job that raises stops the run with its error (jobs
+not started are dropped, running ones finish first).
 """
 
 from __future__ import annotations
@@ -102,7 +103,12 @@ def _run_pool(fn: Job, payloads: Sequence[Any], jobs: int, bars: list[Any]) -> l
             with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
                                      initargs=(1,)) as pool:
                 futures = [pool.submit(_call, fn, p, i, queue) for i, p in enumerate(payloads)]
-                return [f.result() for f in futures]
+                try:
+                    return [f.result() for f in futures]
+                except BaseException:
+                    for f in futures:  # jobs not started yet are dropped; running ones finish
+                        f.cancel()
+                    raise
         finally:
             stop.set()
             t.join()
