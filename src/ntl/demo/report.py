@@ -15,6 +15,7 @@ __all__ = [
     "COMPARED",
     "METRICS",
     "compare_to_reference",
+    "format_ci",
     "format_paired",
     "format_table",
     "paired_table",
@@ -104,7 +105,8 @@ def format_table(summary: dict[str, Any], arms: Sequence[str], groups: Sequence[
     return _render(cols, rows)
 
 
-def _ci(d: dict[str, Any], metric: str) -> str:
+def format_ci(d: dict[str, Any], metric: str) -> str:
+    """``mean [lo, hi]`` of a t-interval (just the mean without an interval)."""
     p = 2 if metric == "mae" else 3
     if d["mean"] is None:
         return "n/a"
@@ -116,7 +118,7 @@ def _ci(d: dict[str, Any], metric: str) -> str:
 def format_paired(paired: dict[str, Any], baseline: str, groups: Sequence[str]) -> str:
     """A markdown table of the paired differences vs ``baseline``: mean [95 % t-interval]."""
     cols = ["problems", f"arm - {baseline}", *(f"Δ {_HEAD[m]}" for m in COMPARED)]
-    rows = [[g, a, *(_ci(paired[a][g][m], m) for m in COMPARED)]
+    rows = [[g, a, *(format_ci(paired[a][g][m], m) for m in COMPARED)]
             for g in groups for a in paired]
     return _render(cols, rows)
 

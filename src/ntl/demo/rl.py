@@ -23,6 +23,7 @@ greedy decoding, as in the supervised stage.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -161,12 +162,18 @@ def rl_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[str
     if arm.bonus:
         bonus, holder = make_bonus_reward(tok, rl.bonus_weight, rl.temperature)
         rewards.append(bonus)
-    trainer = NTLGRPOTrainer(
-        model=model, processing_class=tok, args=args, train_dataset=ds, reward_funcs=rewards,
-        callbacks=[_progress_callback(progress)],
-        ntl_config=NTLConfig(ntl_weight=arm.ntl_weight, ntl_method="wasserstein",
-                             ntl_labels="final_answer", answer_column="ground_truth"),
-    )
+    ntl_log = logging.getLogger("ntl")
+    level = ntl_log.level
+    ntl_log.setLevel(logging.WARNING)  # the adapter's "NTL on ..." line, once per job, is noise here
+    try:
+        trainer = NTLGRPOTrainer(
+            model=model, processing_class=tok, args=args, train_dataset=ds, reward_funcs=rewards,
+            callbacks=[_progress_callback(progress)],
+            ntl_config=NTLConfig(ntl_weight=arm.ntl_weight, ntl_method="wasserstein",
+                                 ntl_labels="final_answer", answer_column="ground_truth"),
+        )
+    finally:
+        ntl_log.setLevel(level)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # with disable_tqdm it prints every log dict
@@ -225,13 +232,12 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
 
     os.makedirs(out, exist_ok=True)
     timing = start_timing()
-    device = torch.device(s.device)
     # 1. the CE models: reuse what this configuration already trained, train the rest
     before: dict[int, dict[str, Any]] = {}
     reused = []
     for seed in s.seeds:
-        _, js = ce_model_paths(out, s, seed)
-        if load_ce_model(out, s, seed, device) is not None:
+        pt, js = ce_model_paths(out, s, seed)
+        if os.path.exists(pt) and os.path.exists(js):
             with open(js) as f:
                 before[seed] = json.load(f)["metrics"]
             reused.append(seed)
@@ -286,8 +292,8 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
         "verdicts": verdicts(paired, "GRPO") if len(s.seeds) > 1 else [],
         "reference": ref and {k: ref[k] for k in ("command", "machine", "date", "seeds")},
         "against_reference": compare_to_reference(summary, ref, names),
-        "table": format_table(summary_before, ["SFT CE"], groups, len(s.seeds), label="model")
-                 + "\n" + format_table(summary, names, groups, len(s.seeds), label="model").split("\n", 2)[2],
+        "table": format_table({"SFT CE": summary_before["SFT CE"], **summary}, ["SFT CE", *names],
+                              groups, len(s.seeds), label="model"),
         "paired_table": format_paired(paired, "GRPO", groups),
         "runs": runs,
         "timing": timing,
@@ -307,6 +313,7 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
 
 def _print_rl(res: dict[str, Any], out: str) -> None:
     from .common import print_footer
+    from .report import format_ci
 
     c = res["config"]
     rl = c["rl"]
@@ -317,11 +324,12 @@ def _print_rl(res: dict[str, Any], out: str) -> None:
           f"lr {rl['lr']}, seeds {c['seeds']}")
     print("held-out metrics, before (the SFT CE model) and after GRPO:")
     print(res["table"])
-    print("\nchange after - before (mean over seeds), all problems:")
+    n = len(c["seeds"])
+    print("\nchange after - before GRPO, all problems (mean" + (f" [95% t-interval, {n} seeds]):" if n > 1 else "):"))
     for a, by_g in res["change"].items():
         ch = by_g["all"]
-        print(f"  {a:<11} exact {ch['exact_match']['mean']:+.3f}, MAE {ch['mae']['mean']:+.2f}, "
-              f"digit acc {ch['digit_accuracy']['mean']:+.3f}")
+        print(f"  {a:<11} exact {format_ci(ch['exact_match'], 'exact_match')}, MAE {format_ci(ch['mae'], 'mae')}, "
+              f"digit acc {format_ci(ch['digit_accuracy'], 'digit_accuracy')}")
     print("\nduring GRPO (means over steps and seeds):")
     for a, d in res["ntl_log"].items():
         arm = next(x for x in c["arms"] if x["name"] == a)
