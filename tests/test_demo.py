@@ -457,6 +457,15 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
         main(["--ops", "div"])
 
 
+def test_rl_stage_without_trl_says_what_to_install(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is not None:
+        pytest.skip("TRL is installed here; tests/test_demo_rl.py runs the RL stage")
+    assert main([*TINY, "--rl", "--out", str(tmp_path)]) == 2
+    assert ".[demo]" in capsys.readouterr().err
+
+
 def test_cli_dispatches_demo(tmp_path):
     from ntl.cli import main as cli_main
 
