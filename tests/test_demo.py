@@ -442,6 +442,14 @@ def test_quick_demo_twice_writes_identical_metrics(tmp_path):
     assert tr["final_window"]["ce"] < 0.7 * tr["first_step"]["ce"]  # it learns
 
 
+def test_plot_is_written_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    args = [a for a in TINY if a != "--no-plot"]
+    assert main([*args, "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["plot"] == "results.png" and (tmp_path / "results.png").stat().st_size > 10_000
+
+
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
     for args, name in ((["--steps", "0"], "--steps"), (["--ntl-weight", "-1"], "--ntl-weight"),
                        (["--device", "nonsense"], "--device"), (["--jobs", "-1"], "--jobs"),

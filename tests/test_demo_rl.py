@@ -115,6 +115,14 @@ def test_tiny_rl_stage_reuses_the_ce_model_and_applies_ntl(tmp_path, capsys):
     assert "trained now" in capsys.readouterr().out
 
 
+def test_rl_plot_is_written_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    args = [a for a in TINY_RL if a != "--no-plot"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "rl_results.json").read_text())
+    assert res["plot"] == "rl_results.png" and (tmp_path / "rl_results.png").stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_quick_rl_twice_writes_identical_metrics(tmp_path):
     """The CI check of issue 14 for the RL stage: `ntl demo --rl --quick` twice, separate
