@@ -1,18 +1,33 @@
-"""The demo's reporting: aggregation over seeds, the printed table, the plot."""
+"""The demo's reporting: summaries over seeds, paired differences, tables, verdicts, plots."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from .stats import LEVEL, describe, paired_differences, position_in_range, verdict
 
 log = logging.getLogger("ntl")
 
-__all__ = ["aggregate", "format_table", "paired_deltas", "plot_results"]
+__all__ = [
+    "COMPARED",
+    "METRICS",
+    "compare_to_reference",
+    "format_ci",
+    "format_paired",
+    "format_table",
+    "paired_table",
+    "plot_rl",
+    "plot_sft",
+    "summarize",
+    "verdicts",
+]
 
 METRICS = ("exact_match", "digit_accuracy", "mae", "median_ae", "unparsable")
+#: The metrics compared between arms, and whether higher is better.
+COMPARED = {"exact_match": True, "mae": False, "digit_accuracy": True}
 _HEAD = {
     "exact_match": "exact",
     "digit_accuracy": "digit acc",
@@ -20,49 +35,43 @@ _HEAD = {
     "median_ae": "median AE",
     "unparsable": "unparsable",
 }
+Getter = Callable[[dict[str, Any], str, str, str], float | None]
 
 
-def _mean_std(xs: Sequence[float | None]) -> dict[str, float | int | None]:
-    vals = [float(x) for x in xs if x is not None]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    m = sum(vals) / len(vals)
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"mean": m, "std": sd, "n": len(vals)}
+def _metric(run: dict[str, Any], arm: str, group: str, metric: str) -> float | None:
+    return run["arms"][arm]["metrics"][group][metric]
 
 
-def aggregate(runs: Sequence[dict[str, Any]], arms: Sequence[str],
-              groups: Sequence[str]) -> dict[str, Any]:
-    """Mean and sample standard deviation (ddof=1; 0 for one seed) over seeds of every
-    metric, per arm and group (``all`` and each operation)."""
-    out: dict[str, Any] = {}
-    for arm in arms:
-        out[arm] = {}
-        for g in groups:
-            out[arm][g] = {
-                m: _mean_std([r["arms"][arm]["metrics"][g][m] for r in runs]) for m in METRICS
-            }
+def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str], groups: Sequence[str],
+              get: Getter = _metric) -> dict[str, Any]:
+    """``{arm: {group: {metric: describe(values over seeds)}}}`` (mean, sample std, min, max,
+    n); ``get(run, arm, group, metric)`` reads one value."""
+    return {arm: {g: {m: describe([get(r, arm, g, m) for r in runs]) for m in METRICS}
+                  for g in groups} for arm in arms}
+
+
+def paired_table(runs: Sequence[dict[str, Any]], arms: Sequence[str], groups: Sequence[str],
+                 baseline: str, get: Getter = _metric) -> dict[str, Any]:
+    """``{arm: {group: {metric: t_interval of (arm - baseline) over seeds}}}`` for the
+    :data:`COMPARED` metrics and every arm but ``baseline``."""
+    out: dict[str, Any] = {a: {} for a in arms if a != baseline}
+    for g in groups:
+        for m in COMPARED:
+            diffs = paired_differences({a: [get(r, a, g, m) for r in runs] for a in arms}, baseline)
+            for a, d in diffs.items():
+                out[a].setdefault(g, {})[m] = d
     return out
 
 
-def paired_deltas(runs: Sequence[dict[str, Any]], arms: Sequence[str], groups: Sequence[str],
-                  baseline: str = "CE") -> dict[str, Any]:
-    """Per seed ``metric(arm) - metric(baseline)`` (same seed, same data), mean ± std over
-    seeds, for every non-baseline arm, group and metric."""
-    out: dict[str, Any] = {}
-    for arm in arms:
-        if arm == baseline:
-            continue
-        out[arm] = {}
-        for g in groups:
-            out[arm][g] = {}
-            for m in METRICS:
-                ds = []
-                for r in runs:
-                    x, y = r["arms"][arm]["metrics"][g][m], r["arms"][baseline]["metrics"][g][m]
-                    ds.append(None if x is None or y is None else x - y)
-                out[arm][g][m] = _mean_std(ds)
-    return out
+def verdicts(paired: dict[str, Any], baseline: str, group: str = "all") -> list[str]:
+    """One plain-words sentence per arm and compared metric (:func:`ntl.demo.stats.verdict`)."""
+    lines = []
+    for arm, by_group in paired.items():
+        for m, hib in COMPARED.items():
+            d = by_group[group][m]
+            lines.append(verdict(arm, baseline, _HEAD[m], d, higher_is_better=hib,
+                                 decimals=1 if m == "mae" else 3))
+    return lines
 
 
 def _fmt(stat: dict[str, Any], metric: str, with_std: bool) -> str:
@@ -70,28 +79,83 @@ def _fmt(stat: dict[str, Any], metric: str, with_std: bool) -> str:
     if m is None:
         return "n/a"
     if metric in ("mae", "median_ae"):
-        s = f"{m:.1f}" if m < 1000 else f"{m:.0f}"
-        return f"{s} ± {sd:.1f}" if with_std else s
+        s = f"{m:.2f}" if m < 100 else f"{m:.0f}"
+        return f"{s} ± {sd:.2f}" if with_std else s
     s = f"{m:.3f}"
     return f"{s} ± {sd:.3f}" if with_std else s
 
 
-def format_table(agg: dict[str, Any], arms: Sequence[str], groups: Sequence[str],
-                 n_seeds: int) -> str:
-    """A plain-text (markdown-compatible) table: one row per (group, arm)."""
-    with_std = n_seeds > 1
-    cols = ["problems", "arm", *(_HEAD[m] for m in METRICS)]
-    rows = []
-    for g in groups:
-        for arm in arms:
-            rows.append([g, arm, *(_fmt(agg[arm][g][m], m, with_std) for m in METRICS)])
+def _render(cols: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)) + " |"
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cols), sep, *(line(r) for r in rows)])
+
+
+def format_table(summary: dict[str, Any], arms: Sequence[str], groups: Sequence[str],
+                 n_seeds: int, label: str = "arm") -> str:
+    """A markdown table, one row per (group, arm): mean (± sample std over seeds)."""
+    with_std = n_seeds > 1
+    cols = ["problems", label, *(_HEAD[m] for m in METRICS)]
+    rows = [[g, a, *(_fmt(summary[a][g][m], m, with_std) for m in METRICS)]
+            for g in groups for a in arms]
+    return _render(cols, rows)
+
+
+def format_ci(d: dict[str, Any], metric: str) -> str:
+    """``mean [lo, hi]`` of a t-interval (just the mean without an interval)."""
+    p = 2 if metric == "mae" else 3
+    if d["mean"] is None:
+        return "n/a"
+    if d["lo"] is None:
+        return f"{d['mean']:+.{p}f}"
+    return f"{d['mean']:+.{p}f} [{d['lo']:+.{p}f}, {d['hi']:+.{p}f}]"
+
+
+def format_paired(paired: dict[str, Any], baseline: str, groups: Sequence[str]) -> str:
+    """A markdown table of the paired differences vs ``baseline``: mean [95 % t-interval]."""
+    cols = ["problems", f"arm - {baseline}", *(f"Δ {_HEAD[m]}" for m in COMPARED)]
+    rows = [[g, a, *(format_ci(paired[a][g][m], m) for m in COMPARED)]
+            for g in groups for a in paired]
+    return _render(cols, rows)
+
+
+def compare_to_reference(summary: dict[str, Any], reference: dict[str, Any] | None,
+                         arms: Sequence[str], group: str = "all") -> list[str]:
+    """Where this run's per-arm means sit against a committed multi-seed run: for each arm
+    and compared metric, "inside"/"below"/"above" the committed seeds' ``[min, max]``."""
+    if not reference:
+        return []
+    out = []
+    for a in arms:
+        parts = []
+        for m in COMPARED:
+            ref = reference["summary"].get(a, {}).get(group, {}).get(m)
+            v = summary[a][group][m]["mean"]
+            if ref is None or v is None:
+                continue
+            pos = position_in_range(v, ref["min"], ref["max"])
+            p = 2 if m == "mae" else 3
+            parts.append(f"{_HEAD[m]} {v:.{p}f} {pos} [{ref['min']:.{p}f}, {ref['max']:.{p}f}]")
+        if parts:
+            out.append(f"  {a:<12} " + "; ".join(parts))
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot written (pip install -e '.[demo]' from a clone)")
+        return None
+    return plt
 
 
 def _smooth(xs: Sequence[float], k: int) -> list[float]:
@@ -106,70 +170,144 @@ def _smooth(xs: Sequence[float], k: int) -> list[float]:
     return out
 
 
-def plot_results(runs: Sequence[dict[str, Any]], agg: dict[str, Any], arms: Sequence[str],
-                 path: str) -> str | None:
-    """Write ``results.png``: training CE part and total loss per arm (first seed,
-    smoothed), exact/digit accuracy and unparsable bars, MAE bars (mean ± std over
-    seeds). Returns the path, or ``None`` (with a warning) without matplotlib."""
-    try:
-        import matplotlib
+def _err(summary_or_paired: dict[str, Any]) -> tuple[float, float] | None:
+    d = summary_or_paired
+    if d.get("lo") is None:
+        return None
+    return d["mean"] - d["lo"], d["hi"] - d["mean"]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: results.png not written "
-                    "(pip install 'ntl[demo]')")
+
+def _bars_with_ci(ax: Any, arms: Sequence[str], stats: Sequence[dict[str, Any]],
+                  offset: float, width: float, label: str, color: str) -> None:
+    means = [s["mean"] if s["mean"] is not None else 0.0 for s in stats]
+    errs = [_err(s) for s in stats]
+    yerr = None
+    if all(e is not None for e in errs):
+        yerr = [[e[0] for e in errs], [e[1] for e in errs]]  # type: ignore[index]
+    ax.bar([i + offset for i in range(len(arms))], means, width, yerr=yerr, capsize=3,
+           label=label, color=color)
+
+
+def _interval_of_means(runs: Sequence[dict[str, Any]], arm: str, group: str, metric: str,
+                       get: Getter) -> dict[str, Any]:
+    from .stats import t_interval
+
+    return t_interval([get(r, arm, group, metric) for r in runs], LEVEL)
+
+
+def plot_sft(runs: Sequence[dict[str, Any]], arms: Sequence[str], groups: Sequence[str],
+             paired: dict[str, Any], path: str) -> str | None:
+    """``results.png``: training loss (CE part solid, total dashed; first seed), held-out
+    exact match and digit accuracy per arm (mean, 95 % t-interval over seeds), and the
+    paired MAE difference vs CE per group (mean and t-interval, as in the printed table)."""
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     run = runs[0]
-    ax = axes[0]
     colors = {a: f"C{i}" for i, a in enumerate(arms)}
+    ax = axes[0]
     for a in arms:
         h = run["arms"][a]["train"]["history"]
-        k = max(1, len(h["ce"]) // 40)
+        k = max(1, len(h["ce"]) // 60)
         ax.plot(_smooth(h["ce"], k), color=colors[a], label=f"{a}: CE part")
-        if any(w != c for w, c in zip(h["loss"], h["ce"], strict=False)):
+        if any(w != c for w, c in zip(h["loss"], h["ce"], strict=True)):
             ax.plot(_smooth(h["loss"], k), color=colors[a], ls="--", alpha=0.7,
-                    label=f"{a}: total (CE + w·NTL)")
+                    label=f"{a}: total")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_ylabel("training loss (completion tokens)")
     ax.set_title(f"training loss (seed {run['seed']})")
     ax.legend(fontsize=7)
 
-    x = list(range(len(arms)))
-    n_seeds = len(runs)
-
-    def err(vals: list[float]) -> list[float] | None:
-        return vals if n_seeds > 1 else None
-
+    n = len(runs)
     ax = axes[1]
-    bw = 0.27
-    for j, m in enumerate(("exact_match", "digit_accuracy", "unparsable")):
-        means = [agg[a]["all"][m]["mean"] or 0.0 for a in arms]
-        stds = [agg[a]["all"][m]["std"] or 0.0 for a in arms]
-        ax.bar([i + (j - 1) * bw for i in x], means, bw, yerr=err(stds), label=_HEAD[m],
-               capsize=3)
-    ax.set_xticks(x, list(arms))
+    for j, (m, c) in enumerate((("exact_match", "C0"), ("digit_accuracy", "C2"))):
+        stats = [_interval_of_means(runs, a, "all", m, _metric) for a in arms]
+        _bars_with_ci(ax, arms, stats, (j - 0.5) * 0.38, 0.38, _HEAD[m], c)
+    ax.set_xticks(range(len(arms)), list(arms))
     ax.set_ylim(0, 1)
-    ax.set_title("held-out accuracy (all problems)"
-                 + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else ""))
-    ax.legend(fontsize=8)
+    ax.set_title("held-out accuracy" + (f" (mean, 95% CI over {n} seeds)" if n > 1 else ""))
+    ax.legend(fontsize=8, loc="lower right")
 
     ax = axes[2]
-    groups = [g for g in next(iter(agg.values())) if g != "all"] or ["all"]
-    bw = 0.8 / max(1, len(groups))
+    others = list(paired)
+    bw = 0.8 / len(groups)
     for j, g in enumerate(groups):
-        means = [agg[a][g]["mae"]["mean"] or 0.0 for a in arms]
-        stds = [agg[a][g]["mae"]["std"] or 0.0 for a in arms]
-        ax.bar([i + (j - (len(groups) - 1) / 2) * bw for i in x], means, bw, yerr=err(stds),
-               label=f"'{g}' problems", capsize=3)
-    ax.set_xticks(x, list(arms))
-    ax.set_yscale("log")
-    ax.set_title("held-out mean absolute error (lower is better)")
+        stats = [paired[a][g]["mae"] for a in others]
+        _bars_with_ci(ax, others, stats, (j - (len(groups) - 1) / 2) * bw, bw, f"'{g}' problems",
+                      f"C{j + 3}")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(others)), others)
+    ax.set_ylabel(f"MAE − {arms[0]}'s MAE")
+    ax.set_title(f"MAE difference vs {arms[0]}, paired by seed (below 0: NTL better)"
+                 + (f"\nmean, 95% t-interval over {n} seeds" if n > 1 else "\none seed: no interval"),
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _curve(runs: Sequence[dict[str, Any]], arm: str, key: str) -> tuple[list[float], list[float]]:
+    """Per GRPO step, the mean of ``key`` over the seeds that logged it."""
+    acc: dict[float, list[float]] = {}
+    for run in runs:
+        h = run["arms"][arm]["history"]
+        for x, v in zip(h["step"], h.get(key, []), strict=False):
+            if v is not None:
+                acc.setdefault(float(x), []).append(float(v))
+    xs = sorted(acc)
+    return xs, [sum(acc[x]) / len(acc[x]) for x in xs]
+
+
+def plot_rl(runs: Sequence[dict[str, Any]], arms: Sequence[str], path: str,
+            get_after: Getter, get_before: Callable[[dict[str, Any], str, str], float | None]) -> str | None:
+    """``rl_results.png``: correctness reward, ``ntl/loss`` and ``ntl/digit_accuracy`` per GRPO
+    step (mean over seeds, smoothed), and held-out exact match before / after per arm (mean,
+    95 % t-interval over seeds)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    colors = {a: f"C{i}" for i, a in enumerate(arms)}
+    n = len(runs)
+    panels = (("rewards/correctness_reward/mean", "correctness reward (mean per step)"),
+              ("ntl/loss", "ntl/loss (W1 of the final-answer digits)"),
+              ("ntl/digit_accuracy", "ntl/digit_accuracy (final-answer digits)"))
+    for ax, (key, title) in zip(axes[:3], panels, strict=True):
+        for a in arms:
+            xs, ys = _curve(runs, a, key)
+            if ys:
+                k = max(1, len(ys) // 25)
+                ax.plot(xs, _smooth(ys, k), color=colors[a], label=a)
+            if key.startswith("rewards/") and any(
+                    v is not None for r in runs for v in r["arms"][a]["history"].get("rewards/ntl_bonus/mean", [])):
+                xs, ys = _curve(runs, a, "reward")
+                ax.plot(xs, _smooth(ys, max(1, len(ys) // 25)), color=colors[a], ls="--",
+                        label=f"{a}: total reward (with the bonus)")
+        ax.set_xlabel("GRPO step")
+        ax.set_title(title + (f", mean of {n} seeds" if n > 1 else f", seed {runs[0]['seed']}"),
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    ax = axes[3]
+    from .stats import t_interval
+
+    before = [t_interval([get_before(r, "all", "exact_match") for r in runs])] * len(arms)
+    after = [_interval_of_means(runs, a, "all", "exact_match", get_after) for a in arms]
+    _bars_with_ci(ax, arms, before, -0.2, 0.38, "before (SFT CE model)", "0.6")
+    _bars_with_ci(ax, arms, after, 0.2, 0.38, "after GRPO", "C0")
+    lo = min((s["lo"] if s["lo"] is not None else s["mean"]) or 0.0 for s in before + after)
+    ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+    ax.set_xticks(range(len(arms)), list(arms))
+    ax.set_title("held-out exact match" + (f" (mean, 95% CI over {n} seeds)" if n > 1 else ""),
+                 fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, plt, path)

@@ -1,10 +1,18 @@
 """The demo's synthetic arithmetic task: tokenizer, problems, answer parser, metrics.
 
-Task (fixed; see ``docs/demo.md``): ``"<bos>" + A + op + B + "=" + C + "<eos>"`` with
-``op`` in ``{"+", "*"}``, ``a, b`` uniform in ``[0, 10**d_op)``, the operands
-zero-padded to ``width = max d_op`` characters (so every prompt has the same length
-and greedy decoding batches without padding) and the answer ``c = a op b`` written
-in natural order (most significant digit first) without leading zeros.
+One example is ``<bos> A op B = #### C <eos>``:
+
+* the **prompt** ``"AAA+BBB="``: ``op`` in ``{"+", "*"}``, ``a`` uniform in ``[0, 10**da)``,
+  ``b`` in ``[0, 10**db)`` (``(da, db)`` per operation), both operands zero-padded to the
+  widest operand, so every prompt has the same length (batches need no padding, for
+  training, greedy decoding and TRL's generation alike);
+* the **completion** ``"####C"``: the GSM8K final-answer marker ``####`` (one token), then
+  ``c = a op b`` in natural digit order (most significant digit first, no leading zeros).
+  The marker is what :func:`ntl.answers.extract_answer` and NTL's ``final_answer`` targets
+  look for, so the RL stage applies to the same completions.
+
+The tokenizer is a ``transformers.PreTrainedTokenizerFast`` built in code (nothing is
+downloaded): one token per character, the ten digits each one token, plus ``####``.
 """
 
 from __future__ import annotations
@@ -12,66 +20,70 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
-    "CharTokenizer",
+    "MARKER",
+    "OPS",
     "Problem",
     "answer_metrics",
     "build_batch",
+    "demo_tokenizer",
     "digit_accuracy",
+    "encode",
     "make_problems",
+    "max_answer_len",
     "mean_absolute_error",
     "parse_answer",
+    "prompt_width",
 ]
 
 OPS = ("+", "*")
-_INT_RE = re.compile(r"-?[0-9]+")
+MARKER = "####"
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+TOKENS = (*"0123456789", "+", "*", "=", MARKER)
+_PIECE_RE = re.compile(re.escape(MARKER) + "|.", re.DOTALL)
+_ANSWER_RE = re.compile(re.escape(MARKER) + r"(-?[0-9]+)")
+
+Digits = Mapping[str, tuple[int, int]]
 
 
-class CharTokenizer:
-    """A character-level tokenizer built in code: one token per character.
+def demo_tokenizer() -> Any:
+    """The demo's tokenizer: ``<pad> <bos> <eos> <unk>``, ``'0'..'9'``, ``+ * =`` and ``####``.
 
-    Vocabulary: ``<pad>`` (0), ``<bos>`` (1), ``<eos>`` (2), the digits ``'0'..'9'``
-    (3..12), ``'+'``, ``'*'``, ``'='``, ``' '``. Exposes ``get_vocab()`` and ``len()``,
-    so ``ntl.DigitVocab.from_tokenizer(tok)`` finds the ten digit tokens.
+    A ``PreTrainedTokenizerFast`` (so TRL accepts it) over a ``tokenizers`` word-level
+    model whose pre-tokenizer splits ``####`` or else single characters; ``tok(text)``
+    prepends ``<bos>``; decoding concatenates the pieces.
     """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    specials = ("<pad>", "<bos>", "<eos>")
-    chars = "0123456789+*= "
+    vocab = {t: i for i, t in enumerate((*SPECIALS, *TOKENS))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(_PIECE_RE.pattern), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                   bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
 
-    def __init__(self) -> None:
-        self._tokens = list(self.specials) + list(self.chars)
-        self._ids = {t: i for i, t in enumerate(self._tokens)}
-        self.pad_token_id = self._ids["<pad>"]
-        self.bos_token_id = self._ids["<bos>"]
-        self.eos_token_id = self._ids["<eos>"]
 
-    def __len__(self) -> int:
-        return len(self._tokens)
+def encode(vocab: Mapping[str, int], text: str) -> list[int]:
+    """Token ids of ``text`` without specials, from ``tok.get_vocab()`` (the tokenizer's
+    own split, done with a dict instead of a tokenizer call per problem).
 
-    def get_vocab(self) -> dict[str, int]:
-        """``{token_text: id}``."""
-        return dict(self._ids)
-
-    def encode(self, text: str) -> list[int]:
-        """Ids of the characters of ``text`` (no specials added)."""
-        try:
-            return [self._ids[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"CharTokenizer.encode: character {e.args[0]!r} is not in the vocabulary") from None
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``; special tokens appear as ``<pad>`` etc. unless skipped."""
-        out = []
-        for i in ids:
-            t = self._tokens[int(i)]
-            if skip_special_tokens and t in self.specials:
-                continue
-            out.append(t)
-        return "".join(out)
+    Raises ``ValueError`` naming a character that has no token.
+    """
+    out = []
+    for piece in _PIECE_RE.findall(text):
+        i = vocab.get(piece)
+        if i is None:
+            raise ValueError(f"encode: {piece!r} is not a token of the demo tokenizer")
+        out.append(i)
+    return out
 
 
 @dataclass(frozen=True)
@@ -90,55 +102,75 @@ class Problem:
         """``"AAA op BBB="`` with both operands zero-padded to ``width`` characters."""
         return f"{self.a:0{width}d}{self.op}{self.b:0{width}d}="
 
+    @property
+    def completion(self) -> str:
+        """``"####C"``: the marker and the answer in natural digit order."""
+        return f"{MARKER}{self.answer}"
 
-def max_answer_len(digits: Mapping[str, int]) -> int:
-    """Longest answer in characters: ``d + 1`` for ``+``, ``2 d`` for ``*`` (``d`` = max digits)."""
-    return max((d + 1) if op == "+" else (2 * d) for op, d in digits.items())
 
-
-def make_problems(n: int, digits: Mapping[str, int], seed: int,
-                  exclude: set[Problem] | frozenset[Problem] = frozenset()) -> list[Problem]:
-    """``n`` problems from a seeded generator (``numpy`` PCG64).
-
-    ``digits`` maps each operation (``"+"``, ``"*"``) to its operands' maximum number
-    of digits ``d``; the operation is uniform over the keys, the operands uniform in
-    ``[0, 10**d)``. Problems in ``exclude`` are skipped. Deterministic for given
-    arguments.
-    """
+def _check_digits(digits: Digits) -> None:
     ops = list(digits)
     bad = [op for op in ops if op not in OPS]
     if bad or not ops:
-        raise ValueError(f"digits must map a non-empty subset of {OPS} to digit counts, got {digits}")
+        raise ValueError(f"digits must map a non-empty subset of {OPS} to (da, db), got {digits}")
     for op, d in digits.items():
-        if not isinstance(d, int) or d < 1:
-            raise ValueError(f"digits[{op!r}] must be an int >= 1, got {d!r}")
+        if (not isinstance(d, tuple) or len(d) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in d)):
+            raise ValueError(f"digits[{op!r}] must be a pair of ints >= 1, got {d!r}")
+
+
+def prompt_width(digits: Digits) -> int:
+    """Characters per operand in the prompt: the most digits of any operand."""
+    _check_digits(digits)
+    return max(max(d) for d in digits.values())
+
+
+def max_answer_len(digits: Digits) -> int:
+    """Longest answer in digits: ``max(da, db) + 1`` for ``+``, ``da + db`` for ``*``."""
+    _check_digits(digits)
+    return max((max(d) + 1) if op == "+" else sum(d) for op, d in digits.items())
+
+
+def make_problems(n: int, digits: Digits, seed: int,
+                  exclude: set[Problem] | frozenset[Problem] = frozenset()) -> list[Problem]:
+    """``n`` problems from a seeded generator (``numpy`` PCG64).
+
+    ``digits`` maps each operation (``"+"``, ``"*"``) to its operands' maximum numbers of
+    digits ``(da, db)``; the operation is uniform over the keys, ``a`` uniform in
+    ``[0, 10**da)``, ``b`` in ``[0, 10**db)``. Problems in ``exclude`` are skipped.
+    Deterministic for given arguments.
+    """
+    _check_digits(digits)
+    ops = list(digits)
     rng = np.random.default_rng(seed)
     out: list[Problem] = []
     while len(out) < n:
         m = n - len(out)
         op_idx = rng.integers(0, len(ops), size=m).tolist()
         u = rng.random(size=(m, 2)).tolist()
-        for o, (x, y) in zip(op_idx, u, strict=False):
-            hi = 10 ** digits[ops[o]]
-            p = Problem(int(x * hi), ops[o], int(y * hi))
+        for o, (x, y) in zip(op_idx, u, strict=True):
+            da, db = digits[ops[o]]
+            p = Problem(int(x * 10**da), ops[o], int(y * 10**db))
             if p not in exclude:
                 out.append(p)
     return out
 
 
-def build_batch(problems: Sequence[Problem], tok: CharTokenizer, width: int,
+def build_batch(problems: Sequence[Problem], tok: Any, width: int,
                 length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, labels)``, both ``[B, length]``, right-padded with ``<pad>``.
 
-    ``labels`` holds the token id on the answer tokens and the final ``<eos>``, and
-    ``-100`` on ``<bos>``, the prompt and padding (the loss sees only the answer).
-    Labels are aligned with ``input_ids``: the causal shift is done by the trainer.
+    ``input_ids`` = ``<bos>`` prompt completion ``<eos>``; ``labels`` holds the token id
+    on the completion (``####`` and the answer digits) and the final ``<eos>``, ``-100``
+    on ``<bos>``, the prompt and padding. Labels are aligned with ``input_ids``: the
+    causal shift is the trainer's job.
     """
+    vocab = tok.get_vocab()
     ids = torch.full((len(problems), length), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(problems), length), -100, dtype=torch.long)
     for r, p in enumerate(problems):
-        prompt = [tok.bos_token_id, *tok.encode(p.prompt(width))]
-        answer = [*tok.encode(str(p.answer)), tok.eos_token_id]
+        prompt = [tok.bos_token_id, *encode(vocab, p.prompt(width))]
+        answer = [*encode(vocab, p.completion), tok.eos_token_id]
         seq = prompt + answer
         if len(seq) > length:
             raise ValueError(f"sequence length {len(seq)} exceeds length={length}")
@@ -148,35 +180,34 @@ def build_batch(problems: Sequence[Problem], tok: CharTokenizer, width: int,
 
 
 # ---------------------------------------------------------------------------
-# Parsing and metrics (on decoded answer texts)
+# Parsing and metrics (on decoded completions)
 # ---------------------------------------------------------------------------
 
 
 def parse_answer(text: str) -> int | None:
-    """The integer an answer text denotes, or ``None`` if it is unparsable.
+    """The integer a completion states, or ``None`` if it is unparsable.
 
-    Rule: strip surrounding whitespace; the rest must be an optional ``-`` followed by
-    one or more ASCII digits, nothing else. Leading zeros are allowed
-    (``"007"`` -> 7). ``""``, ``"12a"``, ``"1 2"``, ``"+5"``, ``"<pad>"`` -> ``None``.
+    Rule: strip surrounding whitespace; the rest must be ``####`` followed by an
+    optional ``-`` and one or more ASCII digits, nothing else. Leading zeros are
+    allowed (``"####007"`` -> 7). ``"579"`` (no marker), ``"####"``, ``"####12a"``,
+    ``"####1 2"``, ``"####+5"``, ``"####5<pad>"`` -> ``None``.
     """
-    s = text.strip()
-    if not _INT_RE.fullmatch(s):
-        return None
-    return int(s)
+    m = _ANSWER_RE.fullmatch(text.strip())
+    return None if m is None else int(m.group(1))
 
 
 def digit_accuracy(text: str, truth: int) -> float:
-    """Place-value digit accuracy of one answer: ``matches / max(len(p), len(t))``.
+    """Place-value digit accuracy of one completion: ``matches / max(len(p), len(t))``.
 
-    ``p`` is the digit string of the parsed answer as written (sign dropped, leading
-    zeros kept), ``t = str(abs(truth))``; both are right-aligned (units with units)
-    and a digit position present in only one of them counts as wrong. An unparsable
-    answer scores 0. Example: ``"579"`` vs 579 -> 1; ``"589"`` vs 579 -> 2/3;
-    ``"57"`` vs 579 -> 0/3 (5 != 7 and 7 != 9 after right alignment); ``"007"`` vs 7 -> 1/3.
+    ``p`` is the digit string after ``####`` as written (sign dropped, leading zeros
+    kept), ``t = str(abs(truth))``; both are right-aligned (units with units) and a digit
+    position present in only one of them counts as wrong. An unparsable completion
+    scores 0. Examples: ``"####579"`` vs 579 -> 1; ``"####589"`` -> 2/3; ``"####57"`` ->
+    0/3 (5 != 7 and 7 != 9 after right alignment); ``"####007"`` vs 7 -> 1/3.
     """
     if parse_answer(text) is None:
         return 0.0
-    p = text.strip().lstrip("-")
+    p = text.strip()[len(MARKER):].lstrip("-")
     t = str(abs(int(truth)))
     n = max(len(p), len(t))
     matches = sum(1 for x, y in zip(reversed(p), reversed(t), strict=False) if x == y)
@@ -191,7 +222,7 @@ def mean_absolute_error(preds: Sequence[int | None], truths: Sequence[int]) -> f
     """
     if len(preds) != len(truths):
         raise ValueError(f"preds has {len(preds)} entries but truths has {len(truths)}")
-    errs = [abs(p - t) for p, t in zip(preds, truths, strict=False) if p is not None]
+    errs = [abs(p - t) for p, t in zip(preds, truths, strict=True) if p is not None]
     if not errs:
         return None
     return float(sum(errs) / len(errs))
@@ -206,12 +237,12 @@ def answer_metrics(texts: Sequence[str], truths: Sequence[int]) -> dict[str, flo
         raise ValueError("answer_metrics needs at least one answer")
     preds = [parse_answer(t) for t in texts]
     n = len(texts)
-    errs = [abs(p - t) for p, t in zip(preds, truths, strict=False) if p is not None]
+    errs = [abs(p - t) for p, t in zip(preds, truths, strict=True) if p is not None]
     return {
-        "exact_match": sum(1 for p, t in zip(preds, truths, strict=False) if p is not None and p == t) / n,
+        "exact_match": sum(1 for p, t in zip(preds, truths, strict=True) if p is not None and p == t) / n,
         "mae": mean_absolute_error(preds, truths),
         "median_ae": float(np.median(errs)) if errs else None,
-        "digit_accuracy": sum(digit_accuracy(x, t) for x, t in zip(texts, truths, strict=False)) / n,
+        "digit_accuracy": sum(digit_accuracy(x, t) for x, t in zip(texts, truths, strict=True)) / n,
         "unparsable": sum(1 for p in preds if p is None) / n,
         "n": n,
     }

@@ -1,4 +1,4 @@
-"""The demo's model, training loop (one arm) and batched greedy decoding."""
+"""The demo's model, supervised training loop (one arm) and batched greedy decoding."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 import ntl
 
-from .task import CharTokenizer, Problem
+from .task import Problem, encode
 
 log = logging.getLogger("ntl")
+
+__all__ = ["Arm", "ModelConfig", "TrainConfig", "build_model", "greedy_answers", "train_arm"]
+
 
 def _cache_arg() -> str:
     from transformers import Qwen2ForCausalLM
@@ -25,14 +28,9 @@ def _cache_arg() -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-_CACHE_ARG = _cache_arg()
-
-__all__ = ["Arm", "ModelConfig", "TrainConfig", "build_model", "greedy_answers", "train_arm"]
-
-
 @dataclass(frozen=True)
 class Arm:
-    """One arm of the experiment: the loss ``CE + ntl_weight * NTL(method)``."""
+    """One supervised arm: the loss ``CE + ntl_weight * NTL(method)``."""
 
     name: str
     ntl_weight: float
@@ -42,24 +40,31 @@ class Arm:
 @dataclass(frozen=True)
 class ModelConfig:
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 512
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 400
+    steps: int = 1500
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
-    warmup: int = 40
+    warmup: int = 150
     grad_clip: float = 1.0
     backend: str = "auto"
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-def build_model(tok: CharTokenizer, cfg: ModelConfig, max_len: int, device: torch.device) -> Any:
-    """A tiny Qwen2 causal LM (random init from the current torch RNG state)."""
+
+def build_model(tok: Any, cfg: ModelConfig, max_len: int, device: torch.device) -> Any:
+    """A tiny Qwen2 causal LM for ``tok``'s vocabulary (random init from the current torch
+    RNG state), tied embeddings, no dropout."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -81,7 +86,7 @@ def build_model(tok: CharTokenizer, cfg: ModelConfig, max_len: int, device: torc
     return Qwen2ForCausalLM(config).to(device)
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
+def lr_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warmup to 1, then cosine decay to 0.1."""
     if step < warmup:
         return (step + 1) / warmup
@@ -92,29 +97,35 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 def train_arm(
     model: Any,
     arm: Arm,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     vocab: ntl.NumberVocab,
     cfg: TrainConfig,
     device: torch.device,
-    progress: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` in place on ``batches`` with ``arm``'s loss.
+    """Train ``model`` in place for ``cfg.steps`` steps with ``arm``'s loss.
 
+    ``batches``: a sequence of ``(input_ids, labels)`` or a function ``step -> batch``.
     The loss of a batch is ``ntl.cross_entropy_with_ntl(logits[:, :-1], labels[:, 1:],
-    vocab, ntl_weight=arm.ntl_weight, method=arm.method, return_parts=True)`` (the
-    causal shift: the logits at position t predict the token at t+1).
+    vocab, ntl_weight=arm.ntl_weight, method=arm.method, return_parts=True)`` (the causal
+    shift: the logits at position t predict the token at t+1). AdamW, linear warmup and
+    cosine decay (:func:`lr_factor`), gradient clipping.
 
-    Returns the per-step history (``loss``, ``ce``, ``ntl``), the first step's parts
-    and the wall time.
+    Returns the per-step history (``loss``, ``ce``, ``ntl``), the first step's parts, the
+    mean of the last 20 steps, and the wall and CPU seconds. ``progress(n)`` is called
+    with the number of steps done since its last call.
     """
+    get = batches if callable(batches) else batches.__getitem__
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98),
                             weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup))
     model.train()
     hist: dict[str, list[float]] = {"loss": [], "ce": [], "ntl": []}
     parts_buf: list[torch.Tensor] = []
-    t0 = time.perf_counter()
-    for step, (ids, labels) in enumerate(batches[: cfg.steps]):
+    t0, c0 = time.perf_counter(), time.process_time()
+    done = 0
+    for step in range(cfg.steps):
+        ids, labels = get(step)
         ids = ids.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         logits = model(input_ids=ids).logits
@@ -122,8 +133,6 @@ def train_arm(
             logits[:, :-1], labels[:, 1:], vocab,
             ntl_weight=arm.ntl_weight, method=arm.method, return_parts=True, backend=cfg.backend,
         )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"arm {arm.name}: non-finite loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -135,45 +144,48 @@ def train_arm(
             vals = torch.stack(parts_buf).cpu().tolist()  # one host sync per 25 steps
             parts_buf.clear()
             for lo, c, n in vals:
+                if not math.isfinite(lo):
+                    raise FloatingPointError(f"arm {arm.name}: non-finite loss {lo} by step {step}")
                 hist["loss"].append(lo)
                 hist["ce"].append(c)
                 hist["ntl"].append(n)
             if progress is not None:
-                progress.set_postfix(loss=f"{vals[-1][0]:.3f}", ce=f"{vals[-1][1]:.3f}",
-                                     ntl=f"{vals[-1][2]:.3f}", refresh=False)
-        if progress is not None:
-            progress.update(1)
-    train_s = time.perf_counter() - t0
+                progress(step + 1 - done)
+                done = step + 1
     return {
         "history": hist,
         "first_step": {"loss": hist["loss"][0], "ce": hist["ce"][0], "ntl": hist["ntl"][0]},
         "final_window": {k: float(sum(v[-20:]) / len(v[-20:])) for k, v in hist.items()},
-        "train_seconds": train_s,
+        "train_seconds": time.perf_counter() - t0,
+        "train_cpu_seconds": time.process_time() - c0,
     }
 
 
 @torch.no_grad()
-def greedy_answers(model: Any, problems: Sequence[Problem], tok: CharTokenizer, width: int,
+def greedy_answers(model: Any, problems: Sequence[Problem], tok: Any, width: int,
                    max_new_tokens: int, device: torch.device, batch_size: int = 500) -> list[str]:
-    """Greedy-decode the answer of each problem, batched, with the KV cache.
+    """Greedy-decode the completion of each problem, batched, with the KV cache.
 
     All prompts have the same length (zero-padded operands), so a batch needs no
     padding. Decoding stops at ``<eos>`` or after ``max_new_tokens`` tokens; the
-    answer text is everything generated before ``<eos>`` (specials shown as text,
-    which makes such an answer unparsable).
+    completion text is everything generated before ``<eos>`` (other specials appear as
+    text, which makes such a completion unparsable).
     """
+    cache_arg = _cache_arg()
+    vocab = tok.get_vocab()
+    was_training = model.training
     model.eval()
     out: list[str] = []
     for s in range(0, len(problems), batch_size):
         chunk = problems[s : s + batch_size]
-        prompts = torch.tensor([[tok.bos_token_id, *tok.encode(p.prompt(width))] for p in chunk],
+        prompts = torch.tensor([[tok.bos_token_id, *encode(vocab, p.prompt(width))] for p in chunk],
                                dtype=torch.long, device=device)
         res = model(input_ids=prompts, use_cache=True)
         nxt = res.logits[:, -1].argmax(-1)
         gen = [nxt]
         for _ in range(max_new_tokens - 1):
             # transformers >= 5.2x names the KV cache ``cache``; older versions ``past_key_values``
-            kw = {_CACHE_ARG: getattr(res, _CACHE_ARG)}
+            kw = {cache_arg: getattr(res, cache_arg)}
             res = model(input_ids=nxt[:, None], use_cache=True, **kw)
             nxt = res.logits[:, -1].argmax(-1)
             gen.append(nxt)
@@ -182,5 +194,5 @@ def greedy_answers(model: Any, problems: Sequence[Problem], tok: CharTokenizer, 
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id)]
             out.append(tok.decode(row))
-    model.train()
+    model.train(was_training)
     return out

@@ -1,0 +1,131 @@
+"""Statistics over training seeds: paired differences, t-intervals, plain-words verdicts.
+
+Each seed is one experimental unit: every arm of a seed starts from the same weights and
+sees the same data, so the natural comparison is the *paired* difference
+``d_s = metric(arm, s) - metric(baseline, s)`` over the ``n`` seeds ``s``. Its 95 %
+confidence interval is the Student-t interval::
+
+    mean(d) ± t_{0.975, n-1} · sd(d) / sqrt(n),   sd with ddof = 1,
+
+which assumes the per-seed differences are roughly normal; with ``n = 1`` there is no
+interval. The verdict says "no detectable difference" whenever the interval covers 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "LEVEL",
+    "describe",
+    "paired_differences",
+    "position_in_range",
+    "t_critical",
+    "t_interval",
+    "verdict",
+]
+
+LEVEL = 0.95
+
+
+def t_critical(df: int, level: float = LEVEL) -> float:
+    """Two-sided Student-t critical value ``t_{(1+level)/2, df}`` (``scipy.stats.t.ppf``)."""
+    if not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an int >= 1, got {df!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2.0, df))
+
+
+def describe(xs: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample std (ddof = 1; 0.0 for one value), min, max and n of the non-None values."""
+    vals = [float(x) for x in xs if x is not None]
+    n = len(vals)
+    if n == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    m = sum(vals) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    return {"mean": m, "std": sd, "min": min(vals), "max": max(vals), "n": n}
+
+
+def t_interval(xs: Sequence[float | None], level: float = LEVEL) -> dict[str, Any]:
+    """:func:`describe` plus the t-interval of the mean: ``lo``, ``hi`` (``None`` for n < 2)
+    and ``level``; the per-seed ``values`` are kept."""
+    d = describe(xs)
+    d["values"] = [None if x is None else float(x) for x in xs]
+    d["level"] = level
+    n = d["n"]
+    if n < 2:
+        d["lo"] = d["hi"] = None
+        return d
+    half = t_critical(n - 1, level) * d["std"] / math.sqrt(n)
+    d["lo"], d["hi"] = d["mean"] - half, d["mean"] + half
+    return d
+
+
+def paired_differences(values: dict[str, Sequence[float | None]], baseline: str,
+                       level: float = LEVEL) -> dict[str, dict[str, Any]]:
+    """``{arm: t_interval(arm_s - baseline_s over seeds s)}`` for every arm but ``baseline``.
+
+    ``values[arm]`` lists one metric value per seed, in the same seed order for every arm;
+    a seed where either value is None is left out of that arm's differences.
+    """
+    if baseline not in values:
+        raise ValueError(f"baseline {baseline!r} is not among the arms {sorted(values)}")
+    base = list(values[baseline])
+    out = {}
+    for arm, xs in values.items():
+        if arm == baseline:
+            continue
+        xs = list(xs)
+        if len(xs) != len(base):
+            raise ValueError(f"arm {arm!r} has {len(xs)} seeds, baseline {baseline!r} {len(base)}")
+        ds = [None if x is None or b is None else x - b for x, b in zip(xs, base, strict=True)]
+        out[arm] = t_interval(ds, level)
+    return out
+
+
+def _num(x: float, decimals: int) -> str:
+    return f"{x:+.{decimals}f}"
+
+
+def verdict(arm: str, baseline: str, metric: str, diff: dict[str, Any], *,
+            higher_is_better: bool, decimals: int = 3) -> str:
+    """One sentence on ``diff`` (a :func:`t_interval` of paired differences).
+
+    * n < 2: "one seed: ... (no interval; run more seeds)";
+    * the interval covers 0: "no detectable difference";
+    * otherwise "higher"/"lower", and whether that is better or worse.
+    """
+    n = diff["n"]
+    if n == 0:
+        return f"{arm} vs {baseline}, {metric}: no data"
+    m = diff["mean"]
+    if n < 2:
+        return (f"{arm} vs {baseline}, {metric}: {_num(m, decimals)} with one seed "
+                "(no interval; use --seeds 0 1 2 3 4 for one)")
+    lo, hi = diff["lo"], diff["hi"]
+    ci = (f"{_num(m, decimals)}, {100 * diff['level']:.0f}% CI [{_num(lo, decimals)}, "
+          f"{_num(hi, decimals)}], {n} seeds")
+    if lo <= 0.0 <= hi:
+        return f"{arm} vs {baseline}, {metric}: no detectable difference ({ci})"
+    up = lo > 0.0
+    better = up == higher_is_better
+    word = "higher" if up else "lower"
+    return f"{arm} vs {baseline}, {metric}: {word}, {'better' if better else 'worse'} ({ci})"
+
+
+def position_in_range(value: float | None, lo: float | None, hi: float | None) -> str:
+    """Where ``value`` sits against a committed range ``[lo, hi]``: "inside", "below", "above"
+    (or "n/a" when any of them is missing)."""
+    if value is None or lo is None or hi is None:
+        return "n/a"
+    if value < lo:
+        return "below"
+    if value > hi:
+        return "above"
+    return "inside"

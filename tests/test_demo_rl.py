@@ -1,0 +1,138 @@
+"""Tests of ``ntl demo --rl`` (issue 14): GRPO from the supervised CE model through
+``ntl_trl.NTLGRPOTrainer`` on real TRL, the CE model cache, the digit-aware bonus reward
+against a hand computation, and ``--quick --rl`` twice with identical metrics.
+
+Needs TRL 1.16 (the ``demo`` extra): run it in the TRL venv, e.g.
+``~/.cache/ntl-trl-venvs/trl116/bin/python -m pytest tests/test_demo_rl.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from ntl.demo import main
+from ntl.demo.common import strip_volatile
+from ntl.demo.rl import make_bonus_reward
+from ntl.demo.task import demo_tokenizer, encode
+from ntl.demo.train import ModelConfig, build_model
+
+TINY_RL = ["--rl", "--steps", "30", "--batch-size", "16", "--eval-size", "24", "--hidden", "32",
+           "--layers", "1", "--rl-steps", "3", "--rl-prompts", "2", "--num-generations", "4",
+           "--no-plot", "--no-progress", "--jobs", "1"]
+
+
+def test_bonus_reward_by_hand():
+    """``ntl_bonus`` against a computation from the full logits: softmax over the ten digit
+    columns at the positions that predict each final-answer digit, targets aligned by place
+    value, 0.4 accuracy + 0.3 confidence + 0.3 target probability, times the weight."""
+    tok = demo_tokenizer()
+    v = tok.get_vocab()
+    torch.manual_seed(0)
+    model = build_model(tok, ModelConfig(32, 1, 4, 64), 16, torch.device("cpu"))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(4.0)
+    prompts = ["012+005=", "012+005=", "003*007="]
+    completions = ["####17", "####1", "####23"]  # right; one digit short; wrong
+    truths = ["17", "17", "21"]
+    comp_ids = [[*encode(v, c), tok.eos_token_id] for c in completions]
+
+    class _Acc:
+        @staticmethod
+        def unwrap_model(m):
+            return m
+
+    class _Trainer:
+        accelerator = _Acc()
+
+    _Trainer.model = model
+    fn, holder = make_bonus_reward(tok, weight=0.1, temperature=1.0)
+    holder["trainer"] = _Trainer()
+    got = fn(prompts=prompts, completions=completions, completion_ids=comp_ids, ground_truth=truths)
+
+    digits = [v[d] for d in "0123456789"]
+    want = []
+    for p, c, t in zip(prompts, comp_ids, truths, strict=True):
+        ids = [tok.bos_token_id, *encode(v, p), *c]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        P = 1 + len(p)
+        ans = [i for i, tid in enumerate(c) if tid in digits]  # completion positions of the digits
+        written = "".join(tok.decode([c[i]]) for i in ans)
+        # place value: units with units; a written digit with no truth counterpart targets 0
+        tgt = [int(x) for x in t.rjust(len(written), "0")[-len(written):]]
+        acc = conf = tp = 0.0
+        for i, y in zip(ans, tgt, strict=True):
+            q = torch.softmax(logits[P + i - 1, digits], -1)  # position P+i-1 predicts token i
+            acc += float(int(q.argmax()) == y)
+            conf += float(q.max())
+            tp += float(q[y])
+        n = len(ans)
+        want.append(0.1 * (0.4 * acc / n + 0.3 * conf / n + 0.3 * tp / n))
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert all(0.0 < g <= 0.1 for g in got)
+
+
+def test_tiny_rl_stage_reuses_the_ce_model_and_applies_ntl(tmp_path, capsys):
+    out = tmp_path / "rl"
+    assert main([*TINY_RL, "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert "trained now" in first
+    res = json.loads((out / "rl_results.json").read_text())
+    assert res["stage"] == "rl" and res["versions"]["trl"].startswith("1.16")
+    run = res["runs"][0]
+    assert set(run["arms"]) == {"GRPO", "GRPO+NTL", "GRPO+bonus"}
+    for name, arm in run["arms"].items():
+        h = arm["history"]
+        assert h["step"] == [1, 2, 3], name
+        assert all(x is not None and 0.0 <= x <= 1.0 for x in h["rewards/correctness_reward/mean"])
+        assert arm["metrics"]["all"]["n"] == 24
+    # NTL is on (weight 0.1) in GRPO+NTL only, logged for all arms; the bonus only in GRPO+bonus
+    assert [a["ntl_weight"] for a in res["config"]["arms"]] == [0.0, 0.1, 0.0]
+    ntl_h = run["arms"]["GRPO+NTL"]["history"]
+    assert any(x for x in ntl_h["ntl/total_digits"]) and any(x for x in ntl_h["ntl/loss"])
+    assert res["ntl_log"]["GRPO+NTL"]["ntl/loss"] > 0.0
+    assert all(x is None for x in run["arms"]["GRPO"]["history"]["rewards/ntl_bonus/mean"])
+    bonus = run["arms"]["GRPO+bonus"]["history"]["rewards/ntl_bonus/mean"]
+    assert all(x is not None and 0.0 <= x <= 0.1 for x in bonus)
+    # the "before" metrics are the supervised CE model's, the same for every arm
+    before = run["before"]["all"]
+    for m in ("exact_match", "mae", "digit_accuracy"):
+        ch = res["change"]["GRPO+NTL"]["all"][m]["mean"]
+        assert ch == pytest.approx(run["arms"]["GRPO+NTL"]["metrics"]["all"][m] - before[m])
+    # a second run in the same folder reuses the CE model (same configuration hash) ...
+    assert main([*TINY_RL, "--out", str(out)]) == 0
+    assert "reused for seeds [0]" in capsys.readouterr().out
+    again = json.loads((out / "rl_results.json").read_text())
+    assert strip_volatile(again["runs"]) == strip_volatile(res["runs"])
+    # ... but not after a change of the supervised configuration
+    assert main([*TINY_RL, "--steps", "31", "--out", str(out)]) == 0
+    assert "trained now" in capsys.readouterr().out
+
+
+def test_rl_plot_is_written_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    args = [a for a in TINY_RL if a != "--no-plot"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "rl_results.json").read_text())
+    assert res["plot"] == "rl_results.png" and (tmp_path / "rl_results.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_quick_rl_twice_writes_identical_metrics(tmp_path):
+    """The CI check of issue 14 for the RL stage: `ntl demo --rl --quick` twice, separate
+    folders (so the CE model is trained twice too), same metrics."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["--rl", "--quick", "--no-progress", "--no-plot", "--out", str(a)]) == 0
+    assert main(["--rl", "--quick", "--no-progress", "--no-plot", "--out", str(b)]) == 0
+    ra = json.loads((a / "rl_results.json").read_text())
+    rb = json.loads((b / "rl_results.json").read_text())
+    assert ra["config"]["quick"] is True
+    assert strip_volatile(ra) == strip_volatile(rb)
+    assert math.isfinite(ra["ntl_log"]["GRPO+NTL"]["ntl/loss"])
+    assert ra["ntl_log"]["GRPO+NTL"]["ntl/loss"] > 0.0
