@@ -112,7 +112,7 @@ def assert_grads(la, lb, **tol):
 @pytest.mark.parametrize("method", METHODS)
 def test_matches_plain_logits(method, reduction, reweigh, use_bias):
     h, W, b, y = make(0)
-    up = torch.rand(y.shape, generator=torch.Generator().manual_seed(9)) if reduction == "none" else None
+    up = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)) if reduction == "none" else None  # signed
     got, ref, la, lb = run_both(h, W, b, y, use_bias=use_bias, up=up, method=method, reduction=reduction,
                                 reweigh=reweigh, ntl_weight=0.7, chunk_size=8)  # 37 rows: 4 full + 1 partial
     assert got.dtype == torch.float32 and got.shape == ref.shape
@@ -396,7 +396,7 @@ def test_fp16_computes_in_fp32(scale):
 ])
 def test_triton_path_matches(method, reduction, reweigh, dtype):
     h, W, b, y = make(18, N=21, dtype=dtype)
-    up = torch.rand(y.shape, generator=torch.Generator().manual_seed(4)) if reduction == "none" else None
+    up = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)) if reduction == "none" else None  # signed
     la = [t.clone().requires_grad_(True) for t in (h, W, b)]
     got = ntl.linear_cross_entropy_with_ntl(la[0], la[1], y, VOCAB, bias=la[2], method=method,
                                             reduction=reduction, reweigh=reweigh, chunk_size=8,
@@ -438,7 +438,7 @@ def test_property_matches_plain_logits(N, Hs, chunk, digit_frac, method, reducti
     y = torch.where(torch.rand(N, generator=g) < 0.1, torch.full_like(y, -100), y)
     if reduction == "mean" and bool((y == -100).all()):
         y[0] = IDS[0]  # F.cross_entropy's mean of nothing is NaN (ours: 0, tested above)
-    up = torch.rand(N, generator=g) if reduction == "none" else None
+    up = torch.randn(N, generator=g) if reduction == "none" else None
     got, ref, la, lb = run_both(h, W, b, y, use_bias=use_bias, up=up, method=method, reduction=reduction,
                                 reweigh=reweigh, chunk_size=chunk)
     torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-5, atol=1e-4)

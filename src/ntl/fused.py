@@ -187,7 +187,7 @@ def fused_forward(
                 logits[s:e], labels[s:e], k[s:e], ids, values, a[s:e], b[s:e], method, reweigh, dmax,
                 grad[s:e] if grad is not None else None, rinv[s:e] if rinv is not None else None,
                 squash=squash)
-        ce = torch.where(a > 0, ce, torch.zeros((), device=ce.device))
+        ce = torch.where(a != 0, ce, torch.zeros((), device=ce.device))
     return (grad, rinv, *_combine(a, c, ce, L, ntl_weight, reduction))
 
 
