@@ -104,6 +104,24 @@ def test_double_backward_refused():
         torch.autograd.grad(m.sum(), leaf, create_graph=True)
 
 
+def test_torch_twin_with_rows_leaves_the_incoming_gradient_alone():
+    """``rows`` given: the twin's backward must not write into autograd's fp32 ``dz``."""
+    x, ids, gz, gm = case(6, 40, torch.float32, seed=11)
+    rows = torch.tensor([True, False, True, False, False, True])
+    leaf = x.clone().requires_grad_(True)
+    z, m = number_mass_torch(leaf, ids, rows)
+    gz0 = gz.clone()
+    torch.autograd.grad((z, m), leaf, (gz, gm))
+    assert torch.equal(gz, gz0)
+    leaf2 = x.clone().requires_grad_(True)
+    z2, m2 = number_mass_torch(leaf2, ids, rows)
+    (z2.sum() + m2.sum()).backward()  # expanded ones as incoming gradients: no in-place write into them
+    ref = x.clone().requires_grad_(True)
+    p = torch.softmax(ref, -1)
+    (ref[:, ids].sum() + torch.where(rows, p[:, ids].sum(-1), torch.zeros(())).sum()).backward()
+    torch.testing.assert_close(leaf2.grad, ref.grad, rtol=1e-5, atol=1e-7)
+
+
 gpu = pytest.mark.gpu
 
 

@@ -106,7 +106,7 @@ class _NumberMassTorch(torch.autograd.Function):
             return (e if dtype == torch.float32 else e.to(dtype)), None, None
         grad = torch.zeros((N, V), dtype=dtype, device=e.device)
         grad.index_copy_(0, idx, e if dtype == torch.float32 else e.to(dtype))
-        grad.index_copy_(1, ids, gz.index_add_(0, idx, digits).to(dtype))  # cast once
+        grad.index_copy_(1, ids, gz.index_add(0, idx, digits).to(dtype))  # out of place: gz is autograd's
         return grad, None, None
 
 
