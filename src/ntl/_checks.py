@@ -120,6 +120,21 @@ def check_weights(weights: object, labels: torch.Tensor) -> torch.Tensor | None:
     return weights
 
 
+def check_bias(bias: object, V: int, hidden: torch.Tensor, same_dtype: bool = False) -> None:
+    """``bias`` is ``None`` or a float ``[V]`` tensor on ``hidden``'s device (and dtype)."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+        raise TypeError("bias must be a float tensor of shape [V] or None, got "
+                        + (str(bias.dtype) if isinstance(bias, torch.Tensor) else type(bias).__name__))
+    if bias.shape != (V,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} must be [V={V}]")
+    if bias.device != hidden.device:
+        raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    if same_dtype and bias.dtype != hidden.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+
+
 def check_ignore_index(ignore_index: object) -> int:
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")

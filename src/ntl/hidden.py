@@ -37,14 +37,7 @@ def _check_head(hidden: Any, weight: Any, bias: Any, temperature: Any) -> tuple[
         )
     if weight.device != hidden.device:
         raise ValueError(f"lm_head_weight is on {weight.device} but hidden is on {hidden.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
-            raise TypeError("bias must be a float tensor of shape [V] or None, got "
-                            + (str(bias.dtype) if isinstance(bias, torch.Tensor) else type(bias).__name__))
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias shape {tuple(bias.shape)} must be [V={weight.shape[0]}]")
-        if bias.device != hidden.device:
-            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    C.check_bias(bias, weight.shape[0], hidden)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     return weight.shape[0], float(temperature)

@@ -220,16 +220,7 @@ def _check_head(hidden: Any, weight: Any, bias: Any) -> int:
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype} "
                         "(hidden @ weight.T needs one dtype; cast one of them)")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
-            raise TypeError("bias must be a float tensor of shape [V] or None, got "
-                            + (str(bias.dtype) if isinstance(bias, torch.Tensor) else type(bias).__name__))
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias shape {tuple(bias.shape)} must be [V={weight.shape[0]}]")
-        if bias.device != hidden.device:
-            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+    C.check_bias(bias, weight.shape[0], hidden, same_dtype=True)
     return weight.shape[0]
 
 
