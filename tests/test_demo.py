@@ -455,7 +455,8 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
                        (["--device", "nonsense"], "--device"), (["--jobs", "-1"], "--jobs"),
                        (["--seeds", "1", "1"], "--seeds"), (["--hidden", "30"], "--hidden"),
                        (["--mul-digits", "0", "1"], "--mul-digits"),
-                       (["--num-generations", "1"], "--num-generations")):
+                       (["--num-generations", "1"], "--num-generations"),
+                       (["--rl", "--backend", "torch"], "--backend")):
         assert main([*TINY, "--out", str(tmp_path), *args]) == 2
         assert name in capsys.readouterr().err
     if not torch.cuda.is_available():

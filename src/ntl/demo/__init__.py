@@ -122,6 +122,9 @@ def parse_settings(args: argparse.Namespace) -> Any:
                     ("--bonus-weight", args.bonus_weight), ("--lr", args.lr), ("--rl-lr", args.rl_lr)):
         if not v > 0:
             raise ValueError(f"{name} must be > 0, got {v}")
+    if getattr(args, "rl", False) and args.backend != "auto":
+        raise ValueError(f"--backend {args.backend} does not apply to --rl: ntl_trl's NTL term picks its "
+                         "backend itself (Triton on CUDA, PyTorch on CPU); drop --backend")
     if args.jobs < 0:
         raise ValueError(f"--jobs must be >= 0, got {args.jobs}")
     if len(set(args.seeds)) != len(args.seeds):
