@@ -3,7 +3,9 @@
 Quick start::
 
     import ntl
-    loss = ntl.ntl_mse_loss(logits[:, :-1], labels[:, 1:], tokenizer)
+    # causal LM: logits [B, T, V] predict the next token; shift the labels, not the logits
+    loss = ntl.ntl_mse_loss(logits, ntl.shift_labels(labels), tokenizer)
+    loss = ntl.cross_entropy_with_ntl(logits, ntl.shift_labels(labels), tokenizer, ntl_weight=0.3)
 """
 
 from ._checks import set_strict_checks
