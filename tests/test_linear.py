@@ -421,6 +421,48 @@ def test_triton_path_matches(method, reduction, reweigh, dtype):
             assert (a.grad.float() - r.grad.float()).abs().max() <= 1e-2 * r.grad.float().abs().max()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reweigh", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_squash_factor_matches_the_logits_path(backend, reduction, reweigh):
+    """``squash_factor`` equals ``F.cross_entropy + w * ntl_wasserstein_loss(squash_factor=...)``
+    on the materialised logits (the standalone squash is checked against ntloss)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    h, W, b, y = make(21, N=23)
+    up = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)) if reduction == "none" else None
+    la = [t.clone().requires_grad_(True) for t in (h, W, b)]
+    got = ntl.linear_cross_entropy_with_ntl(la[0], la[1], y, VOCAB, bias=la[2], reduction=reduction,
+                                            reweigh=reweigh, chunk_size=8, backend=backend,
+                                            squash_factor=4.0)
+    lb = [t.clone().requires_grad_(True) for t in (h, W, b)]
+    logits = F.linear(*lb)
+    ce = F.cross_entropy(logits, y, reduction=reduction)
+    ref = ce + 0.3 * ntl.ntl_wasserstein_loss(logits, y, VOCAB, reduction=reduction, reweigh=reweigh,
+                                              squash_factor=4.0, backend="torch")
+    u = torch.ones(()) if up is None else up
+    (got * u).sum().backward()
+    (ref * u).sum().backward()
+    torch.testing.assert_close(got.detach(), ref.detach(), **TOL)
+    for a, c in zip(la, lb, strict=True):
+        torch.testing.assert_close(a.grad, c.grad, **GTOL)
+    plain = ntl.linear_cross_entropy_with_ntl(h, W, y, VOCAB, bias=b, reduction=reduction, reweigh=reweigh)
+    assert not torch.allclose(plain, got.detach())  # the squash changes the loss
+    crit = ntl.LinearCrossEntropyWithNTL(VOCAB, reduction=reduction, reweigh=reweigh, squash_factor=4.0,
+                                         backend=backend, chunk_size=8)
+    torch.testing.assert_close(crit(h, W, y, bias=b), got.detach(), **TOL)
+
+
+def test_squash_factor_bad_values():
+    h, W, _, y = make(22, N=5)
+    with pytest.raises(ValueError, match="squash_factor"):
+        ntl.linear_cross_entropy_with_ntl(h, W, y, VOCAB, squash_factor=1.0)
+    with pytest.raises(ValueError, match="Wasserstein"):
+        ntl.linear_cross_entropy_with_ntl(h, W, y, VOCAB, method="mse", squash_factor=3.0)
+    with pytest.raises(TypeError, match="squash_factor"):
+        ntl.LinearCrossEntropyWithNTL(VOCAB, squash_factor="2")
+
+
 # --------------------------------------------------------------------------- properties
 
 

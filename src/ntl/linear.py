@@ -37,7 +37,7 @@ from torch import nn
 from . import _checks as C
 from .fused import ce_ntl_rows_torch, row_scales
 from .kernels._triton import next_pow2, no_double_backward
-from .losses import prepare_labels, reweigh_ceiling, use_triton
+from .losses import check_squash_factor, prepare_labels, reweigh_ceiling, squash_table, use_triton
 from .vocab import VocabLike, resolve_vocab
 
 __all__ = ["LinearCrossEntropyWithNTL", "linear_chunk_rows", "linear_cross_entropy_with_ntl"]
@@ -62,7 +62,8 @@ def linear_chunk_rows(N: int, H: int, V: int, device: torch.device, chunk_size: 
 
 def _grad_rows(x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor,
                values: torch.Tensor, a: torch.Tensor, b: torch.Tensor, method: str, reweigh: bool,
-               dmax: float, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               dmax: float, use_kernel: bool, squash: tuple[float, float] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Overwrite the logits chunk ``x [r, V]`` with ``dLoss/dx``; return ``(ce [r], ntl [r])``.
 
     The one place that calls the fused CE + NTL row math (:mod:`ntl.fused`, kernel 4).
@@ -70,16 +71,16 @@ def _grad_rows(x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torc
     if use_kernel:
         from .kernels.fused_ce import ce_ntl_fwd_triton
 
-        out = ce_ntl_fwd_triton(x, labels, k, ids, values, a, b, method, reweigh, dmax, True)
+        out = ce_ntl_fwd_triton(x, labels, k, ids, values, a, b, method, reweigh, dmax, True, squash=squash)
         return out[-2], out[-1]  # (grad [, rinv], ce, ntl): the gradient is x itself
-    return ce_ntl_rows_torch(x, labels, k, ids, values, a, b, method, reweigh, dmax, x)
+    return ce_ntl_rows_torch(x, labels, k, ids, values, a, b, method, reweigh, dmax, x, squash=squash)
 
 
 def _chunk_pass(
     h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     method: str, reweigh: bool, dmax: float, rows: int, need: tuple[bool, bool, bool],
-    use_kernel: bool,
+    use_kernel: bool, squash: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """One pass over the rows of ``h [N, H]`` in chunks of ``rows``.
 
@@ -109,7 +110,7 @@ def _chunk_pass(
         else:
             torch.addmm(bias, hc, w.t(), out=x)
         ce[s:e], L[s:e] = _grad_rows(x, labels[s:e], k[s:e], ids, values, a[s:e], b[s:e], method,
-                                     reweigh, dmax, use_kernel)
+                                     reweigh, dmax, use_kernel, squash)
         if gh is not None:
             torch.mm(x, w, out=gh[s:e])
         if gw is not None:
@@ -134,6 +135,7 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
              k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, ntl_weight: float, method: str,
              reduction: str, reweigh: bool, dmax: float, ignore_index: int, rows: int, use_kernel: bool,
+             squash: tuple[float, float] | None,
              need: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
     """``(loss, ce_part, ntl_part, grads)``; the gradients (``need``) only for mean/sum."""
     cd = _compute_dtype(hidden.dtype)
@@ -141,7 +143,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if reduction == "none":
         need = (False, False, False)
     ce, L, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids, values, a,
-                               c * ntl_weight, method, reweigh, dmax, rows, need, use_kernel)
+                               c * ntl_weight, method, reweigh, dmax, rows, need, use_kernel, squash)
     ce = torch.where(labels != ignore_index, ce, torch.zeros((), device=ce.device))
     if reduction == "none":
         ce_part, ntl_part = ce, L
@@ -157,16 +159,16 @@ class _LinearCENTL(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
                 ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
-                ignore_index: int, rows: int, use_kernel: bool):
+                ignore_index: int, rows: int, use_kernel: bool, squash: tuple[float, float] | None):
         need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
         loss, ce_part, ntl_part, grads = _forward(hidden, weight, bias, labels, k, ids, values,
                                                   ntl_weight, method, reduction, reweigh, dmax,
-                                                  ignore_index, rows, use_kernel, need)
+                                                  ignore_index, rows, use_kernel, squash, need)
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels, k, ids, values)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.args = (ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, need)
+        ctx.args = (ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, need)
         ctx.reduction = reduction
         ctx.consumed = False
         ctx.mark_non_differentiable(ce_part, ntl_part)
@@ -179,7 +181,7 @@ class _LinearCENTL(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy_with_ntl: backward can run only once per forward "
                                "(its gradients are computed in forward and scaled in place)")
         ctx.consumed = True
-        ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, need = ctx.args
+        ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, need = ctx.args
         if ctx.reduction == "none":
             hidden, weight, bias, labels, k, ids, values = ctx.saved_tensors
             u = grad_out.reshape(-1).float()
@@ -188,7 +190,7 @@ class _LinearCENTL(torch.autograd.Function):
             b = torch.where(k >= 0, u * ntl_weight, zero)
             cd = _compute_dtype(hidden.dtype)
             _, _, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids,
-                                      values, a, b, method, reweigh, dmax, rows, need, use_kernel)
+                                      values, a, b, method, reweigh, dmax, rows, need, use_kernel, squash)
             scale = None
         else:
             grads, ctx.grads = ctx.grads, None  # drop ctx's reference: autograd can take the buffers
@@ -199,7 +201,7 @@ class _LinearCENTL(torch.autograd.Function):
             if g is not None and scale is not None:
                 g = g.mul_(scale) if g.dtype == dt else g * scale
             out.append(None if g is None else g.to(dt))
-        return (*out, *(None,) * 12)
+        return (*out, *(None,) * 13)
 
 
 # --------------------------------------------------------------------------- public API
@@ -250,6 +252,7 @@ def linear_cross_entropy_with_ntl(
     chunk_size: int | None = None,
     return_parts: bool = False,
     backend: str = "auto",
+    squash_factor: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``CE(hidden @ weight.T + bias, labels) + ntl_weight * NTL(...)`` without any ``[N, V]`` tensor.
 
@@ -282,11 +285,14 @@ def linear_cross_entropy_with_ntl(
             logits buffer is ``chunk_size x V`` elements.
         return_parts: also return the detached CE and NTL parts (for logging).
         backend: ``"auto"`` (Triton kernel 4 on CUDA), ``"torch"`` or ``"triton"``.
+        squash_factor: ``ntloss.NTLoss(squash_factor=...)``'s squashed W1 distances (a number
+            ``> 1``; W1 only), as in :func:`ntl.cross_entropy_with_ntl`.
 
     Returns:
         fp32 loss, or ``(loss, ce, ntl)`` with ``return_parts=True``.
     """
     method = C.check_method(method)
+    squash_factor = check_squash_factor(squash_factor, method)
     _check_options(ntl_weight, chunk_size, reweigh=reweigh, return_parts=return_parts)
     V = _check_head(hidden, weight, bias)
     labels1d, vocab, k, _ = prepare_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]",
@@ -298,7 +304,8 @@ def linear_cross_entropy_with_ntl(
     rows = linear_chunk_rows(h2d.shape[0], H, V, hidden.device, chunk_size)
     dev = hidden.device
     args = (labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method, reduction,
-            reweigh, float(reweigh_ceiling(vocab, method)), ignore_index, rows, use_kernel)
+            reweigh, float(reweigh_ceiling(vocab, method, squash_factor)), ignore_index, rows, use_kernel,
+            squash_table(vocab, squash_factor) if squash_factor is not None else None)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         loss, ce, ntl = _LinearCENTL.apply(h2d, weight, bias, *args)
     else:
@@ -328,6 +335,7 @@ class LinearCrossEntropyWithNTL(nn.Module):
         chunk_size: int | None = None,
         backend: str = "auto",
         vocab_size: int | None = None,
+        squash_factor: float | None = None,
     ) -> None:
         super().__init__()
         self.vocab = resolve_vocab(vocab_or_tokenizer, vocab_size)
@@ -339,13 +347,14 @@ class LinearCrossEntropyWithNTL(nn.Module):
         self.backend = C.check_choice("backend", backend, C.BACKENDS)
         self.reweigh = reweigh
         self.chunk_size = chunk_size
+        self.squash_factor = check_squash_factor(squash_factor, self.method)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear_cross_entropy_with_ntl(  # type: ignore[return-value]
             hidden, weight, labels, self.vocab, bias=bias, ntl_weight=self.ntl_weight, method=self.method,
             ignore_index=self.ignore_index, reduction=self.reduction, reweigh=self.reweigh,
-            chunk_size=self.chunk_size, backend=self.backend)
+            chunk_size=self.chunk_size, backend=self.backend, squash_factor=self.squash_factor)
 
     def extra_repr(self) -> str:
         return (f"ntl_weight={self.ntl_weight}, method={self.method!r}, K={self.vocab.K}, "
