@@ -55,7 +55,7 @@ if HAS_TRITON:
         grow = g_ptr + r64 * stride_g
         a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
         b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
-        live = (a != 0.0) | (b != 0.0)  # in either loss (a, b may be < 0: an upstream gradient); others never read
+        live = (tl.abs(a) + tl.abs(b)) > 0.0  # in either loss (a, b may be < 0: upstream gradients); others never read
         if tl.max(live.to(tl.int32), axis=0) == 0:  # GPU (BLOCK_N = 1): this row takes no part
             if WRITE_GRAD:
                 zero = tl.zeros((BLOCK_N, BLOCK_V), dtype=g_ptr.dtype.element_ty)
