@@ -434,6 +434,7 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         except Exception as e:
             log.warning("empty kernel launch timing failed: %s", e)
     t_start = time.time()
+    vers = report.versions()  # at the start: the code measured, even if the checkout moves meanwhile
     load_start = _loadavg()
     for N in all_Ns:
         for dt in dtypes:
@@ -498,7 +499,7 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "schema": report.SCHEMA,
         "device": dev,
-        "versions": report.versions(),
+        "versions": vers,
         "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         "command": a.command,
         "mode": "quick" if a.quick else "full",
