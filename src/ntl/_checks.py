@@ -50,10 +50,14 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_method(method: object) -> str:
+def check_method(method: object, name: str = "method") -> str:
+    """``"mse"`` or ``"wasserstein"`` (``"w1"`` is accepted as an alias of ``"wasserstein"``)."""
     if method == "w1":
-        method = "wasserstein"
-    return check_choice("method", method, METHODS)
+        return "wasserstein"
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{name} must be one of {list(METHODS)} (or 'w1', an alias of 'wasserstein'), "
+                         f"got {method!r}")
+    return method
 
 
 def check_logits(logits: object, name: str = "logits", dim: str = "V") -> torch.Tensor:

@@ -56,11 +56,11 @@ import torch
 from transformers import TrainerCallback
 
 import ntl
+from ntl._checks import check_method
 
 from ._capture import ntl_sums_from_hidden
 from ._common import MetricSums, resolve_model_vocab, warn_everywhere
 from ._model import LMParts, find_lm_parts, last_hidden_state, replace_last_hidden_state
-from .config import NTL_METHODS
 
 __all__ = ["NTLCallback"]
 
@@ -122,8 +122,7 @@ class NTLCallback(TrainerCallback):
         if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float)) \
                 or not ntl_weight >= 0 or ntl_weight == float("inf"):
             raise ValueError(f"ntl_weight must be a finite number >= 0, got {ntl_weight!r}")
-        if ntl_method not in NTL_METHODS:
-            raise ValueError(f"ntl_method must be one of {NTL_METHODS}, got {ntl_method!r}")
+        ntl_method = check_method(ntl_method, "ntl_method")
         if temperature is not None and (isinstance(temperature, bool)
                                         or not isinstance(temperature, (int, float))
                                         or not temperature > 0):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ntl._checks import check_method
+
 __all__ = ["NTL_LABELS", "NTL_METHODS", "NTLConfig", "NTLSFTConfig"]
 
 NTL_METHODS = ("wasserstein", "mse")
@@ -52,8 +54,7 @@ class NTLConfig:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"NTLConfig.ntl_weight must be a finite number >= 0, got {w!r}")
         self.ntl_weight = float(w)
-        if self.ntl_method not in NTL_METHODS:
-            raise ValueError(f"NTLConfig.ntl_method must be one of {NTL_METHODS}, got {self.ntl_method!r}")
+        self.ntl_method = check_method(self.ntl_method, "NTLConfig.ntl_method")
         if self.ntl_labels not in NTL_LABELS:
             raise ValueError(f"NTLConfig.ntl_labels must be one of {NTL_LABELS}, got {self.ntl_labels!r}")
         if not isinstance(self.correct_only, bool):
@@ -115,7 +116,4 @@ class NTLSFTConfig:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"NTLSFTConfig.ntl_weight must be a finite number >= 0, got {w!r}")
         self.ntl_weight = float(w)
-        if self.ntl_method not in NTL_METHODS:
-            raise ValueError(
-                f"NTLSFTConfig.ntl_method must be one of {NTL_METHODS}, got {self.ntl_method!r}"
-            )
+        self.ntl_method = check_method(self.ntl_method, "NTLSFTConfig.ntl_method")

@@ -16,6 +16,15 @@ def test_defaults_and_needs_answers():
     assert NTLConfig(ntl_labels="all").needs_answers  # correct_only defaults to True
 
 
+
+def test_w1_is_an_alias_of_wasserstein_as_in_ntl():
+    from ntl_trl import NTLCallback, NTLSFTConfig
+
+    assert NTLConfig(ntl_method="w1").ntl_method == "wasserstein"
+    assert NTLSFTConfig(ntl_method="w1").ntl_method == "wasserstein"
+    assert NTLCallback(ntl_method="w1").ntl_method == "wasserstein"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "err", "match"),
     [

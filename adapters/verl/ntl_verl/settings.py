@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from ntl._checks import check_method
 from ntl.aggregation import LOSS_AGG_MODES
 
 __all__ = ["BONUS_TYPES", "KEY_PREFIX", "LABELS", "METHODS", "NTLConfigFields", "NTLSettings"]
@@ -61,7 +62,7 @@ class NTLSettings:
             v = getattr(self, key)
             if not isinstance(v, bool):
                 raise TypeError(f"{prefix}{key} must be true or false, got {v!r}")
-        _choice(prefix + "ntl_method", self.ntl_method, METHODS)
+        object.__setattr__(self, "ntl_method", check_method(self.ntl_method, prefix + "ntl_method"))  # frozen
         _choice(prefix + "ntl_labels", self.ntl_labels, LABELS)
         _choice(prefix + "ntl_bonus_type", self.ntl_bonus_type, BONUS_TYPES)
         for key in ("ntl_weight", "ntl_bonus_weight"):

@@ -104,6 +104,14 @@ def test_bonus_and_method_from_environment(tmp_path):
     assert s.bonus_enabled
 
 
+def test_w1_is_an_alias_of_wasserstein_as_in_ntl():
+    from ntl_verl.settings import NTLSettings
+
+    assert NTLSettings(ntl_method="w1").ntl_method == "wasserstein"
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.actor\.ntl_method must be one of"):
+        NTLSettings(ntl_method="l2")
+
+
 def test_baseline_launcher_is_stock_verl(tmp_path):
     from verl.workers.config import FSDPActorConfig
 
