@@ -42,7 +42,7 @@ def _verl_version() -> str:
     try:
         import verl
     except ImportError as e:
-        raise ImportError(f"ntl_verl needs verl>={MIN_VERL} (pip install 'ntl[verl]'): {e}") from e
+        raise ImportError(f"ntl_verl needs verl>={MIN_VERL} (from a clone of ntl: pip install -e '.[verl]'): {e}") from e
     return str(verl.__version__)
 
 
