@@ -30,7 +30,9 @@ def set_strict_checks(enabled: bool) -> None:
     (as text tokens do) instead of raising.
     """
     global _STRICT
-    _STRICT = bool(enabled)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_strict_checks takes True or False, got {enabled!r}")
+    _STRICT = enabled
 
 
 def strict_checks() -> bool:
@@ -139,6 +141,15 @@ def check_bias(bias: object, V: int, hidden: torch.Tensor, same_dtype: bool = Fa
         raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
 
 
+def check_ntl_weight(w: object) -> float:
+    """``ntl_weight``: a finite Python number ``>= 0`` (not a tensor: it is a constant of the graph)."""
+    if isinstance(w, torch.Tensor):
+        raise ValueError(f"ntl_weight must be a Python number >= 0, got a tensor ({w!r}); pass float(w)")
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (w >= 0 and w != float("inf")):
+        raise ValueError(f"ntl_weight must be a finite non-negative number, got {w!r}")
+    return float(w)
+
+
 def check_ignore_index(ignore_index: object) -> int:
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -157,7 +168,7 @@ def check_values(labels: torch.Tensor, V: int | None, ignore_index: int,
     inside = labels.clamp(0, V - 1) if V is not None else labels.clamp_min(0)
     bad_label = ((inside != labels) & (labels != ignore_index)).any()
     if weights is not None and weights.dtype != torch.bool:
-        bad_label, negw = torch.stack([bad_label, (weights < 0).any()]).tolist()
+        bad_label, negw = torch.stack([bad_label, (~(weights >= 0)).any()]).tolist()  # NaN too
     else:
         bad_label, negw = bool(bad_label), False
     if bad_label:  # report the range of the offending labels only
@@ -173,4 +184,4 @@ def check_values(labels: torch.Tensor, V: int | None, ignore_index: int,
             f"got values in [{lo}, {hi}] outside that (V is {where})"
         )
     if negw:
-        raise ValueError("weights must be >= 0")
+        raise ValueError("weights must be >= 0 (and not NaN)")

@@ -400,8 +400,7 @@ def cross_entropy_with_ntl(
         fp32 loss, or ``(loss, ce, ntl)`` with ``return_parts=True``.
     """
     method = C.check_method(method)
-    if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float)) or ntl_weight < 0:
-        raise ValueError(f"ntl_weight must be a non-negative number, got {ntl_weight!r}")
+    C.check_ntl_weight(ntl_weight)
     for name, flag in (("reweigh", reweigh), ("inplace", inplace), ("return_parts", return_parts)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")

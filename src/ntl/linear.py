@@ -227,8 +227,7 @@ def _check_head(hidden: Any, weight: Any, bias: Any) -> int:
 
 
 def _check_options(ntl_weight: Any, chunk_size: Any, **flags: Any) -> None:
-    if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float)) or not ntl_weight >= 0:
-        raise ValueError(f"ntl_weight must be a non-negative number, got {ntl_weight!r}")
+    C.check_ntl_weight(ntl_weight)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

@@ -291,7 +291,22 @@ def check_target_dist(target_dist: Any, labels: torch.Tensor, vocab_or_K: Number
         raise ValueError(f"target_dist shape {tuple(target_dist.shape)} must be labels.shape + (K,) = {want}")
     if target_dist.device != labels.device:
         raise ValueError(f"target_dist is on {target_dist.device} but labels are on {labels.device}")
-    return target_dist.reshape(-1, K)
+    flat = target_dist.reshape(-1, K)
+    if C.strict_checks() and flat.numel() and not torch.compiler.is_compiling():
+        # one host read: entries finite and >= 0, every row that is not all zero sums to 1
+        t = flat.detach().float()
+        sums = t.sum(-1)
+        bad_entry, bad_sum = torch.stack([
+            (~((t >= 0) & torch.isfinite(t))).any(),
+            ((sums != 0) & ((sums - 1).abs() > 1e-3)).any(),
+        ]).tolist()
+        if bad_entry:
+            raise ValueError("target_dist must be finite and >= 0 (a probability distribution over the K "
+                             "number tokens per position)")
+        if bad_sum:
+            raise ValueError("target_dist rows must sum to 1 (all-zero rows are allowed where a position takes "
+                             "no part); e.g. normalise with target_dist / target_dist.sum(-1, keepdim=True)")
+    return flat
 
 
 def ntl_mse_loss(
@@ -431,4 +446,6 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     """
     if not isinstance(labels, torch.Tensor) or labels.dim() < 1:
         raise TypeError("labels must be a tensor with a sequence dimension last")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
