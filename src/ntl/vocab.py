@@ -222,6 +222,14 @@ class DigitVocab(NumberVocab):
         super().__init__(ids, range(10), vocab_size)
 
     @classmethod
+    def from_tokenizer(cls, tokenizer: Any, vocab_size: int | None = None) -> DigitVocab:
+        """The ten single-token digits ``'0'..'9'`` of ``tokenizer`` (``ValueError`` listing
+        the missing ones; multi-digit tokens such as Llama-3's are left out, with a warning: use
+        :class:`NumberVocab` for those). ``vocab_size``: the model's (padded) vocabulary size,
+        default the tokenizer's. Cached per tokenizer."""
+        return _from_tokenizer_cached(cls, tokenizer, vocab_size)  # type: ignore[return-value]
+
+    @classmethod
     def _build(cls, tokenizer: Any, vocab_size: int | None) -> DigitVocab:
         vocab = _get_vocab(tokenizer)
         missing = [d for d in DIGITS if d not in vocab]
