@@ -115,6 +115,8 @@ def test_harness_end_to_end_toy(tmp_path, toy_tok, capsys):
     assert tg["gpu-hidden-overhead"]["status"] == "not measured (needs a CUDA GPU)"
     md = (tmp_path / "toy.md").read_text()
     assert doc["device"]["name"] in md and "## Targets" in md and "ntl-fused" in md
+    assert "| cpu-fused-time |" in md and "| gpu-hidden-overhead |" not in md  # GPU targets: one line
+    assert "Not measured here, they need a CUDA GPU" in md and "`gpu-hidden-overhead`" in md
     assert "targets" in out and "ntl-fused" in out
 
     # --append: a second run on another N merges into the same file (a long GPU run in pieces)

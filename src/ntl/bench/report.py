@@ -438,6 +438,9 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def render_markdown(doc: dict[str, Any], plot_name: str | None) -> str:
     dev, ver, cfg = doc["device"], doc["versions"], doc["config"]
+    kind = dev.get("kind", "cpu")
+    here = [t for t in doc["targets"] if t.get("device", kind) == kind]
+    elsewhere = [t for t in doc["targets"] if t.get("device", kind) != kind]
     lines = [
         f"# ntl benchmark: {dev['name']}",
         "",
@@ -473,9 +476,12 @@ def render_markdown(doc: dict[str, Any], plot_name: str | None) -> str:
         "## Targets",
         "",
         _md_table(("id", "target", "measured", "status"),
-                  [(t["id"], t["description"], _fmt_target(t), t["status"]) for t in doc["targets"]]),
+                  [(t["id"], t["description"], _fmt_target(t), t["status"]) for t in here]),
         "",
     ]
+    if elsewhere:  # the other device kind's targets: one line (the JSON keeps every entry)
+        lines += [f"Not measured here, they need {'a CUDA GPU' if kind == 'cpu' else 'a CPU run'} "
+                  f"({len(elsewhere)}): " + ", ".join(f"`{t['id']}`" for t in elsewhere) + ".", ""]
     if doc.get("baselines", {}).get("empty_kernel_launch_ms"):
         lines += [f"Empty Triton kernel launch: {_fmt_ms(doc['baselines']['empty_kernel_launch_ms'])} ms.", ""]
     by_case: dict[str, list[dict[str, Any]]] = {}
