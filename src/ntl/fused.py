@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _checks as C
-from .kernels._triton import no_double_backward
+from .kernels._triton import backward_once
 from .kernels.reference import ntl_rows_grad_torch, ntl_rows_torch, number_index_torch
 from .losses import check_squash_factor, loss_spec, use_triton
 from .vocab import VocabLike, vocab_from_handle
@@ -258,17 +258,12 @@ class _FusedCENTL(torch.autograd.Function):
         ctx.save_for_backward(grad.detach(), rinv)  # type: ignore[union-attr]
         ctx.reduction = cfg.reduction
         ctx.use_kernel = cfg.use_triton
-        ctx.consumed = False
         ctx.mark_non_differentiable(ce_part, ntl_part)
         return loss, ce_part, ntl_part
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):
-        no_double_backward("cross_entropy_with_ntl")
-        if ctx.consumed:
-            raise RuntimeError("cross_entropy_with_ntl: backward can run only once per forward "
-                               "(its gradient buffer is scaled in place)")
-        ctx.consumed = True
+        backward_once(ctx, "cross_entropy_with_ntl", "its gradient buffer is scaled in place")
         grad, rinv = ctx.saved_tensors
         return fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel), None, None, None
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import _checks as C
 from .fused import ce_ntl_rows_torch, row_scales
-from .kernels._triton import next_pow2, no_double_backward
+from .kernels._triton import backward_once, next_pow2
 from .losses import check_squash_factor, prepare_labels, reweigh_ceiling, squash_table, use_triton
 from .vocab import VocabLike, resolve_vocab
 
@@ -170,17 +170,13 @@ class _LinearCENTL(torch.autograd.Function):
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.args = (ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, need)
         ctx.reduction = reduction
-        ctx.consumed = False
         ctx.mark_non_differentiable(ce_part, ntl_part)
         return loss, ce_part, ntl_part
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):
-        no_double_backward("linear_cross_entropy_with_ntl")
-        if ctx.consumed:
-            raise RuntimeError("linear_cross_entropy_with_ntl: backward can run only once per forward "
-                               "(its gradients are computed in forward and scaled in place)")
-        ctx.consumed = True
+        backward_once(ctx, "linear_cross_entropy_with_ntl",
+                      "its gradients are computed in forward and scaled in place")
         ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, need = ctx.args
         if ctx.reduction == "none":
             hidden, weight, bias, labels, k, ids, values = ctx.saved_tensors

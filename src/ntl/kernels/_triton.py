@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -53,3 +54,13 @@ def no_double_backward(name: str) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(f"{name}: second derivatives are not supported "
                            "(backward was called with create_graph=True)")
+
+
+def backward_once(ctx: Any, name: str, why: str, label: str | None = None) -> None:
+    """The prologue of a backward that consumes its forward's buffers in place: first
+    derivatives only (:func:`no_double_backward`) and one backward per forward
+    (``RuntimeError`` naming ``label or name`` and ``why`` on a second call)."""
+    no_double_backward(name)
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError(f"{label or name}: backward can run only once per forward ({why})")
+    ctx.consumed = True

@@ -25,7 +25,15 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, interpreting, next_pow2, no_double_backward, tl, triton
+from ._triton import (
+    HAS_TRITON,
+    backward_once,
+    interpreting,
+    next_pow2,
+    no_double_backward,
+    tl,
+    triton,
+)
 
 __all__ = ["number_mass_torch", "number_mass_triton"]
 
@@ -80,17 +88,14 @@ class _NumberMassTorch(torch.autograd.Function):
         m = e.index_select(1, ids).sum(1) / s
         if idx is not None:
             m = torch.zeros(N, device=x.device).index_copy_(0, idx, m)
-        ctx.e, ctx.idx, ctx.shape, ctx.consumed = e, idx, (tuple(x.shape), x.dtype), False
+        ctx.e, ctx.idx, ctx.shape = e, idx, (tuple(x.shape), x.dtype)
         ctx.save_for_backward(ids, m, s)
         return z, m
 
     @staticmethod
     def backward(ctx, gz: torch.Tensor, gm: torch.Tensor):  # type: ignore[override]
-        no_double_backward("the number-mass twin")
-        if ctx.consumed:
-            raise RuntimeError("number mass: backward can run only once per forward (its exp "
-                               "buffer becomes the gradient in place)")
-        ctx.consumed = True
+        backward_once(ctx, "the number-mass twin", "its exp buffer becomes the gradient in place",
+                      label="number mass")
         ids, m, s = ctx.saved_tensors
         e, idx = ctx.e, ctx.idx
         ctx.e = None
