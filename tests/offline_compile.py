@@ -172,6 +172,7 @@ KERNELS: dict[str, Callable[[Case], None] | str] = {
     "rowloss._ntl_loss_bwd": _loss_bwd,
     "rowloss._ntl_loss_bwd_reweigh": _loss_bwd,
     "rowloss.ntl_row_math": INLINED,
+    "rowloss._bwd_row_scale": INLINED,
     "gather._gather_fwd": _gather_fwd,
     "gather._scatter_bwd": _scatter_bwd,
     "mass._mass_fwd": _mass,

@@ -163,21 +163,27 @@ if HAS_TRITON:
         tl.store(den_ptr, den)
 
     @triton.jit
+    def _bwd_row_scale(rw_ptr, g_ptr, den_ptr, N, stride_g, G_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's rows (int64), their scale ``s = rw g / den`` (``rw g`` per row with
+        ``G_ROWS``: reduction="none", any stride of ``g``) and which rows take part (``rw != 0``)."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        r64 = rows.to(tl.int64)
+        rw = tl.load(rw_ptr + r64, mask=rmask, other=0.0)
+        if G_ROWS:
+            s = rw * tl.load(g_ptr + r64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            s = rw * (tl.load(g_ptr).to(tl.float32) / tl.load(den_ptr))
+        return r64, s, rmask & (rw != 0.0)
+
+    @triton.jit
     def _ntl_loss_bwd(dz_ptr, rw_ptr, g_ptr, den_ptr, ids_ptr, out_ptr, N, K, stride_o, stride_g,
                       G_ROWS: tl.constexpr, IDS: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
         """``out[i, ids] = s_i dL/dz_i`` with ``s = rw g / den`` into a zero ``out``; rows with ``s = 0`` store nothing."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r64, s, live = _bwd_row_scale(rw_ptr, g_ptr, den_ptr, N, stride_g, G_ROWS, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
-        rmask = rows < N
         cmask = cols < K
-        r64 = rows.to(tl.int64)
-        rw = tl.load(rw_ptr + r64, mask=rmask, other=0.0)
-        if G_ROWS:  # reduction="none": g per row (any stride), no divisor
-            s = rw * tl.load(g_ptr + r64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
-        else:
-            s = rw * (tl.load(g_ptr).to(tl.float32) / tl.load(den_ptr))
-        live = rmask & (rw != 0.0)
         if IDS:
             ids = tl.load(ids_ptr + cols, mask=cmask, other=0).to(tl.int64)
         else:
@@ -196,17 +202,9 @@ if HAS_TRITON:
 
             j in ids: s (m dL/dz_j + (L - D) p_j (1 - m)),   else: -s (L - D) m p_j,   p = exp(x - lse)
         """
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r64, s, live = _bwd_row_scale(rw_ptr, g_ptr, den_ptr, N, stride_g, G_ROWS, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
-        rmask = rows < N
         cmask = cols < K
-        r64 = rows.to(tl.int64)
-        rw = tl.load(rw_ptr + r64, mask=rmask, other=0.0)
-        if G_ROWS:  # reduction="none": g per row (any stride), no divisor
-            s = rw * tl.load(g_ptr + r64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
-        else:
-            s = rw * (tl.load(g_ptr).to(tl.float32) / tl.load(den_ptr))
-        live = rmask & (rw != 0.0)
         L = tl.load(L_ptr + r64, mask=live, other=0.0)
         mass = tl.load(mass_ptr + r64, mask=live, other=0.0)
         lse = tl.load(lse_ptr + r64, mask=live, other=0.0)
