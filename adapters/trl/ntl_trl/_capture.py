@@ -21,6 +21,7 @@ normaliser and adds it to its loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,17 @@ class HiddenNTLCapture:
     def cancel(self) -> None:
         """Drop an armed plan without a result (the armed step failed)."""
         self._plan = None
+
+    def run(self, call: Callable[[], Any], targets: torch.Tensor, **arm_kwargs: Any) -> tuple[Any, CaptureResult]:
+        """``arm(targets, **arm_kwargs)``, ``call()`` (the trainer's own forward), ``disarm()``:
+        ``(call's result, the capture's result)``; a failing ``call`` leaves nothing armed."""
+        self.arm(targets, **arm_kwargs)
+        try:
+            out = call()
+        except BaseException:
+            self.cancel()
+            raise
+        return out, self.disarm()
 
     def remove(self) -> None:
         self._plan = None

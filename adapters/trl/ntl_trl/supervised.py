@@ -231,17 +231,11 @@ class NTLSFTMixin:
         cfg = self.ntl_config
         targets, seq_len = sft_targets(inputs)  # read first: Trainer.compute_loss may pop labels
         mode = "train" if self.model.training else "eval"
-        cap = self._ntl_capture
-        cap.arm(targets, start=0, transform=self._ntl_transform, grad=cfg.ntl_weight > 0,
-                seq_len=seq_len, repeats="skip")
-        try:
-            out = super().compute_loss(  # type: ignore[misc]
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        except BaseException:
-            cap.cancel()
-            raise
-        result = cap.disarm()
+        out, result = self._ntl_capture.run(
+            lambda: super(NTLSFTMixin, self).compute_loss(  # type: ignore[misc]
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch),
+            targets, start=0, transform=self._ntl_transform, grad=cfg.ntl_weight > 0,
+            seq_len=seq_len, repeats="skip")
         sums = self.accelerator.reduce(result.sums, reduction="sum")
         acc = self._ntl_sums.get(mode)
         self._ntl_sums[mode] = sums if acc is None else acc + sums

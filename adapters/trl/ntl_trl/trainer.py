@@ -231,16 +231,10 @@ class NTLTrainerMixin:
                 f"{tuple(inputs['completion_ids'].shape)}"
             )
         P = inputs["prompt_ids"].shape[1]
-        cap = self._ntl_capture
-        cap.arm(targets, start=P - 1, transform=self._ntl_transform, grad=cfg.ntl_weight > 0)
-        try:
-            loss = super().compute_loss(  # type: ignore[misc]
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        except BaseException:
-            cap.cancel()
-            raise
-        result = cap.disarm()
+        loss, result = self._ntl_capture.run(
+            lambda: super(NTLTrainerMixin, self).compute_loss(  # type: ignore[misc]
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch),
+            targets, start=P - 1, transform=self._ntl_transform, grad=cfg.ntl_weight > 0)
         mode = "train" if self.model.training else "eval"
         sums = self.accelerator.reduce(result.sums, reduction="sum")
         for key, val in MetricSums.to_metrics(sums).items():
