@@ -2,8 +2,8 @@
 
 Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right
 kind, wrong value) with a message naming the argument and the shapes involved.
-The data-dependent checks (label range, negative weights) read a three-element
-tensor back to the host once per call; :func:`set_strict_checks` turns them off
+The data-dependent checks (label range, negative or NaN weights) read a three-element
+tensor back to the host once per call (a ``target_dist`` adds one more read, of two flags); :func:`set_strict_checks` turns them off
 (e.g. under CUDA graphs). The standalone losses run them inside their custom op,
 so they never break a ``torch.compile`` graph.
 """

@@ -37,7 +37,7 @@ from torch import nn
 from . import _checks as C
 from .fused import ce_ntl_rows_torch, row_scales
 from .kernels._triton import backward_once, next_pow2
-from .losses import check_squash_factor, prepare_labels, reweigh_ceiling, squash_table, use_triton
+from .losses import check_squash_factor, loss_spec, prepare_labels, use_triton
 from .vocab import VocabLike, resolve_vocab
 
 __all__ = ["LinearCrossEntropyWithNTL", "linear_chunk_rows", "linear_cross_entropy_with_ntl"]
@@ -298,9 +298,10 @@ def linear_cross_entropy_with_ntl(
     h2d = hidden.reshape(-1, H)
     rows = linear_chunk_rows(h2d.shape[0], H, V, hidden.device, chunk_size)
     dev = hidden.device
+    spec = loss_spec(vocab, None, V, method, squash_factor, 1.0)  # D and the squash table, cached per vocab
     args = (labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method, reduction,
-            reweigh, float(reweigh_ceiling(vocab, method, squash_factor)), ignore_index, rows, use_kernel,
-            squash_table(vocab, squash_factor) if squash_factor is not None else None)
+            reweigh, float(spec.dmax), ignore_index, rows, use_kernel,
+            (spec.sq_a, spec.sq_b) if spec.squash else None)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         loss, ce, ntl = _LinearCENTL.apply(h2d, weight, bias, *args)
     else:
