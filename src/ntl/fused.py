@@ -397,8 +397,7 @@ def cross_entropy_with_ntl(
     method = C.check_method(method)
     C.check_ntl_weight(ntl_weight)
     for name, flag in (("reweigh", reweigh), ("inplace", inplace), ("return_parts", return_parts)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        C.check_bool(name, flag)
     squash_factor = check_squash_factor(squash_factor, method)
     logits = C.check_logits(logits)
     V = logits.shape[-1]

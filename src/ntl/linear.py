@@ -228,8 +228,7 @@ def _check_options(ntl_weight: Any, chunk_size: Any, **flags: Any) -> None:
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     for name, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        C.check_bool(name, flag)
 
 
 def linear_cross_entropy_with_ntl(

@@ -57,9 +57,7 @@ class NumberTokenLoss(nn.Module):
         self.ignore_index = C.check_ignore_index(ignore_index)
         self.reduction = C.check_choice("reduction", reduction, C.REDUCTIONS)
         self.backend = C.check_choice("backend", backend, C.BACKENDS)
-        if not isinstance(reweigh, bool):
-            raise TypeError(f"reweigh must be a bool, got {type(reweigh).__name__}")
-        self.reweigh = reweigh
+        self.reweigh = C.check_bool("reweigh", reweigh)
         self.squash_factor = check_squash_factor(squash_factor, self.method)
         if self.squash_factor is not None:
             squash_table(self.vocab, self.squash_factor)  # a vocab it cannot squash fails here

@@ -131,8 +131,7 @@ def check_options(float_level: Any, max_number_length: Any, reweigh: Any,
                   decimal_point_id: Any = None) -> None:
     """Types and range of the number-level flags (``TypeError``/``ValueError`` naming them)."""
     for name, flag in (("float_level", float_level), ("reweigh", reweigh)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        C.check_bool(name, flag)
     if decimal_point_id is not None and not float_level:
         raise ValueError("decimal_point_id is used only with float_level=True (a '.' joins digits "
                          "into one number only then)")
