@@ -141,12 +141,12 @@ def check_bias(bias: object, V: int, hidden: torch.Tensor, same_dtype: bool = Fa
         raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
 
 
-def check_ntl_weight(w: object) -> float:
+def check_ntl_weight(w: object, name: str = "ntl_weight") -> float:
     """``ntl_weight``: a finite Python number ``>= 0`` (not a tensor: it is a constant of the graph)."""
     if isinstance(w, torch.Tensor):
-        raise ValueError(f"ntl_weight must be a Python number >= 0, got a tensor ({w!r}); pass float(w)")
+        raise ValueError(f"{name} must be a Python number >= 0, got a tensor ({w!r}); pass float(w)")
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not (w >= 0 and w != float("inf")):
-        raise ValueError(f"ntl_weight must be a finite non-negative number, got {w!r}")
+        raise ValueError(f"{name} must be a finite non-negative number, got {w!r}")
     return float(w)
 
 

@@ -56,7 +56,7 @@ import torch
 from transformers import TrainerCallback
 
 import ntl
-from ntl._checks import check_method
+from ntl._checks import check_method, check_ntl_weight
 
 from ._capture import ntl_sums_from_hidden
 from ._common import MetricSums, resolve_model_vocab, warn_everywhere
@@ -119,15 +119,13 @@ class NTLCallback(TrainerCallback):
 
     def __init__(self, ntl_weight: float = 0.1, ntl_method: str = "wasserstein", *,
                  tokenizer_or_vocab: Any = None, temperature: float | None = None) -> None:
-        if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float)) \
-                or not ntl_weight >= 0 or ntl_weight == float("inf"):
-            raise ValueError(f"ntl_weight must be a finite number >= 0, got {ntl_weight!r}")
+        ntl_weight = check_ntl_weight(ntl_weight)
         ntl_method = check_method(ntl_method, "ntl_method")
         if temperature is not None and (isinstance(temperature, bool)
                                         or not isinstance(temperature, (int, float))
                                         or not temperature > 0):
             raise ValueError(f"temperature must be a positive number or None, got {temperature!r}")
-        self.ntl_weight = float(ntl_weight)
+        self.ntl_weight = ntl_weight
         self.ntl_method = ntl_method
         self.tokenizer_or_vocab = tokenizer_or_vocab
         self.temperature = temperature

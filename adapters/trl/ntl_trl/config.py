@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ntl._checks import check_method
+from ntl._checks import check_method, check_ntl_weight
 
 __all__ = ["NTL_LABELS", "NTL_METHODS", "NTLConfig", "NTLSFTConfig"]
 
@@ -50,10 +50,7 @@ class NTLConfig:
     temperature: float | None = None
 
     def __post_init__(self) -> None:
-        w = self.ntl_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"NTLConfig.ntl_weight must be a finite number >= 0, got {w!r}")
-        self.ntl_weight = float(w)
+        self.ntl_weight = check_ntl_weight(self.ntl_weight, "NTLConfig.ntl_weight")
         self.ntl_method = check_method(self.ntl_method, "NTLConfig.ntl_method")
         if self.ntl_labels not in NTL_LABELS:
             raise ValueError(f"NTLConfig.ntl_labels must be one of {NTL_LABELS}, got {self.ntl_labels!r}")
@@ -112,8 +109,5 @@ class NTLSFTConfig:
     ntl_method: str = "wasserstein"
 
     def __post_init__(self) -> None:
-        w = self.ntl_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"NTLSFTConfig.ntl_weight must be a finite number >= 0, got {w!r}")
-        self.ntl_weight = float(w)
+        self.ntl_weight = check_ntl_weight(self.ntl_weight, "NTLSFTConfig.ntl_weight")
         self.ntl_method = check_method(self.ntl_method, "NTLSFTConfig.ntl_method")
