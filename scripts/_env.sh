@@ -159,3 +159,37 @@ ntl_env() {
         || ntl_die "could not install requirements/$name.txt into $venv"
     NTL_PY="$venv/bin/python"
 }
+
+# Suites that keep going: `ntl_suite NAME CMD...` runs CMD in a subshell (an `ntl_die` or a
+# failing command ends that suite only), logs how it ended and how long it took, and records a
+# failure; `ntl_suites_report` prints one line per suite and returns non-zero naming every
+# suite that failed. So one failing suite never hides the others.
+NTL_SUITES_FAILED=()
+NTL_SUITES_LOG=()
+
+ntl_suite() {
+    local name=$1 start rc
+    shift
+    start=$SECONDS
+    echo "ntl: == suite $name: $*" >&2
+    ( set -euo pipefail; "$@" )
+    rc=$?
+    if [ "$rc" -eq 0 ]; then
+        NTL_SUITES_LOG+=("passed  $name ($((SECONDS - start)) s)")
+    else
+        NTL_SUITES_LOG+=("FAILED  $name (exit $rc, $((SECONDS - start)) s)")
+        NTL_SUITES_FAILED+=("$name")
+    fi
+    echo "ntl: == suite $name: ${NTL_SUITES_LOG[-1]%% *} (exit $rc)" >&2
+    return 0
+}
+
+ntl_suites_report() {
+    local line
+    echo "ntl: == summary" >&2
+    for line in "${NTL_SUITES_LOG[@]}"; do echo "ntl:    $line" >&2; done
+    if [ ${#NTL_SUITES_FAILED[@]} -gt 0 ]; then
+        echo "ntl: error: ${#NTL_SUITES_FAILED[@]} suite(s) failed: ${NTL_SUITES_FAILED[*]}" >&2
+        return 1
+    fi
+}
