@@ -28,11 +28,11 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def require_file(path: str, what: str = "test data", *, allow_module_level: bool = False) -> str:
+def require_file(path: str, what: str = "test data") -> str:
     """``path`` if it is a file; else ``pytest.fail`` in CI, ``pytest.skip`` elsewhere.
 
-    ``allow_module_level``: the skip may come from a module's top level (a CI failure there
-    is a collection error, which fails the run as well).
+    Call it from a test or fixture, not a module's top level: a failure while collecting
+    interrupts the whole run, hiding every other test's result.
     """
     if os.path.isfile(path):
         return path
@@ -40,13 +40,12 @@ def require_file(path: str, what: str = "test data", *, allow_module_level: bool
            "holding GSM8K's train.parquet / test.parquet)")
     if in_ci():
         pytest.fail(f"CI: {msg}. In CI a missing data file is a failure, not a skip", pytrace=False)
-    pytest.skip(msg, allow_module_level=allow_module_level)
+    pytest.skip(msg)
 
 
-def gsm8k_file(split: str = "train", *, allow_module_level: bool = False) -> str:
+def gsm8k_file(split: str = "train") -> str:
     """The path of GSM8K's ``{split}.parquet`` (verl's format), via :func:`require_file`."""
-    return require_file(os.path.join(GSM8K_DIR, f"{split}.parquet"), f"GSM8K {split} split",
-                        allow_module_level=allow_module_level)
+    return require_file(os.path.join(GSM8K_DIR, f"{split}.parquet"), f"GSM8K {split} split")
 
 
 @pytest.fixture
