@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from decimal import Decimal
 
 import pytest
-from conftest import GSM8K_DIR
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shared_data import gsm8k_file
 
 from ntl.answers import (
     Answer,
@@ -207,10 +206,7 @@ def test_digit_agreement(pred, truth, expected):
 # --------------------------------------------------------------------------- GSM8K
 def _gsm8k(split):
     pd = pytest.importorskip("pandas")
-    path = os.path.join(GSM8K_DIR, f"{split}.parquet")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not found")
-    df = pd.read_parquet(path)
+    df = pd.read_parquet(gsm8k_file(split))
     sols = [e["answer"] for e in df["extra_info"]]
     gts = [r["ground_truth"] for r in df["reward_model"]]
     return sols, gts

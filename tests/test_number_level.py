@@ -317,6 +317,38 @@ def test_integer_weights_equal_float_weights(syn_tok):
     torch.testing.assert_close(a, ref, **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_integer_weights_are_weights_not_a_mask(syn_tok, reduction, dtype):
+    """Integer weights other than 0/1 (3 and 5) weigh each number by its first digit's weight,
+    as ntloss does with the same weights; a 0/1 mask of them gives another value."""
+    gv = syn_tok.get_vocab()
+    logits, labels, _ = make_case(SYN_V, [gv[str(d)] for d in range(10)], gv["."], [gv["x"]], seed=4)
+    g = torch.Generator().manual_seed(5)
+    w = torch.tensor([0, 3, 5])[torch.randint(0, 3, labels.shape, generator=g)].to(dtype)
+    got = ntl.number_level_loss(logits, labels, syn_tok, weights=w, reduction=reduction)
+    ref = oracle(syn_tok, SYN_V, False, False)(logits.double(), labels, loss_weights=w.double(),
+                                               reduction=reduction).float()
+    torch.testing.assert_close(got, ref, **TOL)
+    as_mask = oracle(syn_tok, SYN_V, False, False)(logits.double(), labels, loss_weights=(w != 0).double(),
+                                                   reduction=reduction).float()
+    assert (got - as_mask).abs().max() > 1e-3  # 100x TOL: the case tells weights from a mask
+
+
+def test_hand_values_integer_weights_three_and_five():
+    # "30" under a uniform digit distribution: yhat = 49.5, L = 19.5 / 79.5; "7" predicted 9: 2 / 16
+    labels = torch.tensor([[3, 0, TXT, 7]])
+    x = peaked([None, None, None, 9])
+    w = torch.tensor([[3, 1, 0, 5]])  # a number takes its first digit's weight (3, not 1)
+    l30, l7 = 19.5 / 79.5, 2 / 16
+    mean = ntl.number_level_loss(x, labels, HAND, weights=w)
+    torch.testing.assert_close(mean, torch.tensor((3 * l30 + 5 * l7) / 8))  # a 0/1 mask: (l30 + l7) / 2
+    total = ntl.number_level_loss(x, labels, HAND, weights=w, reduction="sum")
+    torch.testing.assert_close(total, torch.tensor(3 * l30 + 5 * l7))
+    per = ntl.number_level_loss(x, labels, HAND, weights=w, reduction="none")
+    torch.testing.assert_close(per, torch.tensor([[3 * l30, 0.0, 0.0, 5 * l7]]))
+
+
 # ---------------------------------------------------------------- hand-computed values
 def peaked(labels_digits, V=16, margin=60.0):
     """Logits putting all digit mass on the given digit (None: uniform)."""
@@ -448,6 +480,29 @@ def test_property_matches_loop_reference_and_bounds(rows, cols, data, float_leve
     assert torch.all(got <= (1.01 if reweigh else 1.0))
     starts = ref != 0
     assert torch.all(got[~starts] == 0)
+
+
+@settings(max_examples=40)
+@given(rows=st.integers(1, 3), cols=st.integers(1, 10), data=st.data(),
+       reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_property_integer_weights_weigh_each_number(rows, cols, data, reduction):
+    """Integer weights 0..9: each number's loss (the float64 loop reference) times its first
+    digit's weight; ``mean`` divides by the sum of those weights."""
+    labels = torch.tensor(data.draw(st.lists(st.lists(label_tok, min_size=cols, max_size=cols),
+                                             min_size=rows, max_size=rows)))
+    w = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 9), min_size=cols, max_size=cols),
+                                        min_size=rows, max_size=rows)))
+    x = torch.randn(rows, cols, 16, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 999))))
+    got = ntl.number_level_loss(x, labels, HAND, weights=w, reduction=reduction)
+    per = loop_reference(x, labels, DOT, False, 20, False)
+    starts = torch.zeros(labels.shape, dtype=torch.bool)  # first digit of each number
+    is_digit = (labels >= 0) & (labels <= 9)
+    starts[:, 0] = is_digit[:, 0]
+    starts[:, 1:] = is_digit[:, 1:] & ~is_digit[:, :-1]
+    ws = torch.where(starts, w.double(), 0.0)
+    want = {"none": per * ws, "sum": (per * ws).sum(),
+            "mean": (per * ws).sum() / max(float(ws.sum()), float(EPS))}[reduction]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
 @settings(max_examples=40)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-from conftest import GSM8K_DIR
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shared_data import gsm8k_file
 
 from ntl.metrics import digit_probs
 from ntl.rewards import (
@@ -36,10 +35,7 @@ PROBS_BONUS = 0.485
 # --------------------------------------------------------------------------- GSM8K
 def _gsm8k(split):
     pd = pytest.importorskip("pandas")
-    path = os.path.join(GSM8K_DIR, f"{split}.parquet")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not found")
-    df = pd.read_parquet(path)
+    df = pd.read_parquet(gsm8k_file(split))
     return (
         list(df["data_source"]),
         [e["answer"] for e in df["extra_info"]],

@@ -1,10 +1,11 @@
 """Tiny offline pieces for the SFT tests: Qwen2.5's offline tokenizer, a Qwen2 built from a
-config with Qwen2.5's padded vocabulary, GSM8K rows from ../shared/data/gsm8k, recorders of
+config with Qwen2.5's padded vocabulary, GSM8K rows (tests/shared_data.py), recorders of
 the trainer's batches and parameters, and the independent full-logits reference."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -15,9 +16,12 @@ import ntl
 from ntl.tokenizers import QWEN2_5_VOCAB_SIZE, qwen2_tokenizer
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-GSM8K = os.path.join(os.path.dirname(REPO), "shared", "data", "gsm8k")
-needs_gsm8k = pytest.mark.skipif(not os.path.exists(os.path.join(GSM8K, "train.parquet")),
-                                 reason="needs ../shared/data/gsm8k")
+if os.path.join(REPO, "tests") not in sys.path:  # also in subprocesses that import this module
+    sys.path.append(os.path.join(REPO, "tests"))
+from shared_data import DEFAULT_GSM8K_DIR, GSM8K_DIR, gsm8k_file  # noqa: E402, F401
+
+#: The ``gsm8k_dir`` fixture (tests/shared_data.py): the GSM8K files, or a skip (a failure in CI).
+needs_gsm8k = pytest.mark.usefixtures("gsm8k_dir")
 DIGITS = "0123456789"
 
 
@@ -46,7 +50,7 @@ def gsm8k_rows(n: int, skip: int = 0) -> list[dict[str, str]]:
     after skipping the ``skip`` shortest; ``{"question", "answer"}`` (answers end in ``#### N``)."""
     import pandas as pd
 
-    df = pd.read_parquet(os.path.join(GSM8K, "train.parquet")).iloc[:400]
+    df = pd.read_parquet(gsm8k_file("train")).iloc[:400]
     rows = sorted(df["extra_info"], key=lambda e: (len(e["question"]) + len(e["answer"]), e["index"]))
     return [{"question": e["question"], "answer": e["answer"]} for e in rows[skip : skip + n]]
 

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from sft_tiny import GSM8K, REPO, needs_gsm8k
+from sft_tiny import DEFAULT_GSM8K_DIR, GSM8K_DIR, REPO, needs_gsm8k
 
 pytest.importorskip("trl")
 
@@ -29,9 +29,9 @@ def _printed(out: str) -> tuple[list[dict], dict]:
 @pytest.mark.parametrize("route", ["sft", "hf"])
 def test_tiny_mode_runs_and_prints_ntl_metrics(tmp_path, capsys, route):
     mod = _load()
-    assert mod.DEFAULT_DATA == GSM8K
+    assert mod.DEFAULT_DATA == DEFAULT_GSM8K_DIR
     argv = ["--tiny", "--max-steps", "2", "--train-size", "4", "--eval-size", "2",
-            "--output-dir", str(tmp_path)] + (["--hf-trainer"] if route == "hf" else [])
+            "--output-dir", str(tmp_path), "--data-dir", GSM8K_DIR] + (["--hf-trainer"] if route == "hf" else [])
     assert mod.main(argv) == 0
     rows, ev = _printed(capsys.readouterr().out)
     assert [r["step"] for r in rows] == [1, 2]
@@ -68,7 +68,8 @@ def test_normal_mode_with_a_local_model_directory(tmp_path, capsys):
     tok.save_pretrained(tmp_path / "model")
     mod = _load()
     rc = mod.main(["--model-path", str(tmp_path / "model"), "--max-steps", "1", "--train-size", "2",
-                   "--eval-size", "2", "--batch-size", "2", "--output-dir", str(tmp_path / "out")])
+                   "--eval-size", "2", "--batch-size", "2", "--output-dir", str(tmp_path / "out"),
+                   "--data-dir", GSM8K_DIR])
     assert rc == 0
     rows, ev = _printed(capsys.readouterr().out)
     assert [r["step"] for r in rows] == [1]

@@ -5,12 +5,12 @@ import json
 import os
 
 import pytest
+from shared_data import DEFAULT_GSM8K_DIR, GSM8K_DIR
 
 pytest.importorskip("trl.trainer.grpo_trainer")
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 SCRIPT = os.path.join(REPO, "examples", "trl", "grpo_gsm8k_ntl.py")
-GSM8K = os.path.join(os.path.dirname(REPO), "shared", "data", "gsm8k")
 
 
 def _load():
@@ -20,13 +20,12 @@ def _load():
     return mod
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(GSM8K, "train.parquet")),
-                    reason="needs ../shared/data/gsm8k")
+@pytest.mark.usefixtures("gsm8k_dir")
 def test_tiny_mode_runs_and_logs_ntl(tmp_path, capsys):
     mod = _load()
-    assert mod.DEFAULT_DATA == GSM8K
+    assert mod.DEFAULT_DATA == DEFAULT_GSM8K_DIR
     rc = mod.main(["--tiny", "--max-steps", "2", "--train-size", "4", "--max-completion-length", "16",
-                   "--output-dir", str(tmp_path)])
+                   "--output-dir", str(tmp_path), "--data-dir", GSM8K_DIR])
     assert rc == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
             if line.startswith('{"step"')]
@@ -43,8 +42,7 @@ def test_normal_mode_needs_a_model_path():
         mod.load_gsm8k("/nonexistent", 2, conversational=True)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(GSM8K, "train.parquet")),
-                    reason="needs ../shared/data/gsm8k")
+@pytest.mark.usefixtures("gsm8k_dir")
 def test_normal_mode_with_a_local_model_directory(tmp_path, capsys):
     """The --model-path route (AutoModel/AutoTokenizer from a local folder, chat template),
     with a tiny Qwen2 saved next to Qwen2.5's real tokenizer instead of the 0.5B model."""
@@ -64,7 +62,7 @@ def test_normal_mode_with_a_local_model_directory(tmp_path, capsys):
     mod = _load()
     rc = mod.main(["--model-path", str(tmp_path / "model"), "--max-steps", "1", "--train-size", "2",
                    "--num-generations", "2", "--max-completion-length", "8",
-                   "--output-dir", str(tmp_path / "out")])
+                   "--output-dir", str(tmp_path / "out"), "--data-dir", GSM8K_DIR])
     assert rc == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
             if line.startswith('{"step"')]

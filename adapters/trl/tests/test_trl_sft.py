@@ -9,6 +9,7 @@ SGD with a constant learning rate and no clipping, so an update is ``-lr * gradi
 
 import itertools
 import logging
+import math
 import os
 
 import pytest
@@ -202,6 +203,51 @@ def test_evaluation_logs_eval_ntl_and_adds_it_to_eval_loss(tmp_path):
 def _prepared(tr, rows):
     ds = tr._prepare_dataset(prompt_completion(rows), tr.processing_class, tr.args, False, None, "ref")
     return [ds[i] for i in range(len(ds))]
+
+
+def test_evaluation_batch_without_digit_targets_is_ce_only(tmp_path):
+    """An evaluation batch whose completions hold no digit: NTL adds nothing (no 0 / 0), the
+    eval loss is the CE alone and no eval_ntl/loss is logged."""
+    rows = [{"question": "Say hello.", "answer": "Hello there, friend."},
+            {"question": "Greet me.", "answer": "Hi, how are you?"}]
+    tr, tok = make(tmp_path, prompt_completion(rows), weight=0.5, per_device_eval_batch_size=2)
+    metrics = tr.evaluate(prompt_completion(rows))
+    batch = tr.data_collator(_prepared(tr, rows))  # the eval batch, rebuilt
+    ref = reference(fresh_model(tok, tr.model.state_dict()), [batch], tok)
+    assert ref["n"] == 0 and ref["tokens"] > 0
+    assert metrics["eval_ntl/total_digits"] == 0 and "eval_ntl/loss" not in metrics
+    assert math.isfinite(metrics["eval_loss"])
+    assert metrics["eval_loss"] == pytest.approx(float(ref["ce_mean"]), rel=1e-5)
+
+
+def test_training_step_outside_the_loop_with_accumulation(tmp_path):
+    """training_step called outside ``train()`` (no window counted) with G = 2 accumulation steps:
+    each micro-batch adds (CE + w NTL, both its own means) / G to the gradient, as a
+    per-micro-batch CE does; the reference sums those gradients from the full logits."""
+    rows = gsm8k_rows(2)
+    w, G = 2.0, 2
+    tr, tok = make(tmp_path, prompt_completion(rows), weight=w, gradient_accumulation_steps=G)
+    tr.create_optimizer_and_scheduler(num_training_steps=1)
+    tr.current_gradient_accumulation_steps = G  # as train() sets it for a full window
+    batches = [tr.data_collator([r]) for r in _prepared(tr, rows)]
+    ref_model = fresh_model(tok, tr.model.state_dict())
+    tr.model.zero_grad()
+    for batch in batches:
+        tr.training_step(tr.model, {k: v.clone() for k, v in batch.items()})
+    got = {k: p.grad.detach().clone() for k, p in tr.model.named_parameters()}
+    ce = ntl_ = 0.0
+    for batch in batches:
+        ref = reference(ref_model, [batch], tok, requires_grad=True)
+        assert ref["n"] > 0
+        ce, ntl_ = ce + ref["ce_mean"] / G, ntl_ + ref["ntl_mean"] / G
+    names, ps = zip(*ref_model.named_parameters(), strict=True)
+    g_want = torch.autograd.grad(ce + w * ntl_, ps, retain_graph=True, allow_unused=True)
+    g_ntl = torch.autograd.grad(ntl_, ps, allow_unused=True)
+    for name, p, g in zip(names, ps, g_want, strict=True):
+        torch.testing.assert_close(got[name], torch.zeros_like(p) if g is None else g,
+                                   rtol=1e-4, atol=2e-6)
+    # the NTL part is large: a term G times too large (or too small) is far outside the tolerance
+    assert max(float((w * (G - 1) * g).abs().max()) for g in g_ntl if g is not None) > 1e-2
 
 
 def test_label_smoothing_path_scores_the_gradient_forward_once(tmp_path):

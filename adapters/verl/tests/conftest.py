@@ -17,6 +17,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# tests/shared_data.py: where the GSM8K files are; a missing one skips locally, fails in CI
+sys.path.append(os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests")))
+from shared_data import gsm8k_dir  # noqa: F401  (the fixture)
 
 
 def verl_version():

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import verl_version
+from shared_data import gsm8k_file
 
 pd = pytest.importorskip("pandas")
 v = verl_version()
@@ -17,9 +18,6 @@ if v is None or v.release[:2] < (0, 9):
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 SCRIPT = os.path.join(REPO, "examples", "verl", "prepare_gsm8k.py")
-SHARED = os.path.abspath(os.path.join(REPO, "..", "shared", "data", "gsm8k"))
-if not os.path.isfile(os.path.join(SHARED, "test.parquet")):
-    pytest.skip(f"no shared GSM8K parquet at {SHARED}", allow_module_level=True)
 
 
 def run(*args):
@@ -40,7 +38,7 @@ def as_records(frame):
 
 @pytest.fixture(scope="module")
 def shared_test():
-    return pd.read_parquet(os.path.join(SHARED, "test.parquet"))
+    return pd.read_parquet(gsm8k_file("test"))  # missing: a skip, a failure in CI
 
 
 def test_raw_gsm8k_columns_give_verls_format(tmp_path, shared_test):
@@ -59,7 +57,7 @@ def test_raw_gsm8k_columns_give_verls_format(tmp_path, shared_test):
 
 def test_verl_format_input_round_trips_and_limit(tmp_path, shared_test):
     out = tmp_path / "out"
-    run("--input", os.path.join(SHARED, "test.parquet"), "--out", str(out), "--limit", "25")
+    run("--input", gsm8k_file("test"), "--out", str(out), "--limit", "25")
     got = pd.read_parquet(out / "test.parquet")
     assert len(got) == 25
     assert as_records(got) == as_records(shared_test.iloc[:25])
