@@ -69,7 +69,7 @@ def test_gpu_kernels_are_compiled():
     from ntl.kernels import fused_ce, gather, rowloss
 
     assert not interpreting()
-    for k in (fused_ce._ce_ntl_fwd, fused_ce._scale_rows, rowloss._ntl_rows_fwd, gather._gather_fwd):
+    for k in (fused_ce._ce_ntl_fwd, fused_ce._scale_rows, rowloss._ntl_loss_fwd, gather._gather_fwd):
         assert type(k).__name__ == "JITFunction", type(k)
 
 
