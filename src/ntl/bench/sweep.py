@@ -82,7 +82,7 @@ def parse_config(text: str) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def forced_fwd_config(block_v: int, num_warps: int, maxnreg: int | None = None) -> Iterator[list[dict]]:
+def forced_fwd_config(block_v: int, num_warps: int, maxnreg: int | None = None) -> Iterator[list[dict[str, int]]]:
     """Make the fused launcher use ``BLOCK_V`` / ``num_warps`` (/ ``maxnreg``) while active.
 
     Yields the list of configurations handed out (one per launch): empty afterwards means
@@ -94,7 +94,7 @@ def forced_fwd_config(block_v: int, num_warps: int, maxnreg: int | None = None) 
     if orig is None:
         raise RuntimeError("ntl.kernels.fused_ce has no fwd_config: the sweep's override needs the "
                            "launcher to take its constants from it (see ntl.bench.sweep)")
-    used: list[dict] = []
+    used: list[dict[str, int]] = []
 
     def forced(*args: Any, **kw: Any) -> dict[str, int]:
         cfg = dict(orig(*args, **kw))
@@ -113,7 +113,7 @@ def forced_fwd_config(block_v: int, num_warps: int, maxnreg: int | None = None) 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ntl.bench.sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ntl.bench.sweep", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--smoke", action="store_true",
                    help="tiny shape on the CPU under TRITON_INTERPRET=1 (checks the sweep, measures nothing)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda (--smoke: cpu)")
@@ -151,13 +151,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def _timer(device: torch.device, rep_ms: int, repeats: int) -> Callable[[Callable[[], Any], list], dict]:
+Timer = Callable[[Callable[[], Any], list[torch.Tensor]], dict[str, float | int]]
+
+
+def _timer(device: torch.device, rep_ms: int, repeats: int) -> Timer:
     from .measure import _do_bench, summarize
 
-    def cuda(fn: Callable[[], Any], leaves: list) -> dict:
+    def cuda(fn: Callable[[], Any], leaves: list[torch.Tensor]) -> dict[str, float | int]:
         return _do_bench(fn, leaves, rep_ms, max(10, rep_ms // 4)).to_dict()
 
-    def cpu(fn: Callable[[], Any], leaves: list) -> dict:
+    def cpu(fn: Callable[[], Any], leaves: list[torch.Tensor]) -> dict[str, float | int]:
         xs = []
         for _ in range(repeats):
             for t in leaves:
@@ -218,7 +221,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         assert x is not None
 
         def loss_fn(x: torch.Tensor = x, labels: torch.Tensor = labels) -> torch.Tensor:
-            return ntl.cross_entropy_with_ntl(x, labels, vocab, backend="triton")
+            out = ntl.cross_entropy_with_ntl(x, labels, vocab, backend="triton")
+            assert isinstance(out, torch.Tensor)
+            return out
 
         def eval_fn(loss_fn: Callable[[], torch.Tensor] = loss_fn) -> None:
             with torch.no_grad():
@@ -246,6 +251,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     loss = loss_fn()
                     loss.backward()
                     _sync(device)
+                    assert x.grad is not None
                     value, rows = float(loss.detach()), x.grad[sample.to(device)].float().cpu()
                     x.grad = None
                     del loss
