@@ -104,3 +104,46 @@ class BigOps(TorchDispatchMode):
             if sizes and max(sizes) >= self.threshold:
                 self.big.append((name, max(sizes)))
         return out
+
+
+#: ATen ops that read a tensor's value on the host (a device sync on CUDA): ``.item()``,
+#: ``bool(t)``, ``torch.equal`` and the ops whose output shape depends on the data.
+SYNC_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select",
+                      "unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"})
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records in ``self.syncs`` every op of :data:`SYNC_OPS` and every ``Tensor.tolist`` /
+    ``Tensor.numpy`` (which read a CPU tensor without dispatching anything) issued inside the
+    ``with`` block, outside the launches counted by :func:`count_launches` (the Triton
+    interpreter's own plumbing): on CPU, the ops that would be host syncs on a GPU."""
+
+    HOST_READS = ("tolist", "numpy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self):
+        for name in self.HOST_READS:
+            orig = getattr(torch.Tensor, name)
+            self._saved[name] = orig
+
+            def wrapped(t, *a, _orig=orig, _name=name, **k):
+                if not _IN_LAUNCH[0]:
+                    self.syncs.append(f"Tensor.{_name}")
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, wrapped)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, orig in self._saved.items():
+            setattr(torch.Tensor, name, orig)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not _IN_LAUNCH[0] and str(func.overloadpacket.__name__) in SYNC_OPS:
+            self.syncs.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))

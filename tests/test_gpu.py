@@ -8,12 +8,13 @@ conftest guard fails a ``gpu`` test when the interpreter is on. Shapes are Qwen2
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import require_compiled_kernels
-from kernel_probe import BigOps, count_launches
+from kernel_probe import BigOps, HostSyncs, count_launches
 from test_fused import flush_and_error, fp32_reference_grad, mixed_batch
 from test_kernels import GRAD_TOL, loss_and_grad, make_batch, rel_close
 
@@ -69,7 +70,7 @@ def test_gpu_kernels_are_compiled():
     from ntl.kernels import fused_ce, gather, rowloss
 
     assert not interpreting()
-    for k in (fused_ce._ce_ntl_fwd, fused_ce._scale_rows, rowloss._ntl_rows_fwd, gather._gather_fwd):
+    for k in (fused_ce._ce_ntl_fwd, fused_ce._scale_rows, rowloss._ntl_loss_fwd, gather._gather_fwd):
         assert type(k).__name__ == "JITFunction", type(k)
 
 
@@ -215,3 +216,174 @@ def test_gpu_rows_in_neither_loss_are_not_read(qwen_vocab):
         ref = loss_and_grad(lambda z: F.cross_entropy(z.float(), labels)
                             + 0.3 * ntl.ntl_wasserstein_loss(z, labels, vocab, backend="torch"), clean)[1]
         rel_close(leaf.grad, ref, GRAD_TOL[torch.bfloat16])
+
+
+
+# ---------------------------------------------------------------- sync freedom: standalone, linear
+# Each step runs on a GPU (gpu tests: Qwen's V, compiled kernels, CUDA's sync debug mode raises
+# at a host sync) and on CPU (the same function at a small V: the kernels in Triton's
+# interpreter, kernel_probe.HostSyncs records what would be a sync on a GPU).
+
+
+@contextlib.contextmanager
+def host_syncs(device: torch.device):
+    """Strict checks off; yields the list of host syncs seen: on CUDA the sync debug mode raises
+    at the sync itself (the list stays empty), on CPU a dispatch observer fills it."""
+    if device.type == "cuda":
+        with no_host_sync():
+            yield []
+        return
+    ntl.set_strict_checks(False)
+    try:
+        with HostSyncs() as obs:
+            yield obs.syncs
+    finally:
+        ntl.set_strict_checks(True)
+
+
+def _up(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """A non-unit incoming gradient made on the device (no host copy inside the checked region)."""
+    return torch.rand(shape, device=device, generator=torch.Generator(device=device).manual_seed(seed)) + 0.5
+
+
+STANDALONE = {
+    "mse": lambda x, y, v, **kw: ntl.ntl_mse_loss(x, y, v, **kw),
+    "w1": lambda x, y, v, **kw: ntl.ntl_wasserstein_loss(x, y, v, **kw),
+    "w1-reweigh": lambda x, y, v, **kw: ntl.ntl_wasserstein_loss(x, y, v, reweigh=True, **kw),
+    "w1-squash": lambda x, y, v, **kw: ntl.ntl_wasserstein_loss(x, y, v, squash_factor=3.0, **kw),
+}
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def standalone_step(call: str, reduction: str, vocab: ntl.NumberVocab, Vx: int, N: int,
+                    device: torch.device) -> None:
+    """Strict checks off, bf16, per-row weights, a non-unit incoming gradient: forward and
+    backward make no host sync; the forward is at most 3 launches, the backward one kernel
+    (as test_launches.py's stub count); value and gradient equal the PyTorch path's."""
+    fn = STANDALONE[call]
+    logits, labels = make_batch(N, Vx, vocab, torch.bfloat16, seed=5)
+    logits, labels = logits.to(device), labels.to(device)
+    up = _up(labels.shape if reduction == "none" else (), 7, device)
+    kw = {"weights": _up(labels.shape, 6, device), "reduction": reduction, "backend": "triton"}
+    leaf = logits.clone().requires_grad_(True)
+    (fn(leaf, labels, vocab, **kw) * up).sum().backward()  # warm-up: compile, caches
+    leaf.grad = None
+    with count_launches() as launches:
+        with host_syncs(device) as fwd_syncs:
+            out = fn(leaf, labels, vocab, **kw)
+        fwd = dict(launches)
+        with host_syncs(device) as bwd_syncs:
+            (out * up).sum().backward()
+    assert fwd_syncs == [] and bwd_syncs == [], (fwd_syncs, bwd_syncs)
+    assert "_ntl_loss_fwd" in fwd and sum(fwd.values()) <= 3, fwd
+    bwd = dict(launches - Counter(fwd))
+    assert sum(bwd.values()) == 1, bwd
+    x = logits.clone().requires_grad_(True)
+    ref = fn(x, labels, vocab, **{**kw, "backend": "torch"})
+    (ref * up).sum().backward()
+    rel_close(out.detach(), ref.detach(), 1e-5)
+    rel_close(leaf.grad, x.grad, GRAD_TOL[torch.bfloat16])
+
+
+@gpu
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("call", list(STANDALONE))
+def test_gpu_standalone_step_is_sync_free(call, reduction, qwen_vocab):
+    """ntl_mse_loss / ntl_wasserstein_loss at Qwen's V: :func:`standalone_step`."""
+    standalone_step(call, reduction, qwen_vocab, V, 2048, torch.device("cuda"))
+
+
+SMALL_V = 300
+SMALL_VOCAB = ntl.DigitVocab([3, 9, 12, 20, 21, 30, 33, 40, 41, 49], vocab_size=SMALL_V)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("call", list(STANDALONE))
+def test_standalone_step_is_sync_free_on_cpu(call, reduction):
+    """The same step on CPU (Triton's interpreter, V = 300): no op that would sync a GPU."""
+    standalone_step(call, reduction, SMALL_VOCAB, SMALL_V, 48, torch.device("cpu"))
+
+
+LINEAR = [("mean", False, False), ("sum", True, True), ("none", False, False), ("none", True, True)]
+
+
+def linear_step(reduction: str, reweigh: bool, bias: bool, dtype: torch.dtype, vocab: ntl.NumberVocab,
+                Vx: int, N: int, H: int, chunk: int, device: torch.device) -> None:
+    """Strict checks off, several chunks, a non-unit incoming gradient, with and without bias
+    and reweigh: linear_cross_entropy_with_ntl's forward and backward make no host sync (on
+    CPU, mean/sum backward reads the incoming gradient once: ``float(grad_out) != 1`` is
+    the CPU-only shortcut; a CUDA gradient is never read); the fused kernel runs once per
+    chunk in forward (and once more per chunk in backward for reduction="none", never
+    otherwise); value and gradients equal the logits path's (fp32 logits, PyTorch backend)."""
+    g = torch.Generator().manual_seed(21)
+    h = torch.randn(N, H, generator=g).to(device, dtype)
+    W = (torch.randn(Vx, H, generator=g) * H ** -0.5).to(device, dtype)
+    b = (0.1 * torch.randn(Vx, generator=g)).to(device, dtype) if bias else None
+    y = torch.randint(0, Vx, (N,), generator=g)
+    y[::4] = torch.tensor(vocab.token_ids)[torch.randint(0, vocab.K, (N // 4,), generator=g)]
+    y[1::9] = -100
+    y = y.to(device)
+    up = _up(y.shape if reduction == "none" else (), 23, device)
+    kw = {"reduction": reduction, "reweigh": reweigh, "chunk_size": chunk, "backend": "triton"}
+    leaves = [t.clone().requires_grad_(True) for t in (h, W, b) if t is not None]
+
+    def call(hh, ww, bb=None):
+        return ntl.linear_cross_entropy_with_ntl(hh, ww, y, vocab, bias=bb, **kw)
+
+    (call(*leaves) * up).sum().backward()  # warm-up: compile, caches
+    for t in leaves:
+        t.grad = None
+    with count_launches() as launches:
+        with host_syncs(device) as fwd_syncs:
+            out = call(*leaves)
+        fwd = dict(launches)
+        with host_syncs(device) as bwd_syncs:
+            (out * up).sum().backward()
+    assert fwd_syncs == [], fwd_syncs
+    cpu_shortcut = ["_local_scalar_dense"] if device.type == "cpu" and reduction != "none" else []
+    assert bwd_syncs == cpu_shortcut, bwd_syncs
+    assert fwd == {"_ce_ntl_fwd": N // chunk}, fwd
+    bwd = dict(launches - Counter(fwd))
+    assert bwd == ({"_ce_ntl_fwd": N // chunk} if reduction == "none" else {}), bwd
+    refs = [t.clone().requires_grad_(True) for t in (h, W, b) if t is not None]
+    logits = refs[0].float() @ refs[1].float().T + (refs[2].float() if bias else 0.0)
+    ref = ntl.cross_entropy_with_ntl(logits, y, vocab, reduction=reduction, reweigh=reweigh, backend="torch")
+    (ref * up).sum().backward()
+    # bf16: logits rounded to bf16; fp16: computed in fp32, gradients rounded to fp16
+    tol, gtol = (1e-2, 3e-2) if dtype == torch.bfloat16 else (1e-3, 1e-2)
+    torch.testing.assert_close(out.detach(), ref.detach(), rtol=tol, atol=tol)
+    for a, r in zip(leaves, refs, strict=True):
+        err = (a.grad.float() - r.grad.float()).abs().max() / r.grad.float().abs().max()
+        assert err <= gtol, float(err)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("reduction", "reweigh", "bias"), LINEAR)
+def test_gpu_linear_step_is_sync_free(reduction, reweigh, bias, dtype, qwen_vocab):
+    """linear_cross_entropy_with_ntl at Qwen's V, H = 896, 4 chunks: :func:`linear_step`."""
+    linear_step(reduction, reweigh, bias, dtype, qwen_vocab, V, 2048, 896, 512, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("reduction", "reweigh", "bias"), LINEAR)
+def test_linear_step_is_sync_free_on_cpu(reduction, reweigh, bias, dtype):
+    """The same step on CPU (Triton's interpreter, V = 300, H = 32, 4 chunks)."""
+    linear_step(reduction, reweigh, bias, dtype, SMALL_VOCAB, SMALL_V, 64, 32, 16, torch.device("cpu"))
+
+
+def test_host_syncs_sees_a_sync_on_cpu():
+    """Positive control of the CPU observer: strict checks (on) read the labels on the host, and
+    an explicit ``.item()`` is seen; the interpreter's own work inside a launch is not."""
+    logits, labels = make_batch(16, SMALL_V, SMALL_VOCAB, seed=8)
+    seen = []
+    for strict in (True, False):
+        ntl.set_strict_checks(strict)
+        try:
+            with count_launches() as launches, HostSyncs() as obs:
+                ntl.ntl_mse_loss(logits, labels, SMALL_VOCAB, backend="triton").item()
+        finally:
+            ntl.set_strict_checks(True)
+        assert launches["_ntl_loss_fwd"] == 1
+        seen.append(obs.syncs)
+    assert len(seen[0]) >= 2 and seen[1] == ["_local_scalar_dense"], seen

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -74,3 +75,68 @@ def toy_tok():
     tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>")
+
+
+# ---------------------------------------------------------------- names the script relies on
+def _options(parse) -> set[str]:
+    """Option strings of the parser that ``parse([])`` builds."""
+    import argparse
+
+    seen = []
+    orig = argparse.ArgumentParser.parse_args
+
+    def spy(self, *a, **k):
+        seen.append(self)
+        return orig(self, *a, **k)
+
+    argparse.ArgumentParser.parse_args = spy  # type: ignore[method-assign]
+    try:
+        parse([])
+    finally:
+        argparse.ArgumentParser.parse_args = orig  # type: ignore[method-assign]
+    return {o for act in seen[-1]._actions for o in act.option_strings}
+
+
+def _commands(text: str) -> list[str]:
+    """The script's logical lines (backslash continuations joined), comments dropped."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [ln for ln in joined.splitlines() if not ln.lstrip().startswith("#")]
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def test_script_uses_only_existing_flags_providers_and_imports():
+    """Every flag the script passes to ``ntl bench`` / ``ntl.bench.sweep``, every (case,
+    provider) its target check needs and every ``from ntl... import`` it runs exist (a wrong
+    name would first fail on the GPU machine)."""
+    import importlib
+
+    from ntl.bench import sweep
+    from ntl.bench.cases import CASES
+
+    text = SCRIPT.read_text()
+    lines = _commands(text)
+    bench_opts, sweep_opts = _options(parse_args), _options(sweep.parse_args)
+    bench_lines = [ln for ln in lines if re.search(r"-m ntl\.bench\s", ln) or re.search(r"(BENCH|COMPILE)_ARGS(\+)?=", ln)]
+    sweep_lines = [ln for ln in lines if "-m ntl.bench.sweep" in ln]
+    assert len(bench_lines) >= 4 and len(sweep_lines) == 2, (bench_lines, sweep_lines)
+    for group, opts in ((bench_lines, bench_opts), (sweep_lines, sweep_opts)):
+        used = {f for ln in group for f in FLAG.findall(ln.split(" | ")[0])}
+        assert used and used <= opts, sorted(used - opts)
+    need = re.findall(r'\("([\w+.-]+)", "([\w+.-]+)"\)', text[text.index('need = [("'):text.index("recs = {")])
+    assert ("ce+ntl", "liger-ce-ga") in need and ("ce+ntl", "ntl-fused-inplace-ga") in need
+    for case, prov in need:
+        assert case in CASES and prov in {p.key for p in CASES[case].providers}, (case, prov)
+    for mod, names in re.findall(r"from (ntl[\w.]*) import ([\w, ]+)", text):
+        m = importlib.import_module(mod)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(m, name), f"{mod}.{name}"
+    assert "ntl.bench.sweep" in text and importlib.import_module("ntl.bench.sweep").main
+
+
+def test_sweep_budget_argument():
+    out = run_script("--sweep-budget", "x")
+    assert out.returncode == 1 and "--sweep-budget needs" in out.stderr
+    out = run_script("--help")
+    assert "--skip-sweep" in out.stdout and "2b. the launch-configuration sweep" in out.stdout

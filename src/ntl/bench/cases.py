@@ -4,7 +4,10 @@ Cases (``--cases``):
 
 * ``ntl-mse`` / ``ntl-w1``: standalone NTL on ``logits [N, V]``.
 * ``ce+ntl``: ``CE + 0.3 * NTL-W1`` on ``logits [N, V]``; ``ce`` (``F.cross_entropy``
-  alone) is the baseline every ratio "x CE" refers to.
+  alone) is the baseline every ratio "x CE" refers to. The ``-ga`` providers (GPU) time a
+  gradient-accumulation step, ``loss / k`` (:data:`GA_STEPS`): ntl with ``grad_scale=1/k``
+  (its backward then reads and writes nothing), Liger's CE as it is (its backward rescales
+  the ``N x V`` gradient).
 * ``hidden``: NTL-W1 from ``hidden [N, H]`` and the LM head ``W [V, H]``; its
   baseline "x CE" is a full LM-head forward+backward with cross-entropy.
 * ``number-level``, ``predict``, ``dot-mae``, ``dot-huber``, ``w1-squash``, ``reweigh``: the
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CASES",
+    "GA_STEPS",
     "NTL_WEIGHT",
     "Case",
     "Ctx",
@@ -45,6 +49,8 @@ __all__ = [
 
 #: Weight of NTL in the cross-entropy + NTL cases (the issue's default).
 NTL_WEIGHT = 0.3
+#: Gradient-accumulation steps k of the ``-ga`` providers: the step's loss is ``loss / k``.
+GA_STEPS = 8
 #: Text token ids are drawn below this bound (Qwen2.5's tokenizer has 151,665 entries).
 TOKENIZER_LEN = 151_665
 
@@ -164,7 +170,8 @@ def expected_values(inp: Inputs, hidden_chunk: int = 256) -> dict[str, float]:
 
     Keys: ``mse``, ``w1`` (NTL), ``mse-rw``, ``w1-rw`` (ntloss's reweighing
     ``m L + 1.01 D (1 - m)``, ``m`` the full-softmax mass on digits, ``D`` 81 / 9),
-    ``ce``, ``ce+w1``, ``ce+w1-rw``; for hidden inputs ``w1`` from ``hidden @ W[ids].T``;
+    ``ce``, ``ce+w1``, ``ce+w1-rw``, ``ce/ga``, ``ce+w1/ga`` (divided by :data:`GA_STEPS`); for
+    hidden inputs ``w1`` from ``hidden @ W[ids].T``;
     for linear inputs ``ce``, ``w1``, ``ce+w1`` from float64 logits ``hidden @ W.T``
     (:func:`_linear_expected`).
     """
@@ -199,6 +206,8 @@ def expected_values(inp: Inputs, hidden_chunk: int = 256) -> dict[str, float]:
         out["ce"] = ce
         out["ce+w1"] = ce + NTL_WEIGHT * out["w1"]
         out["ce+w1-rw"] = ce + NTL_WEIGHT * out["w1-rw"]
+        out["ce/ga"] = ce / GA_STEPS
+        out["ce+w1/ga"] = out["ce+w1"] / GA_STEPS
     return out
 
 
@@ -384,6 +393,12 @@ def _ce_ntl() -> tuple[Provider, ...]:
             return lambda: _first(f(inp.logits, inp.labels, ctx.vocab, ntl_weight=w, method="wasserstein", **kw))
         return b
 
+    def b_fused_ga(ctx: Ctx, inp: Inputs):
+        f = _ntl_attr("cross_entropy_with_ntl")
+        k = GA_STEPS
+        return lambda: f(inp.logits, inp.labels, ctx.vocab, ntl_weight=w, method="wasserstein", inplace=True,
+                         grad_scale=1.0 / k) / k
+
     def b_unfused(ctx: Ctx, inp: Inputs):
         f = _ntl_attr("ntl_wasserstein_loss")
         return lambda: F.cross_entropy(inp.logits, inp.labels) + w * f(inp.logits, inp.labels, ctx.vocab)
@@ -404,6 +419,10 @@ def _ce_ntl() -> tuple[Provider, ...]:
             crit = ctx.ntloss("w1", reweigh)
             return lambda: F.cross_entropy(inp.logits, inp.labels) + w * _ntloss_call(crit, inp.logits, inp.labels)
         return b
+
+    def b_liger_ga(ctx: Ctx, inp: Inputs):
+        ce = _liger_ce(inp)
+        return lambda: _first(ce(inp.logits, inp.labels)) / GA_STEPS
 
     def b_liger(with_ntl: bool) -> Builder:
         def b(ctx: Ctx, inp: Inputs):
@@ -433,6 +452,11 @@ def _ce_ntl() -> tuple[Provider, ...]:
                  gpu_only=True, inplace=True),
         Provider("ntl-fused-inplace", "ntl.cross_entropy_with_ntl(inplace=True)", b_fused(True), "ce+w1",
                  inplace=True),
+        Provider("ntl-fused-inplace-ga", f"ntl.cross_entropy_with_ntl(inplace=True, grad_scale=1/{GA_STEPS}) "
+                 f"/ {GA_STEPS} (a gradient-accumulation step)", b_fused_ga, "ce+w1/ga", gpu_only=True,
+                 inplace=True),
+        Provider("liger-ce-ga", f"Liger cross-entropy alone / {GA_STEPS} (a gradient-accumulation step)",
+                 b_liger_ga, "ce/ga", gpu_only=True, inplace=True),
     )
 
 

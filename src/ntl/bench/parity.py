@@ -147,8 +147,13 @@ def _batch(x: torch.Tensor) -> torch.Tensor:
 def _number_level() -> tuple[Provider, ...]:
     def b_ntl(reweigh: bool) -> Builder:
         def b(ctx: Ctx, inp: Inputs):
+            from ntl.number_level import number_level_vocab
+
             f = _ntl_attr("number_level_loss")
-            return lambda: f(_batch(inp.logits), _batch(inp.labels), ctx.tokenizer, reweigh=reweigh)
+            # resolved for the logits' V, as ntloss is given vocab_size=V (a toy V below the
+            # tokenizer's length, as in gpu_check.sh --dry-run, would otherwise be refused)
+            spec = number_level_vocab(ctx.tokenizer, ctx.V)
+            return lambda: f(_batch(inp.logits), _batch(inp.labels), spec, reweigh=reweigh)
         return b
 
     def b_ntloss(reweigh: bool) -> Builder:
