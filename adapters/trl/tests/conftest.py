@@ -11,6 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 import importlib.util
+import sys
+
+# tests/support/ranks.py: the multi-process helper shared with the core and verl tests
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests", "support"))
 
 # Without trl (the system python), collect nothing here: scripts/test_trl.sh runs these
 # tests in venvs that have it.

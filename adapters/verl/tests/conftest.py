@@ -17,6 +17,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# tests/support/ranks.py: the multi-process helper shared with the core and TRL tests
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests", "support"))
 
 
 def verl_version():
