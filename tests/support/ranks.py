@@ -212,11 +212,11 @@ def _flush() -> None:
 
 def _end_process_group() -> None:
     """A last barrier, so every rank has finished every collective before any rank exits;
-    then no ``destroy_process_group``: tearing gloo down in-process is what can deadlock
-    (its destructor joins worker threads that may need the GIL), and ``os._exit`` right after
-    lets the OS close the sockets. gloo's barrier is all-to-root then root-to-all, so the
-    last message travels from rank 0, which has read everything sent to it: closing its
-    sockets (FIN, no RST) cannot discard a message a peer has yet to read."""
+    then no ``destroy_process_group``: tearing gloo down in-process is what can deadlock (its
+    destructor joins worker threads that may need the GIL), and ``os._exit`` right after lets
+    the OS close the sockets. A rank leaves gloo's barrier only after reading every barrier
+    message sent to it, and its own messages are then in its peers' socket buffers: its close
+    is a plain FIN (no unread data, so no RST) and discards nothing a peer has yet to read."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.barrier()
