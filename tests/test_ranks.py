@@ -125,3 +125,30 @@ def test_gloo_ranks_end_after_a_final_barrier(tmp_path):
     ranks.run("gloo", [worker] * 2, log_dir=tmp_path, timeout=100,
               rank_env=[ranks.dist_env(r, 2, port) for r in range(2)])
     assert out.read_text() == "[0, 10]"
+
+
+def test_an_interrupted_wait_kills_the_ranks(tmp_path):
+    """pytest-timeout (method signal) raises inside ``wait``: the ranks die with it."""
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def ring(*_):
+        raise Alarm("the test's own timeout")
+
+    hang = script(tmp_path, "hang.py", """
+        import time
+        from ranks import run_rank
+        run_rank(lambda: time.sleep(600))
+    """)
+    r = ranks.start("one rank", [hang], log_dir=tmp_path, timeout=100)
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(3)
+    try:
+        with pytest.raises(ranks.RanksFailed, match="interrupted: Alarm: the test's own timeout"):
+            r.wait()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert r.procs[0].poll() is not None and r.killed == {0}

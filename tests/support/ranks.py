@@ -134,9 +134,12 @@ class Ranks:
                     why = f"timed out: still running after {self.timeout:.0f} s (exit codes {codes})"
                     break
                 time.sleep(0.1)
-        except BaseException as e:  # pytest-timeout, KeyboardInterrupt: never leave ranks behind
+        except KeyboardInterrupt:
             self.kill()
-            raise RanksFailed(self.report(f"interrupted ({type(e).__name__})")) from e
+            raise
+        except BaseException as e:  # pytest-timeout's Failed: kill the ranks, show their logs
+            self.kill()
+            raise RanksFailed(self.report(f"interrupted: {type(e).__name__}: {str(e)[:300]}")) from e
         self.kill()
         raise RanksFailed(self.report(why))
 
