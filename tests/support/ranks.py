@@ -118,7 +118,7 @@ class Ranks:
         and raise :class:`RanksFailed` with every rank's log tail."""
         deadline = self.started + self.timeout
         failed_at = None
-        why = None
+        why = ""
         try:
             while True:
                 codes = [p.poll() for p in self.procs]
