@@ -11,6 +11,9 @@ import pytest
 import ranks  # tests/support (conftest.py)
 
 pytest.importorskip("trl")
+# at collection, not inside the test: torch's import (a minute on loaded cores) is no part of
+# the ranks' work that the test's timeouts are sized to
+dist = pytest.importorskip("torch.distributed")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
@@ -21,8 +24,6 @@ TIMEOUT = 90
 @pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT + 60)
 def test_ddp_update_equals_single_process_window(tmp_path):
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is needed")
     out = tmp_path / "results.json"
