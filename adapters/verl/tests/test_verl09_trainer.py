@@ -20,9 +20,9 @@ v = verl_version()
 if v is None or v.release[:2] < (0, 9):
     pytest.skip("needs verl >= 0.9 (scripts/test_verl.sh runs this in its venv)", allow_module_level=True)
 
-# seconds for the rank process (Ray + TransferQueue + one PPO step): ~3x its time with both cores
+# seconds for the rank process (Ray + TransferQueue + one PPO step): ~3-4x its time with both cores
 # busy (scripts/stress.sh)
-TIMEOUT = 400
+TIMEOUT = 300
 # separate rank processes (minutes on 2 cores): -m "not slow" skips them; the first test sets the
 # module's fixtures up (the rank), so its pytest limit is a little above the rank's own
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT + 120)]
