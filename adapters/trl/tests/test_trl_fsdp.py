@@ -19,7 +19,7 @@ pytest.importorskip("torch.distributed.fsdp")
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 # seconds for both ranks: ~3x their time with both cores busy (scripts/stress.sh)
-TIMEOUT = 120
+TIMEOUT = 90
 # the first test sets the module's fixture up (both ranks); a little above the ranks' own limit
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT + 60)]
 
