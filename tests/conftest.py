@@ -10,8 +10,12 @@ on, so on a GPU machine run them in their own process:
 """
 
 import os
+import sys
 
 import torch
+
+# tests/support/ranks.py: the multi-process helper (also of the TRL and verl adapter tests)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # must happen before ntl (and its @triton.jit kernels) is imported

@@ -1,4 +1,4 @@
-"""tests/shared_data.py: a missing data file skips a test locally and fails it in CI."""
+"""tests/support/shared_data.py: a missing data file skips a test locally and fails it in CI."""
 
 import os
 import subprocess
@@ -45,7 +45,7 @@ def test_fixture_in_a_pytest_run(tmp_path, ci):
     (the run fails) under CI=true, is skipped without CI."""
     (tmp_path / "conftest.py").write_text(textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {os.path.join(os.path.dirname(__file__), "support")!r})
         from shared_data import gsm8k_dir  # noqa: F401
     """))
     (tmp_path / "test_uses_data.py").write_text("def test_reads(gsm8k_dir):\n    assert False\n")

@@ -13,8 +13,9 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import importlib.util
 import sys
 
-# tests/shared_data.py: where the GSM8K files are; a missing one skips locally, fails in CI
-sys.path.append(os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests")))
+# tests/support/ranks.py: the multi-process helper shared with the core and verl tests
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests", "support"))
+# tests/support/shared_data.py: where the GSM8K files are; a missing one skips locally, fails in CI
 from shared_data import gsm8k_dir  # noqa: F401  (the fixture)
 
 # Without trl (the system python), collect nothing here: scripts/test_trl.sh runs these

@@ -10,11 +10,11 @@ the forward runs) and ``untied_head_group`` (``lm_head`` sharded in its own grou
 DTensor when NTL reads it). Rank 0 writes the max differences to ``argv[1]`` (JSON).
 
 Run: ``RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python fsdp_worker.py out.json``.
+(``tests/support`` on ``PYTHONPATH``: ``ranks.run_rank`` ends the process).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +26,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 import torch
 import torch.distributed as dist
+from ranks import run_rank, write_json
 
 T, W = 0.7, 1.0
 SCRIPT = {"12+30=": ["so #### 42", "x 3 #### 142"], "9-4=": ["#### 7", "none"]}  # 6 and 1 digits
@@ -108,12 +109,9 @@ def main(path: str) -> int:
     torch.set_num_threads(1)
     results = {v: run(v, rank, world) for v in ("tied", "untied_head_group")}
     if rank == 0:
-        with open(path, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+        write_json(path, results)
+    return 0  # run_rank: the final barrier, then os._exit
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    run_rank(lambda: main(sys.argv[1]))

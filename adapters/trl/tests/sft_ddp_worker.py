@@ -8,11 +8,11 @@ and counts over the whole window (both ranks), what one process with both rows w
 Rank 0 writes the largest differences to ``argv[1]`` (JSON).
 
 Run: ``RANK=r LOCAL_RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python sft_ddp_worker.py out.json``.
+(``tests/support`` on ``PYTHONPATH``: ``ranks.run_rank`` ends the process).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -24,6 +24,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 import torch
 import torch.distributed as dist
+from ranks import run_rank, write_json
 
 W, LR = 1.0, 0.5
 ROWS = [("what is 12+30? ", "12+30=42 and 42+58=100 so #### 100"), ("say hi. ", "hi 7")]
@@ -87,12 +88,9 @@ def main(path: str) -> int:
             "logged_total_digits": next(h["ntl/total_digits"] for h in tr.state.log_history
                                         if "ntl/total_digits" in h),
         }
-        with open(path, "w") as f:
-            json.dump(out, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+        write_json(path, out)
+    return 0  # run_rank: the final barrier, then os._exit
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    run_rank(lambda: main(sys.argv[1]))

@@ -5,54 +5,33 @@ Spawns ``sft_ddp_worker.py`` twice (see its docstring)."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
+import ranks  # tests/support (conftest.py)
 
 pytest.importorskip("trl")
+# at collection, not inside the test: torch's import (a minute on loaded cores) is no part of
+# the ranks' work that the test's timeouts are sized to
+dist = pytest.importorskip("torch.distributed")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# seconds for both ranks: ~3x their time with both cores busy (scripts/stress.sh); alone ~10 s
+TIMEOUT = 90
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
 def test_ddp_update_equals_single_process_window(tmp_path):
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is needed")
     out = tmp_path / "results.json"
-    path = os.pathsep.join([os.path.join(REPO, "src"), os.path.join(REPO, "adapters", "trl"), HERE,
-                            os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    procs, logs = [], []
-    for rank in range(2):
-        log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "sft_ddp_worker.py"), str(out)],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=str(tmp_path),
-            stdout=log, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for log in logs:
-            log.close()
-    if codes != [0, 0]:
-        tails = [(tmp_path / f"rank{r}.log").read_text()[-3000:] for r in range(2)]
-        pytest.fail(f"DDP workers exited with {codes}:\n" + "\n----\n".join(tails))
+    port = ranks.free_port()
+    ranks.run("SFT DDP ranks", [[sys.executable, os.path.join(HERE, "sft_ddp_worker.py"), str(out)]] * 2,
+              log_dir=tmp_path, timeout=TIMEOUT, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+              rank_env=[ranks.dist_env(r, 2, port) for r in range(2)],
+              pythonpath=[os.path.join(REPO, "src"), os.path.join(REPO, "adapters", "trl"), HERE])
     r = json.loads(out.read_text())
     assert sorted(r["digits_per_rank"]) == [1, 16]  # uneven on purpose
     assert r["logged_total_digits"] == 17  # summed over ranks

@@ -17,8 +17,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-# tests/shared_data.py: where the GSM8K files are; a missing one skips locally, fails in CI
-sys.path.append(os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests")))
+# tests/support/ranks.py: the multi-process helper shared with the core and TRL tests
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests", "support"))
+# tests/support/shared_data.py: where the GSM8K files are; a missing one skips locally, fails in CI
 from shared_data import gsm8k_dir  # noqa: F401  (the fixture)
 
 

@@ -3,8 +3,10 @@
 * :func:`install_cpu_platform`: a verl platform for CPUs (verl's own extension point,
   ``verl.plugin.platform.PlatformRegistry``; selected with ``VERL_PLATFORM=cpu``): gloo, device
   ``"cpu"``, no-op memory/stream calls. verl's FSDP2 engine then runs unchanged on CPU.
-* :func:`spawn`: ``world`` ranks with ``torch.multiprocessing`` (spawn), a gloo process group on a
-  free 127.0.0.1 port, each rank's results written to ``out_dir`` and read back by the parent.
+* :func:`start` / :func:`join` / :func:`run`: ``world`` rank processes (``python cpu_dist.py``,
+  started, timed out, killed and their logs shown by ``tests/support/ranks.py``, the helper the
+  TRL tests use too), a gloo process group on a free 127.0.0.1 port; rank 0's result is written
+  to ``out_dir`` and read back by the test.
 * :func:`model_dir`: a tiny Qwen2 (weights + Qwen2.5's real tokenizer) saved to disk, what verl's
   ``HFModelConfig`` loads; :func:`compose` / :data:`CPU_OVERRIDES`: verl's ``ppo_trainer`` config for it.
 
@@ -15,10 +17,10 @@ in a rank process (``transformer_impl`` resolves it at import time).
 from __future__ import annotations
 
 import os
-import socket
+import pickle
 import sys
-import traceback
 
+import ranks  # tests/support (conftest.py; PYTHONPATH in the rank processes)
 import torch
 
 V = 32768  # > every token id of the samples (Qwen2.5 itself has 151936); keeps CPU ranks fast
@@ -72,12 +74,6 @@ DYNAMIC_BSZ = [
 ]
 
 NTL_TARGET = "actor_rollout_ref.actor._target_=ntl_verl.config.NTLActorConfig"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_dir(path: str, seed: int = 0) -> str:
@@ -178,68 +174,63 @@ def register_stock_engine_for_cpu() -> None:
         FSDPEngineWithLMHead)
 
 
-def _rank_main(rank: int, world: int, port: int, target: str, out_dir: str, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TOKENIZERS_PARALLELISM="false",
-                      HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+def rank_main() -> int:
+    """One rank (``python cpu_dist.py OUT_DIR TARGET``, ``RANK``/``WORLD_SIZE``/... set by
+    :func:`start`): the cpu platform, the gloo group, ``target(rank, world, *args)`` with the
+    arguments :func:`start` pickled; rank 0 writes the result (atomically)."""
+    out_dir, target = sys.argv[1], sys.argv[2]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    import signal
     import warnings
 
     warnings.filterwarnings("ignore")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run finally blocks (ray.shutdown) on terminate
-    try:
-        install_cpu_platform()
-        import torch.distributed as dist
+    install_cpu_platform()
+    import torch.distributed as dist
 
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        module, name = target.rsplit(":", 1)
-        fn = getattr(__import__(module, fromlist=[name]), name)
-        result = fn(rank, world, *args)
-        if rank == 0:
-            torch.save(result, os.path.join(out_dir, f"result_{world}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"error_{world}_{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    with open(os.path.join(out_dir, f"args_{world}.pkl"), "rb") as f:
+        args = pickle.load(f)
+    module, name = target.rsplit(":", 1)
+    fn = getattr(__import__(module, fromlist=[name]), name)
+    result = fn(rank, world, *args)
+    if rank == 0:
+        ranks.atomic_write(os.path.join(out_dir, f"result_{world}.pt"), lambda f: torch.save(result, f))
+    return 0  # ranks.run_rank: the final barrier, then os._exit
 
 
-def start(target: str, world: int, out_dir: str, *args):
+def start(target: str, world: int, out_dir: str, *args, timeout: float) -> ranks.Ranks:
     """Start ``world`` rank processes running ``target(rank, world, *args)`` (``"module:function"``;
-    rank 0's return value is saved). Returns the ``ProcessContext``; :func:`join` it."""
-    return torch.multiprocessing.start_processes(
-        _rank_main, args=(world, free_port(), target, out_dir, args), nprocs=world, join=False, start_method="spawn")
+    rank 0's return value is saved; ``args`` are pickled). They are killed, and the test fails
+    with every rank's log tail, ``timeout`` s after the start (or soon after one rank fails).
+    :func:`join` them."""
+    with open(os.path.join(out_dir, f"args_{world}.pkl"), "wb") as f:
+        pickle.dump(args, f)
+    port = ranks.free_port()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return ranks.start(
+        f"{target} on {world} rank(s)", [[sys.executable, os.path.abspath(__file__), out_dir, target]] * world,
+        log_dir=os.path.join(out_dir, "logs"), timeout=timeout, env=env,
+        rank_env=[ranks.dist_env(r, world, port) for r in range(world)], pythonpath=[os.path.dirname(__file__)])
 
 
-def join(ctx, world: int, out_dir: str, timeout: float = 1200.0):
-    """Wait for the ranks of :func:`start`; re-raise a rank's error with its traceback. Returns
-    rank 0's result."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} rank(s) still running after {timeout} s")
-    except Exception as e:
-        errs = []
-        for f in sorted(os.listdir(out_dir)):
-            if f.startswith("error_"):
-                with open(os.path.join(out_dir, f)) as fh:
-                    errs.append(fh.read())
-        raise RuntimeError(f"a rank failed: {e}\n" + "\n".join(errs)) from None
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+def join(procs: ranks.Ranks, world: int, out_dir: str):
+    """Wait for the ranks of :func:`start` (``ranks.RanksFailed`` with every rank's log tail if one
+    fails or they time out); returns rank 0's result."""
+    procs.wait()
     return torch.load(os.path.join(out_dir, f"result_{world}.pt"), weights_only=False)
 
 
-def run(target: str, world: int, out_dir: str, *args):
+def run(target: str, world: int, out_dir: str, *args, timeout: float):
     """:func:`start` + :func:`join`."""
-    return join(start(target, world, out_dir, *args), world, out_dir)
+    return join(start(target, world, out_dir, *args, timeout=timeout), world, out_dir)
 
 
 if os.path.dirname(__file__) not in sys.path:  # the rank processes import the scenario modules by name
     sys.path.insert(0, os.path.dirname(__file__))
+
+
+if __name__ == "__main__":
+    import cpu_dist  # the rank runs the module the scenarios import, not a second copy (__main__)
+
+    ranks.run_rank(cpu_dist.rank_main)

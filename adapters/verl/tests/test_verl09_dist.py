@@ -1,6 +1,6 @@
 """Data parallelism on CPU through verl's real worker and FSDP2 engine.
 
-Two gloo ranks (``torch.multiprocessing``, free 127.0.0.1 port) and one rank each run
+Two gloo ranks (rank processes of ``cpu_dist``, free 127.0.0.1 port) and one rank each run
 ``ActorRolloutRefWorker(role="actor").init_model()`` from verl's Hydra ``ppo_trainer`` config
 (fsdp2, remove-padding, dynamic batch size) and ``update_actor`` on the same global mini-batch of
 8 responses (DP=2: 4 per rank). One NTL worker serves every ``loss_agg_mode``: between updates
@@ -20,7 +20,12 @@ v = verl_version()
 if v is None or v.release[:2] < (0, 9):
     pytest.skip("needs verl >= 0.9 (scripts/test_verl.sh runs this in its venv)", allow_module_level=True)
 
-pytestmark = pytest.mark.slow  # separate rank processes (minutes on 2 cores): -m "not slow" skips them
+# seconds for the 3 rank processes (DP=2 and DP=1 at once): ~3x their time with both cores busy
+# (scripts/stress.sh)
+TIMEOUT = 600
+# separate rank processes (minutes on 2 cores): -m "not slow" skips them; the first test sets the
+# module's fixtures up (the ranks), so its pytest limit is a little above the ranks' own
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT + 120)]
 
 import cpu_dist  # noqa: E402
 from dist_scenarios import HEAD_ROWS  # noqa: E402
@@ -53,8 +58,13 @@ def model_path(tmp_path_factory):
 def runs(model_path, tmp_path_factory):
     """{1: results with one rank, 2: with two ranks} (both started at once)."""
     dirs = {w: str(tmp_path_factory.mktemp(f"dp{w}")) for w in (1, 2)}
-    ctx = {w: cpu_dist.start("dist_scenarios:dp_updates", w, dirs[w], model_path, PLAN) for w in (2, 1)}
-    return {w: cpu_dist.join(ctx[w], w, dirs[w]) for w in (1, 2)}
+    procs = {w: cpu_dist.start("dist_scenarios:dp_updates", w, dirs[w], model_path, PLAN, timeout=TIMEOUT)
+             for w in (2, 1)}
+    try:
+        return {w: cpu_dist.join(procs[w], w, dirs[w]) for w in (1, 2)}
+    finally:  # one world failed: the other's ranks go too
+        for p in procs.values():
+            p.kill()
 
 
 def metric(res, name):

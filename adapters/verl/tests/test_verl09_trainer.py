@@ -20,7 +20,13 @@ v = verl_version()
 if v is None or v.release[:2] < (0, 9):
     pytest.skip("needs verl >= 0.9 (scripts/test_verl.sh runs this in its venv)", allow_module_level=True)
 
-pytestmark = pytest.mark.slow  # separate rank processes (minutes on 2 cores): -m "not slow" skips them
+# seconds for the rank process (Ray + TransferQueue + one PPO step): ~3-4x its time with both cores
+# busy (scripts/stress.sh)
+TIMEOUT = 300
+# separate rank processes (minutes on 2 cores): -m "not slow" skips them; the first test sets the
+# module's fixtures up (the tiny model, the rank, the in-process reference: ~220 s of the 285 s
+# it took with both cores overloaded are not the rank's), so its pytest limit is above the rank's
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT + 240)]
 
 import cpu_dist  # noqa: E402
 from dist_scenarios import GROUP  # noqa: E402
@@ -49,7 +55,7 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def step(model_path, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("trainer_step"))
-    return cpu_dist.run("dist_scenarios:trainer_step", 1, out, model_path, OVERRIDES)
+    return cpu_dist.run("dist_scenarios:trainer_step", 1, out, model_path, OVERRIDES, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")

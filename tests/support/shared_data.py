@@ -7,7 +7,8 @@ fixture, which every conftest re-exports): a missing file *skips* the test local
 *fails* it in CI (``CI`` set to ``true``/``1``/``yes``, as ``.ci/run`` and CI services do),
 so a CI run without the data cannot pass by skipping the tests that read it.
 
-Used by ``tests/`` and the adapter suites (their conftests put this folder on ``sys.path``).
+Used by ``tests/`` and the adapter suites (every conftest puts this folder, tests/support, on
+``sys.path``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 
 import pytest
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 #: The default location, beside the repository (the examples' default ``--data-dir``).
 DEFAULT_GSM8K_DIR = os.path.join(os.path.dirname(REPO), "shared", "data", "gsm8k")
 #: Where the tests read GSM8K: ``$NTL_GSM8K_DIR`` if set, else :data:`DEFAULT_GSM8K_DIR`.
