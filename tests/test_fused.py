@@ -11,6 +11,8 @@ Triton-interpreter variants of these tests (``backend="triton"`` under
 (slot names: test_fused_ce_ntl_triton_matches_reference, ..._inplace, ..._reweigh).
 """
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ V = 50
 IDS = [7, 33, 2, 41, 19, 25, 11, 48, 30, 14]  # '0'..'9' at scattered ids
 VOCAB = ntl.DigitVocab(IDS, vocab_size=V)
 TEXT = [0, 1, 5, 20, 49]
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
 REDUCTIONS = ["mean", "sum", "none"]
 METHODS = ["wasserstein", "mse"]
 

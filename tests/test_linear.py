@@ -13,6 +13,8 @@ one bf16 ulp), gradients to 2e-2 of their largest entry (bf16 storage, 2^-8 per 
 accumulated over chunks). fp16 runs in fp32: loss 1e-5, gradients to fp16 rounding.
 """
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,8 +28,8 @@ V, H = 50, 16
 IDS = [7, 33, 2, 41, 19, 25, 11, 48, 30, 14]  # '0'..'9' at scattered ids
 VOCAB = ntl.DigitVocab(IDS, vocab_size=V)
 TEXT = [0, 1, 5, 20, 49]
-TOL = {"rtol": 1e-5, "atol": 1e-5}
-GTOL = {"rtol": 1e-5, "atol": 1e-4}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
+GTOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-4}
 REDUCTIONS = ["mean", "sum", "none"]
 METHODS = ["wasserstein", "mse"]
 

@@ -35,7 +35,7 @@ saved buffer by the incoming gradient with traceable ops.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 
@@ -332,6 +332,28 @@ def _ce_ntl(logits2d: torch.Tensor, labels1d: torch.Tensor, cfg: FusedConfig, gr
     return _fused_call(logits2d, labels1d, cfg, False, False)[2:]
 
 
+# The type of the result follows ``return_parts`` (overloads for type checkers only).
+@overload
+def cross_entropy_with_ntl(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
+    method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
+    squash_factor: float | None = ..., inplace: bool = ..., return_parts: Literal[False] = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+@overload
+def cross_entropy_with_ntl(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
+    method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
+    squash_factor: float | None = ..., inplace: bool = ..., return_parts: Literal[True],
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+@overload
+def cross_entropy_with_ntl(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
+    method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
+    squash_factor: float | None = ..., inplace: bool = ..., return_parts: bool = ...,
+    backend: str = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def cross_entropy_with_ntl(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -29,7 +29,7 @@ scale) is known, so fp16 inputs are computed in fp32 throughout (an fp32 copy of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -231,6 +231,28 @@ def _check_options(ntl_weight: Any, chunk_size: Any, **flags: Any) -> None:
         C.check_bool(name, flag)
 
 
+# The type of the result follows ``return_parts`` (overloads for type checkers only).
+@overload
+def linear_cross_entropy_with_ntl(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *,
+    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
+    reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
+    return_parts: Literal[False] = ..., backend: str = ..., squash_factor: float | None = ...,
+) -> torch.Tensor: ...
+@overload
+def linear_cross_entropy_with_ntl(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *,
+    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
+    reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
+    return_parts: Literal[True], backend: str = ..., squash_factor: float | None = ...,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+@overload
+def linear_cross_entropy_with_ntl(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *,
+    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
+    reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
+    return_parts: bool = ..., backend: str = ..., squash_factor: float | None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def linear_cross_entropy_with_ntl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
