@@ -29,7 +29,7 @@ scale) is known, so fp16 inputs are computed in fp32 throughout (an fp32 copy of
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import nn
@@ -160,7 +160,7 @@ class _LinearCENTL(torch.autograd.Function):
                 labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
                 ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
                 ignore_index: int, rows: int, use_kernel: bool, squash: tuple[float, float] | None):
-        need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        need = cast(tuple[bool, bool, bool], tuple(bool(n) for n in ctx.needs_input_grad[:3]))
         loss, ce_part, ntl_part, grads = _forward(hidden, weight, bias, labels, k, ids, values,
                                                   ntl_weight, method, reduction, reweigh, dmax,
                                                   ignore_index, rows, use_kernel, squash, need)
@@ -174,7 +174,7 @@ class _LinearCENTL(torch.autograd.Function):
         return loss, ce_part, ntl_part
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):
+    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):  # pyright: ignore[reportIncompatibleMethodOverride]
         backward_once(ctx, "linear_cross_entropy_with_ntl",
                       "its gradients are computed in forward and scaled in place")
         ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, need = ctx.args
@@ -185,7 +185,7 @@ class _LinearCENTL(torch.autograd.Function):
             a = torch.where(labels != ignore_index, u, zero)
             b = torch.where(k >= 0, u * ntl_weight, zero)
             cd = _compute_dtype(hidden.dtype)
-            _, _, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids,
+            _ce, _ntl, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids,
                                       values, a, b, method, reweigh, dmax, rows, need, use_kernel, squash)
             scale = None
         else:

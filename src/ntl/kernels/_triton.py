@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     # kernel's own signature (no ``num_warps``), ``x[:, None]`` as a constexpr index. The
     # checker sees ``triton`` and ``tl`` as dynamic (``_tl.pyi``); the kernels are tested by
     # running them (Triton's CPU interpreter, tests/test_gpu.py on a GPU).
-    from . import _tl as tl
+    from . import _tl as tl  # pyright: ignore[reportMissingModuleSource] (a stub only)
 
     triton: Any
     HAS_TRITON: bool
@@ -24,8 +24,8 @@ else:
 
         HAS_TRITON = True
     except ImportError:  # pragma: no cover - depends on the platform
-        triton = None  # type: ignore[assignment]
-        tl = None  # type: ignore[assignment]
+        triton = None
+        tl = None
         HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "interpreting", "next_pow2", "no_double_backward", "require_triton", "tl", "triton"]
@@ -36,7 +36,7 @@ def interpreting() -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return True
     try:
-        return bool(triton.knobs.runtime.interpret)  # type: ignore[union-attr]
+        return bool(triton.knobs.runtime.interpret)
     except AttributeError:
         return False
 
