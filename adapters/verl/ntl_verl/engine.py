@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -87,7 +87,13 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else module
 
 
-class NTLEngineMixin:
+if TYPE_CHECKING:  # the class this mixin goes on, for type checkers (object at run time)
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead as _EngineBase
+else:
+    _EngineBase = object
+
+
+class NTLEngineMixin(_EngineBase):
     """Mixin for verl's ``FSDPEngineWithLMHead`` (see the module docstring)."""
 
     # ------------------------------------------------------------------ settings

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -103,7 +103,13 @@ class _AddLossGrad(torch.autograd.Function):
         return grad, torch.full(ctx.aux_shape, ctx.coef, dtype=torch.float32, device=grad.device), None
 
 
-class NTLActorMixin:
+if TYPE_CHECKING:  # the class this mixin goes on, for type checkers (object at run time)
+    _ActorBase = DataParallelPPOActor
+else:
+    _ActorBase = object
+
+
+class NTLActorMixin(_ActorBase):
     """Mixin for verl 0.7's ``DataParallelPPOActor`` (module docstring)."""
 
     ntl_tokenizer: Any = None
