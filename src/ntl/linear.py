@@ -38,7 +38,7 @@ from . import _checks as C
 from .fused import ce_ntl_rows_torch, row_scales
 from .kernels._triton import backward_once, next_pow2
 from .losses import check_squash_factor, loss_spec, prepare_labels, use_triton
-from .vocab import VocabLike, resolve_vocab
+from .vocab import NumberVocab, VocabLike, resolve_vocab
 
 __all__ = ["LinearCrossEntropyWithNTL", "linear_chunk_rows", "linear_cross_entropy_with_ntl"]
 
@@ -339,6 +339,16 @@ class LinearCrossEntropyWithNTL(nn.Module):
     The LM head stays with the model (pass ``model.lm_head.weight``, tied or not); the
     vocabulary is resolved once at construction.
     """
+
+    vocab: NumberVocab
+    method: str
+    ntl_weight: float
+    ignore_index: int
+    reduction: str
+    backend: str
+    reweigh: bool
+    chunk_size: int | None
+    squash_factor: float | None
 
     def __init__(
         self,

@@ -43,7 +43,7 @@ from .vocab import NumberVocab, resolve_vocab
 
 __all__ = ["TargetInfo", "build_digit_targets", "count_ascii_digits", "digit_token_mask"]
 
-logger = logging.getLogger("ntl")
+logger: logging.Logger = logging.getLogger("ntl")
 
 MODES = ("final_answer", "all")
 

@@ -16,7 +16,7 @@ import ntl
 
 from .task import Problem, encode
 
-log = logging.getLogger("ntl")
+log: logging.Logger = logging.getLogger("ntl")
 
 __all__ = ["Arm", "ModelConfig", "TrainConfig", "build_model", "greedy_answers", "train_arm"]
 

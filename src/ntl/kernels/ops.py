@@ -116,7 +116,7 @@ class NTLLossFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:  # type: ignore[override]
         no_double_backward("the standalone NTL loss")
         x, labels, dz, rw, den, L, mass, lse, out, rows = ctx.saved_tensors
         cfg = ctx.cfg
