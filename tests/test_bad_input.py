@@ -69,7 +69,8 @@ CASES = [
     ("target_dist-not-normalised", ValueError, r"target_dist rows must sum to 1",
      lambda: W1(logits(3), labels(3), VOCAB, target_dist=torch.full((3, 10), 0.5))),
     ("fused-tensor-weight", ValueError, r"ntl_weight must be a Python number >= 0, got a tensor",
-     lambda: ntl.cross_entropy_with_ntl(logits(3), labels(3), VOCAB, ntl_weight=torch.tensor(0.3))),
+     lambda: ntl.cross_entropy_with_ntl(logits(3), labels(3), VOCAB,  # pyright: ignore[reportCallIssue]
+                                        ntl_weight=torch.tensor(0.3))),  # (a wrong type on purpose)
     ("shift-float-labels", TypeError, r"labels must be an integer tensor of token ids, got torch.float32",
      lambda: ntl.shift_labels(torch.zeros(2, 4))),
     ("strict-checks-string", TypeError, r"set_strict_checks takes True or False, got 'false'",
@@ -154,7 +155,8 @@ CASES = [
     ("fused-negative-weight", ValueError, r"ntl_weight must be a finite non-negative number, got -0.1",
      lambda: ntl.cross_entropy_with_ntl(logits(3), labels(3), VOCAB, ntl_weight=-0.1)),
     ("fused-inplace-int", TypeError, r"inplace must be a bool, got int",
-     lambda: ntl.cross_entropy_with_ntl(logits(3), labels(3), VOCAB, inplace=1)),
+     lambda: ntl.cross_entropy_with_ntl(logits(3), labels(3), VOCAB,  # pyright: ignore[reportCallIssue]
+                                        inplace=1)),  # (a wrong type on purpose)
     ("fused-bad-method", ValueError, r"method must be one of",
      lambda: ntl.cross_entropy_with_ntl(logits(3), labels(3), VOCAB, method="ce")),
     ("fused-labels>=V", ValueError, r"labels must be token ids in \[0, V=12\)",

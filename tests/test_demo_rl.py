@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -49,6 +50,7 @@ def test_bonus_reward_by_hand():
 
     class _Trainer:
         accelerator = _Acc()
+        model: Any
 
     _Trainer.model = model
     fn, holder = make_bonus_reward(tok, weight=0.1, temperature=1.0)

@@ -6,6 +6,8 @@ that plain graph. fp32 tolerance: 1e-5 relative, 1e-5 absolute (a bit more for t
 weight gradients, which sum over rows: 1e-4 absolute).
 """
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,8 +18,8 @@ V, H = 40, 16
 IDS = [31, 3, 17, 8, 22, 0, 39, 12, 26, 5]  # '0'..'9'
 VOCAB = ntl.DigitVocab(IDS, vocab_size=V)
 TEXT = [1, 2, 20, 38]
-TOL = {"rtol": 1e-5, "atol": 1e-5}
-GTOL = {"rtol": 1e-5, "atol": 1e-4}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
+GTOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-4}
 
 
 def make(seed, shape=(3, 6), dtype=torch.float32):

@@ -107,7 +107,7 @@ def peak_bytes(fn):
                  key=lambda e: e.start_ns())
     live = peak = 0
     for e in raw:
-        live += e.nbytes()
+        live += e.nbytes()  # pyright: ignore[reportAttributeAccessIssue] (torch's stub lacks it)
         peak = max(peak, live)
     return peak
 

@@ -23,6 +23,7 @@ Notes on the oracle:
 import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import ntloss
 import pytest
@@ -35,7 +36,7 @@ from test_vocab import DIGIT_IDS, synthetic_tokenizer
 
 QWEN_V = 151_936
 SYN_V = 40  # synthetic tokenizer has 32 entries; logits padded to 40
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
 
 _ORACLES: dict = {}
 

@@ -6,12 +6,14 @@ fp32 / bf16 / fp16; V not a multiple of the block (and > one interpreter block o
 65,536); non-contiguous rows; ``N = 0``; -inf padding columns.
 """
 
+from typing import Any
+
 import pytest
 import torch
 
 from ntl.kernels.mass import number_mass_torch, number_mass_triton
 
-TOL32 = {"rtol": 2e-6, "atol": 1e-7}
+TOL32: dict[str, Any] = {"rtol": 2e-6, "atol": 1e-7}
 
 
 def case(N, V, dtype, seed, stride_pad=0):
@@ -137,7 +139,7 @@ def test_gpu_compiled_kernel_real_width(dtype):
     z2, m2, g2 = run(number_mass_torch, x, ids, gz, gm)
     torch.testing.assert_close(z, z2, rtol=0, atol=0)
     torch.testing.assert_close(m, m2, rtol=1e-5, atol=1e-7)
-    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}
+    tol: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}
     torch.testing.assert_close(grad.float(), g2.float(), **tol)
     assert grad.dtype == dtype
 
@@ -203,7 +205,7 @@ def test_torch_twin_selected_rows(dtype):
     torch.testing.assert_close(z.double(), tz, rtol=0, atol=0)
     torch.testing.assert_close(m.double(), torch.where(rows, tm, 0.0), **TOL32)
     assert torch.equal(m[~rows], torch.zeros(int((~rows).sum())))
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}
+    tol: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}
     assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all()
     torch.testing.assert_close(leaf.grad.double(), tg.to(dtype).double(), **tol)
     with torch.no_grad():

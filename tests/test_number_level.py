@@ -19,6 +19,7 @@ import copy
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import ntloss
 import pytest
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 QWEN_V = 151_936
 QWEN_DIGITS = list(range(15, 25))
 QWEN_DOT = 13
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
 EPS = torch.finfo(torch.float32).eps
 
 # digit-level word tokenizer: digits at scattered ids (not in value order), '.', '..', text
@@ -725,7 +726,7 @@ def test_gpu_triton_path_matches_torch_and_never_syncs(qwen_tok, reweigh, dtype)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     a.backward()
     b.backward()
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
+    tol: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
     torch.testing.assert_close(xb.grad.float(), xa.grad.float(), **tol)
     yhat, mass = ntl.predict_numbers(logits, qwen_tok)
     yt, mt = ntl.predict_numbers(logits, qwen_tok, backend="torch")

@@ -8,6 +8,7 @@ hypothesis bounds.
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import ntloss
 import pytest
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_number_level import SYN_V, count_syncs, digit_tokenizer
 
 QWEN_V = 151_936
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
 
 
 @pytest.fixture(scope="module")

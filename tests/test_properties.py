@@ -372,7 +372,7 @@ def squashed_table64(vals, sf):
 def squashable_vocabs(draw):
     """A NumberVocab with >= 3 distinct values (two different nonzero distances)."""
     v = draw(number_vocabs())
-    gaps = np.diff(np.array(v.values))
+    gaps = np.diff(np.array(v.values, dtype=np.float64))
     assume(v.max_distance > gaps[gaps > 0].min())
     return v
 

@@ -8,6 +8,8 @@ Quick start::
     loss = ntl.cross_entropy_with_ntl(logits, ntl.shift_labels(labels), tokenizer, ntl_weight=0.3)
 """
 
+from typing import TYPE_CHECKING
+
 from ._checks import set_strict_checks
 from .fused import cross_entropy_with_ntl
 from .hidden import digit_logits_from_hidden, ntl_loss_from_digit_logits, ntl_loss_from_hidden
@@ -24,6 +26,12 @@ from .metrics import DigitStats, digit_stats
 from .module import NumberTokenLoss
 from .number_level import number_level_loss, predict_numbers
 from .vocab import DigitVocab, NumberVocab, resolve_vocab
+
+if TYPE_CHECKING:  # the lazy submodules below, for type checkers (loaded on first use)
+    from . import answers as answers
+    from . import rewards as rewards
+    from . import targets as targets
+    from . import tokenizers as tokenizers
 
 __version__ = "0.1.0"
 

@@ -35,7 +35,7 @@ saved buffer by the incoming gradient with traceable ops.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 
@@ -111,29 +111,30 @@ def ce_ntl_rows_torch(
         L, dz, _ = ntl_rows_grad_torch(z, k, values, method, squash=squash)
     s = s.clamp_min(1.0)  # no-op for a row with a finite logit; 0 -> 1 for an all -inf row
     coef = a / s
+    # dz and digit are bound exactly when out is not None (which the type checker cannot follow)
     if reweigh:
         pd = torch.where((k >= 0)[:, None], p.index_select(1, ids) / s[:, None], zero)
         mass = pd.sum(1)
         if out is not None:
             rel = L - dmax
             coef = coef - b * rel * mass / s
-            digit = b[:, None] * (mass[:, None] * dz + rel[:, None] * pd)
+            digit = b[:, None] * (mass[:, None] * dz + rel[:, None] * pd)  # pyright: ignore[reportPossiblyUnboundVariable]
         L = torch.where(k >= 0, mass * L + dmax * (1.0 - mass), zero)
     elif out is not None:
-        digit = b[:, None] * dz
+        digit = b[:, None] * dz  # pyright: ignore[reportPossiblyUnboundVariable]
     if out is None:
         return ce, L
     a_s = a
     if rinv is not None:
         g_lab = coef * torch.exp(x_lab - m.squeeze(1)) - a
-        gd = coef[:, None] * p.index_select(1, ids) + digit - torch.where(ids[None, :] == lab, a[:, None], zero)
+        gd = coef[:, None] * p.index_select(1, ids) + digit - torch.where(ids[None, :] == lab, a[:, None], zero)  # pyright: ignore[reportPossiblyUnboundVariable]
         gd_max = torch.where((k >= 0)[:, None], gd.abs(), zero).amax(1)
         S = pow2_row_scale(torch.maximum(torch.maximum(coef.abs(), g_lab.abs()), gd_max))
-        coef, a_s, digit = coef * S, a * S, digit * S[:, None]
+        coef, a_s, digit = coef * S, a * S, digit * S[:, None]  # pyright: ignore[reportPossiblyUnboundVariable]
         rinv.copy_(1.0 / S)
     p.mul_(coef[:, None])
     p.scatter_add_(1, lab, -a_s[:, None])
-    p.index_add_(1, ids, digit)
+    p.index_add_(1, ids, digit)  # pyright: ignore[reportPossiblyUnboundVariable]
     if p.data_ptr() != out.data_ptr():
         out.copy_(p)
     return ce, L
@@ -262,7 +263,7 @@ class _FusedCENTL(torch.autograd.Function):
         return loss, ce_part, ntl_part
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):
+    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):  # pyright: ignore[reportIncompatibleMethodOverride]
         backward_once(ctx, "cross_entropy_with_ntl", "its gradient buffer is scaled in place")
         grad, rinv = ctx.saved_tensors
         return fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel), None, None, None
@@ -332,6 +333,28 @@ def _ce_ntl(logits2d: torch.Tensor, labels1d: torch.Tensor, cfg: FusedConfig, gr
     return _fused_call(logits2d, labels1d, cfg, False, False)[2:]
 
 
+# The type of the result follows ``return_parts`` (overloads for type checkers only).
+@overload
+def cross_entropy_with_ntl(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
+    method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
+    squash_factor: float | None = ..., inplace: bool = ..., return_parts: Literal[False] = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+@overload
+def cross_entropy_with_ntl(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
+    method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
+    squash_factor: float | None = ..., inplace: bool = ..., return_parts: Literal[True],
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+@overload
+def cross_entropy_with_ntl(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
+    method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
+    squash_factor: float | None = ..., inplace: bool = ..., return_parts: bool = ...,
+    backend: str = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def cross_entropy_with_ntl(
     logits: torch.Tensor,
     labels: torch.Tensor,

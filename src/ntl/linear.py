@@ -29,7 +29,7 @@ scale) is known, so fp16 inputs are computed in fp32 throughout (an fp32 copy of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from . import _checks as C
 from .fused import ce_ntl_rows_torch, row_scales
 from .kernels._triton import backward_once, next_pow2
 from .losses import check_squash_factor, loss_spec, prepare_labels, use_triton
-from .vocab import VocabLike, resolve_vocab
+from .vocab import NumberVocab, VocabLike, resolve_vocab
 
 __all__ = ["LinearCrossEntropyWithNTL", "linear_chunk_rows", "linear_cross_entropy_with_ntl"]
 
@@ -160,7 +160,7 @@ class _LinearCENTL(torch.autograd.Function):
                 labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
                 ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
                 ignore_index: int, rows: int, use_kernel: bool, squash: tuple[float, float] | None):
-        need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        need = cast(tuple[bool, bool, bool], tuple(bool(n) for n in ctx.needs_input_grad[:3]))
         loss, ce_part, ntl_part, grads = _forward(hidden, weight, bias, labels, k, ids, values,
                                                   ntl_weight, method, reduction, reweigh, dmax,
                                                   ignore_index, rows, use_kernel, squash, need)
@@ -174,7 +174,7 @@ class _LinearCENTL(torch.autograd.Function):
         return loss, ce_part, ntl_part
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):
+    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):  # pyright: ignore[reportIncompatibleMethodOverride]
         backward_once(ctx, "linear_cross_entropy_with_ntl",
                       "its gradients are computed in forward and scaled in place")
         ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, need = ctx.args
@@ -185,7 +185,7 @@ class _LinearCENTL(torch.autograd.Function):
             a = torch.where(labels != ignore_index, u, zero)
             b = torch.where(k >= 0, u * ntl_weight, zero)
             cd = _compute_dtype(hidden.dtype)
-            _, _, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids,
+            _ce, _ntl, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids,
                                       values, a, b, method, reweigh, dmax, rows, need, use_kernel, squash)
             scale = None
         else:
@@ -231,6 +231,28 @@ def _check_options(ntl_weight: Any, chunk_size: Any, **flags: Any) -> None:
         C.check_bool(name, flag)
 
 
+# The type of the result follows ``return_parts`` (overloads for type checkers only).
+@overload
+def linear_cross_entropy_with_ntl(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *,
+    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
+    reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
+    return_parts: Literal[False] = ..., backend: str = ..., squash_factor: float | None = ...,
+) -> torch.Tensor: ...
+@overload
+def linear_cross_entropy_with_ntl(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *,
+    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
+    reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
+    return_parts: Literal[True], backend: str = ..., squash_factor: float | None = ...,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+@overload
+def linear_cross_entropy_with_ntl(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *,
+    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
+    reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
+    return_parts: bool = ..., backend: str = ..., squash_factor: float | None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def linear_cross_entropy_with_ntl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -317,6 +339,16 @@ class LinearCrossEntropyWithNTL(nn.Module):
     The LM head stays with the model (pass ``model.lm_head.weight``, tied or not); the
     vocabulary is resolved once at construction.
     """
+
+    vocab: NumberVocab
+    method: str
+    ntl_weight: float
+    ignore_index: int
+    reduction: str
+    backend: str
+    reweigh: bool
+    chunk_size: int | None
+    squash_factor: float | None
 
     def __init__(
         self,

@@ -7,8 +7,14 @@ from torch import nn
 
 from . import _checks as C
 from .losses import check_squash_factor, ntl_loss, squash_table
-from .number_level import check_options, decimal_point, number_level_loss, number_level_vocab
-from .vocab import VocabLike, resolve_vocab
+from .number_level import (
+    NumberLevelVocab,
+    check_options,
+    decimal_point,
+    number_level_loss,
+    number_level_vocab,
+)
+from .vocab import NumberVocab, VocabLike, resolve_vocab
 
 __all__ = ["NumberTokenLoss"]
 
@@ -23,6 +29,17 @@ class NumberTokenLoss(nn.Module):
     vocabulary is resolved once at construction. Logits and labels are aligned
     position by position (shift them for causal LMs).
     """
+
+    number_level: NumberLevelVocab | None
+    vocab: NumberVocab
+    method: str
+    float_level: bool
+    max_number_length: int
+    ignore_index: int
+    reduction: str
+    backend: str
+    reweigh: bool
+    squash_factor: float | None
 
     def __init__(
         self,

@@ -34,7 +34,7 @@ import functools
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +175,12 @@ def _gather(x2d: torch.Tensor, ids: torch.Tensor, backend: str) -> torch.Tensor:
     return digit_gather_torch(x2d, ids)
 
 
+@overload
+def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str, with_mass: Literal[True],
+                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str, with_mass: bool,
+                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str, with_mass: bool,
                      rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Number logits ``z [N, K]`` fp32 and, if asked, the full-softmax number mass ``[N]``

@@ -76,7 +76,7 @@ __all__ = [
     "scatter_to_last_token",
 ]
 
-logger = logging.getLogger("ntl")
+logger: logging.Logger = logging.getLogger("ntl")
 
 BONUS_TYPES = ("final_answer", "all", "proximity")
 #: Dataset columns read (in this order) as the ground truth by the TRL reward functions.

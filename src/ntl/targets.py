@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -43,7 +43,7 @@ from .vocab import NumberVocab, resolve_vocab
 
 __all__ = ["TargetInfo", "build_digit_targets", "count_ascii_digits", "digit_token_mask"]
 
-logger = logging.getLogger("ntl")
+logger: logging.Logger = logging.getLogger("ntl")
 
 MODES = ("final_answer", "all")
 
@@ -158,6 +158,28 @@ def _resolve(tokenizer: Any, vocab: Any, responses: Any, mode: str) -> tuple[Any
     return tokenizer, vocab
 
 
+# The type of the result follows ``return_info`` (overloads for type checkers only).
+@overload
+def build_digit_targets(
+    response_ids: torch.Tensor, ground_truths: Sequence[str | int | float], tokenizer: Any = ..., *,
+    mode: str = ..., response_mask: torch.Tensor | None = ..., responses: Sequence[str] | None = ...,
+    ignore_index: int = ..., vocab: NumberVocab | None = ..., flexible: bool = ...,
+    return_info: Literal[False] = ...,
+) -> torch.Tensor: ...
+@overload
+def build_digit_targets(
+    response_ids: torch.Tensor, ground_truths: Sequence[str | int | float], tokenizer: Any = ..., *,
+    mode: str = ..., response_mask: torch.Tensor | None = ..., responses: Sequence[str] | None = ...,
+    ignore_index: int = ..., vocab: NumberVocab | None = ..., flexible: bool = ...,
+    return_info: Literal[True],
+) -> tuple[torch.Tensor, TargetInfo]: ...
+@overload
+def build_digit_targets(
+    response_ids: torch.Tensor, ground_truths: Sequence[str | int | float], tokenizer: Any = ..., *,
+    mode: str = ..., response_mask: torch.Tensor | None = ..., responses: Sequence[str] | None = ...,
+    ignore_index: int = ..., vocab: NumberVocab | None = ..., flexible: bool = ...,
+    return_info: bool = ...,
+) -> torch.Tensor | tuple[torch.Tensor, TargetInfo]: ...
 def build_digit_targets(
     response_ids: torch.Tensor,
     ground_truths: Sequence[str | int | float],

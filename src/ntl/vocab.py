@@ -19,7 +19,7 @@ import torch
 __all__ = ["DigitVocab", "NumberVocab", "VocabLike", "resolve_vocab", "vocab_from_handle"]
 
 DIGITS = "0123456789"
-logger = logging.getLogger("ntl")
+logger: logging.Logger = logging.getLogger("ntl")
 
 
 class NumberVocab:
@@ -101,11 +101,11 @@ class NumberVocab:
     def __hash__(self) -> int:
         return hash((self.token_ids, self.values, self.vocab_size))
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         """Pickle / deepcopy the content only (not the lock, the device tensors or the handle)."""
         return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock", "_handle", "_specs")}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._cache = {}
         self._lock = threading.Lock()

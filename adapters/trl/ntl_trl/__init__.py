@@ -16,9 +16,15 @@ All NTL math lives in :mod:`ntl`; see adapters/trl/README.md.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import NTLConfig, NTLSFTConfig
+
+if TYPE_CHECKING:  # the lazy names below, for type checkers (imported on first use at run time)
+    from .callback import NTLCallback
+    from .sft import NTLSFTTrainer
+    from .supervised import NTLSFTMixin, NTLTrainer
+    from .trainer import NTLGRPOTrainer, NTLRLOOTrainer, NTLTrainerMixin
 
 __all__ = [
     "NTLCallback",

@@ -17,7 +17,7 @@ rank average too (what DDP gives). DeepSpeed ZeRO-3 is refused (see :func:`find_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast, overload
 
 import torch
 from torch import nn
@@ -33,6 +33,10 @@ __all__ = [
 ]
 
 
+@overload
+def _gathered(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _gathered(t: torch.Tensor | None) -> torch.Tensor | None: ...
 def _gathered(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` itself, or the full tensor of a DTensor whose gradient is averaged over ranks."""
     if t is None or not torch.distributed.is_available():
@@ -55,12 +59,13 @@ class LMParts:
     @property
     def vocab_size(self) -> int:
         """Rows of the LM head (a DTensor reports its global shape)."""
-        return int(self.lm_head.weight.shape[0])
+        return int(cast(torch.Tensor, self.lm_head.weight).shape[0])
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(W, b)`` to use *now* (inside the model's forward): plain tensors; a sharded
         DTensor is gathered with a rank-averaged gradient (module docstring)."""
-        return _gathered(self.lm_head.weight), _gathered(getattr(self.lm_head, "bias", None))
+        w = cast(torch.Tensor, self.lm_head.weight)  # nn.Module types attributes Tensor | Module
+        return _gathered(w), _gathered(getattr(self.lm_head, "bias", None))
 
     def logit_transform(self, temperature: float = 1.0) -> LogitTransform:
         """The model's elementwise logit map followed by division by ``temperature``."""
@@ -120,7 +125,7 @@ def find_lm_parts(model: nn.Module) -> LMParts:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    lm = None
+    lm: Any = None  # a Hugging Face / PEFT causal LM: its methods are not nn.Module's
     for m in model.modules():  # outermost first; PPO's wrapper holds .policy before .value_model
         if _is_causal_lm(m):
             lm = m

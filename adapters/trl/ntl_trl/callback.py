@@ -96,7 +96,7 @@ class _InjectLossGrad(torch.autograd.Function):
         return h.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # pyright: ignore[reportIncompatibleMethodOverride]
         s = 1.0 if ctx.loss_scale is None else float(ctx.loss_scale())
         return grad_h, torch.full((), s, dtype=torch.float32, device=grad_h.device), None
 
@@ -190,7 +190,7 @@ class NTLCallback(TrainerCallback):
         if model is not parts.lm:  # PEFT calls the LM's forward directly, bypassing its hooks
             self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         self._handles.append(parts.backbone.register_forward_hook(self._inject_hook))
-        lm = parts.lm
+        lm: Any = parts.lm  # a Hugging Face model: generate() is not nn.Module's
         if callable(getattr(lm, "generate", None)) and "generate" not in vars(lm):
             original = lm.generate
 

@@ -55,7 +55,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer
@@ -114,6 +115,11 @@ class NTLSFTMixin:
     divides the loss by the accumulation count). Logs ``ntl/loss``, ``ntl/digit_accuracy``,
     ``ntl/total_digits``, ``ntl/confidence``, ``ntl/target_prob``.
     """
+
+    if TYPE_CHECKING:  # the transformers.Trainer attributes this mixin uses
+        accelerator: Any
+        args: Any
+        model: Any
 
     def __init__(self, *args: Any, ntl_config: NTLSFTConfig | None = None, **kwargs: Any) -> None:
         if ntl_config is None:
@@ -175,7 +181,7 @@ class NTLSFTMixin:
         sizes = {}
         for what, getter in (("tensor", "get_tp_size"), ("context", "get_cp_size"),
                              ("sequence", "get_sp_size")):
-            get = getattr(self, getter, None)
+            get: Callable[[], int] | None = getattr(self, getter, None)
             sizes[what] = int(get()) if callable(get) else 1
         over = [f"{k} parallel size {v}" for k, v in sizes.items() if v > 1]
         if over:

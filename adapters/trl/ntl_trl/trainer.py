@@ -38,7 +38,7 @@ How it plugs in (TRL 1.16):
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from trl import GRPOTrainer, RLOOTrainer
@@ -93,6 +93,16 @@ class NTLTrainerMixin:
     and, when answers are read, ``ntl/answer_rate``.
     """
 
+    if TYPE_CHECKING:  # the TRL trainer's attributes this mixin uses (checked in __init__)
+        accelerator: Any
+        args: Any
+        callback_handler: Any
+        current_gradient_accumulation_steps: int
+        model: Any
+        processing_class: Any
+        temperature: float
+        _metrics: Any
+
     def __init__(self, *args: Any, ntl_config: NTLConfig | None = None, **kwargs: Any) -> None:
         if ntl_config is None:
             ntl_config = NTLConfig()
@@ -135,7 +145,9 @@ class NTLTrainerMixin:
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)  # type: ignore[misc]
         if self.ntl_config.needs_answers:
-            answers = [lookup_column(x, self.ntl_config.answer_column) for x in inputs]
+            # NTLConfig rejects needs_answers without an answer_column
+            column = cast(str, self.ntl_config.answer_column)
+            answers = [lookup_column(x, column) for x in inputs]
             n = output["completion_ids"].shape[0]
             if len(answers) != n:
                 raise RuntimeError(

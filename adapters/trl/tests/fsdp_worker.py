@@ -33,7 +33,7 @@ SCRIPT = {"12+30=": ["so #### 42", "x 3 #### 142"], "9-4=": ["#### 7", "none"]} 
 TRUTH = {"12+30=": "42", "9-4=": "5"}
 
 
-def run(variant: str, rank: int, world: int) -> dict[str, float]:
+def run(variant: str, rank: int, world: int) -> dict[str, object]:
     from datasets import Dataset
     from ntl_trl import NTLConfig, NTLGRPOTrainer
     from torch.distributed.device_mesh import init_device_mesh
@@ -77,7 +77,7 @@ def run(variant: str, rank: int, world: int) -> dict[str, float]:
     tr.training_step(model, rows, None)  # generation (scripted), NTL targets, forward, backward
     mb = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
           for k, v in tr._buffered_inputs[0].items()}
-    grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach()
+    grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach()  # pyright: ignore[reportAttributeAccessIssue] (DTensor)
              for k, p in model.named_parameters() if p.grad is not None}
 
     batches: list = [None] * world

@@ -87,7 +87,8 @@ def test_deepspeed_zero3_is_refused(monkeypatch):
     lm = tiny_qwen2(tok)
     lm.config.tie_word_embeddings = False
     empty = torch.nn.Parameter(torch.empty(0))
-    empty.ds_id = 7  # what deepspeed.zero.Init tags its partitioned parameters with
+    # what deepspeed.zero.Init tags its partitioned parameters with (not a Parameter attribute)
+    empty.ds_id = 7  # pyright: ignore[reportAttributeAccessIssue]
     lm.lm_head.weight = empty
     with pytest.raises(ValueError, match="ZeRO-3"):
         find_lm_parts(lm)

@@ -49,11 +49,15 @@ FINAL_ANSWER_TARGETS = {
 class Recording:
     """Mixed into a trainer class: keeps every micro-batch compute_loss sees, with its mode."""
 
+    batches: list  # set by make()
+    model: torch.nn.Module  # the trainer's
+
     def compute_loss(self, model, inputs, *args, **kwargs):
         self.batches.append(({k: (v.clone() if isinstance(v, torch.Tensor) else v)
                               for k, v in inputs.items()}, "train" if self.model.training else "eval",
                              {k: v.detach().clone() for k, v in model.named_parameters()}))
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        # the trainer's compute_loss (this class is mixed in before the trainer)
+        return super().compute_loss(model, inputs, *args, **kwargs)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 class RecNTL(Recording, NTLGRPOTrainer):

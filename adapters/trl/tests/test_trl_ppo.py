@@ -13,7 +13,7 @@ from trl_tiny import DIGITS, char_tokenizer, grads_of, params, tiny_qwen2
 pytest.importorskip("trl.experimental.ppo", reason="PPOTrainer exists in TRL <= 1.12 only")
 from ntl_trl import NTLCallback
 from transformers import Qwen2ForSequenceClassification
-from trl.experimental.ppo import PPOConfig, PPOTrainer
+from trl.experimental.ppo import PPOConfig, PPOTrainer  # pyright: ignore[reportMissingImports]
 
 PROMPTS = ["12+30=", "100-1="]  # same length: no left padding, the prompt width is 6
 LR, W, T = 0.5, 1.0, 0.7

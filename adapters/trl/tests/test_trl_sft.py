@@ -308,7 +308,7 @@ def test_refusals(tmp_path):
                       processing_class=tok, callbacks=[NTLCallback(0.1)])
     # a ZeRO-3-partitioned head (stand-in: the 0-element weight with a ds_id)
     model = tiny_qwen(tok, tied=False)
-    model.lm_head.weight.ds_id = 7
+    model.lm_head.weight.ds_id = 7  # pyright: ignore[reportAttributeAccessIssue] (deepspeed's tag)
     with pytest.raises(ValueError, match="ZeRO-3"):
         NTLSFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=ds, processing_class=tok)
     with pytest.raises(ValueError, match="ntl_weight"):

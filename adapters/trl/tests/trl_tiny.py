@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -39,7 +41,7 @@ def tiny_qwen2(tok: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 32,
 
 
 def digit_ids(tok: PreTrainedTokenizerFast) -> list[int]:
-    return [tok.convert_tokens_to_ids(d) for d in DIGITS]
+    return [cast(int, tok.convert_tokens_to_ids(d)) for d in DIGITS]  # one token: one id
 
 
 PROMPTS = ["what is 2+3? ", "what is 7*8? ", "12+30=", "9-4=", "6*7=", "100-1=", "3+3=", "8*2="]

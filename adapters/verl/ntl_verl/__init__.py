@@ -11,9 +11,14 @@ Importing this package does not import verl; the submodules do.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .settings import NTLSettings
+
+if TYPE_CHECKING:  # the lazy names below, for type checkers (imported on first use at run time)
+    from .config import NTLActorConfig
+    from .engine import register_ntl_engine
+    from .loss import ntl_ppo_loss
 
 __all__ = ["NTLActorConfig", "NTLSettings", "ntl_ppo_loss", "register_ntl_engine"]
 

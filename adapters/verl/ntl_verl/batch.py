@@ -73,7 +73,7 @@ def ground_truths_from(reward_model: Any, n: int) -> list[str]:
 def pad_responses(x: torch.Tensor, width: int | None = None, pad: int | float = 0) -> torch.Tensor:
     """A nested (jagged) ``[B, r_b]`` or padded ``[B, R]`` response tensor as padded ``[B, width]``."""
     if x.is_nested:
-        lens = x.offsets().diff()
+        lens = x.offsets().diff()  # pyright: ignore[reportAttributeAccessIssue] (a nested tensor's)
         w = int(lens.max().item()) if width is None else width
         return torch.nested.to_padded_tensor(x, padding=pad, output_size=(x.size(0), w))
     if width is None or width == x.shape[1]:

@@ -87,7 +87,12 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else module
 
 
-class NTLEngineMixin:
+# The class this mixin goes on (object at run time). Dynamic for type checkers: verl's
+# EngineRegistry.register types FSDPEngineWithLMHead as BaseEngine, without its methods.
+_EngineBase: Any = object
+
+
+class NTLEngineMixin(_EngineBase):
     """Mixin for verl's ``FSDPEngineWithLMHead`` (see the module docstring)."""
 
     # ------------------------------------------------------------------ settings
@@ -292,7 +297,7 @@ class NTLEngineMixin:
     def _ntl_install_hidden_hook(self, micro_batch: Any) -> Any:
         """Fused kernels: compute digit logits from the decoder's last hidden state inside the
         forward (while FSDP has the LM head's weight gathered)."""
-        model = _unwrap(self.module)
+        model: Any = _unwrap(self.module)  # a Hugging Face model (get_decoder is not nn.Module's)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if decoder is None or head is None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -99,11 +99,17 @@ class _AddLossGrad(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # pyright: ignore[reportIncompatibleMethodOverride]
         return grad, torch.full(ctx.aux_shape, ctx.coef, dtype=torch.float32, device=grad.device), None
 
 
-class NTLActorMixin:
+if TYPE_CHECKING:  # the class this mixin goes on, for type checkers (object at run time)
+    _ActorBase = DataParallelPPOActor
+else:
+    _ActorBase = object
+
+
+class NTLActorMixin(_ActorBase):
     """Mixin for verl 0.7's ``DataParallelPPOActor`` (module docstring)."""
 
     ntl_tokenizer: Any = None
@@ -178,7 +184,7 @@ class NTLActorMixin:
         data.select = select  # keep the NTL columns through update_policy's key selection
         self._ntl_stats: list[dict[str, float]] = []
         try:
-            metrics = super().update_policy(data)
+            metrics: dict[str, Any] = super().update_policy(data)  # name -> list of values
         finally:
             del data.select
         for st in _per_minibatch(self._ntl_stats):
@@ -196,7 +202,7 @@ class NTLActorMixin:
     def _forward_micro_batch(self, micro_batch: dict, temperature: float, calculate_entropy: bool = False) -> dict:
         s = self.ntl_settings
         targets = micro_batch.get(TARGETS_KEY) if s is not None else None
-        if targets is None or not torch.is_grad_enabled():
+        if s is None or targets is None or not torch.is_grad_enabled():
             return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=calculate_entropy)
         self._ntl_check_supported()
         ids = self.ntl_vocab.ids(targets.device)
@@ -233,7 +239,8 @@ class NTLActorMixin:
         self._ntl_stats.append({**dict(zip(_SHARES, vals[:4], strict=True)), "ntl/total_digits": vals[4]})
         w = float(s.ntl_weight)
         if w > 0:
-            coef = w * (float(self.scaler.get_scale()) if getattr(self, "scaler", None) is not None else 1.0)
+            scaler = getattr(self, "scaler", None)
+            coef = w * (float(scaler.get_scale()) if scaler is not None else 1.0)
             outputs["log_probs"] = _AddLossGrad.apply(outputs["log_probs"], ntl_mb, coef)
         return outputs
 

@@ -119,6 +119,8 @@ class NTLLossFn:
             )
         if not has_key(data, TARGETS_KEY):
             raise RuntimeError(f"NTL is enabled but the batch has no '{TARGETS_KEY}'")
+        if self.vocab is None:
+            raise RuntimeError("NTL is enabled but the loss has no number vocab")
         z = no_padding_2_padding(model_output[DIGIT_LOGITS_KEY], data)  # [B, R, K]
         R = z.shape[1]
         targets = pad_responses(data[TARGETS_KEY], R, IGNORE_INDEX).to(z.device)

@@ -136,9 +136,10 @@ def install_cpu_platform() -> None:
 
     @PlatformRegistry.register(platform="cpu")
     class PlatformCPU(PlatformBase):
-        device_name = "cpu"
-        vendor_name = "cpu"
-        device_module = module
+        # class attributes where verl declares properties (read the same way)
+        device_name = "cpu"  # pyright: ignore[reportAssignmentType]
+        vendor_name = "cpu"  # pyright: ignore[reportAssignmentType]
+        device_module = module  # pyright: ignore[reportAssignmentType]
 
         def is_available(self): return True
         def current_device(self): return "cpu"

@@ -106,8 +106,9 @@ def dp_updates(rank: int, world: int, model_path: str, plan: list) -> dict:
             reconfigure(actor_config, **changes)
             grads = {}
             # the gradients the optimizer step sees (verl zeroes them when the update ends)
-            hook = engine.optimizer.register_step_pre_hook(
-                lambda *_, g=grads, m=engine.module: g.update(full_grads(m)))
+            # (verl's FSDP engine: its optimizer and module are not BaseEngine attributes)
+            hook = engine.optimizer.register_step_pre_hook(  # pyright: ignore[reportAttributeAccessIssue]
+                lambda *_, g=grads, m=engine.module: g.update(full_grads(m)))  # pyright: ignore[reportAttributeAccessIssue]
             td = batch_of(tok, rank_indices(rank, world))
             tu.assign_non_tensor(td, calculate_entropy=False, global_batch_size=len(SAMPLES_8),
                                  mini_batch_size=len(SAMPLES_8), epochs=1, seed=1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tensordict import TensorDict
@@ -119,7 +120,8 @@ def make_engine(model, tok, settings=None, monkeypatch=None, *, config=None, sto
         import ntl_verl.engine as ne
 
         monkeypatch.setattr(ne.NTLEngineMixin, "_ntl_device", lambda self: "cpu")
-    cls = ti.FSDPEngineWithLMHead if stock else _engine_class()
+    # a bare engine whose attributes are set below (Any: they are not BaseEngine's)
+    cls: Any = ti.FSDPEngineWithLMHead if stock else _engine_class()
     eng = cls.__new__(cls)
     eng.module = model
     if config is not None:
@@ -244,7 +246,10 @@ def ref_agg(per_sample: list[list[float]], mode: str, horizon: float | None = No
     if mode == "seq-mean-token-mean":
         return sum(sum(r) / len(r) for r in rows) / S
     total = sum(map(sum, rows)) / S
-    return total / horizon if mode == "seq-mean-token-sum-norm" else total
+    if mode == "seq-mean-token-sum-norm":
+        assert horizon is not None, "seq-mean-token-sum-norm needs the horizon"
+        return total / horizon
+    return total
 
 
 def ref_ntl(model, b, targets, *, method="mse", temperature=1.0, shift=True) -> float:

@@ -116,7 +116,7 @@ def ref(model_path, qwen_tok):
     model, per, probs = reference(model_path, qwen_tok)
     assert sum(1 for r in per if r) == 7  # the last sample has no final answer, so no targets
     value = agg(per, "token-mean")
-    value.backward()
+    value.backward()  # pyright: ignore[reportAttributeAccessIssue] (a tensor: per holds tensors)
     grads = {n: (p.grad[HEAD_ROWS] if n.endswith("lm_head.weight") else p.grad).clone()
              for n, p in model.named_parameters() if p.grad is not None and "embed_tokens" not in n}
     means = [sum(x[i] for x in probs) / len(probs) for i in range(3)]

@@ -325,10 +325,18 @@ def _gpu_only(inp: Inputs) -> None:
 def _liger_ce(inp: Inputs) -> Any:
     _gpu_only(inp)
     try:
-        from liger_kernel.transformers import LigerCrossEntropyLoss
+        # an optional baseline, not in the lock files (Unavailable when absent)
+        from liger_kernel.transformers import LigerCrossEntropyLoss  # pyright: ignore[reportMissingImports]
     except ImportError as e:
         raise Unavailable("liger_kernel is not installed (pip install liger-kernel)") from e
     return LigerCrossEntropyLoss(ignore_index=-100, reduction="mean")
+
+
+def _req(t: torch.Tensor | None) -> torch.Tensor:
+    """``t``, a tensor this input's kind provides (``logits``, or ``hidden`` and ``weight``)."""
+    if t is None:
+        raise ValueError("this provider needs the inputs of the other kind (logits / hidden)")
+    return t
 
 
 def _first(x: Any) -> torch.Tensor:
@@ -364,7 +372,7 @@ def _standalone(method: str) -> tuple[Provider, ...]:
     def b_ntloss(reweigh: bool) -> Builder:
         def b(ctx: Ctx, inp: Inputs):
             crit = ctx.ntloss(method, reweigh)
-            return lambda: _ntloss_call(crit, inp.logits, inp.labels)
+            return lambda: _ntloss_call(crit, _req(inp.logits), inp.labels)
         return b
 
     return (
@@ -384,7 +392,7 @@ def _ce_ntl() -> tuple[Provider, ...]:
     w = NTL_WEIGHT
 
     def b_ce(ctx: Ctx, inp: Inputs):
-        return lambda: F.cross_entropy(inp.logits, inp.labels)
+        return lambda: F.cross_entropy(_req(inp.logits), inp.labels)
 
     def b_fused(inplace: bool) -> Builder:
         def b(ctx: Ctx, inp: Inputs):
@@ -401,7 +409,7 @@ def _ce_ntl() -> tuple[Provider, ...]:
 
     def b_unfused(ctx: Ctx, inp: Inputs):
         f = _ntl_attr("ntl_wasserstein_loss")
-        return lambda: F.cross_entropy(inp.logits, inp.labels) + w * f(inp.logits, inp.labels, ctx.vocab)
+        return lambda: F.cross_entropy(_req(inp.logits), inp.labels) + w * f(_req(inp.logits), inp.labels, ctx.vocab)
 
     def ref(logits, labels, ids, lut, values):
         return F.cross_entropy(logits, labels) + w * ref_ntl(logits.index_select(-1, ids), labels, lut, values, "w1")
@@ -417,7 +425,7 @@ def _ce_ntl() -> tuple[Provider, ...]:
     def b_ntloss(reweigh: bool) -> Builder:
         def b(ctx: Ctx, inp: Inputs):
             crit = ctx.ntloss("w1", reweigh)
-            return lambda: F.cross_entropy(inp.logits, inp.labels) + w * _ntloss_call(crit, inp.logits, inp.labels)
+            return lambda: F.cross_entropy(_req(inp.logits), inp.labels) + w * _ntloss_call(crit, _req(inp.logits), inp.labels)
         return b
 
     def b_liger_ga(ctx: Ctx, inp: Inputs):
@@ -465,7 +473,7 @@ def _ce_ntl() -> tuple[Provider, ...]:
 
 def _hidden() -> tuple[Provider, ...]:
     def b_lmhead_ce(ctx: Ctx, inp: Inputs):
-        return lambda: F.cross_entropy(inp.hidden @ inp.weight.T, inp.labels)
+        return lambda: F.cross_entropy(_req(inp.hidden) @ _req(inp.weight).T, inp.labels)
 
     def b_from_hidden(ctx: Ctx, inp: Inputs):
         f = _ntl_attr("ntl_loss_from_hidden")
@@ -473,7 +481,7 @@ def _hidden() -> tuple[Provider, ...]:
 
     def b_logits_ntl(ctx: Ctx, inp: Inputs):
         f = _ntl_attr("ntl_wasserstein_loss")
-        return lambda: f(inp.hidden @ inp.weight.T, inp.labels, ctx.vocab)
+        return lambda: f(_req(inp.hidden) @ _req(inp.weight).T, inp.labels, ctx.vocab)
 
     def ref(hidden, weight, labels, ids, lut, values):
         return ref_ntl(hidden @ weight[ids].T, labels, lut, values, "w1")
@@ -488,7 +496,7 @@ def _hidden() -> tuple[Provider, ...]:
 
     def b_ntloss(ctx: Ctx, inp: Inputs):
         crit = ctx.ntloss("w1", False)
-        return lambda: _ntloss_call(crit, inp.hidden @ inp.weight.T, inp.labels)
+        return lambda: _ntloss_call(crit, _req(inp.hidden) @ _req(inp.weight).T, inp.labels)
 
     return (
         Provider("lm-head+ce", "LM head (hidden @ W.T) + F.cross_entropy", b_lmhead_ce, None),
@@ -511,7 +519,7 @@ def _linear() -> tuple[Provider, ...]:
         def b(ctx: Ctx, inp: Inputs):
             f = _ntl_attr("cross_entropy_with_ntl")
             kw = {"inplace": True} if inplace else {}
-            return lambda: f(inp.hidden @ inp.weight.T, inp.labels, ctx.vocab, ntl_weight=w, **kw)
+            return lambda: f(_req(inp.hidden) @ _req(inp.weight).T, inp.labels, ctx.vocab, ntl_weight=w, **kw)
         return b
 
     def b_ours(ctx: Ctx, inp: Inputs):
@@ -525,7 +533,7 @@ def _linear() -> tuple[Provider, ...]:
             if f is None or (chunked and opts is None):
                 raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy"
                                   + (" options" if f is not None else ""))
-            kw = {"options": opts()} if chunked else {}
+            kw = {"options": opts()} if chunked and opts is not None else {}
             return lambda: f(inp.hidden, inp.weight, inp.labels, **kw)
         return b
 
@@ -533,7 +541,8 @@ def _linear() -> tuple[Provider, ...]:
         def b(ctx: Ctx, inp: Inputs):
             _gpu_only(inp)
             try:
-                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+                # an optional baseline, not in the lock files (Unavailable when absent)
+                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # pyright: ignore[reportMissingImports]
             except ImportError as e:
                 raise Unavailable("liger_kernel is not installed (pip install liger-kernel)") from e
             flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
@@ -547,7 +556,8 @@ def _linear() -> tuple[Provider, ...]:
     def b_cce(ctx: Ctx, inp: Inputs):
         _gpu_only(inp)
         try:
-            from cut_cross_entropy import linear_cross_entropy
+            # an optional baseline, not in the lock files (Unavailable when absent)
+            from cut_cross_entropy import linear_cross_entropy  # pyright: ignore[reportMissingImports]
         except ImportError as e:
             raise Unavailable("cut-cross-entropy is not installed (pip install cut-cross-entropy)") from e
         return lambda: linear_cross_entropy(inp.hidden, inp.weight, inp.labels)

@@ -36,7 +36,7 @@ from .measure import (
 
 __all__ = ["main", "parse_args", "run"]
 
-log = logging.getLogger("ntl")
+log: logging.Logger = logging.getLogger("ntl")
 
 DEFAULT_OUT = Path("ntl-bench")  # relative to the current directory; commit with --out benchmarks/results
 QWEN_V = 151_936

@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 
@@ -119,7 +120,8 @@ def _profiled_memory(fwd: Fwd, leaves: Sequence[torch.Tensor]) -> tuple[torch.Te
         name = e.name()
         if name == "[memory]":
             if str(e.device_type()).endswith("CPU"):
-                mem.append((int(e.start_ns()), int(e.nbytes())))
+                # torch's stub of _KinetoEvent lacks nbytes(), which memory events have
+                mem.append((int(e.start_ns()), int(e.nbytes())))  # pyright: ignore[reportAttributeAccessIssue]
         elif name == "ntl_bench::bwd":
             bwd_start = int(e.start_ns())
     if bwd_start is None:  # pragma: no cover - profiler always records user annotations
@@ -178,10 +180,12 @@ def _do_bench(fn: Callable[[], object], leaves: Sequence[torch.Tensor], rep_ms: 
 
     grads = list(leaves) or None
     try:
-        samples = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads, return_mode="all")
+        # do_bench returns a list with return_mode="all" or quantiles (its annotation: Optional)
+        samples = cast(list[float], do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads,
+                                             return_mode="all"))
     except (AssertionError, TypeError):  # older Triton: no return_mode="all"
-        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads,
-                     quantiles=[0.5, 0.25, 0.75, 0.0, 1.0])
+        q = cast(list[float], do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads,
+                                       quantiles=[0.5, 0.25, 0.75, 0.0, 1.0]))
         med, q25, q75, lo, hi = (float(x) for x in q)
         return Timing(med, q25, q75, lo, hi, -1)  # sample count unknown
     return summarize([float(x) for x in samples])

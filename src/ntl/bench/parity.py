@@ -29,7 +29,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .cases import CASES, NTL_WEIGHT, Builder, Case, Ctx, Inputs, Provider, Unavailable, _ntl_attr
+from .cases import (
+    CASES,
+    NTL_WEIGHT,
+    Builder,
+    Case,
+    Ctx,
+    Inputs,
+    Provider,
+    Unavailable,
+    _ntl_attr,
+    _req,
+)
 
 __all__ = ["PARITY_CASES", "SQUASH", "parity_expected", "parity_targets"]
 
@@ -153,14 +164,14 @@ def _number_level() -> tuple[Provider, ...]:
             # resolved for the logits' V, as ntloss is given vocab_size=V (a toy V below the
             # tokenizer's length, as in gpu_check.sh --dry-run, would otherwise be refused)
             spec = number_level_vocab(ctx.tokenizer, ctx.V)
-            return lambda: f(_batch(inp.logits), _batch(inp.labels), spec, reweigh=reweigh)
+            return lambda: f(_batch(_req(inp.logits)), _batch(inp.labels), spec, reweigh=reweigh)
         return b
 
     def b_ntloss(reweigh: bool) -> Builder:
         def b(ctx: Ctx, inp: Inputs):
             crit = _ntloss_obj(ctx, ("nl", reweigh), lambda m: m.NumberLevelLoss(
                 ctx.tokenizer, vocab_size=ctx.V, reweigh=reweigh))
-            return lambda: crit(_batch(inp.logits), _batch(inp.labels))
+            return lambda: crit(_batch(_req(inp.logits)), _batch(inp.labels))
         return b
 
     return (
@@ -185,7 +196,7 @@ def _predict() -> tuple[Provider, ...]:
             ctx.tokenizer, vocab_size=ctx.V, reweigh=False))
 
         def run():
-            yhat, mass = crit.predict_numbers(_batch(inp.logits))
+            yhat, mass = crit.predict_numbers(_batch(_req(inp.logits)))
             return yhat.float().mean() + mass.float().mean()
         return run
 
@@ -218,7 +229,7 @@ def _dot(error: str) -> tuple[Provider, ...]:
         def b(ctx: Ctx, inp: Inputs):
             crit = _ntloss_obj(ctx, ("dot", error, reweigh), lambda m: m.NTLossDotProduct(
                 ctx.tokenizer, vocab_size=ctx.V, reweigh=reweigh, loss_function=fn))
-            return lambda: crit(_batch(inp.logits), _batch(inp.labels))
+            return lambda: crit(_batch(_req(inp.logits)), _batch(inp.labels))
         return b
 
     return (
@@ -245,7 +256,7 @@ def _squash() -> tuple[Provider, ...]:
     def b_ntloss(reweigh: bool) -> Builder:
         def b(ctx: Ctx, inp: Inputs):
             c = crit(ctx, reweigh)
-            return lambda: c(_batch(inp.logits), _batch(inp.labels))
+            return lambda: c(_batch(_req(inp.logits)), _batch(inp.labels))
         return b
 
     def b_fused(ctx: Ctx, inp: Inputs):
@@ -254,8 +265,8 @@ def _squash() -> tuple[Provider, ...]:
 
     def b_ce_ntloss(ctx: Ctx, inp: Inputs):
         c = crit(ctx, False)
-        return lambda: (F.cross_entropy(inp.logits, inp.labels)
-                        + NTL_WEIGHT * c(_batch(inp.logits), _batch(inp.labels)))
+        return lambda: (F.cross_entropy(_req(inp.logits), inp.labels)
+                        + NTL_WEIGHT * c(_batch(_req(inp.logits)), _batch(inp.labels)))
 
     return (
         Provider("ntl", f"ntl.ntl_wasserstein_loss(squash_factor={SQUASH:g})", b_ntl(False), "sq"),

@@ -403,13 +403,13 @@ def print_table(records: Sequence[dict[str, Any]], targets: Sequence[dict[str, A
         Console = None  # type: ignore[assignment]
     if Console is not None:
         con = Console(file=file, width=max(160, 0))
-        tab = Table(title=title, show_lines=False)
+        tab = Table(title=title, show_lines=False)  # pyright: ignore[reportPossiblyUnboundVariable] (imported with Console)
         for h in TABLE_HEADER:
             tab.add_column(h, justify="left" if h in ("case", "dtype", "provider", "check") else "right")
         for row in rows:
             tab.add_row(*row)
         con.print(tab)
-        tt = Table(title="targets (issue 5)")
+        tt = Table(title="targets (issue 5)")  # pyright: ignore[reportPossiblyUnboundVariable] (imported with Console)
         for h in ("id", "target", "measured", "status"):
             tt.add_column(h)
         for row in trows:

@@ -30,7 +30,7 @@ from typing import Any
 
 __all__ = ["main", "parse_settings"]
 
-log = logging.getLogger("ntl")
+log: logging.Logger = logging.getLogger("ntl")
 
 
 def _parser() -> argparse.ArgumentParser:

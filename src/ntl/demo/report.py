@@ -9,7 +9,7 @@ from typing import Any
 
 from .stats import LEVEL, describe, paired_differences, position_in_range, verdict
 
-log = logging.getLogger("ntl")
+log: logging.Logger = logging.getLogger("ntl")
 
 __all__ = [
     "COMPARED",

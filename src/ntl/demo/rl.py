@@ -62,7 +62,7 @@ def rl_arms(s: Settings) -> list[RLArm]:
             RLArm("GRPO+bonus", 0.0, True)]
 
 
-def make_bonus_reward(tok: Any, weight: float, temperature: float) -> tuple[Callable[..., list[float]], dict]:
+def make_bonus_reward(tok: Any, weight: float, temperature: float) -> tuple[Callable[..., list[float]], dict[str, Any]]:
     """A TRL reward function ``ntl_bonus`` = ``weight * b`` (module docstring) and the dict
     into which the caller puts the trainer (``holder["trainer"]``) before training.
 

@@ -60,7 +60,7 @@ def _versions() -> dict[str, str]:
             "ntl": ntl.__version__}
 
 
-def load_ce_model(out: str, s: Settings, seed: int, device: torch.device) -> tuple[Any, dict] | None:
+def load_ce_model(out: str, s: Settings, seed: int, device: torch.device) -> tuple[Any, dict[str, Any]] | None:
     """The cached CE model of ``seed`` and its info (metrics), or ``None`` if there is none
     for this exact configuration."""
     pt, js = ce_model_paths(out, s, seed)

@@ -16,7 +16,7 @@ import ntl
 
 from .task import Problem, encode
 
-log = logging.getLogger("ntl")
+log: logging.Logger = logging.getLogger("ntl")
 
 __all__ = ["Arm", "ModelConfig", "TrainConfig", "build_model", "greedy_answers", "train_arm"]
 
@@ -80,10 +80,12 @@ def build_model(tok: Any, cfg: ModelConfig, max_len: int, device: torch.device) 
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         attention_dropout=0.0,
-        # eager attention is faster than SDPA for these tiny sequences on CPU
-        attn_implementation="eager" if device.type == "cpu" else "sdpa",
+        # eager attention is faster than SDPA for these tiny sequences on CPU (a keyword that
+        # transformers' configs accept but do not declare)
+        attn_implementation="eager" if device.type == "cpu" else "sdpa",  # pyright: ignore[reportCallIssue]
     )
-    return Qwen2ForCausalLM(config).to(device)
+    # transformers' decorator on PreTrainedModel.to hides its self type from the checker
+    return Qwen2ForCausalLM(config).to(device)  # pyright: ignore[reportArgumentType]
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-try:  # Triton is a Linux-only dependency; everything else works without it.
-    import triton
-    import triton.language as tl
+if TYPE_CHECKING:
+    # Kernels are Triton's DSL, which Triton's annotations do not describe to a type checker:
+    # ``tl.constexpr`` parameters take ints and bools, ``kernel[grid]`` is typed as the
+    # kernel's own signature (no ``num_warps``), ``x[:, None]`` as a constexpr index. The
+    # checker sees ``triton`` and ``tl`` as dynamic (``_tl.pyi``); the kernels are tested by
+    # running them (Triton's CPU interpreter, tests/test_gpu.py on a GPU).
+    from . import _tl as tl  # pyright: ignore[reportMissingModuleSource] (a stub only)
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the platform
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
-    HAS_TRITON = False
+    triton: Any
+    HAS_TRITON: bool
+else:
+    try:  # Triton is a Linux-only dependency; everything else works without it.
+        import triton
+        import triton.language as tl
+
+        HAS_TRITON = True
+    except ImportError:  # pragma: no cover - depends on the platform
+        triton = None
+        tl = None
+        HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "interpreting", "next_pow2", "no_double_backward", "require_triton", "tl", "triton"]
 
@@ -25,7 +36,7 @@ def interpreting() -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return True
     try:
-        return bool(triton.knobs.runtime.interpret)  # type: ignore[union-attr]
+        return bool(triton.knobs.runtime.interpret)
     except AttributeError:
         return False
 

@@ -7,6 +7,8 @@ gradient at those columns. Plain-PyTorch twin: :func:`reference.digit_gather_tor
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._triton import HAS_TRITON, next_pow2, no_double_backward, require_triton, tl, triton
@@ -90,13 +92,13 @@ class DigitGather(torch.autograd.Function):
     """Triton digit-gather with a scatter backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(ids)
         ctx.shape = (x.shape[1], x.dtype)
         return gather_triton(x, ids)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         no_double_backward("digit_gather")
         (ids,) = ctx.saved_tensors
         V, dtype = ctx.shape

@@ -15,7 +15,7 @@ The vocab travels as its integer :attr:`ntl.NumberVocab.handle`; its device tens
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -116,7 +116,7 @@ class NTLLossFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:  # type: ignore[override]
         no_double_backward("the standalone NTL loss")
         x, labels, dz, rw, den, L, mass, lse, out, rows = ctx.saved_tensors
         cfg = ctx.cfg
@@ -167,7 +167,8 @@ def _loss_bwd_op(
 ) -> Tensor:
     cfg = LossConfig(handle, 0, digit_cols, False, "mse", "none", -100, reweigh, dmax, False, 0.0,
                      1.0, 1.0, use_triton, False, -1, "", True)
-    return _backward_x(g, x, tuple(x.shape), x.dtype, (dz, rw, den, L, mass, lse), cfg)
+    size = cast(tuple[int, int], tuple(x.shape))  # x is [N, V]
+    return _backward_x(g, x, size, x.dtype, (dz, rw, den, L, mass, lse), cfg)
 
 
 @_loss_bwd_op.register_fake

@@ -311,6 +311,7 @@ def ntl_loss_bwd_triton(
     grid = (triton.cdiv(N, bn),)
     ids_arg = ids if ids is not None else rw
     if reweigh:
+        assert x is not None, "reweigh reads x"
         _ntl_loss_bwd_reweigh[grid](
             x, dz, rw, L, mass, lse, g, den_arg, ids_arg, out, N, V, K, x.stride(0), out.stride(0),
             stride_g, float(dmax), G_ROWS=g_rows, IDS=ids is not None, BLOCK_N=bn, BLOCK_K=bk,
