@@ -32,7 +32,9 @@ ntl_core() {
     PATH="$(dirname "$NTL_PY"):$PATH" TRITON_INTERPRET=1 "$NTL_PY" -m pytest -q -p no:cacheprovider tests "$@"
 }
 
-ntl_types() {
+ntl_types() {  # each part with the environment that has its framework (scripts/typecheck.sh)
+    local name
+    for name in core verl09 verl07; do ntl_env "$name"; done
     bash scripts/typecheck.sh
 }
 

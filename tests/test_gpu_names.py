@@ -183,7 +183,7 @@ class _Checker(ast.NodeVisitor):
             return
         self.checked += 1
         try:
-            sig.bind_partial(*[None] * len(node.args), **{k.arg: None for k in node.keywords})
+            sig.bind_partial(*[None] * len(node.args), **{str(k.arg): None for k in node.keywords})
         except TypeError as e:
             self._error(f"{self.filename}:{node.lineno}: {_dotted(node.func)}(...): {e}")
 

@@ -235,7 +235,7 @@ def test_training_step_outside_the_loop_with_accumulation(tmp_path):
     for batch in batches:
         tr.training_step(tr.model, {k: v.clone() for k, v in batch.items()})
     got = {k: p.grad.detach().clone() for k, p in tr.model.named_parameters()}
-    ce = ntl_ = 0.0
+    ce = ntl_ = torch.zeros(())
     for batch in batches:
         ref = reference(ref_model, [batch], tok, requires_grad=True)
         assert ref["n"] > 0
