@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import itertools
 import json
 import os
@@ -340,12 +341,16 @@ def has_toolchain() -> str | None:
     """Why an offline compile cannot run here, or None."""
     try:
         from triton import knobs
+    except ImportError:
+        return f"triton {__import__('triton').__version__} has no triton.knobs (this script needs >= 3.4)"
+    try:
         from triton.backends.nvidia.compiler import get_ptxas
     except ImportError as e:
         return f"triton has no NVIDIA backend ({e})"
+    takes_arch = bool(inspect.signature(get_ptxas).parameters)  # get_ptxas(arch) since triton 3.5
     for arch in ARCHS:
         try:
-            path = get_ptxas(arch).path
+            path = (get_ptxas(arch) if takes_arch else get_ptxas()).path
         except Exception as e:
             return f"the triton wheel has no ptxas for sm_{arch} ({e})"
         if not path or not os.path.exists(path):
