@@ -245,10 +245,10 @@ def _arg_type(arg: Any) -> tuple[str, Any]:
     if isinstance(arg, bool):
         return mangle_type(arg), ""
     if isinstance(arg, int):
-        ty = mangle_type(arg, True)
-        if ty == "constexpr":  # Triton specialises the integer 1 into a constant
-            return ty, arg
-        return ty, ("D" if arg % 16 == 0 else "")
+        if arg == 1:  # Triton specialises the integer 1 into a constant
+            return "constexpr", arg
+        # (not mangle_type(arg, True): triton 3.4's raises a TypeError for every int)
+        return mangle_type(arg), ("D" if arg % 16 == 0 else "")
     return mangle_type(arg), ""
 
 
