@@ -5,15 +5,16 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10 (the floor environment)
+else:  # Python 3.10 (the floor environment)
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
