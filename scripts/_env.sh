@@ -139,7 +139,11 @@ ntl_find_uv() {
 # and pyproject.toml's requires-python, dependencies and extras (not its tool settings).
 ntl_lock_inputs() {
     "$NTL_PYBASE" - "$NTL_ROOT" "$1" "$(ntl_overrides "$1")" <<'PYEOF'
-import hashlib, json, pathlib, sys, tomllib
+import hashlib, json, pathlib, sys
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (tests/test_locks.py in the floor environment)
+    import tomli as tomllib
 
 root, name, overrides = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
