@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import itertools
 import json
 import os
@@ -244,10 +245,10 @@ def _arg_type(arg: Any) -> tuple[str, Any]:
     if isinstance(arg, bool):
         return mangle_type(arg), ""
     if isinstance(arg, int):
-        ty = mangle_type(arg, True)
-        if ty == "constexpr":  # Triton specialises the integer 1 into a constant
-            return ty, arg
-        return ty, ("D" if arg % 16 == 0 else "")
+        if arg == 1:  # Triton specialises the integer 1 into a constant
+            return "constexpr", arg
+        # (not mangle_type(arg, True): triton 3.4's raises a TypeError for every int)
+        return mangle_type(arg), ("D" if arg % 16 == 0 else "")
     return mangle_type(arg), ""
 
 
@@ -340,12 +341,16 @@ def has_toolchain() -> str | None:
     """Why an offline compile cannot run here, or None."""
     try:
         from triton import knobs
+    except ImportError:
+        return f"triton {__import__('triton').__version__} has no triton.knobs (this script needs >= 3.4)"
+    try:
         from triton.backends.nvidia.compiler import get_ptxas
     except ImportError as e:
         return f"triton has no NVIDIA backend ({e})"
+    takes_arch = bool(inspect.signature(get_ptxas).parameters)  # get_ptxas(arch) since triton 3.5
     for arch in ARCHS:
         try:
-            path = get_ptxas(arch).path
+            path = (get_ptxas(arch) if takes_arch else get_ptxas()).path
         except Exception as e:
             return f"the triton wheel has no ptxas for sm_{arch} ({e})"
         if not path or not os.path.exists(path):

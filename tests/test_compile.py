@@ -106,6 +106,23 @@ def test_dynamic_batch_and_module(fresh):
         torch.testing.assert_close(xb.grad, xa.grad)
 
 
+def test_vocab_argument_compiled_first_and_guarded(fresh):
+    """A vocab object passed as an argument, compiled before any eager call: its constants are
+    derived at trace time (on every torch >= 2.8) and a different vocab is not served the first
+    one's (Dynamo guards on the object): each call equals the plain-PyTorch MSE over its digits."""
+    V_ = 48
+    a_vocab = ntl.DigitVocab(list(range(10)), V_)
+    b_vocab = ntl.DigitVocab(list(range(30, 40))[::-1], V_)  # other ids, reversed values
+    f = torch.compile(lambda x, y, voc: ntl.ntl_mse_loss(x, y, voc, backend="torch"),
+                      fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, V_, generator=g)
+    for vocab, ids in ((a_vocab, list(range(10))), (b_vocab, list(range(30, 40))[::-1]), (a_vocab, list(range(10)))):
+        y = torch.tensor(ids[:7])
+        ref = (torch.softmax(x[:, ids], -1) @ torch.arange(10.0) - torch.arange(7.0)).pow(2).mean()
+        torch.testing.assert_close(f(x, y, vocab), ref)
+
+
 @pytest.mark.slow
 def test_inductor_fullgraph(fresh):
     """The default compiler (inductor, C++ on this CPU) around the ops."""

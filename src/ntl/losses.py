@@ -20,6 +20,7 @@ Shared semantics (see each function for its formula):
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 from typing import Any, NamedTuple
@@ -158,8 +159,19 @@ def reweigh_ceiling(vocab: NumberVocab, method: str, squash_factor: float | None
 
 def loss_spec(vocab_or_tokenizer: VocabLike, vocab_size: int | None, default_size: int | None,
               method: str, squash_factor: float | None, huber_delta: float) -> LossSpec:
-    """Resolve the vocab and the loss constants (cached per vocab). ``torch.compile`` runs this once
-    at trace time and keeps the result as a constant (tokenizer -> vocab is pure, cached Python)."""
+    """Resolve the vocab and the loss constants (cached per vocab). ``torch.compile`` runs the
+    lookup once at trace time and keeps the result as a constant (tokenizer -> vocab is pure,
+    cached Python). An object (a vocab, a tokenizer) enters the traced lookup as its ``id()``,
+    which Dynamo guards on: torch < 2.12 cannot pass an object to an assume-constant function."""
+    v = vocab_or_tokenizer
+    if torch.compiler.is_compiling() and not isinstance(v, (list, tuple, dict, torch.Tensor)):
+        return _loss_spec_of_object(id(v), vocab_size, default_size, method, squash_factor,
+                                    huber_delta)
+    return _loss_spec(v, vocab_size, default_size, method, squash_factor, huber_delta)
+
+
+def _loss_spec(vocab_or_tokenizer: VocabLike, vocab_size: int | None, default_size: int | None,
+               method: str, squash_factor: float | None, huber_delta: float) -> LossSpec:
     vocab = resolve_vocab(vocab_or_tokenizer, vocab_size, default_size=default_size)
     specs = vocab.__dict__.setdefault("_specs", {})
     key = (method, squash_factor, huber_delta)
@@ -173,9 +185,19 @@ def loss_spec(vocab_or_tokenizer: VocabLike, vocab_size: int | None, default_siz
     return spec
 
 
+def _loss_spec_of_object(obj_id: int, vocab_size: int | None, default_size: int | None,
+                         method: str, squash_factor: float | None, huber_delta: float) -> LossSpec:
+    """:func:`_loss_spec` of the object whose ``id()`` is ``obj_id``. Called by Dynamo at trace
+    time only, while the traced frame holds the object (so the id names a live object), with an
+    ``ID_MATCH`` guard on it (so the constant is re-derived for any other object)."""
+    obj = ctypes.cast(obj_id, ctypes.py_object).value
+    return _loss_spec(obj, vocab_size, default_size, method, squash_factor, huber_delta)
+
+
 # what torch.compiler.assume_constant_result does, without importing torch._dynamo (seconds) at
-# `import ntl`: Dynamo calls loss_spec eagerly while tracing and bakes its result into the graph
-loss_spec._dynamo_marked_constant = True  # type: ignore[attr-defined]
+# `import ntl`: Dynamo calls these eagerly while tracing and bakes their result into the graph
+_loss_spec._dynamo_marked_constant = True  # type: ignore[attr-defined]
+_loss_spec_of_object._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def check_squash_factor(squash_factor: Any, method: str) -> float | None:

@@ -44,7 +44,9 @@ def qwen2_tokenizer() -> Any:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     path = os.path.join(os.path.dirname(qt.__file__), "resources", "qwen.tiktoken")
-    backend = TikTokenConverter(vocab_file=path, pattern=qt.PAT_STR).converted()
+    # additional_special_tokens=[]: transformers < 5.1 iterates it (None fails); 5.x ignores it
+    backend = TikTokenConverter(vocab_file=path, pattern=qt.PAT_STR,
+                                additional_special_tokens=[]).converted()
     # Qwen's order: <|endoftext|> = 151643, <|im_start|> = 151644, <|im_end|> = 151645, ...
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIAL])
     tok = PreTrainedTokenizerFast(
