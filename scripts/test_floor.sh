@@ -5,13 +5,20 @@
 # scripts/_env.sh). The offline GPU compile (tests/test_compile_offline.py) runs with triton
 # 3.4's own ptxas and must not skip. The demo's tests are left out: the demo is an application
 # of the core environment (its extra needs scipy and TRL >= 1.16, not part of the floor). Extra
-# arguments go to pytest.
-set -euo pipefail
+# arguments go to pytest. scripts/test.sh calls the suite function directly.
+set -uo pipefail
 # shellcheck source=scripts/_env.sh
 source "$(dirname "$0")/_env.sh"
 cd "$NTL_ROOT"
 
-ntl_env floor
-export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NTL_REQUIRE_OFFLINE_COMPILE=1
-PATH="$(dirname "$NTL_PY"):$PATH" "$NTL_PY" -m pytest -q -p no:cacheprovider tests \
-    --ignore tests/test_demo.py --ignore tests/test_demo_rl.py "$@"
+ntl_floor() {
+    ntl_env floor
+    PATH="$(dirname "$NTL_PY"):$PATH" TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+        NTL_REQUIRE_OFFLINE_COMPILE=1 "$NTL_PY" -m pytest -q -p no:cacheprovider tests \
+        --ignore tests/test_demo.py --ignore tests/test_demo_rl.py "$@"
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    ntl_suite floor ntl_floor "$@"
+    ntl_suites_report
+fi
