@@ -344,7 +344,9 @@ def collect(only: list[str] | None = None) -> tuple[list[tuple[str, dict[str, An
             for args, kw in rec.launches:
                 spec = launch_spec(fns[key], args, kw)
                 counts[key] += 1
-                specs.setdefault(json.dumps([key, spec], sort_keys=True, default=str), (key, spec))
+                # the first case's V names the launch (the specialisation does not hold V itself)
+                specs.setdefault(json.dumps([key, spec], sort_keys=True, default=str),
+                                 (key, {**spec, "V": c.V}))
     return list(specs.values()), counts
 
 

@@ -58,7 +58,10 @@ def row_scales(labels: torch.Tensor, k: torch.Tensor, ignore_index: int,
     sum/none: the indicators themselves. Valid: in ``[0, V)`` and not ``ignore_index`` (a
     label outside ``[0, V)`` takes no part, as with strict checks off; ``k`` is then -1).
     """
-    valid = ((labels != ignore_index) & (labels >= 0) & (labels < V)).float()
+    valid = labels.clamp(0, V - 1) == labels  # in [0, V) (ignore_index outside it: not valid)
+    if 0 <= ignore_index < V:
+        valid &= labels != ignore_index
+    valid = valid.float()
     active = (k >= 0).float()
     if reduction == "mean":
         return valid / valid.sum().clamp_min(1.0), active / active.sum().clamp_min(1.0)
@@ -221,7 +224,8 @@ def fused_backward(grad: torch.Tensor, rinv: torch.Tensor | None, grad_out: torc
 
 def check_grad_scale(grad_scale: object, device: torch.device) -> float | torch.Tensor | None:
     """``grad_scale``: ``None``, a finite non-zero number, or a 0-d (or one-element) float tensor
-    on ``device`` (its value is checked, one host read, with strict checks on only)."""
+    on ``device`` (its value is checked, one host read, with strict checks on and outside
+    ``torch.compile`` only)."""
     if grad_scale is None:
         return None
     if isinstance(grad_scale, torch.Tensor):
@@ -231,7 +235,8 @@ def check_grad_scale(grad_scale: object, device: torch.device) -> float | torch.
         if grad_scale.device != device:
             raise ValueError(f"grad_scale is on {grad_scale.device} but the logits are on {device}")
         gs = grad_scale.detach().reshape(()).float()
-        if C.strict_checks() and not bool(torch.isfinite(gs) & (gs != 0)):
+        if (C.strict_checks() and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(gs) & (gs != 0))):
             raise ValueError(f"grad_scale must be finite and non-zero, got {float(gs)}")
         return gs
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not (

@@ -72,7 +72,7 @@ if HAS_TRITON:
         ``VEC`` for row 0 (``VEC = 1``: no alignment is assumed, ``lead = 0``)."""
         lead = (VEC - (mod0 + rows.to(tl.int64) * stride) % VEC) % VEC
         nbody = tl.maximum((V - (VEC - 1)) // BLOCK_V, 0) * BLOCK_V
-        tal = (V - lead) // VEC * VEC
+        tal = tl.multiple_of((V - lead) // VEC * VEC, VEC)  # (triton < 3.9 does not infer it)
         return lead, nbody, tal
 
     @triton.jit
@@ -248,6 +248,19 @@ def _rows_per_program(block_v: int) -> int:
     return max(1, min(16, 65536 // block_v)) if interpreting() else 1
 
 
+def _triton_before_3_9() -> bool:
+    if not HAS_TRITON:
+        return False
+    try:
+        major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    except ValueError:  # a development build: assume current
+        return False
+    return (major, minor) < (3, 9)
+
+
+_BEFORE_3_9 = _triton_before_3_9()
+
+
 def _forced() -> dict[str, int]:
     """``NTL_FUSED_BLOCK_V`` / ``NTL_FUSED_WARPS``: override the GPU launch table of
     ``_ce_ntl_fwd`` (the launch sweep of ``scripts/gpu_check.sh``); unset: the table."""
@@ -270,7 +283,8 @@ def fwd_config(V: int, K: int, row_scale: bool = False, esize: int = 2) -> dict[
     On a GPU 32 warps over 64 KB blocks (32k bf16/fp16 elements, as Liger-Kernel's CE; 16k
     fp32: 32k fp32 spill at the 64 registers a thread has under 32 warps); the fp16 row
     scaling and ``K > 512`` keep more per thread, so they get 16 warps over 16k elements
-    (128 registers a thread). No ``maxnreg``: at 16 warps it equals the hardware cap and
+    (128 registers a thread), and so does everything on triton < 3.9, whose code for the
+    32-warp variant needs more than 64 registers (3.7: 8-104 B of stack). No ``maxnreg``: at 16 warps it equals the hardware cap and
     changed nothing (measured: tests/offline_compile.py, triton 3.4-3.9). No register spills
     for sm_80/sm_90 on every supported triton: ``tests/test_compile_offline.py``.
     ``NTL_FUSED_BLOCK_V`` and ``NTL_FUSED_WARPS`` (powers of two) override the table on a
@@ -280,7 +294,7 @@ def fwd_config(V: int, K: int, row_scale: bool = False, esize: int = 2) -> dict[
     if interpreting():
         return {"BLOCK_N": _rows_per_program(min(next_pow2(V), 65536)),
                 "BLOCK_V": min(next_pow2(V), 65536), "BLOCK_K": block_k, "num_warps": 4}
-    wide = row_scale or block_k > 512
+    wide = row_scale or block_k > 512 or _BEFORE_3_9
     block = min(next_pow2(V), 16384 if wide or esize > 2 else 32768)
     equiv = block if wide else block * max(esize, 2) // 2  # in 16-bit elements (64 KB: 32 warps)
     warps = 32 if equiv >= 32768 else 16 if equiv >= 8192 else 8 if equiv >= 2048 else 4
