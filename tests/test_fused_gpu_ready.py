@@ -8,9 +8,9 @@ References: ``F.cross_entropy`` + the standalone NTL (``ntl.ntl_loss``) by autog
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_probe import BigOps, count_launches
 
 import ntl
-from kernel_probe import BigOps, count_launches
 
 BACKENDS = ["torch", "triton"]
 IDS = [7, 33, 2, 41, 19, 25, 11, 48, 30, 14]
@@ -82,7 +82,7 @@ def test_fused_out_of_range_row_changes_nothing_in_the_sum(lax):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_out_of_range_labels_take_no_part(lax, backend, reduction):
-    x, y = batch(N=10)
+    _, y = batch(N=10)
     y[[2, 4, 5, 7]] = torch.tensor(BAD)
     g = torch.Generator().manual_seed(3)
     h = torch.randn(10, 16, generator=g)
