@@ -7,15 +7,25 @@ carry the reduction, so backward is a multiply):
 
 * ``a = b = 0`` (the row takes part in neither loss): write zeros, never read the row
   (an all ``-inf`` row cannot give NaN).
+* A label outside ``[0, V)`` zeroes ``a`` (no CE; the caller's ``k`` is then -1: no NTL).
 * Otherwise read the label logit and, for number rows, the ``K`` number logits first,
   then pass 1 streams the row for an online softmax (running max ``m`` and sum ``s``,
-  ``lse = m + log s``); the NTL loss and ``dL/dz`` come from the ``K`` logits
-  (:func:`rowloss.ntl_row_math`; W1 distances ``d > 0`` squashed to ``sq_a + sq_b d``,
-  ``(0, 1)`` without ``squash_factor``). Pass 2 (``WRITE_GRAD``) streams the row again and
-  writes ``coef * p`` (``p = exp(x - lse)``) into the gradient buffer, which may be
-  the logits themselves (in place); then the label column (``- a``) and the number
-  columns (``+ dNTL``) are rewritten from values kept in registers. Without
-  ``WRITE_GRAD`` (no grad / evaluation) the kernel only reads.
+  ``lse = m + log s`` for the CE value); the NTL loss and ``dL/dz`` come from the ``K``
+  logits (:func:`rowloss.ntl_row_math`; W1 distances ``d > 0`` squashed to
+  ``sq_a + sq_b d``, ``(0, 1)`` without ``squash_factor``). Pass 2 (``WRITE_GRAD``)
+  streams the row again and writes ``coef * p`` with ``p = exp(x - m) * (1 / s)`` (Liger's
+  form: ``exp(x - lse)`` with ``lse`` rounded to fp32 is ``~|lse| eps`` off in every ``p``,
+  2e-6 relative for logits x10) into the gradient buffer, which may be the logits
+  themselves (in place); then the label column (``- a``) and the number columns
+  (``+ dNTL``) are rewritten from values kept in registers. Without ``WRITE_GRAD`` (no
+  grad / evaluation) the kernel only reads.
+* Every exponential is ``exp2(t log2 e)`` (``ex2.approx.ftz``: ``tl.exp`` compiles to the
+  non-flushing form, 3 more instructions an element).
+* Rows are streamed as a 16-byte aligned body (no mask along ``V``: 128-bit loads and
+  stores for any ``V``, also GPT-2's odd 50,257), a tail masked at a multiple of 16 bytes,
+  and one small masked block for the < 16 bytes at each unaligned end (``VEC`` and
+  ``mod0`` from the launcher: the logits and gradient rows share their alignment, else
+  ``VEC = 1`` assumes none).
 * ``ROW_SCALE`` (fp16 gradients): the row is stored times a power of two ``S_i`` that
   puts its largest entry in ``[2^14, 2^15)`` and ``1 / S_i`` is written to ``rinv``,
   so that small entries are not flushed to zero before backward applies the
@@ -24,9 +34,11 @@ carry the reduction, so backward is a multiply):
   scale of ``2^16`` could lift them). The bound on the row's largest entry is
   ``max(|coef| e^{m - lse}, |g_label|, max_k |g_k|)``.
 
-Backward (``_scale_rows``): row ``i`` of the buffer times ``f_i = grad_out[i or 0] *
-rinv_i``; a row with ``f_i == 1`` is neither read nor written, so ``grad_out == 1``
-in bf16/fp32 costs one launch and no ``N x V`` traffic, decided on the device.
+Backward (``_scale_rows``): row ``i`` of the buffer times ``f_i = go[i or 0] * rinv_i``
+(``go = grad_out / grad_scale``, the scale the forward folded into ``a`` and ``b``); a row
+with ``f_i == 1`` is neither read nor written, so an incoming gradient equal to
+``grad_scale`` (1 by default) in bf16/fp32 costs one launch and no ``N x V`` traffic,
+decided on the device. Same aligned body and masked ends.
 
 Plain-PyTorch twin: :func:`ntl.fused.ce_ntl_rows_torch`.
 """
@@ -284,9 +296,12 @@ def fwd_config(V: int, K: int, row_scale: bool = False, esize: int = 2) -> dict[
     fp32: 32k fp32 spill at the 64 registers a thread has under 32 warps); the fp16 row
     scaling and ``K > 512`` keep more per thread, so they get 16 warps over 16k elements
     (128 registers a thread), and so does everything on triton < 3.9, whose code for the
-    32-warp variant needs more than 64 registers (3.7: 8-104 B of stack). No ``maxnreg``: at 16 warps it equals the hardware cap and
-    changed nothing (measured: tests/offline_compile.py, triton 3.4-3.9). No register spills
-    for sm_80/sm_90 on every supported triton: ``tests/test_compile_offline.py``.
+    32-warp variant needs more than 64 registers (3.7: 8-104 B of stack).
+
+    No ``maxnreg``: 128 is already a thread's cap under 16 warps, and setting it spills
+    nothing less (sm_90, fp16 row scaling: triton 3.9 uses 90 / 99 registers for K = 10 /
+    1,110 without it, 97 / 117 with it; 3.7 128 either way; no stack in all four). No
+    register spills for sm_80/sm_90 on triton 3.4-3.9: ``tests/test_compile_offline.py``.
     ``NTL_FUSED_BLOCK_V`` and ``NTL_FUSED_WARPS`` (powers of two) override the table on a
     GPU (launch sweeps: ``scripts/gpu_check.sh``).
     """
