@@ -5,7 +5,9 @@ second dense ``N x V`` NTL gradient that autograd then adds. Here the gradient
 of the whole objective is computed during the forward pass, row block by row
 block, into one buffer (or over the logits themselves with ``inplace=True``, as
 Liger-Kernel does); backward only scales it by the incoming gradient, and skips
-that when the incoming gradient is 1 (on CUDA decided on the device).
+that when the incoming gradient is 1 (on CUDA decided on the device) -- or equals the
+``grad_scale`` the forward was told of (``loss / k`` in gradient accumulation, a
+GradScaler's scale), which the forward folds into the per-row scales.
 
 Per row with full softmax ``p = softmax(x)``, label ``c`` and CE scale ``a``,
 NTL scale ``b`` (``w / n_ntl`` for the mean)::
