@@ -287,34 +287,39 @@ def _forced() -> dict[str, int]:
     return out
 
 
-def fwd_config(V: int, K: int, row_scale: bool = False, esize: int = 2) -> dict[str, int]:
+def fwd_config(V: int, K: int, row_scale: bool = False, esize: int = 2,
+               reweigh: bool = False) -> dict[str, int]:
     """Launch constants of ``_ce_ntl_fwd``: ``BLOCK_V`` (the row is streamed in blocks; bigger
     in the interpreter, fewer steps), ``BLOCK_K`` (K padded to a power of two), ``BLOCK_N``
     (rows per program) and ``num_warps``; ``esize``: bytes per logit.
 
     On a GPU 32 warps over 64 KB blocks (32k bf16/fp16 elements, as Liger-Kernel's CE; 16k
-    fp32: 32k fp32 spill at the 64 registers a thread has under 32 warps); the fp16 row
-    scaling and ``K > 512`` keep more per thread, so they get 16 warps over 16k elements
-    (128 registers a thread), and so does everything on triton < 3.9, whose code for the
-    32-warp variant needs more than 64 registers (3.7: 8-104 B of stack).
+    fp32: 32k fp32 spill at the 64 registers a thread has under 32 warps). The fp16 row
+    scaling, ``reweigh`` and ``K > 512`` keep more per thread (under 32 warps: 8 B of stack
+    with reweigh, triton 3.9), so they get 16 warps over 16k elements (128 registers a
+    thread), and so does everything on triton < 3.9, whose code for the 32-warp variant
+    needs more than 64 registers (3.7: 8-104 B of stack).
 
-    No ``maxnreg``: 128 is already a thread's cap under 16 warps, and setting it spills
-    nothing less (sm_90, fp16 row scaling: triton 3.9 uses 90 / 99 registers for K = 10 /
-    1,110 without it, 97 / 117 with it; 3.7 128 either way; no stack in all four). No
-    register spills for sm_80/sm_90 on triton 3.4-3.9: ``tests/test_compile_offline.py``.
-    ``NTL_FUSED_BLOCK_V`` and ``NTL_FUSED_WARPS`` (powers of two) override the table on a
-    GPU (launch sweeps: ``scripts/gpu_check.sh``).
+    ``maxnreg=128`` with 16 warps: without it ptxas aims at two 16-warp programs per SM on
+    sm_80 and caps the read-only ``K = 1,110`` variant at 64 registers, 24 B of stack
+    (triton 3.9); elsewhere it changes nothing that matters (sm_90, fp16 row scaling: 90 / 99
+    registers for K = 10 / 1,110 without it, 97 / 117 with it, no stack either way; 3.7:
+    128 either way). No register spills for sm_80/sm_90 on triton 3.4-3.9:
+    ``tests/test_compile_offline.py``. ``NTL_FUSED_BLOCK_V`` and ``NTL_FUSED_WARPS`` (powers
+    of two) override the table on a GPU (launch sweeps: ``scripts/gpu_check.sh``).
     """
     block_k = max(16, next_pow2(K))
     if interpreting():
         return {"BLOCK_N": _rows_per_program(min(next_pow2(V), 65536)),
                 "BLOCK_V": min(next_pow2(V), 65536), "BLOCK_K": block_k, "num_warps": 4}
-    wide = row_scale or block_k > 512 or _BEFORE_3_9
+    wide = row_scale or reweigh or block_k > 512 or _BEFORE_3_9
     block = min(next_pow2(V), 16384 if wide or esize > 2 else 32768)
     equiv = block if wide else block * max(esize, 2) // 2  # in 16-bit elements (64 KB: 32 warps)
     warps = 32 if equiv >= 32768 else 16 if equiv >= 8192 else 8 if equiv >= 2048 else 4
     cfg = {"BLOCK_N": 1, "BLOCK_V": block, "BLOCK_K": block_k, "num_warps": warps}
     cfg.update(_forced())
+    if cfg["num_warps"] == 16:
+        cfg["maxnreg"] = 128
     return cfg
 
 
@@ -366,7 +371,7 @@ def ce_ntl_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tenso
     if N == 0:
         return grad, rinv, ce, loss
     g = grad if grad is not None else logits
-    cfg = fwd_config(V, ids.numel(), row_scale, logits.element_size())
+    cfg = fwd_config(V, ids.numel(), row_scale, logits.element_size(), reweigh)
     vec, mod0 = _vec(logits, g)
     sq_a, sq_b = squash if squash is not None else (0.0, 1.0)
     _ce_ntl_fwd[(triton.cdiv(N, cfg["BLOCK_N"]),)](
