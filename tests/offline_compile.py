@@ -359,7 +359,10 @@ def has_toolchain() -> str | None:
         return f"triton has no NVIDIA backend ({e})"
     for arch in ARCHS:
         try:
-            path = get_ptxas(arch).path
+            try:
+                path = get_ptxas(arch).path
+            except TypeError:  # triton <= 3.5: get_ptxas() takes no arch
+                path = get_ptxas().path
         except Exception as e:
             return f"the triton wheel has no ptxas for sm_{arch} ({e})"
         if not path or not os.path.exists(path):
