@@ -248,10 +248,10 @@ def _arg_type(arg: Any) -> tuple[str, Any]:
     if isinstance(arg, bool):
         return mangle_type(arg), ""
     if isinstance(arg, int):
-        ty = mangle_type(arg, True)
-        if ty == "constexpr":  # Triton specialises the integer 1 into a constant
-            return ty, arg
-        return ty, ("D" if arg % 16 == 0 else "")
+        if arg == 1:  # Triton specialises the integer 1 into a constant
+            return "constexpr", arg
+        # (mangle_type(arg, True) says the same, but raises on triton 3.4/3.5)
+        return mangle_type(arg), ("D" if arg % 16 == 0 else "")
     return mangle_type(arg), ""
 
 
