@@ -169,6 +169,10 @@ def _mass(c: Case) -> None:
 KERNELS: dict[str, Callable[[Case], None] | str] = {
     "fused_ce._ce_ntl_fwd": _fused_fwd,
     "fused_ce._scale_rows": _fused_scale,
+    "fused_ce._lse_step": INLINED,
+    "fused_ce._grad_step": INLINED,
+    "fused_ce._row_layout": INLINED,
+    "fused_ce._edge_offsets": INLINED,
     "rowloss._ntl_loss_fwd": _loss_fwd,
     "rowloss._ntl_finalize": _loss_fwd,
     "rowloss._ntl_loss_bwd": _loss_bwd,
