@@ -124,7 +124,12 @@ def test_the_launches_use_the_gpu_configs(report):
 
 def test_odd_vocab_streams_with_128_bit_loads(report):
     """GPT-2's V = 50,257 (rows at every alignment): the streaming kernels' aligned body still
-    compiles to 128-bit loads (``ld.global.v4.b32``), with no stack (test_no_register_spills)."""
+    compiles to 128-bit loads (``ld.global.v4.b32``), with no stack (test_no_register_spills).
+    Triton 3.4 streams such rows unhinted (scalar loads: with the hints it spills 368-520 B)."""
+    from ntl.kernels import fused_ce
+
+    if fused_ce._BEFORE_3_5:
+        pytest.skip("triton 3.4: rows of odd V are streamed without alignment hints")
     for key in ("fused_ce._ce_ntl_fwd", "fused_ce._scale_rows"):
         recs = [r for r in report["records"] if r["kernel"] == key and r.get("V") == 50_257]
         assert recs, key
