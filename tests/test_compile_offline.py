@@ -5,7 +5,7 @@ interpreter has no compiler): it drives each launcher at Qwen2.5's ``V = 151,936
 ``K = 10`` and ``K = 1,110``, fp32/bf16/fp16 and every flag (and GPT-2's odd ``V = 50,257``
 at ``K = 10``), records the real launches and compiles each with the triton wheel's ``ptxas``
 (see its docstring). Cost: ~670 compiles, ~15-23 min on 2 (shared) cores cold (Triton's
-cache makes a rerun take seconds). Spill-free on triton 3.4-3.9 (older wheels: run
+cache makes a rerun take seconds). Spill-free on triton 3.5-3.9; 3.4: 8-64 B at V = 50,257 with gradients (older wheels: run
 ``offline_compile.py`` from a venv with that triton, e.g. ``--only fused_ce._ce_ntl_fwd``).
 Skipped only where the triton wheel has no ``ptxas``/``cuobjdump``.
 """

@@ -305,8 +305,9 @@ def fwd_config(V: int, K: int, row_scale: bool = False, esize: int = 2,
     sm_80 and caps the read-only ``K = 1,110`` variant at 64 registers, 24 B of stack
     (triton 3.9); elsewhere it changes nothing that matters (sm_90, fp16 row scaling: 90 / 99
     registers for K = 10 / 1,110 without it, 97 / 117 with it, no stack either way; 3.7:
-    128 either way). No register spills for sm_80/sm_90 on triton 3.4-3.9:
-    ``tests/test_compile_offline.py``. ``NTL_FUSED_BLOCK_V`` and ``NTL_FUSED_WARPS`` (powers
+    128 either way). No register spills for sm_80/sm_90 on triton 3.5-3.9
+    (``tests/test_compile_offline.py``; 3.4: none at V = 151,936, 8-64 B with gradients at
+    V = 50,257). ``NTL_FUSED_BLOCK_V`` and ``NTL_FUSED_WARPS`` (powers
     of two) override the table on a GPU (launch sweeps: ``scripts/gpu_check.sh``).
     """
     block_k = max(16, next_pow2(K))
@@ -330,7 +331,7 @@ def _vec(*ts: torch.Tensor) -> tuple[int, int]:
     ``VEC``; ``(1, 0)`` (no alignment assumed) otherwise."""
     es = ts[0].element_size()
     vec = 16 // es
-    if _BEFORE_3_5:  # triton 3.4 spills 368-520 B on unaligned rows with the hints (V = 50,257)
+    if _BEFORE_3_5:  # triton 3.4 spills 368-520 B at V = 50,257 with the hints (8-64 B without)
         return 1, 0
     mods = {(t.data_ptr() // es) % vec for t in ts}
     strides = {t.stride(0) % vec for t in ts}
