@@ -7,14 +7,15 @@ prints one JSON document on stdout.
 How: each entry of :data:`KERNELS` names a ``@triton.jit`` function (``"module.name"``
 inside ``ntl.kernels``) and a *driver* that calls the library's own launcher for one
 :class:`Case` (Qwen2.5's ``V = 151,936``, ``K = 10`` and Llama-3's ``K = 1,110``,
-fp32/bf16/fp16) over every flag the launcher takes. During a driver the kernel objects
+fp32/bf16/fp16; GPT-2's odd ``V = 50,257`` with ``K = 10``) over every flag the launcher takes. During a driver the kernel objects
 are replaced by recorders, so each launch is captured with the exact arguments,
 constexprs and ``num_warps`` the launcher computed (from its own config functions: they
 cannot drift). Every distinct launch is then compiled with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda",
 arch, 32))`` (the ``ptxas`` of the triton wheel) and its cubin's resource usage is read
 with the wheel's ``cuobjdump``: a non-zero ``STACK`` or ``LOCAL`` size is a register
-spill (what Triton reports as ``n_spills`` on a GPU).
+spill (what Triton reports as ``n_spills`` on a GPU). ``ld128`` / ``ld_other`` count the
+PTX's 128-bit and other global loads.
 
 Adding a kernel: one line in :data:`KERNELS` (a driver, or :data:`INLINED` for a
 ``@triton.jit`` device function that only other kernels call). A kernel without an
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 
 V_QWEN = 151_936
+V_GPT2 = 50_257  # odd: rows start at every alignment (the aligned body + masked ends)
 KS = (10, 1110)  # Qwen2.5 digits; Llama-3's 1,110 number tokens
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ARCHS = (80, 90)
@@ -168,6 +170,10 @@ def _mass(c: Case) -> None:
 KERNELS: dict[str, Callable[[Case], None] | str] = {
     "fused_ce._ce_ntl_fwd": _fused_fwd,
     "fused_ce._scale_rows": _fused_scale,
+    "fused_ce._lse_step": INLINED,
+    "fused_ce._grad_step": INLINED,
+    "fused_ce._row_layout": INLINED,
+    "fused_ce._edge_offsets": INLINED,
     "rowloss._ntl_loss_fwd": _loss_fwd,
     "rowloss._ntl_finalize": _loss_fwd,
     "rowloss._ntl_loss_bwd": _loss_bwd,
@@ -184,6 +190,8 @@ KERNELS: dict[str, Callable[[Case], None] | str] = {
 def cases() -> Iterator[Case]:
     for K, dt in itertools.product(KS, DTYPES.values()):
         yield Case(V_QWEN, K, dt)
+    for dt in DTYPES.values():  # GPT-2: digits only
+        yield Case(V_GPT2, KS[0], dt)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -297,6 +305,13 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return dict(zip(("regs", "stack", "shared", "local"), map(int, m.groups()), strict=True))
 
 
+def _global_access(ptx: str) -> dict[str, int]:
+    """Global loads in the PTX: 128-bit (``ld.global...v4.b32``, or ``v2.b64``) and others."""
+    loads = re.findall(r"^\s*(?:@%p\d+\s+)?ld\.global[\w.]*", ptx, re.M)
+    wide = [ld for ld in loads if ".v4.b32" in ld or ".v4.f32" in ld or ".v4.u32" in ld or ".v2.b64" in ld]
+    return {"ld128": len(wide), "ld_other": len(loads) - len(wide)}
+
+
 def compile_one(job: tuple[str, dict[str, Any], int]) -> dict[str, Any]:
     """Compile one launch for ``sm_<arch>``; returns the record (``error`` on failure)."""
     import triton
@@ -312,6 +327,7 @@ def compile_one(job: tuple[str, dict[str, Any], int]) -> dict[str, Any]:
         src = ASTSource(fn, spec["signature"], spec["constexprs"], attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec["options"])
         rec.update(_resource_usage(kernel.asm["cubin"]))
+        rec.update(_global_access(kernel.asm["ptx"]))
     except Exception as e:  # reported, and failed by the test
         rec["error"] = f"{type(e).__name__}: {e}"[-4000:]
     rec["seconds"] = round(time.perf_counter() - t0, 2)
@@ -333,7 +349,9 @@ def collect(only: list[str] | None = None) -> tuple[list[tuple[str, dict[str, An
             for args, kw in rec.launches:
                 spec = launch_spec(fns[key], args, kw)
                 counts[key] += 1
-                specs.setdefault(json.dumps([key, spec], sort_keys=True, default=str), (key, spec))
+                # the first case's V names the launch (the specialisation does not hold V itself)
+                specs.setdefault(json.dumps([key, spec], sort_keys=True, default=str),
+                                 (key, {**spec, "V": c.V}))
     return list(specs.values()), counts
 
 

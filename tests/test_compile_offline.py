@@ -2,9 +2,11 @@
 
 ``tests/offline_compile.py`` runs in a subprocess with ``TRITON_INTERPRET=0`` (the
 interpreter has no compiler): it drives each launcher at Qwen2.5's ``V = 151,936``,
-``K = 10`` and ``K = 1,110``, fp32/bf16/fp16 and every flag, records the real launches
-and compiles each with the triton wheel's ``ptxas`` (see its docstring). Cost: ~180
-compiles, 60-100 s on 2 cores cold (Triton's cache makes a rerun take seconds).
+``K = 10`` and ``K = 1,110``, fp32/bf16/fp16 and every flag (and GPT-2's odd ``V = 50,257``
+at ``K = 10``), records the real launches and compiles each with the triton wheel's ``ptxas``
+(see its docstring). Cost: ~670 compiles, ~15-23 min on 2 (shared) cores cold (Triton's
+cache makes a rerun take seconds). Spill-free on triton 3.5-3.9; 3.4: 8-64 B at V = 50,257 with gradients (older wheels: run
+``offline_compile.py`` from a venv with that triton, e.g. ``--only fused_ce._ce_ntl_fwd``).
 Skipped only where the triton wheel has no ``ptxas``/``cuobjdump`` (a failure instead with
 ``NTL_REQUIRE_OFFLINE_COMPILE=1``, as scripts/test_floor.sh sets it for triton 3.4).
 """
@@ -103,13 +105,37 @@ def test_the_launches_use_the_gpu_configs(report):
     from ntl.kernels import fused_ce  # (imported under the interpreter: names only)
 
     fwd = [r for r in report["records"] if r["kernel"] == "fused_ce._ce_ntl_fwd"]
-    cfg = {(r["constexprs"]["BLOCK_K"], r["constexprs"]["ROW_SCALE"]): (r["constexprs"]["BLOCK_V"],
-                                                                      r["options"]["num_warps"]) for r in fwd}
-    assert cfg == {(16, False): (32768, 32), (16, True): (16384, 16), (2048, False): (16384, 16),
-                   (2048, True): (16384, 16)}
+    cfg = {(r["signature"]["x_ptr"], r["constexprs"]["BLOCK_K"], r["constexprs"]["ROW_SCALE"],
+            r["constexprs"]["REWEIGH"]): (r["constexprs"]["BLOCK_V"], r["options"]["num_warps"])
+           for r in fwd}
+    # 64 KB blocks over 32 warps; fp16 row scaling, reweigh and K > 512: 16k elements over 16
+    # warps; triton < 3.9: 16k elements over 16 warps throughout (its 32-warp code spills)
+    if fused_ce._BEFORE_3_9:
+        assert set(cfg.values()) == {(16384, 16)}
+    else:
+        wide = {key: (16384, 16) for key in cfg if key[1] > 512 or key[2] or key[3]}
+        assert cfg == {("*bf16", 16, False, False): (32768, 32), ("*fp16", 16, False, False): (32768, 32),
+                       ("*fp32", 16, False, False): (16384, 32), **wide}
+    # maxnreg=128 wherever 16 warps run (sm_80's ptxas otherwise aims at 64 registers and spills)
+    assert all(r["options"].get("maxnreg") == (128 if r["options"]["num_warps"] == 16 else None)
+               for r in fwd)
     assert {r["constexprs"]["BLOCK_N"] for r in fwd} == {1}
     assert {(r["constexprs"]["METHOD"], r["constexprs"]["REWEIGH"], r["constexprs"]["WRITE_GRAD"])
             for r in fwd} == {(m, rw, w) for m in (0, 1) for rw in (False, True) for w in (False, True)}
     assert any(r["constexprs"]["ROW_SCALE"] for r in fwd)
     assert fused_ce._ce_ntl_fwd.arg_names == list(fwd[0]["signature"])
 
+
+def test_odd_vocab_streams_with_128_bit_loads(report):
+    """GPT-2's V = 50,257 (rows at every alignment): the streaming kernels' aligned body still
+    compiles to 128-bit loads (``ld.global.v4.b32``), with no stack (test_no_register_spills).
+    Triton 3.4 streams such rows unhinted (scalar loads: with the hints it spills 368-520 B)."""
+    from ntl.kernels import fused_ce
+
+    if fused_ce._BEFORE_3_5:
+        pytest.skip("triton 3.4: rows of odd V are streamed without alignment hints")
+    for key in ("fused_ce._ce_ntl_fwd", "fused_ce._scale_rows"):
+        recs = [r for r in report["records"] if r["kernel"] == key and r.get("V") == 50_257]
+        assert recs, key
+        for r in recs:
+            assert r["ld128"] > 0, (key, r["arch"], r["signature"], r["constexprs"])

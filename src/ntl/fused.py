@@ -5,7 +5,9 @@ second dense ``N x V`` NTL gradient that autograd then adds. Here the gradient
 of the whole objective is computed during the forward pass, row block by row
 block, into one buffer (or over the logits themselves with ``inplace=True``, as
 Liger-Kernel does); backward only scales it by the incoming gradient, and skips
-that when the incoming gradient is 1 (on CUDA decided on the device).
+that when the incoming gradient is 1 (on CUDA decided on the device) -- or equals the
+``grad_scale`` the forward was told of (``loss / k`` in gradient accumulation, a
+GradScaler's scale), which the forward folds into the per-row scales.
 
 Per row with full softmax ``p = softmax(x)``, label ``c`` and CE scale ``a``,
 NTL scale ``b`` (``w / n_ntl`` for the mean)::
@@ -51,13 +53,17 @@ _CHUNK_ELEMS = 1 << 22  # fp32 elements per row block on the CPU path (16 MB): f
 
 
 def row_scales(labels: torch.Tensor, k: torch.Tensor, ignore_index: int,
-               reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+               reduction: str, V: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row reduction scales of CE (``a``) and NTL (``c``), fp32, no host sync.
 
     mean: ``a_i = 1[label_i valid] / n_valid``, ``c_i = 1[label_i number] / n_number``;
-    sum/none: the indicators themselves.
+    sum/none: the indicators themselves. Valid: in ``[0, V)`` and not ``ignore_index`` (a
+    label outside ``[0, V)`` takes no part, as with strict checks off; ``k`` is then -1).
     """
-    valid = (labels != ignore_index).float()
+    valid = labels.clamp(0, V - 1) == labels  # in [0, V) (ignore_index outside it: not valid)
+    if 0 <= ignore_index < V:
+        valid &= labels != ignore_index
+    valid = valid.float()
     active = (k >= 0).float()
     if reduction == "mean":
         return valid / valid.sum().clamp_min(1.0), active / active.sum().clamp_min(1.0)
@@ -154,24 +160,26 @@ def fused_forward(
     logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor,
     values: torch.Tensor, ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
     ignore_index: int, inplace: bool, use_kernel: bool, write_grad: bool = True,
-    squash: tuple[float, float] | None = None,
+    squash: tuple[float, float] | None = None, grad_scale: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of ``CE + w NTL`` on ``logits [N, V]`` and, with ``write_grad``, its gradient.
 
     Returns ``(grad, rinv, loss, ce_part, ntl_part)``: ``grad [N, V]`` in the logits'
-    dtype (the logits themselves with ``inplace``; ``None`` without ``write_grad``),
+    dtype (the logits themselves with ``inplace``; ``None`` without ``write_grad``), times
+    ``grad_scale`` when given (the loss is not scaled),
     ``rinv [N]`` (fp16 gradients only: row ``i`` of ``grad`` is stored times
     ``1 / rinv[i]``; else ``None``). On the Triton path this is one kernel launch
     (plus the ``[N]``-sized scales and sums), with no host sync; without ``write_grad``
     it only reads the logits.
     """
     N, V = logits.shape
-    a, c = row_scales(labels, k, ignore_index, reduction)
+    a, c = row_scales(labels, k, ignore_index, reduction, V)
     b = c * ntl_weight
+    ga, gb = (a, b) if grad_scale is None else (a * grad_scale, b * grad_scale)
     if use_kernel:
         from .kernels.fused_ce import ce_ntl_fwd_triton
 
-        grad, rinv, ce, L = ce_ntl_fwd_triton(logits, labels, k, ids, values, a, b, method, reweigh,
+        grad, rinv, ce, L = ce_ntl_fwd_triton(logits, labels, k, ids, values, ga, gb, method, reweigh,
                                               dmax, inplace, write_grad, squash=squash)
     else:
         grad = rinv = None
@@ -185,7 +193,7 @@ def fused_forward(
         for s in range(0, N, step):
             e = min(N, s + step)
             ce[s:e], L[s:e] = ce_ntl_rows_torch(
-                logits[s:e], labels[s:e], k[s:e], ids, values, a[s:e], b[s:e], method, reweigh, dmax,
+                logits[s:e], labels[s:e], k[s:e], ids, values, ga[s:e], gb[s:e], method, reweigh, dmax,
                 grad[s:e] if grad is not None else None, rinv[s:e] if rinv is not None else None,
                 squash=squash)
         ce = torch.where(a != 0, ce, torch.zeros((), device=ce.device))
@@ -193,25 +201,51 @@ def fused_forward(
 
 
 def fused_backward(grad: torch.Tensor, rinv: torch.Tensor | None, grad_out: torch.Tensor,
-                   reduction: str, use_kernel: bool) -> torch.Tensor:
-    """Scale the stored gradient in place by the incoming gradient (and ``rinv``), in fp32.
+                   reduction: str, use_kernel: bool,
+                   grad_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Scale the stored gradient in place by ``grad_out / grad_scale`` (and ``rinv``), in fp32.
 
-    Triton: one launch; rows whose factor is exactly 1 are not touched, so
-    ``grad_out == 1`` costs no ``N x V`` traffic and no host sync.
+    Triton: one launch; rows whose factor is exactly 1 are not touched, so an incoming
+    gradient equal to ``grad_scale`` (1 without it) costs no ``N x V`` traffic and no host
+    sync. PyTorch: skipped on a CPU when the factor is 1; on CUDA always one multiply.
     """
+    # the fp32 incoming gradient as is: casting it to fp16 first would turn a GradScaler
+    # scale of 2^16 into inf
+    f = grad_out.float() if grad_scale is None else grad_out.float() / grad_scale
     if use_kernel:
         from .kernels.fused_ce import scale_rows_triton
 
-        scale_rows_triton(grad, grad_out, rinv)
+        scale_rows_triton(grad, f, rinv)
         return grad
-    # multiply by the fp32 incoming gradient as is: casting it to fp16 first would turn
-    # a GradScaler scale of 2^16 into inf
-    go = grad_out.reshape(-1, 1) if reduction == "none" else grad_out
+    go = f.reshape(-1, 1) if reduction == "none" else f
     if rinv is not None:
         grad.mul_(go * rinv[:, None])
-    elif reduction == "none" or grad_out.is_cuda or float(grad_out) != 1.0:
+    elif f.is_cuda or not bool((f == 1.0).all()):
         grad.mul_(go)
     return grad
+
+
+def check_grad_scale(grad_scale: object, device: torch.device) -> float | torch.Tensor | None:
+    """``grad_scale``: ``None``, a finite non-zero number, or a 0-d (or one-element) float tensor
+    on ``device`` (its value is checked, one host read, with strict checks on and outside
+    ``torch.compile`` only)."""
+    if grad_scale is None:
+        return None
+    if isinstance(grad_scale, torch.Tensor):
+        if not grad_scale.dtype.is_floating_point or grad_scale.numel() != 1:
+            raise TypeError("grad_scale must be a number or a one-element float tensor, got a "
+                            f"{grad_scale.dtype} tensor of shape {tuple(grad_scale.shape)}")
+        if grad_scale.device != device:
+            raise ValueError(f"grad_scale is on {grad_scale.device} but the logits are on {device}")
+        gs = grad_scale.detach().reshape(()).float()
+        if (C.strict_checks() and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(gs) & (gs != 0))):
+            raise ValueError(f"grad_scale must be finite and non-zero, got {float(gs)}")
+        return gs
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not (
+            grad_scale != 0 and abs(grad_scale) != float("inf") and grad_scale == grad_scale):
+        raise ValueError(f"grad_scale must be a finite non-zero number or a tensor, got {grad_scale!r}")
+    return float(grad_scale)
 
 
 class FusedConfig(NamedTuple):
@@ -233,8 +267,9 @@ class FusedConfig(NamedTuple):
 
 
 def _fused_call(logits: torch.Tensor, labels: torch.Tensor, cfg: FusedConfig, write_grad: bool,
-                inplace: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor,
-                                        torch.Tensor, torch.Tensor]:
+                inplace: bool, grad_scale: float | torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor,
+                           torch.Tensor]:
     """The label checks, label -> number index, and :func:`fused_forward`; what both the eager
     Function and the custom op run (so the compiled graph runs the same code as eager)."""
     if cfg.check:
@@ -244,7 +279,8 @@ def _fused_call(logits: torch.Tensor, labels: torch.Tensor, cfg: FusedConfig, wr
     k = number_index_torch(labels, vocab.index_table(cfg.W, dev), cfg.ignore_index)
     return fused_forward(logits, labels, k, vocab.ids(dev), vocab.values_on(dev), cfg.ntl_weight,
                          cfg.method, cfg.reduction, cfg.reweigh, cfg.dmax, cfg.ignore_index, inplace,
-                         cfg.use_triton, write_grad, (cfg.sq_a, cfg.sq_b) if cfg.squash else None)
+                         cfg.use_triton, write_grad, (cfg.sq_a, cfg.sq_b) if cfg.squash else None,
+                         grad_scale)
 
 
 class _FusedCENTL(torch.autograd.Function):
@@ -252,13 +288,14 @@ class _FusedCENTL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, cfg: FusedConfig,
-                inplace: bool):
-        grad, rinv, loss, ce_part, ntl_part = _fused_call(logits, labels, cfg, True, inplace)
+                inplace: bool, grad_scale: float | torch.Tensor | None):
+        grad, rinv, loss, ce_part, ntl_part = _fused_call(logits, labels, cfg, True, inplace, grad_scale)
         if inplace and cfg.use_triton:  # the kernel wrote over the logits: let autograd see it
             torch.autograd.graph.increment_version(logits)
         ctx.save_for_backward(grad.detach(), rinv)  # type: ignore[union-attr]
         ctx.reduction = cfg.reduction
         ctx.use_kernel = cfg.use_triton
+        ctx.grad_scale = grad_scale
         ctx.mark_non_differentiable(ce_part, ntl_part)
         return loss, ce_part, ntl_part
 
@@ -266,7 +303,8 @@ class _FusedCENTL(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):  # pyright: ignore[reportIncompatibleMethodOverride]
         backward_once(ctx, "cross_entropy_with_ntl", "its gradient buffer is scaled in place")
         grad, rinv = ctx.saved_tensors
-        return fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel), None, None, None
+        return (fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel, ctx.grad_scale),
+                None, None, None, None)
 
 
 # ------------------------------------------------------------------ custom op (torch.compile)
@@ -275,9 +313,11 @@ def _ce_ntl_fwd_op(
     logits: torch.Tensor, labels: torch.Tensor, handle: int, W: int, method: str, reduction: str,
     ignore_index: int, reweigh: bool, dmax: float, squash: bool, sq_a: float, sq_b: float,
     ntl_weight: float, use_triton: bool, check: bool, write_grad: bool, inplace: bool,
+    gscale: float, gscale_t: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad [N, V] | [0], rinv [N] | [0], loss, ce, ntl)``: :func:`fused_forward` out of place
-    (empty tensors stand for ``None``). ``inplace`` (asked for in a compiled graph) raises when
+    (empty tensors stand for ``None``), the gradient times ``gscale_t`` (a tensor
+    ``grad_scale``) or else ``gscale`` (1: none). ``inplace`` (asked for in a compiled graph) raises when
     the graph runs: with or without ``fullgraph`` the graph holds the logits as a functional
     value, so writing the gradient "over" them would write into a copy."""
     if inplace:
@@ -287,14 +327,15 @@ def _ce_ntl_fwd_op(
             "pass inplace=False in compiled code, or call it eagerly")
     cfg = FusedConfig(handle, W, method, reduction, ignore_index, reweigh, dmax, squash, sq_a, sq_b,
                       ntl_weight, use_triton, check)
-    grad, rinv, loss, ce, ntl = _fused_call(logits, labels, cfg, write_grad, False)
+    gs = gscale_t if gscale_t is not None else (None if gscale == 1.0 else gscale)
+    grad, rinv, loss, ce, ntl = _fused_call(logits, labels, cfg, write_grad, False, gs)
     return (grad if grad is not None else logits.new_empty(0),
             rinv if rinv is not None else logits.new_empty(0, dtype=torch.float32), loss, ce, ntl)
 
 
 @_ce_ntl_fwd_op.register_fake
 def _(logits, labels, handle, W, method, reduction, ignore_index, reweigh, dmax, squash, sq_a, sq_b,
-      ntl_weight, use_triton, check, write_grad, inplace):
+      ntl_weight, use_triton, check, write_grad, inplace, gscale, gscale_t):
     N = logits.shape[0]
     grad = (logits.new_empty(logits.shape) if write_grad
             else logits.new_empty(0))
@@ -306,30 +347,37 @@ def _(logits, labels, handle, W, method, reduction, ignore_index, reweigh, dmax,
 def _op_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     grad, rinv, _loss, ce, ntl = output
     ctx.mark_non_differentiable(grad, rinv, ce, ntl)
-    ctx.save_for_backward(grad, rinv)
+    gscale_t = inputs[18]
+    ctx.save_for_backward(grad, rinv, gscale_t if gscale_t is not None else rinv.new_empty(0))
     ctx.reduction = inputs[5]
+    ctx.gscale = inputs[17]
 
 
 def _op_backward(ctx: Any, _g_grad: Any, _g_rinv: Any, g: torch.Tensor, *_parts: Any):
-    """``grad x g`` (``x rinv`` for fp16) in fp32, traceable: under inductor a pointwise kernel
-    that may write into the saved buffer (AOTAutograd donates it to the backward)."""
-    grad, rinv = ctx.saved_tensors
+    """``grad x g / grad_scale`` (``x rinv`` for fp16) in fp32, traceable: under inductor a
+    pointwise kernel that may write into the saved buffer (AOTAutograd donates it to the
+    backward)."""
+    grad, rinv, gscale_t = ctx.saved_tensors
     f = g.float().reshape(-1, 1) if ctx.reduction == "none" else g.float()
+    f = f / (gscale_t.reshape(()) if gscale_t.numel() else ctx.gscale)
     if rinv.numel():
         f = f * rinv[:, None]
-    return ((grad.float() * f).to(grad.dtype),) + (None,) * 16
+    return ((grad.float() * f).to(grad.dtype),) + (None,) * 18
 
 
 _ce_ntl_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def _ce_ntl(logits2d: torch.Tensor, labels1d: torch.Tensor, cfg: FusedConfig, grad: bool,
-            inplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            inplace: bool, grad_scale: float | torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, ce, ntl)``: the eager Function or no-grad call, or under ``torch.compile`` the op."""
     if torch.compiler.is_compiling():
-        return torch.ops.ntl.ce_ntl_fwd(logits2d, labels1d, *cfg, grad, inplace and grad)[2:]
+        gs_t = grad_scale if isinstance(grad_scale, torch.Tensor) else None
+        gs = grad_scale if isinstance(grad_scale, float) else 1.0
+        return torch.ops.ntl.ce_ntl_fwd(logits2d, labels1d, *cfg, grad, inplace and grad, gs, gs_t)[2:]
     if grad:
-        return _FusedCENTL.apply(logits2d, labels1d, cfg, inplace)
+        return _FusedCENTL.apply(logits2d, labels1d, cfg, inplace, grad_scale)
     return _fused_call(logits2d, labels1d, cfg, False, False)[2:]
 
 
@@ -369,6 +417,7 @@ def cross_entropy_with_ntl(
     inplace: bool = False,
     return_parts: bool = False,
     backend: str = "auto",
+    grad_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``CE(logits, labels) + ntl_weight * NTL(logits, labels)`` with one ``N x V`` gradient.
 
@@ -392,6 +441,19 @@ def cross_entropy_with_ntl(
     bf16/fp32 backward with an incoming gradient of 1 touches nothing.
     Second derivatives are not supported (backward raises under ``create_graph``).
 
+    ``grad_scale=s``: the incoming gradient the caller will send (``(loss * s).backward()``,
+    ``(loss / k).backward()`` with ``s = 1 / k``, ``scaler.scale(loss).backward()`` with
+    ``s`` the GradScaler's scale). The stored gradient is ``s dLoss/dlogits`` (folded into
+    the row scales in forward); the returned loss (and the parts) are **not** scaled. Backward
+    multiplies by ``grad_out / s`` (fp32): when ``grad_out == s`` exactly, the Triton path
+    reads and writes nothing over ``N x V`` and makes no host sync (bf16/fp32; fp16 rescales
+    anyway, see above); any other ``grad_out`` still gives the right gradient, with that
+    extra pass. A 0-d tensor on the logits' device avoids the host read of a float (e.g.
+    pass the GradScaler's scale tensor rather than ``scaler.get_scale()``, which syncs).
+    Labels outside ``[0, V)`` (other than ``ignore_index``) raise with strict checks on; with
+    them off (:func:`ntl.set_strict_checks`) they take no part in CE or NTL (nor in the mean's
+    count).
+
     ``torch.compile(fullgraph=True)``: the call is one custom op (``ntl::ce_ntl_fwd``, the
     vocab a constant; the label checks run inside it, so strict checks do not break the
     graph); its backward is a traceable multiply of the saved buffer (always run, even for
@@ -413,6 +475,8 @@ def cross_entropy_with_ntl(
         inplace: write the gradient over ``logits`` (no extra ``N x V`` memory).
         return_parts: also return the detached CE and NTL parts (for logging).
         backend: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
+        grad_scale: the incoming gradient backward will get (a non-zero number or a 0-d
+            float tensor on the logits' device; ``None``: 1); see above.
 
     Returns:
         fp32 loss, or ``(loss, ce, ntl)`` with ``return_parts=True``.
@@ -437,8 +501,9 @@ def cross_entropy_with_ntl(
     cfg = FusedConfig(spec.handle, V, method, reduction, ignore_index, reweigh, spec.dmax, spec.squash,
                       spec.sq_a, spec.sq_b, float(ntl_weight), use_triton(backend, logits2d),
                       C.strict_checks())
+    grad_scale = check_grad_scale(grad_scale, logits.device)
     grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, ce, ntl = _ce_ntl(logits2d, labels.reshape(-1), cfg, grad, inplace)
+    loss, ce, ntl = _ce_ntl(logits2d, labels.reshape(-1), cfg, grad, inplace, grad_scale)
     if reduction == "none":
         loss, ce, ntl = (t.view(labels.shape) for t in (loss, ce, ntl))
     return (loss, ce, ntl) if return_parts else loss

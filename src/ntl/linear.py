@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from .fused import ce_ntl_rows_torch, row_scales
+from .fused import ce_ntl_rows_torch, check_grad_scale, row_scales
 from .kernels._triton import backward_once, next_pow2
 from .losses import check_squash_factor, loss_spec, prepare_labels, use_triton
 from .vocab import NumberVocab, VocabLike, resolve_vocab
@@ -135,16 +135,20 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
              k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, ntl_weight: float, method: str,
              reduction: str, reweigh: bool, dmax: float, ignore_index: int, rows: int, use_kernel: bool,
-             squash: tuple[float, float] | None,
-             need: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
-    """``(loss, ce_part, ntl_part, grads)``; the gradients (``need``) only for mean/sum."""
+             squash: tuple[float, float] | None, need: tuple[bool, bool, bool],
+             grad_scale: float | torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
+    """``(loss, ce_part, ntl_part, grads)``; the gradients (``need``, times ``grad_scale``) only
+    for mean/sum."""
     cd = _compute_dtype(hidden.dtype)
-    a, c = row_scales(labels, k, ignore_index, reduction)
+    a, c = row_scales(labels, k, ignore_index, reduction, weight.shape[0])
     if reduction == "none":
         need = (False, False, False)
-    ce, L, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids, values, a,
-                               c * ntl_weight, method, reweigh, dmax, rows, need, use_kernel, squash)
-    ce = torch.where(labels != ignore_index, ce, torch.zeros((), device=ce.device))
+    b = c * ntl_weight
+    ga, gb = (a, b) if grad_scale is None or reduction == "none" else (a * grad_scale, b * grad_scale)
+    ce, L, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids, values, ga,
+                               gb, method, reweigh, dmax, rows, need, use_kernel, squash)
+    ce = torch.where(a != 0, ce, torch.zeros((), device=ce.device))
     if reduction == "none":
         ce_part, ntl_part = ce, L
     else:
@@ -159,11 +163,14 @@ class _LinearCENTL(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
                 ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
-                ignore_index: int, rows: int, use_kernel: bool, squash: tuple[float, float] | None):
+                ignore_index: int, rows: int, use_kernel: bool, squash: tuple[float, float] | None,
+                grad_scale: float | torch.Tensor | None):
         need = cast(tuple[bool, bool, bool], tuple(bool(n) for n in ctx.needs_input_grad[:3]))
         loss, ce_part, ntl_part, grads = _forward(hidden, weight, bias, labels, k, ids, values,
                                                   ntl_weight, method, reduction, reweigh, dmax,
-                                                  ignore_index, rows, use_kernel, squash, need)
+                                                  ignore_index, rows, use_kernel, squash, need,
+                                                  grad_scale)
+        ctx.grad_scale = grad_scale
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels, k, ids, values)
         ctx.grads = grads
@@ -182,7 +189,8 @@ class _LinearCENTL(torch.autograd.Function):
             hidden, weight, bias, labels, k, ids, values = ctx.saved_tensors
             u = grad_out.reshape(-1).float()
             zero = torch.zeros((), device=u.device)
-            a = torch.where(labels != ignore_index, u, zero)
+            valid = (labels != ignore_index) & (labels >= 0) & (labels < weight.shape[0])
+            a = torch.where(valid, u, zero)
             b = torch.where(k >= 0, u * ntl_weight, zero)
             cd = _compute_dtype(hidden.dtype)
             _ce, _ntl, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids,
@@ -191,13 +199,30 @@ class _LinearCENTL(torch.autograd.Function):
         else:
             grads, ctx.grads = ctx.grads, None  # drop ctx's reference: autograd can take the buffers
             # the fp32 incoming gradient as is (fp16: 2^16 from a GradScaler is inf in fp16)
-            scale = grad_out if (grad_out.is_cuda or float(grad_out) != 1.0) else None
+            gs = ctx.grad_scale
+            scale = grad_out.float() if gs is None else grad_out.float() / gs
         out: list[torch.Tensor | None] = []
         for g, dt in zip(grads, ctx.dtypes, strict=True):
             if g is not None and scale is not None:
-                g = g.mul_(scale) if g.dtype == dt else g * scale
+                g = _scale(g, scale, in_place=g.dtype == dt, use_kernel=use_kernel)
             out.append(None if g is None else g.to(dt))
-        return (*out, *(None,) * 13)
+        return (*out, *(None,) * 14)
+
+
+def _scale(g: torch.Tensor, f: torch.Tensor, in_place: bool, use_kernel: bool) -> torch.Tensor:
+    """``g * f`` (``f`` a 0-d fp32 tensor), in place where ``in_place``. A factor of exactly 1
+    touches nothing: decided on the device on the Triton path (:func:`scale_rows_triton` skips
+    such rows), on the host on a CPU; PyTorch on CUDA always multiplies (no host sync)."""
+    if not in_place:
+        return g * f
+    if use_kernel:
+        from .kernels.fused_ce import scale_rows_triton
+
+        scale_rows_triton(g.view(-1, g.shape[-1]) if g.dim() > 1 else g.view(1, -1), f, None)
+        return g
+    if f.is_cuda or float(f) != 1.0:
+        g.mul_(f)
+    return g
 
 
 # --------------------------------------------------------------------------- public API
@@ -269,6 +294,7 @@ def linear_cross_entropy_with_ntl(
     return_parts: bool = False,
     backend: str = "auto",
     squash_factor: float | None = None,
+    grad_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``CE(hidden @ weight.T + bias, labels) + ntl_weight * NTL(...)`` without any ``[N, V]`` tensor.
 
@@ -303,6 +329,14 @@ def linear_cross_entropy_with_ntl(
         backend: ``"auto"`` (Triton kernel 4 on CUDA), ``"torch"`` or ``"triton"``.
         squash_factor: ``ntloss.NTLoss(squash_factor=...)``'s squashed W1 distances (a number
             ``> 1``; W1 only), as in :func:`ntl.cross_entropy_with_ntl`.
+        grad_scale: the incoming gradient backward will get (a non-zero number or a 0-d float
+            tensor on ``hidden``'s device; ``None``: 1), as in :func:`ntl.cross_entropy_with_ntl`:
+            folded into the row scales, so the stored gradients are ``grad_scale`` times the
+            loss's; the returned loss is not scaled. Backward multiplies them by ``grad_out /
+            grad_scale``: exactly 1 touches none of them (the Triton path decides on the device,
+            no host sync). Ignored with ``reduction="none"`` (backward runs the chunk pass with
+            the incoming gradients then). Labels outside ``[0, V)`` take no part with strict
+            checks off (and raise with them on).
 
     Returns:
         fp32 loss, or ``(loss, ce, ntl)`` with ``return_parts=True``.
@@ -323,8 +357,9 @@ def linear_cross_entropy_with_ntl(
     args = (labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method, reduction,
             reweigh, float(spec.dmax), ignore_index, rows, use_kernel,
             (spec.sq_a, spec.sq_b) if spec.squash else None)
+    grad_scale = check_grad_scale(grad_scale, hidden.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        loss, ce, ntl = _LinearCENTL.apply(h2d, weight, bias, *args)
+        loss, ce, ntl = _LinearCENTL.apply(h2d, weight, bias, *args, grad_scale)
     else:
         with torch.no_grad():
             loss, ce, ntl, _ = _forward(h2d, weight, bias, *args, (False, False, False))

@@ -151,13 +151,14 @@ if HAS_TRITON:
             offs = start + tl.arange(0, BLOCK_V)
             x = tl.load(xrow + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            s = (s * tl.exp2((m - m_new) * 1.4426950408889634)
+                 + tl.sum(tl.exp2((x - m_new) * 1.4426950408889634), axis=0))
             m = m_new
         cols = tl.arange(0, BLOCK_K)
         cmask = cols < K
         ids = tl.load(ids_ptr + cols, mask=cmask, other=0).to(tl.int64)
         z = tl.load(xrow + ids, mask=cmask, other=float("-inf")).to(tl.float32)
-        mass = tl.sum(tl.where(cmask, tl.exp(z - m), 0.0), axis=0) / s
+        mass = tl.sum(tl.where(cmask, tl.exp2((z - m) * 1.4426950408889634), 0.0), axis=0) / s
         tl.store(z_ptr + row * K + cols, z, mask=cmask)
         tl.store(mass_ptr + row, mass)
         tl.store(top_ptr + row, m)
@@ -177,12 +178,14 @@ if HAS_TRITON:
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             x = tl.load(xrow + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            tl.store(grow + offs, (c * tl.exp(x - m)).to(g_ptr.dtype.element_ty), mask=offs < V)
+            tl.store(grow + offs, (c * tl.exp2((x - m) * 1.4426950408889634)).to(g_ptr.dtype.element_ty),
+                     mask=offs < V)
         tl.debug_barrier()
         cols = tl.arange(0, BLOCK_K)
         cmask = cols < K
         ids = tl.load(ids_ptr + cols, mask=cmask, other=0).to(tl.int64)
-        p = tl.exp(tl.load(xrow + ids, mask=cmask, other=float("-inf")).to(tl.float32) - m) / s
+        zz = tl.load(xrow + ids, mask=cmask, other=float("-inf")).to(tl.float32)
+        p = tl.exp2((zz - m) * 1.4426950408889634) / s
         gz = tl.load(gz_ptr + row * K + cols, mask=cmask, other=0.0)
         gd = gm * p * (1.0 - mass) + gz
         tl.store(grow + ids, gd.to(g_ptr.dtype.element_ty), mask=cmask)

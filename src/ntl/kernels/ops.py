@@ -157,7 +157,7 @@ def _(x, labels, weights, soft, handle, W, digit_cols, pre_indexed, method, redu
     scalar = reduction != "none"
     n_rw = N if reweigh else 0
     return (f32() if scalar else f32(N), f32(N), f32(N, K) if need_dz else f32(0), f32(N),
-            f32() if scalar else f32(0), f32(n_rw), f32(n_rw), f32(n_rw))
+            f32() if scalar else f32(0), f32(n_rw), f32(n_rw), f32(2 * n_rw))
 
 
 @torch.library.custom_op("ntl::loss_bwd", mutates_args=())

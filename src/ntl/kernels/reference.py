@@ -162,12 +162,14 @@ def ntl_loss_fwd_torch(
     (:func:`number_index_torch`). Per row:
     ``L`` the NTL, with ``reweigh`` ``L' = m L + D (1 - m)`` where
     ``m = sum_{j in ids} softmax(x)_j`` (computed on the rows that take part only, from
-    their row max ``M`` and ``S = sum_j exp(x_j - M)``, so ``lse = M + log S``);
+    their row max ``M`` and ``S = sum_j exp(x_j - M)``);
     ``rw = w 1[k >= 0]``; ``out = rw L'`` (none), ``sum rw L'`` or that over ``max(sum rw, eps)``.
 
     Returns ``(out, rows=L', dz [N, K], rw, den, L, mass, lse)`` (fp32; ``den`` is the mean's
-    divisor, 1 for the sum, empty for "none"; ``L``/``mass``/``lse`` are empty without ``reweigh``,
-    ``dz`` without ``need_dz``).
+    divisor, 1 for the sum, empty for "none"; ``lse [2N]`` is ``M`` then ``S`` (0 and 1 on rows
+    taking no part), from which backward forms ``p = exp(x - M) / S``, exact to rounding where
+    ``exp(x - lse)`` would lose ``~|lse| eps``; ``L``/``mass``/``lse`` are empty without
+    ``reweigh``, ``dz`` without ``need_dz``).
     """
     N = x.shape[0]
     dev = x.device
@@ -193,7 +195,8 @@ def ntl_loss_fwd_torch(
         S = xa.sub_(M).exp_().sum(1)
         ma = (z.index_select(0, idx).float() - M).exp().sum(1) / S
         mass = torch.zeros(N, device=dev).index_copy_(0, idx, ma)
-        lse = torch.zeros(N, device=dev).index_copy_(0, idx, M.squeeze(1) + S.log())
+        lse = torch.cat([torch.zeros(N, device=dev).index_copy_(0, idx, M.squeeze(1)),
+                         torch.ones(N, device=dev).index_copy_(0, idx, S)])
         Lraw = L
         rows = torch.where(active, mass * L + dmax * (1.0 - mass), 0.0)
     contrib = rw * rows
@@ -215,7 +218,8 @@ def ntl_loss_bwd_torch(
     Row scale ``s = rw g / den`` (``s = rw g`` with ``g`` per row for ``reduction="none"``). Without reweigh the
     gradient is ``s dL/dz`` at the number columns, 0 elsewhere. With it, for ``j`` in ids
     ``s (m dL/dz_j + (L - D) p_j (1 - m))`` and ``-s (L - D) m p_j`` elsewhere, where
-    ``p = exp(x - lse)`` is the full softmax (only rows with ``s != 0`` are read; ``x`` is
+    ``p = exp(x - M) / S`` is the full softmax (``lse = [M, S]``, see :func:`ntl_loss_fwd_torch`;
+    only rows with ``s != 0`` are read; ``x`` is
     needed only with ``reweigh``, ``size = (N, V)`` and ``dtype`` are the gradient's).
     """
     N, V = size
@@ -232,6 +236,7 @@ def ntl_loss_bwd_torch(
     sa, La, ma = s[idx], L[idx], mass[idx]
     p = x.index_select(0, idx)  # [n, V]: its own copy, turned in place into the full softmax
     p = (p.float() if p.dtype != torch.float32 else p).sub_(lse[idx, None]).exp_()
+    p.div_(lse[N + idx, None])
     rel = La - dmax
     pd = p.index_select(1, cols)
     num = sa[:, None] * (ma[:, None] * dz[idx] + (rel * (1.0 - ma))[:, None] * pd)

@@ -124,15 +124,17 @@ if HAS_TRITON:
                 xx = tl.load(xrow + offs[None, :], mask=xm, other=float("-inf")).to(tl.float32)
                 m_new = tl.maximum(m, tl.max(xx, axis=1))
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(xx - m_ref[:, None]), axis=1)
+                s = (s * tl.exp2((m - m_ref) * 1.4426950408889634)
+                     + tl.sum(tl.exp2((xx - m_ref[:, None]) * 1.4426950408889634), axis=1))
                 m = m_new
-            m = tl.where(active, m, 0.0)
-            s = tl.where(active, s, 1.0)
-            pd = tl.where(lmask, tl.exp(z - m[:, None]), 0.0)
+            m = tl.where(active & (m != float("-inf")), m, 0.0)
+            s = tl.where(active, tl.maximum(s, 1.0), 1.0)  # >= 1 with a finite logit
+            pd = tl.where(lmask, tl.exp2((z - m[:, None]) * 1.4426950408889634), 0.0)
             mass = tl.where(active, tl.sum(pd, axis=1) / s, 0.0)
             tl.store(L_ptr + r64, loss, mask=rmask)
             tl.store(mass_ptr + r64, mass, mask=rmask)
-            tl.store(lse_ptr + r64, tl.where(active, m + tl.log(s), 0.0), mask=rmask)
+            tl.store(lse_ptr + r64, m, mask=rmask)  # the row max M and sum S (not lse = M + log S:
+            tl.store(lse_ptr + N + r64, s, mask=rmask)  # backward's p = exp(x - M) / S is exact)
             loss = tl.where(active, mass * loss + dmax * (1.0 - mass), 0.0)
         contrib = rw * loss
         tl.store(rows_ptr + r64, loss, mask=rmask)
@@ -200,16 +202,18 @@ if HAS_TRITON:
                               BLOCK_V: tl.constexpr):
         """Dense rows of ``dL'/dx`` (``L' = m L + D (1 - m)``) into a zero ``out``, for rows with ``s != 0``::
 
-            j in ids: s (m dL/dz_j + (L - D) p_j (1 - m)),   else: -s (L - D) m p_j,   p = exp(x - lse)
-        """
+            j in ids: s (m dL/dz_j + (L - D) p_j (1 - m)),   else: -s (L - D) m p_j,   p = exp(x - M) / S
+
+        (``lse_ptr``: the forward's row max ``M [N]`` then sum ``S [N]``)."""
         r64, s, live = _bwd_row_scale(rw_ptr, g_ptr, den_ptr, N, stride_g, G_ROWS, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         cmask = cols < K
         L = tl.load(L_ptr + r64, mask=live, other=0.0)
         mass = tl.load(mass_ptr + r64, mask=live, other=0.0)
-        lse = tl.load(lse_ptr + r64, mask=live, other=0.0)
+        top = tl.load(lse_ptr + r64, mask=live, other=0.0)
+        inv = 1.0 / tl.load(lse_ptr + N + r64, mask=live, other=1.0)
         rel = L - dmax
-        coef = -s * rel * mass
+        coef = -s * rel * mass * inv
         xrow = x_ptr + r64[:, None] * stride_x
         orow = out_ptr + r64[:, None] * stride_o
         vend = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, V, 0)
@@ -217,8 +221,8 @@ if HAS_TRITON:
             offs = start + tl.arange(0, BLOCK_V)
             xm = live[:, None] & (offs < V)[None, :]
             xx = tl.load(xrow + offs[None, :], mask=xm, other=float("-inf")).to(tl.float32)
-            tl.store(orow + offs[None, :], (coef[:, None] * tl.exp(xx - lse[:, None])).to(out_ptr.dtype.element_ty),
-                     mask=xm)
+            p = tl.exp2((xx - top[:, None]) * 1.4426950408889634)
+            tl.store(orow + offs[None, :], (coef[:, None] * p).to(out_ptr.dtype.element_ty), mask=xm)
         tl.debug_barrier()
         if IDS:
             ids = tl.load(ids_ptr + cols, mask=cmask, other=0).to(tl.int64)
@@ -226,7 +230,7 @@ if HAS_TRITON:
             ids = cols.to(tl.int64)
         m2 = live[:, None] & cmask[None, :]
         z = tl.load(xrow + ids[None, :], mask=m2, other=float("-inf")).to(tl.float32)
-        pd = tl.exp(z - lse[:, None])
+        pd = tl.exp2((z - top[:, None]) * 1.4426950408889634) * inv[:, None]
         dz = tl.load(dz_ptr + r64[:, None] * K + cols[None, :], mask=m2, other=0.0)
         gd = s[:, None] * (mass[:, None] * dz + (rel * (1.0 - mass))[:, None] * pd)
         tl.store(orow + ids[None, :], gd.to(out_ptr.dtype.element_ty), mask=m2)
@@ -269,7 +273,7 @@ def ntl_loss_fwd_triton(
     dz = torch.empty((N, K) if need_dz else (0,), dtype=f32, device=dev)
     L = torch.empty(N if reweigh else 0, dtype=f32, device=dev)
     mass = torch.empty(N if reweigh else 0, dtype=f32, device=dev)
-    lse = torch.empty(N if reweigh else 0, dtype=f32, device=dev)
+    lse = torch.empty(2 * N if reweigh else 0, dtype=f32, device=dev)  # row max M, then sum S
     bn, bk, bv, warps = row_blocks(K, V, reweigh)
     n_part = triton.cdiv(N, bn)
     partial = reduction != "none"
