@@ -4,9 +4,10 @@
 interpreter has no compiler): it drives each launcher at Qwen2.5's ``V = 151,936``,
 ``K = 10`` and ``K = 1,110``, fp32/bf16/fp16 and every flag (and GPT-2's odd ``V = 50,257``
 at ``K = 10``), records the real launches and compiles each with the triton wheel's ``ptxas``
-(see its docstring). Cost: ~670 compiles, ~15-23 min on 2 (shared) cores cold (Triton's
-cache makes a rerun take seconds). Spill-free on triton 3.5-3.9; 3.4: 8-64 B at V = 50,257 with gradients (older wheels: run
-``offline_compile.py`` from a venv with that triton, e.g. ``--only fused_ce._ce_ntl_fwd``).
+(see its docstring). Cost: 670 compiles, 2.3-2.9 min cold on 2 quiet cores (triton 3.4 /
+3.9; Triton's cache makes a rerun take seconds). Spill-free on triton 3.5-3.9 (3.5-3.8
+checked from throwaway venvs with ``--only fused_ce._ce_ntl_fwd fused_ce._scale_rows``); on 3.4 (the floor environment) one listed 8 B
+spill (:data:`KNOWN_SPILLS_BY_TRITON`).
 Skipped only where the triton wheel has no ``ptxas``/``cuobjdump`` (a failure instead with
 ``NTL_REQUIRE_OFFLINE_COMPILE=1``, as scripts/test_floor.sh sets it for triton 3.4).
 """
@@ -30,6 +31,23 @@ pytestmark = pytest.mark.slow
 #: (kernel, arch, dtype of the first pointer, BLOCK_K)
 KNOWN_SPILLS: dict[tuple[str, int, str, int], str] = {
 }
+#: Spills of one triton release only (``(major, minor)``), same form: the floor of pyproject.
+KNOWN_SPILLS_BY_TRITON: dict[tuple[int, int], dict[tuple[str, int, str, int], str]] = {
+    (3, 4): {
+        ("rowloss._ntl_loss_fwd", 80, "*fp32", 16):
+            "triton 3.4's code for the reweighed standalone forward (W1, fp32, sm_80, 8 warps over "
+            "4k elements) keeps 8 B on the stack; 4 warps or 2k-element blocks move the 8 B to "
+            "other variants. 3.5-3.9: none. Cost not measured (no GPU).",
+    },
+}
+
+
+def known_spills() -> dict[tuple[str, int, str, int], str]:
+    """:data:`KNOWN_SPILLS` and those of the installed triton release."""
+    import triton
+
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    return {**KNOWN_SPILLS, **KNOWN_SPILLS_BY_TRITON.get((major, minor), {})}
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +105,17 @@ def test_compiles_without_errors(report):
 
 
 def test_no_register_spills(report):
+    known = known_spills()
     spills, seen = [], set()
     for r in report["records"]:
         if "error" in r or not (r["stack"] or r["local"]):
             continue
         seen.add(_key(r))
-        if _key(r) not in KNOWN_SPILLS:
+        if _key(r) not in known:
             spills.append(f"{r['kernel']} sm_{r['arch']} {r['signature']} {r['constexprs']} "
                           f"{r['options']}: {r['regs']} regs, stack {r['stack']} B, local {r['local']} B")
     assert not spills, "register spills:\n" + "\n".join(spills)
-    gone = set(KNOWN_SPILLS) - seen
+    gone = set(known) - seen
     assert not gone, f"listed spills no longer happen, delete them from KNOWN_SPILLS: {sorted(gone)}"
 
 
@@ -109,8 +128,11 @@ def test_the_launches_use_the_gpu_configs(report):
             r["constexprs"]["REWEIGH"]): (r["constexprs"]["BLOCK_V"], r["options"]["num_warps"])
            for r in fwd}
     # 64 KB blocks over 32 warps; fp16 row scaling, reweigh and K > 512: 16k elements over 16
-    # warps; triton < 3.9: 16k elements over 16 warps throughout (its 32-warp code spills)
-    if fused_ce._BEFORE_3_9:
+    # warps; triton < 3.9: 16k elements over 16 warps throughout (its 32-warp code spills);
+    # triton 3.4 (no alignment assumed): 8k elements (16k spill 8-64 B at V = 50,257)
+    if fused_ce._BEFORE_3_5:
+        assert set(cfg.values()) == {(8192, 16)}
+    elif fused_ce._BEFORE_3_9:
         assert set(cfg.values()) == {(16384, 16)}
     else:
         wide = {key: (16384, 16) for key in cfg if key[1] > 512 or key[2] or key[3]}

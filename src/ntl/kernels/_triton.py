@@ -41,6 +41,18 @@ def interpreting() -> bool:
         return False
 
 
+def triton_before(version: tuple[int, int]) -> bool:
+    """The installed triton is older than ``version`` (``(major, minor)``); False without
+    triton or for a development build whose version does not parse."""
+    if not HAS_TRITON:
+        return False
+    try:
+        major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    except ValueError:  # a development build: assume current
+        return False
+    return (major, minor) < version
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -49,7 +49,7 @@ import os
 
 import torch
 
-from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
+from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, triton_before
 from .rowloss import _METHOD, ntl_row_math
 
 __all__ = ["ce_ntl_fwd_triton", "fwd_config", "scale_config", "scale_rows_triton"]
@@ -260,18 +260,8 @@ def _rows_per_program(block_v: int) -> int:
     return max(1, min(16, 65536 // block_v)) if interpreting() else 1
 
 
-def _triton_before(version: tuple[int, int]) -> bool:
-    if not HAS_TRITON:
-        return False
-    try:
-        major, minor = (int(p) for p in triton.__version__.split(".")[:2])
-    except ValueError:  # a development build: assume current
-        return False
-    return (major, minor) < version
-
-
-_BEFORE_3_9 = _triton_before((3, 9))
-_BEFORE_3_5 = _triton_before((3, 5))
+_BEFORE_3_9 = triton_before((3, 9))
+_BEFORE_3_5 = triton_before((3, 5))
 
 
 def _forced() -> dict[str, int]:
@@ -306,8 +296,8 @@ def fwd_config(V: int, K: int, row_scale: bool = False, esize: int = 2,
     (triton 3.9); elsewhere it changes nothing that matters (sm_90, fp16 row scaling: 90 / 99
     registers for K = 10 / 1,110 without it, 97 / 117 with it, no stack either way; 3.7:
     128 either way). No register spills for sm_80/sm_90 on triton 3.5-3.9
-    (``tests/test_compile_offline.py``; 3.4: none at V = 151,936, 8-64 B with gradients at
-    V = 50,257). ``NTL_FUSED_BLOCK_V`` and ``NTL_FUSED_WARPS`` (powers
+    (``tests/test_compile_offline.py``); triton 3.4 streams 8k-element blocks (16k: 8-64 B of
+    stack with gradients at V = 50,257, where 3.4 assumes no alignment). ``NTL_FUSED_BLOCK_V`` and ``NTL_FUSED_WARPS`` (powers
     of two) override the table on a GPU (launch sweeps: ``scripts/gpu_check.sh``).
     """
     block_k = max(16, next_pow2(K))
@@ -315,7 +305,8 @@ def fwd_config(V: int, K: int, row_scale: bool = False, esize: int = 2,
         return {"BLOCK_N": _rows_per_program(min(next_pow2(V), 65536)),
                 "BLOCK_V": min(next_pow2(V), 65536), "BLOCK_K": block_k, "num_warps": 4}
     wide = row_scale or reweigh or block_k > 512 or _BEFORE_3_9
-    block = min(next_pow2(V), 16384 if wide or esize > 2 else 32768)
+    # triton 3.4 assumes no alignment (_vec) and spills 8-64 B over 16k elements at odd V
+    block = min(next_pow2(V), 8192 if _BEFORE_3_5 else 16384 if wide or esize > 2 else 32768)
     equiv = block if wide else block * max(esize, 2) // 2  # in 16-bit elements (64 KB: 32 warps)
     warps = 32 if equiv >= 32768 else 16 if equiv >= 8192 else 8 if equiv >= 2048 else 4
     cfg = {"BLOCK_N": 1, "BLOCK_V": block, "BLOCK_K": block_k, "num_warps": warps}
