@@ -368,7 +368,7 @@ def has_toolchain() -> str | None:
     takes_arch = bool(inspect.signature(get_ptxas).parameters)  # get_ptxas(arch) since triton 3.5
     for arch in ARCHS:
         try:
-            path = (get_ptxas(arch) if takes_arch else get_ptxas()).path
+            path = (get_ptxas(arch) if takes_arch else get_ptxas()).path  # pyright: ignore[reportCallIssue] (3.4's signature)
         except Exception as e:
             return f"the triton wheel has no ptxas for sm_{arch} ({e})"
         if not path or not os.path.exists(path):

@@ -15,7 +15,7 @@ from packaging.version import Version
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10 (the floor environment)
-    import tomli as tomllib
+    import tomli as tomllib  # pyright: ignore[reportMissingImports] (only the floor environment has it)
 
 ROOT = Path(__file__).resolve().parents[1]
 REQ = ROOT / "requirements"

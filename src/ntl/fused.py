@@ -387,21 +387,21 @@ def cross_entropy_with_ntl(
     logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
     method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
     squash_factor: float | None = ..., inplace: bool = ..., return_parts: Literal[False] = ...,
-    backend: str = ...,
+    backend: str = ..., grad_scale: float | torch.Tensor | None = ...,
 ) -> torch.Tensor: ...
 @overload
 def cross_entropy_with_ntl(
     logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
     method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
     squash_factor: float | None = ..., inplace: bool = ..., return_parts: Literal[True],
-    backend: str = ...,
+    backend: str = ..., grad_scale: float | torch.Tensor | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 @overload
 def cross_entropy_with_ntl(
     logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
     method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
     squash_factor: float | None = ..., inplace: bool = ..., return_parts: bool = ...,
-    backend: str = ...,
+    backend: str = ..., grad_scale: float | torch.Tensor | None = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def cross_entropy_with_ntl(
     logits: torch.Tensor,

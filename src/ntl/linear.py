@@ -263,6 +263,7 @@ def linear_cross_entropy_with_ntl(
     bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
     reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
     return_parts: Literal[False] = ..., backend: str = ..., squash_factor: float | None = ...,
+    grad_scale: float | torch.Tensor | None = ...,
 ) -> torch.Tensor: ...
 @overload
 def linear_cross_entropy_with_ntl(
@@ -270,6 +271,7 @@ def linear_cross_entropy_with_ntl(
     bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
     reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
     return_parts: Literal[True], backend: str = ..., squash_factor: float | None = ...,
+    grad_scale: float | torch.Tensor | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 @overload
 def linear_cross_entropy_with_ntl(
@@ -277,6 +279,7 @@ def linear_cross_entropy_with_ntl(
     bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
     reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
     return_parts: bool = ..., backend: str = ..., squash_factor: float | None = ...,
+    grad_scale: float | torch.Tensor | None = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def linear_cross_entropy_with_ntl(
     hidden: torch.Tensor,
