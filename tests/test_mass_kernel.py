@@ -169,7 +169,6 @@ def test_kernels_compile_offline_for_sm80_and_sm90():
     """The interpreter does not type-check like the compiler: compile both kernels (bf16) to
     cubin for A100 and H100 targets with the wheel's ptxas, no GPU needed."""
     import os
-    import subprocess
     import sys
 
     import ntl
@@ -178,7 +177,10 @@ def test_kernels_compile_offline_for_sm80_and_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     src = os.path.dirname(os.path.dirname(os.path.abspath(ntl.__file__)))  # this checkout's ntl
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    import ranks
+
+    # ~3 s warm, ~30 s with a cold Triton cache on 2 loaded cores
+    out = ranks.run_process([sys.executable, "-c", _COMPILE], env=env, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split().count("ok") == 4
 

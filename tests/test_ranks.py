@@ -152,3 +152,15 @@ def test_an_interrupted_wait_kills_the_ranks(tmp_path):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert r.procs[0].poll() is not None and r.killed == {0}
+
+
+def test_run_process_kills_at_its_deadline_and_shows_the_output():
+    """A single child past its deadline: killed with what it started, its output in the error."""
+    code = ("import subprocess, sys, time; print('started', flush=True); "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
+    t0 = time.monotonic()
+    with pytest.raises(ranks.RanksFailed, match="started"):
+        ranks.run_process([sys.executable, "-c", code], timeout=2)
+    assert time.monotonic() - t0 < 30
+    ok = ranks.run_process([sys.executable, "-c", "print('hi')"], timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "hi"

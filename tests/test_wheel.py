@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import ranks  # tests/support (conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_LEVEL = {"ntl", "ntl_trl", "ntl_verl"}
@@ -42,7 +43,8 @@ def _need(module: str) -> None:
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     # no PYTHONPATH: a checkout put first on the path would shadow the installed wheel
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
+    # each step 5-12 s here (build, install, console script, a tiny bench); 3x a loaded cold run
+    p = ranks.run_process(cmd, timeout=180, env=env, **kw)
     assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 

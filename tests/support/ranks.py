@@ -243,3 +243,24 @@ def run_rank(main: Callable[[], int | None]) -> NoReturn:
     finally:
         _flush()
         os._exit(code)
+
+
+def run_process(cmd: Sequence[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)`` for a
+    single child of a test, in its own session: at the deadline the child and everything it
+    started are killed, and :class:`RanksFailed` carries the tail of what it printed (a plain
+    ``TimeoutExpired`` shows none of it). The exit code is the caller's to check."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal(p.pid, signal.SIGKILL, group=True)
+            out, err = p.communicate()
+            raise RanksFailed(
+                f"{list(cmd)[:4]}... killed after {timeout:.0f} s:\n--- stdout (tail)\n"
+                f"{(out or '')[-TAIL_CHARS:]}\n--- stderr (tail)\n{(err or '')[-TAIL_CHARS:]}") from None
+        except BaseException:  # the test interrupted (pytest-timeout, Ctrl-C): no orphan left
+            _signal(p.pid, signal.SIGKILL, group=True)
+            raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)

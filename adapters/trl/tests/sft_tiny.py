@@ -1,5 +1,5 @@
 """Tiny offline pieces for the SFT tests: Qwen2.5's offline tokenizer, a Qwen2 built from a
-config with Qwen2.5's padded vocabulary, GSM8K rows (tests/shared_data.py), recorders of
+config with Qwen2.5's padded vocabulary, GSM8K rows (tests/support/shared_data.py), recorders of
 the trainer's batches and parameters, and the independent full-logits reference."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import ntl
 from ntl.tokenizers import QWEN2_5_VOCAB_SIZE, qwen2_tokenizer
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-if os.path.join(REPO, "tests") not in sys.path:  # also in subprocesses that import this module
-    sys.path.append(os.path.join(REPO, "tests"))
+if os.path.join(REPO, "tests", "support") not in sys.path:  # also in subprocesses importing this
+    sys.path.append(os.path.join(REPO, "tests", "support"))
 from shared_data import DEFAULT_GSM8K_DIR, GSM8K_DIR, gsm8k_file  # noqa: E402, F401
 
-#: The ``gsm8k_dir`` fixture (tests/shared_data.py): the GSM8K files, or a skip (a failure in CI).
+#: The ``gsm8k_dir`` fixture (tests/support/shared_data.py): the GSM8K files, or a skip (a failure in CI).
 needs_gsm8k = pytest.mark.usefixtures("gsm8k_dir")
 DIGITS = "0123456789"
 

@@ -6,7 +6,6 @@ the backbone's hidden state of that forward. Expected values come from the full 
 """
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -142,7 +141,9 @@ def test_recipe_needs_no_trl(tmp_path):
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [os.path.join(REPO, "src"), os.path.join(REPO, "adapters", "trl"), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    import ranks  # tests/support (conftest.py); not at module level: the child imports this file
+
+    out = ranks.run_process([sys.executable, "-c", code], env=env, timeout=180)  # 9-22 s here
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK" in out.stdout
 
