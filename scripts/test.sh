@@ -7,6 +7,7 @@
 #   types    the type checker (scripts/typecheck.sh: pyright over src, adapters, tests)
 #   core     the core suite (Triton kernels in the CPU interpreter; the wheel, CLI, README tests)
 #   floor    the core suite at the oldest supported versions (scripts/test_floor.sh)
+#   tritons  the offline GPU compile of the fused kernels on triton 3.5-3.8 (scripts/test_tritons.sh)
 #   trl, trl112     the TRL adapter on TRL 1.16 and 1.12 (scripts/test_trl.sh)
 #   verl09, verl07  the verl adapter on verl 0.9.1 and 0.7.1 (scripts/test_verl.sh)
 # Arguments go to the core pytest run (`bash scripts/test.sh -x -k vocab`). NTL_SUITES picks
@@ -21,6 +22,8 @@ source scripts/test_trl.sh
 source scripts/test_verl.sh
 # shellcheck source=scripts/test_floor.sh
 source scripts/test_floor.sh
+# shellcheck source=scripts/test_tritons.sh
+source scripts/test_tritons.sh
 
 ntl_ruff() {
     ntl_env core
@@ -38,7 +41,7 @@ ntl_types() {  # each part with the environment that has its framework (scripts/
     bash scripts/typecheck.sh
 }
 
-all=(ruff types core floor trl trl112 verl09 verl07)
+all=(ruff types core floor tritons trl trl112 verl09 verl07)
 read -r -a suites <<< "${NTL_SUITES:-${all[*]}}"
 for s in "${suites[@]}"; do
     case $s in
@@ -46,6 +49,7 @@ for s in "${suites[@]}"; do
         types) ntl_suite types ntl_types ;;
         core) ntl_suite core ntl_core "$@" ;;
         floor) ntl_suite floor ntl_floor ;;
+        tritons) ntl_suite tritons ntl_tritons ;;
         trl) ntl_suite trl ntl_trl_core ;;
         trl112) ntl_suite trl112 ntl_trl_112 ;;
         verl09) ntl_suite verl09 ntl_verl_09 ;;
