@@ -112,18 +112,19 @@ SYNC_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "non
                       "unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"})
 
 
-class HostSyncs(TorchDispatchMode):
-    """Records in ``self.syncs`` every op of :data:`SYNC_OPS` and every ``Tensor.tolist`` /
-    ``Tensor.numpy`` (which read a CPU tensor without dispatching anything) issued inside the
-    ``with`` block, outside the launches counted by :func:`count_launches` (the Triton
-    interpreter's own plumbing): on CPU, the ops that would be host syncs on a GPU."""
+class HostReadMode(TorchDispatchMode):
+    """A dispatch mode that also sees ``Tensor.tolist`` / ``Tensor.numpy`` (which read a CPU
+    tensor on the host without dispatching anything): each call inside the ``with`` block goes
+    to :meth:`on_host_read` with its name."""
 
     HOST_READS = ("tolist", "numpy")
 
     def __init__(self) -> None:
         super().__init__()
-        self.syncs: list[str] = []
         self._saved: dict[str, Any] = {}
+
+    def on_host_read(self, name: str) -> None:
+        raise NotImplementedError
 
     def __enter__(self):
         for name in self.HOST_READS:
@@ -131,8 +132,7 @@ class HostSyncs(TorchDispatchMode):
             self._saved[name] = orig
 
             def wrapped(t, *a, _orig=orig, _name=name, **k):
-                if not _IN_LAUNCH[0]:
-                    self.syncs.append(f"Tensor.{_name}")
+                self.on_host_read(_name)
                 return _orig(t, *a, **k)
 
             setattr(torch.Tensor, name, wrapped)
@@ -142,6 +142,21 @@ class HostSyncs(TorchDispatchMode):
         for name, orig in self._saved.items():
             setattr(torch.Tensor, name, orig)
         return super().__exit__(*exc)
+
+
+class HostSyncs(HostReadMode):
+    """Records in ``self.syncs`` every op of :data:`SYNC_OPS` and every ``Tensor.tolist`` /
+    ``Tensor.numpy`` issued inside the ``with`` block, outside the launches counted by
+    :func:`count_launches` (the Triton interpreter's own plumbing): on CPU, the ops that would
+    be host syncs on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def on_host_read(self, name: str) -> None:
+        if not _IN_LAUNCH[0]:
+            self.syncs.append(f"Tensor.{name}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not _IN_LAUNCH[0] and str(func.overloadpacket.__name__) in SYNC_OPS:

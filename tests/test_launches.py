@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_probe import HostReadMode
 
 import ntl
 from ntl.kernels import rowloss
@@ -28,34 +28,17 @@ SYNC = {"_local_scalar_dense.default", "item.default", "is_nonzero.default", "eq
         "tolist.host", "numpy.host"}
 
 
-class OpLog(TorchDispatchMode):
+class OpLog(HostReadMode):
     """Every ATen op dispatched inside the ``with`` block, and every host read that bypasses the
     dispatcher on a CPU tensor (``Tensor.tolist``, ``Tensor.numpy``), logged as a sync."""
-
-    HOST_READS = ("tolist", "numpy")
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
         self.views = 0
-        self._saved: dict[str, object] = {}
 
-    def __enter__(self):
-        for name in self.HOST_READS:
-            orig = getattr(torch.Tensor, name)
-            self._saved[name] = orig
-
-            def wrapped(t, *a, _orig=orig, _name=name, **k):
-                self.ops.append(f"{_name}.host")
-                return _orig(t, *a, **k)
-
-            setattr(torch.Tensor, name, wrapped)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, orig in self._saved.items():
-            setattr(torch.Tensor, name, orig)
-        return super().__exit__(*exc)
+    def on_host_read(self, name: str) -> None:
+        self.ops.append(f"{name}.host")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = f"{func._schema.name.split('::')[-1]}.{func._overloadname}"
