@@ -312,8 +312,8 @@ def linear_step(reduction: str, reweigh: bool, bias: bool, dtype: torch.dtype, v
     """Strict checks off, several chunks, a non-unit incoming gradient, with and without bias
     and reweigh: linear_cross_entropy_with_ntl's forward and backward make no host sync (the
     backward's scaling by the incoming gradient is decided on the device); the fused kernel runs once per
-    chunk in forward (and once more per chunk in backward for reduction="none", never
-    otherwise); value and gradients equal the logits path's (fp32 logits, PyTorch backend)."""
+    chunk in forward (and once more per chunk in backward for reduction="none"; otherwise
+    backward only scales each stored gradient by the incoming one); value and gradients equal the logits path's (fp32 logits, PyTorch backend)."""
     g = torch.Generator().manual_seed(21)
     h = torch.randn(N, H, generator=g).to(device, dtype)
     W = (torch.randn(Vx, H, generator=g) * H ** -0.5).to(device, dtype)
@@ -342,7 +342,10 @@ def linear_step(reduction: str, reweigh: bool, bias: bool, dtype: torch.dtype, v
     assert bwd_syncs == [], bwd_syncs
     assert fwd == {"_ce_ntl_fwd": N // chunk}, fwd
     bwd = dict(launches - Counter(fwd))
-    assert bwd == ({"_ce_ntl_fwd": N // chunk} if reduction == "none" else {}), bwd
+    if reduction == "none":
+        assert bwd == {"_ce_ntl_fwd": N // chunk}, bwd
+    else:  # the stored gradients scaled by the (non-unit) incoming gradient, at most one each
+        assert set(bwd) <= {"_scale_rows"} and sum(bwd.values()) <= len(leaves), bwd
     refs = [t.clone().requires_grad_(True) for t in (h, W, b) if t is not None]
     logits = refs[0].float() @ refs[1].float().T + (refs[2].float() if bias else 0.0)
     ref = ntl.cross_entropy_with_ntl(logits, y, vocab, reduction=reduction, reweigh=reweigh, backend="torch")
