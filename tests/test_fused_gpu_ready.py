@@ -321,7 +321,12 @@ def test_standalone_reweigh_gradient_with_logits_x10_against_ntloss_float64(back
     cls = ntloss.NTLoss if method == "wasserstein" else ntloss.NTLossDotProduct
     b = x.double().requires_grad_(True)
     ref = cls(tok, vocab_size=V, digit_level=True, reweigh=True)(b[None], y[None])
-    ref.backward()
+    try:
+        ref.backward()
+    except RuntimeError as e:  # torch 2.8 (the floor): ntloss's MSE mixes fp32 targets into
+        if "expected Double" not in str(e):  # a float64 mse_loss, whose backward refuses that
+            raise
+        pytest.skip(f"the float64 reference (ntloss) cannot backpropagate on torch {torch.__version__}: {e}")
     a = x.clone().requires_grad_(True)
     got = ntl.ntl_loss(a, y, tok, method=method, reweigh=True, backend=backend)
     got.backward()
