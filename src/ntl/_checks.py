@@ -185,3 +185,26 @@ def check_values(labels: torch.Tensor, V: int | None, ignore_index: int,
         )
     if negw:
         raise ValueError("weights must be >= 0 (and not NaN)")
+
+
+def check_grad_scale(grad_scale: object, device: torch.device) -> float | torch.Tensor | None:
+    """``grad_scale``: ``None``, a finite non-zero number, or a 0-d (or one-element) float tensor
+    on ``device`` (its value is checked, one host read, with strict checks on and outside
+    ``torch.compile`` only)."""
+    if grad_scale is None:
+        return None
+    if isinstance(grad_scale, torch.Tensor):
+        if not grad_scale.dtype.is_floating_point or grad_scale.numel() != 1:
+            raise TypeError("grad_scale must be a number or a one-element float tensor, got a "
+                            f"{grad_scale.dtype} tensor of shape {tuple(grad_scale.shape)}")
+        if grad_scale.device != device:
+            raise ValueError(f"grad_scale is on {grad_scale.device} but the logits are on {device}")
+        gs = grad_scale.detach().reshape(()).float()
+        if (strict_checks() and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(gs) & (gs != 0))):
+            raise ValueError(f"grad_scale must be finite and non-zero, got {float(gs)}")
+        return gs
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not (
+            grad_scale != 0 and abs(grad_scale) != float("inf") and grad_scale == grad_scale):
+        raise ValueError(f"grad_scale must be a finite non-zero number or a tensor, got {grad_scale!r}")
+    return float(grad_scale)

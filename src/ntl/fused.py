@@ -225,29 +225,6 @@ def fused_backward(grad: torch.Tensor, rinv: torch.Tensor | None, grad_out: torc
     return grad
 
 
-def check_grad_scale(grad_scale: object, device: torch.device) -> float | torch.Tensor | None:
-    """``grad_scale``: ``None``, a finite non-zero number, or a 0-d (or one-element) float tensor
-    on ``device`` (its value is checked, one host read, with strict checks on and outside
-    ``torch.compile`` only)."""
-    if grad_scale is None:
-        return None
-    if isinstance(grad_scale, torch.Tensor):
-        if not grad_scale.dtype.is_floating_point or grad_scale.numel() != 1:
-            raise TypeError("grad_scale must be a number or a one-element float tensor, got a "
-                            f"{grad_scale.dtype} tensor of shape {tuple(grad_scale.shape)}")
-        if grad_scale.device != device:
-            raise ValueError(f"grad_scale is on {grad_scale.device} but the logits are on {device}")
-        gs = grad_scale.detach().reshape(()).float()
-        if (C.strict_checks() and not torch.compiler.is_compiling()
-                and not bool(torch.isfinite(gs) & (gs != 0))):
-            raise ValueError(f"grad_scale must be finite and non-zero, got {float(gs)}")
-        return gs
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not (
-            grad_scale != 0 and abs(grad_scale) != float("inf") and grad_scale == grad_scale):
-        raise ValueError(f"grad_scale must be a finite non-zero number or a tensor, got {grad_scale!r}")
-    return float(grad_scale)
-
-
 class FusedConfig(NamedTuple):
     """Everything but the tensors: the constants of one call (hashable Python scalars)."""
 
@@ -501,7 +478,7 @@ def cross_entropy_with_ntl(
     cfg = FusedConfig(spec.handle, V, method, reduction, ignore_index, reweigh, spec.dmax, spec.squash,
                       spec.sq_a, spec.sq_b, float(ntl_weight), use_triton(backend, logits2d),
                       C.strict_checks())
-    grad_scale = check_grad_scale(grad_scale, logits.device)
+    grad_scale = C.check_grad_scale(grad_scale, logits.device)
     grad = torch.is_grad_enabled() and logits.requires_grad
     loss, ce, ntl = _ce_ntl(logits2d, labels.reshape(-1), cfg, grad, inplace, grad_scale)
     if reduction == "none":

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from .fused import ce_ntl_rows_torch, check_grad_scale, row_scales
+from .fused import ce_ntl_rows_torch, row_scales
 from .kernels._triton import backward_once, next_pow2
 from .losses import check_squash_factor, loss_spec, prepare_labels, use_triton
 from .vocab import NumberVocab, VocabLike, resolve_vocab
@@ -360,7 +360,7 @@ def linear_cross_entropy_with_ntl(
     args = (labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method, reduction,
             reweigh, float(spec.dmax), ignore_index, rows, use_kernel,
             (spec.sq_a, spec.sq_b) if spec.squash else None)
-    grad_scale = check_grad_scale(grad_scale, hidden.device)
+    grad_scale = C.check_grad_scale(grad_scale, hidden.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         loss, ce, ntl = _LinearCENTL.apply(h2d, weight, bias, *args, grad_scale)
     else:
