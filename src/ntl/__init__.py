@@ -25,7 +25,7 @@ from .losses import (
 from .metrics import DigitStats, digit_stats
 from .module import NumberTokenLoss
 from .number_level import number_level_loss, predict_numbers
-from .vocab import DigitVocab, NumberVocab, resolve_vocab
+from .vocab import DigitVocab, NumberVocab, resolve_vocab, vocab_for_tokenizer
 
 if TYPE_CHECKING:  # the lazy submodules below, for type checkers (loaded on first use)
     from . import answers as answers
@@ -58,6 +58,7 @@ __all__ = [
     "resolve_vocab",
     "set_strict_checks",
     "shift_labels",
+    "vocab_for_tokenizer",
 ]
 
 

@@ -16,7 +16,14 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["DigitVocab", "NumberVocab", "VocabLike", "resolve_vocab", "vocab_from_handle"]
+__all__ = [
+    "DigitVocab",
+    "NumberVocab",
+    "VocabLike",
+    "resolve_vocab",
+    "vocab_for_tokenizer",
+    "vocab_from_handle",
+]
 
 DIGITS = "0123456789"
 logger: logging.Logger = logging.getLogger("ntl")
@@ -30,16 +37,23 @@ class NumberVocab:
         values: the numeric value of each token (same length as ``token_ids``).
         vocab_size: the model's vocabulary size ``V`` (number of logits). Logits
             passed to a loss may be wider (padded vocabularies), never narrower.
+        texts: optional token text of each number token (ASCII digit strings, e.g.
+            Llama-3's ``'123'``, ``'07'``); :meth:`from_tokenizer` records them. A token's
+            *width* is the number of digits it writes (``len(text)``), which place-aligned
+            RL targets (:func:`ntl.targets.build_digit_targets`) and
+            :func:`ntl.number_level_loss` need for multi-digit tokens.
 
     Tensors for a device are built once and cached (:meth:`ids`, :meth:`values_on`,
     :meth:`lookup`).
     """
 
     def __init__(
-        self, token_ids: Sequence[int], values: Sequence[float], vocab_size: int
+        self, token_ids: Sequence[int], values: Sequence[float], vocab_size: int, *,
+        texts: Sequence[str] | None = None,
     ) -> None:
         ids = [int(i) for i in token_ids]
         vals = [float(v) for v in values]
+        txt = None if texts is None else [str(t) for t in texts]
         if len(ids) == 0:
             raise ValueError("NumberVocab: token_ids is empty; a vocabulary needs at least one number token")
         if len(ids) != len(vals):
@@ -58,9 +72,21 @@ class NumberVocab:
             )
         if any(v != v or v in (float("inf"), float("-inf")) for v in vals):
             raise ValueError("NumberVocab: values must be finite")
+        if txt is not None:
+            if len(txt) != len(ids):
+                raise ValueError(f"NumberVocab: token_ids has {len(ids)} entries but texts has {len(txt)}")
+            bad = [t for t, v in zip(txt, vals, strict=True)
+                   if not (t.isascii() and t.isdigit()) or float(int(t)) != v]
+            if bad:
+                raise ValueError(
+                    f"NumberVocab: texts must be ASCII digit strings whose int() is the token's value; "
+                    f"got {bad[:4]}")
+            if len(set(txt)) != len(txt):
+                raise ValueError("NumberVocab: duplicate texts")
         order = sorted(range(len(ids)), key=lambda k: (vals[k], ids[k]))
         self.token_ids: tuple[int, ...] = tuple(ids[k] for k in order)
         self.values: tuple[float, ...] = tuple(vals[k] for k in order)
+        self.texts: tuple[str, ...] | None = None if txt is None else tuple(txt[k] for k in order)
         self.vocab_size: int = vocab_size
         self._cache: dict[tuple[str, torch.device, int], torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -80,6 +106,44 @@ class NumberVocab:
         return self.values == tuple(float(d) for d in range(10))
 
     @property
+    def widths(self) -> tuple[int, ...] | None:
+        """Digits written by each number token (``len(text)``), in vocab order; ``None``
+        when the vocab was built without :attr:`texts`."""
+        return None if self.texts is None else tuple(len(t) for t in self.texts)
+
+    @property
+    def max_width(self) -> int:
+        """The widest number token's digit count (1 for a digit-level vocab; ``ValueError``
+        without :attr:`texts`)."""
+        w = self.widths
+        if w is None:
+            raise ValueError(
+                f"{self!r} was built without token texts, so its tokens' digit widths are unknown; "
+                "build it with NumberVocab.from_tokenizer(tok) or pass texts=")
+        return max(w)
+
+    @property
+    def is_multi_digit(self) -> bool:
+        """True when some number token writes more than one digit (Llama-3's ``'123'``)."""
+        w = self.widths
+        return w is not None and max(w) > 1
+
+    def id_of_text(self, text: str) -> int | None:
+        """Token id whose text is exactly ``text`` (e.g. ``'07'``), ``None`` if there is none."""
+        if self.texts is None:
+            return None
+        m = self.__dict__.get("_by_text")
+        if m is None:
+            m = dict(zip(self.texts, self.token_ids, strict=True))
+            self._by_text = m
+        return m.get(text)
+
+    def widths_on(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[K]`` int64 digit widths (vocab order) on ``device``; ``ValueError`` without texts."""
+        self.max_width  # noqa: B018 - raises without texts
+        return self._cached("widths", device)
+
+    @property
     def max_distance(self) -> float:
         """Largest |v_i - v_j| between two number tokens."""
         return self.values[-1] - self.values[0]
@@ -92,20 +156,23 @@ class NumberVocab:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, NumberVocab):
             return NotImplemented
-        return (self.token_ids, self.values, self.vocab_size) == (
+        return (self.token_ids, self.values, self.vocab_size, self.texts) == (
             other.token_ids,
             other.values,
             other.vocab_size,
+            other.texts,
         )
 
     def __hash__(self) -> int:
-        return hash((self.token_ids, self.values, self.vocab_size))
+        return hash((self.token_ids, self.values, self.vocab_size, self.texts))
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle / deepcopy the content only (not the lock, the device tensors or the handle)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock", "_handle", "_specs")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_cache", "_lock", "_handle", "_specs", "_by_text")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("texts", None)
         self.__dict__.update(state)
         self._cache = {}
         self._lock = threading.Lock()
@@ -123,6 +190,8 @@ class NumberVocab:
                         t = torch.tensor(self.token_ids, dtype=torch.long, device=dev)
                     elif kind == "values":
                         t = torch.tensor(self.values, dtype=torch.float32, device=dev)
+                    elif kind == "widths":
+                        t = torch.tensor([len(x) for x in self.texts or ()], dtype=torch.long, device=dev)
                     elif kind == "arange":
                         t = torch.arange(self.K, device=dev)
                     elif kind == "table":  # [0..K-1, -1]: k -> k, and index -1 -> -1
@@ -201,13 +270,13 @@ class NumberVocab:
     @classmethod
     def _build(cls, tokenizer: Any, vocab_size: int | None) -> NumberVocab:
         vocab = _get_vocab(tokenizer)
-        pairs = [(i, float(int(t))) for t, i in vocab.items() if t.isascii() and t.isdigit()]
+        pairs = [(i, float(int(t)), t) for t, i in vocab.items() if t.isascii() and t.isdigit()]
         if not pairs:
             raise ValueError(
                 f"{type(tokenizer).__name__} has no token whose text is an ASCII digit string"
             )
-        ids, vals = zip(*pairs, strict=True)
-        return cls(ids, vals, _vocab_size(tokenizer, vocab_size, max(ids)))
+        ids, vals, texts = zip(*pairs, strict=True)
+        return cls(ids, vals, _vocab_size(tokenizer, vocab_size, max(ids)), texts=texts)
 
 
 class DigitVocab(NumberVocab):
@@ -219,7 +288,7 @@ class DigitVocab(NumberVocab):
             raise ValueError(
                 f"DigitVocab needs exactly 10 token ids (for '0'..'9' in order), got {len(ids)}"
             )
-        super().__init__(ids, range(10), vocab_size)
+        super().__init__(ids, range(10), vocab_size, texts=DIGITS)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, vocab_size: int | None = None) -> DigitVocab:
@@ -342,6 +411,30 @@ def resolve_vocab(vocab_or_tokenizer: VocabLike, vocab_size: int | None = None, 
             f"ids or an {{id: value}} dict; got {type(v).__name__}"
         )
     return DigitVocab.from_tokenizer(v, vocab_size)
+
+
+def vocab_for_tokenizer(tokenizer: Any, vocab_size: int | None = None) -> NumberVocab:
+    """The model's whole number vocabulary: what RL targets and the adapters use.
+
+    A digit-level tokenizer (Qwen2.5, Llama-2, Mistral: each of ``'0'..'9'`` one token and
+    no wider number token) gives its :class:`DigitVocab` (``K = 10``); a tokenizer with
+    multi-digit number tokens (Llama-3: ``'0'..'999'``, ``K = 1,110``) gives the
+    :class:`NumberVocab` of all of them, with their texts (widths). ``ValueError`` when the
+    tokenizer has no ASCII digit-string token at all. A :class:`NumberVocab` is returned
+    as is. Cached per tokenizer.
+
+    (The losses' ``vocab_or_tokenizer=tokenizer`` still means the DigitVocab, as in the
+    NTL paper; pass this function's result to score every number token.)
+    """
+    if isinstance(tokenizer, NumberVocab):
+        return tokenizer
+    tok = getattr(tokenizer, "tokenizer", None)  # a processor wraps its tokenizer
+    if not hasattr(tokenizer, "get_vocab") and tok is not None:
+        tokenizer = tok
+    full = NumberVocab.from_tokenizer(tokenizer, vocab_size)
+    if full.is_multi_digit or not full.is_digit_vocab:
+        return full
+    return DigitVocab.from_tokenizer(tokenizer, vocab_size)
 
 
 _SIMPLE_CACHE: dict[tuple, NumberVocab] = {}
