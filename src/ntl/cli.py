@@ -66,7 +66,10 @@ def load_tokenizer(spec: str) -> tuple[Any, int | None, str]:
         from . import tokenizers
 
         fn, size = OFFLINE_TOKENIZERS[spec]
-        return getattr(tokenizers, fn)(), size, f"the {spec} models"
+        try:
+            return getattr(tokenizers, fn)(), size, f"the {spec} models"
+        except ImportError as e:  # the optional package that ships it is missing: a user error
+            raise VocabError(str(e)) from e
     from transformers import AutoTokenizer
 
     if os.path.isdir(spec):
@@ -188,8 +191,9 @@ def vocab_report(tok: Any, vocab_size: int | None = None, size_source: str = "")
     if multi:
         r.warnings.append(
             f"{len(multi):,} multi-digit number tokens ({_examples(multi)}): positions that "
-            "predict them take no part in the digit-level NTL; ntl.NumberVocab.from_tokenizer(tok) "
-            "covers them (values up to "
+            "predict them take no part in the digit-level NTL (what the losses take from a "
+            "tokenizer); the SFT/RL adapters and RL targets use all number tokens "
+            "(ntl.vocab_for_tokenizer(tok), values up to "
             f"{max(int(t) for t in multi):,})")
     added = set(tok.get_added_vocab()) if hasattr(tok, "get_added_vocab") else set()
     mixed = sorted(t for t in vocab
