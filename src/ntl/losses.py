@@ -35,7 +35,6 @@ from .vocab import NumberVocab, VocabLike, resolve_vocab
 __all__ = ["gaussian_targets", "ntl_dot_loss", "ntl_loss", "ntl_mse_loss", "ntl_wasserstein_loss",
            "shift_labels"]
 
-_EPS = torch.finfo(torch.float32).eps
 
 
 def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
@@ -47,18 +46,6 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
         return _triton.HAS_TRITON and all(t.is_cuda for t in tensors)
     _triton.require_triton(*tensors)
     return True
-
-
-def prepare(
-    logits: Any, labels: Any, vocab_or_tokenizer: VocabLike, ignore_index: Any,
-    weights: Any, reduction: Any,
-) -> tuple[torch.Tensor, torch.Tensor, NumberVocab, torch.Tensor, torch.Tensor | None]:
-    """Validate and flatten: ``(logits2d [N, V], labels1d [N], vocab, k [N], weights1d)``."""
-    logits = C.check_logits(logits)
-    V = logits.shape[-1]
-    labels1d, vocab, k, w = prepare_labels(labels, logits.shape[:-1], logits.device, "logits.shape[:-1]",
-                                           V, vocab_or_tokenizer, ignore_index, weights, reduction)
-    return logits.reshape(-1, V), labels1d, vocab, k, w
 
 
 def prepare_labels(
@@ -75,30 +62,8 @@ def prepare_labels(
     w = C.check_weights(weights, labels)
     C.check_values(labels, V, ignore_index, w)
     labels1d = labels.reshape(-1)
-    k = number_index(vocab, labels1d, V, ignore_index)
+    k = vocab.digit_index(labels1d, V).masked_fill(labels1d == ignore_index, -1)  # -1: not a number
     return labels1d, vocab, k, (w.reshape(-1) if w is not None else None)
-
-
-def number_index(vocab: NumberVocab, labels: torch.Tensor, V: int, ignore_index: int) -> torch.Tensor:
-    """Index ``k`` of each label in the vocab; ``-1`` for text tokens and ``ignore_index``."""
-    k = vocab.digit_index(labels, V)
-    return k.masked_fill(labels == ignore_index, -1)
-
-
-def reduce_rows(rows: torch.Tensor, k: torch.Tensor, weights: torch.Tensor | None,
-                reduction: str, shape: torch.Size) -> torch.Tensor:
-    """Apply weights and reduction to per-row losses (already 0 where ``k < 0``)."""
-    if weights is None:
-        w = (k >= 0).float()
-    else:
-        w = torch.where(k >= 0, weights.float(), torch.zeros((), device=rows.device))
-    rows = rows * w
-    if reduction == "none":
-        return rows.view(shape)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / w.sum().clamp_min(_EPS)
 
 
 class LossSpec(NamedTuple):
