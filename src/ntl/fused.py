@@ -302,8 +302,10 @@ def _ce_ntl_fwd_op(
             "cross_entropy_with_ntl: inplace=True is not supported under torch.compile (the "
             "compiled graph would write the gradient into a copy of the logits, not over them); "
             "pass inplace=False in compiled code, or call it eagerly")
-    cfg = FusedConfig(handle, W, method, reduction, ignore_index, reweigh, dmax, squash, sq_a, sq_b,
-                      ntl_weight, use_triton, check)
+    cfg = FusedConfig(handle=handle, W=W, method=method, reduction=reduction,
+                      ignore_index=ignore_index, reweigh=reweigh, dmax=dmax, squash=squash,
+                      sq_a=sq_a, sq_b=sq_b, ntl_weight=ntl_weight, use_triton=use_triton,
+                      check=check)
     gs = gscale_t if gscale_t is not None else (None if gscale == 1.0 else gscale)
     grad, rinv, loss, ce, ntl = _fused_call(logits, labels, cfg, write_grad, False, gs)
     return (grad if grad is not None else logits.new_empty(0),
@@ -475,9 +477,11 @@ def cross_entropy_with_ntl(
             logits2d.data_ptr() != logits.data_ptr() or logits2d.stride(-1) != 1):
         raise ValueError("inplace=True needs logits that can be viewed as [N, V] without a copy, "
                          f"with a contiguous last dimension (got strides {tuple(logits.stride())})")
-    cfg = FusedConfig(spec.handle, V, method, reduction, ignore_index, reweigh, spec.dmax, spec.squash,
-                      spec.sq_a, spec.sq_b, float(ntl_weight), use_triton(backend, logits2d),
-                      C.strict_checks())
+    cfg = FusedConfig(handle=spec.handle, W=V, method=method, reduction=reduction,
+                      ignore_index=ignore_index, reweigh=reweigh, dmax=spec.dmax,
+                      squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b,
+                      ntl_weight=float(ntl_weight), use_triton=use_triton(backend, logits2d),
+                      check=C.strict_checks())
     grad_scale = C.check_grad_scale(grad_scale, logits.device)
     grad = torch.is_grad_enabled() and logits.requires_grad
     loss, ce, ntl = _ce_ntl(logits2d, labels.reshape(-1), cfg, grad, inplace, grad_scale)

@@ -79,8 +79,11 @@ def _from_digit_logits(z: torch.Tensor, labels: torch.Tensor, spec: LossSpec, me
     kernel = use_triton(backend, z)
     if kernel and z.stride(-1) != 1:
         z = z.contiguous()
-    cfg = LossConfig(spec.handle, W, True, False, method, reduction, ignore_index, False, spec.dmax,
-                     False, 0.0, 1.0, 1.0, kernel, C.strict_checks(), hi, hi_what, need_grad(z))
+    cfg = LossConfig(handle=spec.handle, W=W, digit_cols=True, pre_indexed=False, method=method,
+                     reduction=reduction, ignore_index=ignore_index, reweigh=False,
+                     dmax=spec.dmax, squash=False, sq_a=0.0, sq_b=1.0, delta=1.0,
+                     use_triton=kernel, check=C.strict_checks(), hi=hi, hi_what=hi_what,
+                     need_dz=need_grad(z))
     out = ntl_loss_apply(z, labels.reshape(-1).contiguous(),
                          w.reshape(-1).contiguous() if w is not None else None, soft, cfg)
     return out.view(labels.shape) if reduction == "none" else out

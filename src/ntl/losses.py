@@ -143,9 +143,10 @@ def _loss_spec(vocab_or_tokenizer: VocabLike, vocab_size: int | None, default_si
     spec = specs.get(key)
     if spec is None:
         a, b = squash_table(vocab, squash_factor) if squash_factor is not None else (0.0, 1.0)
-        spec = LossSpec(vocab.handle, vocab.K, vocab.vocab_size, max(vocab.token_ids),
-                        reweigh_ceiling(vocab, method, squash_factor, huber_delta),
-                        squash_factor is not None, a, b)
+        spec = LossSpec(handle=vocab.handle, K=vocab.K, vocab_size=vocab.vocab_size,
+                        max_id=max(vocab.token_ids),
+                        dmax=reweigh_ceiling(vocab, method, squash_factor, huber_delta),
+                        squash=squash_factor is not None, sq_a=a, sq_b=b)
         specs[key] = spec
     return spec
 
@@ -198,8 +199,11 @@ def ntl_rows(
     kernel = use_triton(backend, logits2d)
     spec = loss_spec(vocab, None, logits2d.shape[1], method, None, 1.0)
     x = logits2d.contiguous() if kernel and logits2d.stride(-1) != 1 else logits2d
-    cfg = LossConfig(spec.handle, vocab.K, False, True, method, "none", -1, reweigh, spec.dmax, False,
-                     0.0, 1.0, 1.0, kernel, False, -1, "", need_grad(logits2d))
+    cfg = LossConfig(handle=spec.handle, W=vocab.K, digit_cols=False, pre_indexed=True,
+                     method=method, reduction="none", ignore_index=-1, reweigh=reweigh,
+                     dmax=spec.dmax, squash=False, sq_a=0.0, sq_b=1.0, delta=1.0,
+                     use_triton=kernel, check=False, hi=-1, hi_what="",
+                     need_dz=need_grad(logits2d))
     return ntl_loss_apply(x, k.contiguous(), None, soft.contiguous() if soft is not None else None, cfg)
 
 
@@ -225,9 +229,11 @@ def _standalone(
     x = logits.reshape(-1, V)
     if kernel and x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = LossConfig(spec.handle, V, False, False, method, reduction, ignore_index, reweigh, spec.dmax,
-                     spec.squash, spec.sq_a, spec.sq_b, huber_delta, kernel, C.strict_checks(), V,
-                     "logits.shape[-1]", need_grad(logits))
+    cfg = LossConfig(handle=spec.handle, W=V, digit_cols=False, pre_indexed=False, method=method,
+                     reduction=reduction, ignore_index=ignore_index, reweigh=reweigh,
+                     dmax=spec.dmax, squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b,
+                     delta=huber_delta, use_triton=kernel, check=C.strict_checks(), hi=V,
+                     hi_what="logits.shape[-1]", need_dz=need_grad(logits))
     out = ntl_loss_apply(x, labels.reshape(-1).contiguous(),
                          w.reshape(-1).contiguous() if w is not None else None, soft, cfg)
     return out.view(labels.shape) if reduction == "none" else out

@@ -140,8 +140,11 @@ def _loss_fwd_op(
     ignore_index: int, reweigh: bool, dmax: float, squash: bool, sq_a: float, sq_b: float,
     delta: float, use_triton: bool, check: bool, hi: int, hi_what: str, need_dz: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    cfg = LossConfig(handle, W, digit_cols, pre_indexed, method, reduction, ignore_index, reweigh,
-                     dmax, squash, sq_a, sq_b, delta, use_triton, check, hi, hi_what, need_dz)
+    cfg = LossConfig(handle=handle, W=W, digit_cols=digit_cols, pre_indexed=pre_indexed,
+                     method=method, reduction=reduction, ignore_index=ignore_index,
+                     reweigh=reweigh, dmax=dmax, squash=squash, sq_a=sq_a, sq_b=sq_b,
+                     delta=delta, use_triton=use_triton, check=check, hi=hi, hi_what=hi_what,
+                     need_dz=need_dz)
     return _forward(x, labels, weights, soft, cfg)  # type: ignore[return-value]
 
 
@@ -165,8 +168,10 @@ def _loss_bwd_op(
     g: Tensor, x: Tensor, dz: Tensor, rw: Tensor, den: Tensor, L: Tensor, mass: Tensor, lse: Tensor,
     handle: int, digit_cols: bool, reweigh: bool, dmax: float, use_triton: bool,
 ) -> Tensor:
-    cfg = LossConfig(handle, 0, digit_cols, False, "mse", "none", -100, reweigh, dmax, False, 0.0,
-                     1.0, 1.0, use_triton, False, -1, "", True)
+    cfg = LossConfig(handle=handle, W=0, digit_cols=digit_cols, pre_indexed=False, method="mse",
+                     reduction="none", ignore_index=-100, reweigh=reweigh, dmax=dmax,
+                     squash=False, sq_a=0.0, sq_b=1.0, delta=1.0, use_triton=use_triton,
+                     check=False, hi=-1, hi_what="", need_dz=True)
     size = cast(tuple[int, int], tuple(x.shape))  # x is [N, V]
     return _backward_x(g, x, size, x.dtype, (dz, rw, den, L, mass, lse), cfg)
 
@@ -178,8 +183,10 @@ def _(g, x, dz, rw, den, L, mass, lse, handle, digit_cols, reweigh, dmax, use_tr
 
 @torch.library.custom_op("ntl::number_mask", mutates_args=())
 def _number_mask_op(labels: Tensor, handle: int, W: int, pre_indexed: bool, ignore_index: int) -> Tensor:
-    cfg = LossConfig(handle, W, True, pre_indexed, "mse", "none", ignore_index, False, 0.0, False,
-                     0.0, 1.0, 1.0, False, False, -1, "", False)
+    cfg = LossConfig(handle=handle, W=W, digit_cols=True, pre_indexed=pre_indexed, method="mse",
+                     reduction="none", ignore_index=ignore_index, reweigh=False, dmax=0.0,
+                     squash=False, sq_a=0.0, sq_b=1.0, delta=1.0, use_triton=False, check=False,
+                     hi=-1, hi_what="", need_dz=False)
     return _active(labels, cfg)
 
 
