@@ -165,16 +165,29 @@ def test_custom_ignore_index(qwen_tok):
     assert set(tg[0].tolist()) == {-1, qwen_tok.convert_tokens_to_ids("1"), qwen_tok.convert_tokens_to_ids("3")}
 
 
-def test_llama3_final_answer_refused_all_mode_works(llama3_tok):
+def test_llama3_final_answer_and_all_mode(llama3_tok, caplog):
+    """Issue 25: final_answer used to be refused for Llama-3; it now targets whole number
+    tokens (more cases in test_targets_multidigit.py). A DigitVocab passed explicitly with
+    Llama-3 cannot match the text's digits: the row is excluded with a warning."""
     ids = torch.tensor([llama3_tok.encode("#### 1234", add_special_tokens=False)])
-    with pytest.raises(ValueError, match="digit-level"):
-        build_digit_targets(ids, ["1234"], llama3_tok, mode="final_answer")
     nv = ntl.NumberVocab.from_tokenizer(llama3_tok)
-    with pytest.raises(ValueError, match="DigitVocab"):
-        build_digit_targets(ids, ["1234"], llama3_tok, mode="final_answer", vocab=nv)
+
+    def pairs(tg):
+        return [(llama3_tok.decode([int(i)]), llama3_tok.decode([int(g)]))
+                for i, g in zip(ids[0], tg[0], strict=True) if g != IGN]
+
+    assert pairs(build_digit_targets(ids, ["1299"], llama3_tok, mode="final_answer")) == [
+        ("123", "129"), ("4", "9")]
+    assert pairs(build_digit_targets(ids, ["1299"], llama3_tok, mode="final_answer", vocab=nv)) == [
+        ("123", "129"), ("4", "9")]
+    with caplog.at_level(logging.WARNING, logger="ntl"):
+        tg, info = build_digit_targets(ids, ["1234"], llama3_tok, vocab=ntl.DigitVocab.from_tokenizer(llama3_tok),
+                                       return_info=True)
+    assert info.excluded == [0] and (tg == IGN).all() and "excluded" in caplog.text
     tg = build_digit_targets(ids, ["1234"], llama3_tok, mode="all", vocab=nv)
     toks = [llama3_tok.decode([int(i)]) for i, g in zip(ids[0], tg[0], strict=True) if g != IGN]
     assert toks == ["123", "4"]
+    assert torch.equal(tg, build_digit_targets(ids, ["1234"], llama3_tok, mode="all"))
 
 
 def test_bad_inputs(qwen_tok):

@@ -16,6 +16,12 @@ Inputs shared by :func:`digit_stats` and :func:`digit_probs`:
 With ``q = softmax(z / temperature)`` over the ``K`` number tokens at a position
 with target index ``k*``: confidence ``= max_k q_k``, target probability
 ``= q_{k*}``, correct ``= [argmax_k q_k == k*]``.
+
+With a multi-digit vocabulary (Llama-3's whole :class:`~ntl.NumberVocab`, ``K = 1,110``,
+from :func:`ntl.vocab_for_tokenizer`) these count **number tokens**, not digits:
+``k*`` is the index of the target token (e.g. ``'129'``), ``digit_accuracy`` is
+number-token accuracy (the argmax token equals the target token; ``'07'`` and ``'7'``
+are different tokens), ``total_digits`` is the number of targeted number tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ __all__ = ["DigitProbs", "DigitStats", "digit_probs", "digit_stats"]
 class DigitStats:
     """Digit metrics, each a 0-dim fp32 tensor (no host sync until :meth:`to_dict`).
 
-    Over the ``N`` positions with a number-token target:
+    Over the ``N`` positions with a number-token target (with a multi-digit vocabulary
+    these are number tokens, and ``digit_accuracy`` is number-token accuracy):
     ``loss = (1/N) sum_i NTL_i`` (``method``'s per-position loss),
     ``digit_accuracy = (1/N) sum_i [argmax q_i == k*_i]``,
     ``total_digits = N``, ``confidence = (1/N) sum_i max_k q_ik``,

@@ -1,4 +1,4 @@
-"""Per-token digit targets for RL responses (no labels in RL: we build them).
+"""Per-token number targets for RL responses (no labels in RL: we build them).
 
 :func:`build_digit_targets` turns sampled responses and their ground truths into
 a ``[B, T]`` tensor of **target token ids** aligned with the response tokens
@@ -7,26 +7,41 @@ together with the logits that *predict* response token ``t`` (in a causal LM the
 logits at position ``t - 1`` of the full sequence; verl's and TRL's log-prob
 tensors are already aligned like that).
 
+The vocabulary is the model's whole number vocabulary by default
+(:func:`ntl.vocab_for_tokenizer`): the :class:`~ntl.DigitVocab` of a digit-level
+tokenizer (Qwen2.5, Llama-2, Mistral), every number token ``'0'..'999'`` of a
+tokenizer that writes numbers in multi-digit tokens (Llama-3, ``K = 1,110``).
+
 Modes:
 
 * ``"all"``: every number token of a response whose final answer is numerically
   correct targets itself (the sampled token). Works with any
   :class:`~ntl.NumberVocab`.
-* ``"final_answer"``: the digits of the response's final answer (see
+* ``"final_answer"``: the number tokens of the response's final answer (see
   :func:`ntl.answers.extract_answer`) target the ground truth's digits aligned by
   place value (units with units, tenths with tenths; a generated digit with no
-  counterpart in the truth targets ``0``; truth digits with no generated
-  counterpart are dropped; signs are ignored). Correct and wrong responses both
-  get targets. Needs a digit-level tokenizer (each ASCII digit one token).
+  counterpart in the truth takes ``0``; truth digits with no generated counterpart
+  are dropped; signs are ignored; see :func:`ntl.answers.place_value_targets`).
+  A number token that writes ``w`` digits at place values ``[p, p + w)`` targets
+  the token whose text is the truth's digits at those places, zero-padded (looked up
+  with :meth:`ntl.NumberVocab.id_of_text`; no such token: no target there). With
+  Llama-3 (``'123' '4'`` for 1234): response ``#### 1234`` vs truth 1234 ->
+  ``'123' '4'``; vs 1299 -> ``'129' '9'``; ``#### 999`` vs 1234 -> ``'234'``;
+  ``#### 12345`` (``'123' '45'``) vs 12399 -> ``'123' '99'``; ``#### 42`` vs 7 ->
+  ``'07'``. A digit-level tokenizer is the ``w = 1`` case: ``#### 123`` vs 45 ->
+  ``0 4 5``. Correct and wrong responses both get targets.
 
 How ``final_answer`` finds the answer's tokens without a Python loop over tokens:
 the response text is decoded (or given), the answer's character span found by
 regex; ``n_before`` = ASCII digits in the text before the span, ``n_ans`` = digits
-inside it. With the running count ``c_t`` of digit tokens (a cumsum over the
-digit-token mask), the answer's digit tokens are those with
-``n_before <= c_t < n_before + n_ans``. Per sample we check that the text has as
-many ASCII digits as the response has digit tokens; a sample where they differ
-gets no targets and a warning on ``logging.getLogger("ntl")``.
+inside it. With the width ``w_t`` of each number token (digits it writes, 0 for
+other tokens) and ``c_t = sum_{s < t} w_s`` (a cumsum), token ``t`` is in the answer
+when ``n_before <= c_t`` and ``c_t + w_t <= n_before + n_ans``; its target is entry
+``[w_t - 1, c_t - n_before]`` of a small per-sample host table ``[max_width, n_ans]``
+(the id of the truth's digits ``r .. r + w - 1`` of the aligned digit string), taken
+by one gather. Per sample we check that the text has as many ASCII digits as the
+response's number tokens write (``sum_t w_t``); a sample where they differ gets no
+targets and a warning on ``logging.getLogger("ntl")``.
 """
 
 from __future__ import annotations
@@ -39,7 +54,7 @@ from typing import Any, Literal, overload
 import torch
 
 from .answers import Answer, answers_equal, extract_answer, parse_ground_truth, place_value_targets
-from .vocab import NumberVocab, resolve_vocab
+from .vocab import NumberVocab, resolve_vocab, vocab_for_tokenizer
 
 __all__ = ["TargetInfo", "build_digit_targets", "count_ascii_digits", "digit_token_mask"]
 
@@ -71,8 +86,9 @@ class TargetInfo:
     Attributes:
         preds: extracted answer text of each response (``None``: no answer found).
         correct: whether each response's answer equals its ground truth numerically.
-        excluded: indices of samples skipped because the decoded text's digit count
-            differs from the number of digit tokens (``final_answer`` only).
+        excluded: indices of samples skipped because the decoded text's ASCII digit
+            count differs from the digits written by the row's number tokens
+            (``final_answer`` only).
         n_targets: number of targeted positions per sample.
     """
 
@@ -129,7 +145,7 @@ def _check_inputs(
     return response_ids, mask
 
 
-def _resolve(tokenizer: Any, vocab: Any, responses: Any, mode: str) -> tuple[Any, NumberVocab]:
+def _resolve(tokenizer: Any, vocab: Any, responses: Any) -> tuple[Any, NumberVocab]:
     if isinstance(tokenizer, NumberVocab):  # the third argument may be a vocab
         if vocab is not None:
             raise ValueError("pass the vocab either positionally or as vocab=, not both")
@@ -138,24 +154,50 @@ def _resolve(tokenizer: Any, vocab: Any, responses: Any, mode: str) -> tuple[Any
         raise ValueError("build_digit_targets needs a tokenizer to decode responses, or responses=")
     if vocab is None:
         if tokenizer is None:
-            raise ValueError("build_digit_targets needs a tokenizer or vocab= to know the digit tokens")
-        vocab = resolve_vocab(tokenizer)
-        if mode == "final_answer":
-            full = NumberVocab.from_tokenizer(tokenizer)
-            if full.K > 10:
-                raise ValueError(
-                    f"mode='final_answer' needs a digit-level tokenizer (each digit one token); "
-                    f"{type(tokenizer).__name__} has {full.K} number tokens (multi-digit numbers "
-                    "such as Llama-3's '123'). Use mode='all' with vocab=NumberVocab.from_tokenizer(tok)."
-                )
+            raise ValueError("build_digit_targets needs a tokenizer or vocab= to know the number tokens")
+        vocab = vocab_for_tokenizer(tokenizer)
     else:
         vocab = resolve_vocab(vocab)
-    if mode == "final_answer" and not vocab.is_digit_vocab:
-        raise ValueError(
-            f"mode='final_answer' needs a DigitVocab (values 0..9), got {vocab!r} "
-            "(a multi-digit number vocabulary); use mode='all' for it"
-        )
     return tokenizer, vocab
+
+
+class _Widths:
+    """Digit widths of a vocab's tokens and the text -> id lookup ``final_answer`` needs.
+
+    A vocab without :attr:`~ntl.NumberVocab.texts` is accepted only when every value is
+    a digit ``0..9`` (each token writes one digit; the first token of each value in vocab
+    order stands for it); otherwise the widths are unknown: ``ValueError``.
+    """
+
+    def __init__(self, vocab: NumberVocab) -> None:
+        self.vocab = vocab
+        if vocab.texts is not None:
+            self.max_width = vocab.max_width
+            self._by_text: dict[str, int] | None = None
+        elif all(v in tuple(float(d) for d in range(10)) for v in vocab.values):
+            self.max_width = 1
+            by_text: dict[str, int] = {}
+            for i, v in zip(vocab.token_ids, vocab.values, strict=True):
+                by_text.setdefault(str(int(v)), i)
+            self._by_text = by_text
+        else:
+            raise ValueError(
+                f"mode='final_answer' needs the digit width of every number token, but {vocab!r} was "
+                "built without token texts and has tokens whose values are not single digits "
+                "(multi-digit tokens such as '123'); build it with NumberVocab.from_tokenizer(tok) "
+                "(or ntl.vocab_for_tokenizer(tok)), or pass texts= to NumberVocab"
+            )
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """``[K]`` int64 widths in vocab order on ``device``."""
+        if self._by_text is None:
+            return self.vocab.widths_on(device)
+        return torch.ones(self.vocab.K, dtype=torch.long, device=device)
+
+    def id_of_text(self, text: str) -> int | None:
+        if self._by_text is None:
+            return self.vocab.id_of_text(text)
+        return self._by_text.get(text)
 
 
 # The type of the result follows ``return_info`` (overloads for type checkers only).
@@ -193,7 +235,7 @@ def build_digit_targets(
     flexible: bool = False,
     return_info: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TargetInfo]:
-    """Digit targets ``[B, T]`` (token ids, ``ignore_index`` elsewhere) for RL responses.
+    """Number-token targets ``[B, T]`` (token ids, ``ignore_index`` elsewhere) for RL responses.
 
     Args:
         response_ids: ``[B, T]`` integer token ids of the responses (right-padded).
@@ -201,29 +243,41 @@ def build_digit_targets(
             solutions ending in ``#### N`` (see :func:`ntl.answers.parse_ground_truth`).
         tokenizer: a Hugging Face tokenizer (decodes responses with
             ``skip_special_tokens=True`` when ``responses`` is None, and gives the
-            :class:`~ntl.DigitVocab`); a :class:`~ntl.NumberVocab` is accepted here too
-            (then ``responses`` is required).
+            vocabulary); a :class:`~ntl.NumberVocab` is accepted here too (then
+            ``responses`` is required).
         mode: ``"final_answer"`` or ``"all"`` (module docstring).
         response_mask: ``[B, T]`` nonzero at real response tokens; others are never
             targeted and are left out of the decoded text. Default: all real.
         responses: decoded texts, ``responses[b]`` = the decode of row ``b``'s masked
-            tokens. Saves the decode; a text whose digit count does not match the
-            row's digit tokens is excluded (``final_answer``) with a warning.
+            tokens. Saves the decode; a text whose ASCII digit count differs from the
+            digits the row's number tokens write is excluded (``final_answer``) with a
+            warning.
         ignore_index: value at non-target positions.
-        vocab: number vocabulary (default: ``resolve_vocab(tokenizer)``, the
-            DigitVocab). ``final_answer`` needs digit values 0..9 (``ValueError``
-            otherwise, also for tokenizers with multi-digit number tokens).
+        vocab: number vocabulary (default: ``ntl.vocab_for_tokenizer(tokenizer)``, the
+            model's whole number vocabulary: the DigitVocab of a digit-level tokenizer,
+            all 1,110 number tokens of Llama-3). ``final_answer`` needs each token's digit
+            width: a vocab with :attr:`~ntl.NumberVocab.texts`, or one whose values are
+            all single digits; ``ValueError`` otherwise.
         flexible: answer extraction falls back to the last number in the text.
         return_info: also return a :class:`TargetInfo`.
 
     Returns:
         int64 ``[B, T]`` on ``response_ids.device``; with ``return_info`` a tuple.
 
-    Example (Qwen2.5): response ``"... #### 123"`` with truth ``"45"`` gives the
-    tokens ``1 2 3`` the targets ``'0' '4' '5'`` (hundreds has no counterpart).
+    Rule (``final_answer``): with ``d`` the truth's digits aligned to the answer's
+    written digits (:func:`ntl.answers.place_value_targets`), a number token writing
+    the answer's digits ``r .. r + w - 1`` targets the token with text
+    ``d[r] ... d[r + w - 1]``.
+
+    Examples: Qwen2.5 (digit-level), response ``"... #### 123"`` with truth ``"45"``
+    gives the tokens ``1 2 3`` the targets ``'0' '4' '5'`` (hundreds has no
+    counterpart). Llama-3: ``#### 1234`` (``'123' '4'``) vs 1299 -> ``'129' '9'``;
+    ``#### 999`` vs 1234 -> ``'234'``; ``#### 12345`` (``'123' '45'``) vs 12399 ->
+    ``'123' '99'``; ``#### 42`` vs 7 -> ``'07'``.
     """
     ids, mask = _check_inputs(response_ids, ground_truths, response_mask, responses, mode, ignore_index)
-    tokenizer, vocab = _resolve(tokenizer, vocab, responses, mode)
+    tokenizer, vocab = _resolve(tokenizer, vocab, responses)
+    widths = _Widths(vocab) if mode == "final_answer" else None
     B = ids.shape[0]
     truths: list[Answer] = []
     for i, gt in enumerate(ground_truths):
@@ -232,7 +286,8 @@ def build_digit_targets(
         except (ValueError, TypeError) as e:
             raise type(e)(f"ground_truths[{i}]: {e}") from None
 
-    is_num = digit_token_mask(ids, vocab, mask)
+    k_idx = vocab.digit_index(ids, max(vocab.vocab_size, 1))
+    is_num = (k_idx >= 0) & mask
     if responses is None:
         host_ids = ids.detach().cpu().numpy()
         host_mask = mask.detach().cpu().numpy()
@@ -246,44 +301,54 @@ def build_digit_targets(
     correct = [a is not None and answers_equal(a, t) for a, t in zip(answers, truths, strict=True)]
     excluded: list[int] = []
 
-    if mode == "all":
+    if widths is None:  # mode == "all"
         ok = torch.tensor(correct, dtype=torch.bool, device=ids.device)
         sel = is_num & ok[:, None]
         targets = torch.where(sel, ids.long(), torch.full_like(ids, ignore_index, dtype=torch.long))
     else:
-        n_tok = is_num.sum(1).tolist() if B else []  # one host sync
+        # w_t: digits written by token t (0 off the number tokens); c_t: digits before t
+        w = torch.where(is_num, widths.on(ids.device)[k_idx.clamp_min(0)], torch.zeros_like(k_idx))
+        c = w.cumsum(1) - w
+        n_written = w.sum(1).tolist() if B else []  # one host sync
+        W = widths.max_width
         n_before = [0] * B
         n_ans = [0] * B
-        table: list[list[int]] = [[] for _ in range(B)]
+        aligned: list[str] = [""] * B
         for b, (text, ans) in enumerate(zip(texts, answers, strict=True)):
             if ans is None:
                 continue
-            if count_ascii_digits(text) != n_tok[b]:
+            if count_ascii_digits(text) != n_written[b]:
                 excluded.append(b)
                 continue
-            digits = place_value_targets(ans, truths[b], text)
+            aligned[b] = "".join(str(d) for d in place_value_targets(ans, truths[b], text))
             n_before[b] = count_ascii_digits(text[: ans.span[0]])
-            n_ans[b] = len(digits)
-            table[b] = digits
+            n_ans[b] = len(aligned[b])
         if excluded:
             logger.warning(
                 "build_digit_targets: %d of %d responses excluded from final_answer targets: the "
-                "decoded text's ASCII digit count differs from the number of digit tokens "
-                "(samples %s); is the tokenizer digit-level and responses[b] the decode of row b?",
-                len(excluded), B, excluded[:16],
+                "decoded text's ASCII digit count differs from the digits the number tokens of %r "
+                "write (samples %s); is it the tokenizer's vocabulary (ntl.vocab_for_tokenizer) and "
+                "responses[b] the decode of row b?",
+                len(excluded), B, vocab, excluded[:16],
             )
         L = max([1, *n_ans])
-        tab = torch.tensor(
-            [row + [0] * (L - len(row)) for row in table] if B else [[0]],
-            dtype=torch.long,
-        )[:B].to(ids.device)
-        nb = torch.tensor(n_before, dtype=torch.long).to(ids.device)
-        na = torch.tensor(n_ans, dtype=torch.long).to(ids.device)
-        rel = is_num.long().cumsum(1) - 1 - nb[:, None]
-        sel = is_num & (rel >= 0) & (rel < na[:, None])
-        digit = tab.gather(1, rel.clamp(0, L - 1))
-        digit_ids = vocab.ids(ids.device)  # sorted by value: digit d -> ids[d]
-        targets = torch.where(sel, digit_ids[digit], torch.full_like(digit, ignore_index))
+        # table[b, w - 1, r]: id of the token writing aligned[b][r : r + w] (-1: none / too long)
+        table = [[[-1] * L for _ in range(W)] for _ in range(B)]
+        for b, d in enumerate(aligned):
+            for wi in range(W):
+                for r in range(len(d) - wi):
+                    tid = widths.id_of_text(d[r : r + wi + 1])
+                    if tid is not None:
+                        table[b][wi][r] = tid
+        tab = torch.tensor(table if B else [[[-1]]], dtype=torch.long)[:B].view(B, W * L).to(ids.device)
+        nb = torch.tensor(n_before, dtype=torch.long).to(ids.device)[:, None]
+        na = torch.tensor(n_ans, dtype=torch.long).to(ids.device)[:, None]
+        rel = c - nb
+        inside = is_num & (rel >= 0) & (c + w <= nb + na)
+        flat = (w - 1).clamp(0, W - 1) * L + rel.clamp(0, L - 1)
+        tid = tab.gather(1, flat)
+        sel = inside & (tid >= 0)
+        targets = torch.where(sel, tid, torch.full_like(tid, ignore_index))
     if not return_info:
         return targets
     n_targets = sel.sum(1).tolist() if B else []
