@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -232,6 +233,33 @@ def test_t_critical_matches_the_printed_table():
         assert t_critical(df) == pytest.approx(t, abs=1e-3)
     with pytest.raises(ValueError, match="df"):
         t_critical(0)
+
+
+@pytest.mark.parametrize("level", [0.5, 0.8, 0.9, 0.95, 0.99, 0.999])
+def test_t_critical_agrees_with_scipy_without_using_it(level):
+    """The quantile is computed without scipy (a core install can run ``ntl demo``); scipy's
+    ``t.ppf`` is the independent reference here, for df 1..200."""
+    from scipy import stats
+
+    for df in [*range(1, 41), 57, 99, 100, 200]:
+        assert t_critical(df, level) == pytest.approx(float(stats.t.ppf(0.5 + level / 2, df)),
+                                                      rel=1e-9, abs=1e-9)
+
+
+def test_demo_stats_import_no_scipy(tmp_path):
+    """``ntl.demo.stats`` in a process where ``import scipy`` fails: the interval still works
+    (the demo used to train every arm, then die on ``ModuleNotFoundError: scipy``)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "scipy").mkdir()
+    (tmp_path / "scipy" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'scipy'\")\n")
+    code = ("from ntl.demo.stats import t_interval; "
+            "d = t_interval([1.0, 2.0, 3.0, 4.0, 5.0]); print(round(d['hi'], 6))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert float(p.stdout) == pytest.approx(3.0 + 2.7764451 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
 
 
 def test_t_interval_by_hand():

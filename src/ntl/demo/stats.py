@@ -30,15 +30,46 @@ __all__ = [
 LEVEL = 0.95
 
 
+def _t_central_mass(t: float, df: int) -> float:
+    """``P(|T| <= t)`` for Student's t with integer ``df`` (Abramowitz & Stegun 26.7.3-4):
+    with ``θ = atan(t / √df)``, odd ``df``: ``(2/π)(θ + sin θ Σ_j c_j cos^{2j+1} θ)``,
+    ``c_0 = 1``, ``c_j = c_{j-1}·2j/(2j+1)``, ``j < (df-1)/2``; even ``df``:
+    ``sin θ Σ_j c_j cos^{2j} θ``, ``c_0 = 1``, ``c_j = c_{j-1}(2j-1)/(2j)``, ``j < df/2``."""
+    th = math.atan(t / math.sqrt(df))
+    s, c = math.sin(th), math.cos(th)
+    if df % 2:
+        term, total = c, 0.0
+        for j in range((df - 1) // 2):
+            total += term
+            term *= c * c * (2 * j + 2) / (2 * j + 3)
+        return 2.0 / math.pi * (th + s * total) if df > 1 else 2.0 * th / math.pi
+    term, total = 1.0, 0.0
+    for j in range(df // 2):
+        total += term
+        term *= c * c * (2 * j + 1) / (2 * j + 2)
+    return s * total
+
+
 def t_critical(df: int, level: float = LEVEL) -> float:
-    """Two-sided Student-t critical value ``t_{(1+level)/2, df}`` (``scipy.stats.t.ppf``)."""
-    if not isinstance(df, int) or df < 1:
+    """Two-sided Student-t critical value ``t_{(1+level)/2, df}`` (what ``scipy.stats.t.ppf``
+    gives), without scipy: bisection on the exact integer-``df`` central mass
+    :func:`_t_central_mass` to ~1e-12."""
+    if not isinstance(df, int) or isinstance(df, bool) or df < 1:
         raise ValueError(f"df must be an int >= 1, got {df!r}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level!r}")
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + level / 2.0, df))
+    lo, hi = 0.0, 1.0
+    while _t_central_mass(hi, df) < level:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _t_central_mass(mid, df) < level:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
 
 
 def describe(xs: Sequence[float | None]) -> dict[str, Any]:
