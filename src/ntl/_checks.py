@@ -141,6 +141,29 @@ def check_bias(bias: object, V: int, hidden: torch.Tensor, same_dtype: bool = Fa
         raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
 
 
+def check_head(hidden: object, weight: object, bias: object, *, name: str = "weight",
+               same_dtype: bool = False) -> int:
+    """``hidden [..., H]``, an LM head ``weight [V, H]`` (``V > 0``) on ``hidden``'s device and a
+    ``bias`` as :func:`check_bias`; ``same_dtype``: one dtype for all three (``hidden @ weight.T``
+    in that dtype). Returns ``V``."""
+    hidden = check_logits(hidden, "hidden", dim="H")
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.dim() != 2:
+        raise TypeError(f"{name} must be a 2-D float tensor [V, H], got "
+                        + (f"{weight.dtype} of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
+                           else type(weight).__name__))
+    H = hidden.shape[-1]
+    if weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"{name} shape {tuple(weight.shape)} does not match hidden size {H} "
+                         f"(hidden shape {tuple(hidden.shape)}); expected [V, {H}] with V > 0")
+    if weight.device != hidden.device:
+        raise ValueError(f"{name} is on {weight.device} but hidden is on {hidden.device}")
+    if same_dtype and weight.dtype != hidden.dtype:
+        raise TypeError(f"{name} dtype {weight.dtype} differs from hidden dtype {hidden.dtype} "
+                        f"(hidden @ {name}.T needs one dtype; cast one of them)")
+    check_bias(bias, weight.shape[0], hidden, same_dtype=same_dtype)
+    return weight.shape[0]
+
+
 def check_ntl_weight(w: object, name: str = "ntl_weight") -> float:
     """``ntl_weight``: a finite Python number ``>= 0`` (not a tensor: it is a constant of the graph)."""
     if isinstance(w, torch.Tensor):

@@ -23,24 +23,10 @@ __all__ = ["digit_logits_from_hidden", "ntl_loss_from_digit_logits", "ntl_loss_f
 
 
 def _check_head(hidden: Any, weight: Any, bias: Any, temperature: Any) -> tuple[int, float]:
-    C.check_logits(hidden, "hidden", dim="H")
-    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.dim() != 2:
-        raise TypeError(
-            "lm_head_weight must be a 2-D float tensor [V, H], got "
-            + (f"{weight.dtype} of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
-               else type(weight).__name__)
-        )
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"lm_head_weight shape {tuple(weight.shape)} does not match hidden size "
-            f"{hidden.shape[-1]} (hidden shape {tuple(hidden.shape)}); expected [V, {hidden.shape[-1]}]"
-        )
-    if weight.device != hidden.device:
-        raise ValueError(f"lm_head_weight is on {weight.device} but hidden is on {hidden.device}")
-    C.check_bias(bias, weight.shape[0], hidden)
+    V = C.check_head(hidden, weight, bias, name="lm_head_weight")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    return weight.shape[0], float(temperature)
+    return V, float(temperature)
 
 
 def _digit_logits(hidden: torch.Tensor, weight: torch.Tensor, handle: int,

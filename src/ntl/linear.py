@@ -228,25 +228,6 @@ def _scale(g: torch.Tensor, f: torch.Tensor, in_place: bool, use_kernel: bool) -
 # --------------------------------------------------------------------------- public API
 
 
-def _check_head(hidden: Any, weight: Any, bias: Any) -> int:
-    """Checks of ``hidden [..., H]``, ``weight [V, H]`` and ``bias [V]``; returns ``V``."""
-    C.check_logits(hidden, "hidden", dim="H")
-    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.dim() != 2:
-        raise TypeError("weight must be a 2-D float tensor [V, H], got "
-                        + (f"{weight.dtype} of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
-                           else type(weight).__name__))
-    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]} "
-                         f"(hidden shape {tuple(hidden.shape)}); expected [V, {hidden.shape[-1]}] with V > 0")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype} "
-                        "(hidden @ weight.T needs one dtype; cast one of them)")
-    C.check_bias(bias, weight.shape[0], hidden, same_dtype=True)
-    return weight.shape[0]
-
-
 def _check_options(ntl_weight: Any, chunk_size: Any, **flags: Any) -> None:
     C.check_ntl_weight(ntl_weight)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -347,7 +328,7 @@ def linear_cross_entropy_with_ntl(
     method = C.check_method(method)
     squash_factor = check_squash_factor(squash_factor, method)
     _check_options(ntl_weight, chunk_size, reweigh=reweigh, return_parts=return_parts)
-    V = _check_head(hidden, weight, bias)
+    V = C.check_head(hidden, weight, bias, same_dtype=True)
     labels1d, vocab, k, _ = prepare_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]",
                                            V, vocab_or_tokenizer, ignore_index, None, reduction)
     tensors = [hidden, weight] + ([bias] if bias is not None else [])
