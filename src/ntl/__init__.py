@@ -72,4 +72,4 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'ntl' has no attribute {name!r}")
 
 
-_SUBMODULES = ("answers", "rewards", "targets", "tokenizers")
+_SUBMODULES = ("answers", "checks", "rewards", "targets", "tokenizers")
