@@ -100,13 +100,21 @@ def _gen(seed: int, device: torch.device) -> torch.Generator:
 
 def make_labels(N: int, V: int, digit_ids: torch.Tensor, *, digit_frac: float, ignore_frac: float,
                 seed: int) -> torch.Tensor:
-    """``N`` labels: exactly ``round(N digit_frac)`` digit tokens, ``round(N ignore_frac)``
-    ``-100`` and text tokens (non-digit ids below ``min(V, 151665)``) elsewhere, shuffled."""
+    """``N`` labels: exactly ``round(N digit_frac)`` number tokens (drawn uniformly from
+    ``digit_ids``: Qwen's 10 digits, or e.g. Llama-3's 1,110 number tokens), ``round(N ignore_frac)``
+    ``-100`` and text tokens (ids below ``min(V, 151665)`` that are not in ``digit_ids``)
+    elsewhere, shuffled."""
     g = _gen(seed, torch.device("cpu"))
     hi = min(V, TOKENIZER_LEN)
+    if len(torch.unique(digit_ids[digit_ids < hi])) >= hi:
+        raise ValueError(f"make_labels: every id below {hi} is a number token; no text token to draw")
     text = torch.randint(0, hi, (N,), generator=g)
     is_digit = torch.isin(text, digit_ids)
-    text = torch.where(is_digit, (text + 10 * len(digit_ids)) % hi, text)  # move off the digit ids
+    step = 10 * len(digit_ids)  # move off the number ids: one step for Qwen's 10 contiguous digit ids,
+    while bool(is_digit.any()):  # then single steps (Llama-3's ids are scattered) until none is left
+        text = torch.where(is_digit, (text + step) % hi, text)
+        is_digit = torch.isin(text, digit_ids)
+        step = 1
     digits = digit_ids[torch.randint(0, len(digit_ids), (N,), generator=g)]
     n_d, n_i = round(N * digit_frac), round(N * ignore_frac)
     perm = torch.randperm(N, generator=g)
@@ -254,6 +262,9 @@ class Ctx:
         key = ("ntloss", method, reweigh)
         if self.tokenizer is None:
             raise Unavailable("ntloss needs the tokenizer (this process has digit ids only)")
+        if not self.vocab.is_digit_vocab:
+            raise Unavailable(f"ntloss is compared at digit level (digit_level=True); this run's vocab is a "
+                              f"{type(self.vocab).__name__} of K={self.vocab.K} number tokens")
         if key not in self.cache:
             try:
                 import ntloss
@@ -306,6 +317,9 @@ class Case:
     fixed: tuple[int, int, float, float] | None = None
     hidden_size: tuple[int, int] | None = None  # default H (CPU, GPU) when --hidden-size is not given
     cpu_ns: tuple[int, ...] | None = None  # default N on CPU when --n is not given
+    #: runs with any number vocab (``--tokenizer llama3``: 1,110 multi-digit number tokens);
+    #: False: digit-level only (the ntloss-parity cases compare against ntloss's digit-level losses)
+    any_vocab: bool = False
 
 
 def _ntl_attr(name: str) -> Any:
@@ -583,16 +597,17 @@ CASES: dict[str, Case] = {
     c.name: c
     for c in (
         Case("ntl-mse", "Standalone NTL-MSE on logits [N, V]", "logits", _standalone("mse"), "ntl",
-             ("ce+ntl", "ce"), quick=False),
+             ("ce+ntl", "ce"), quick=False, any_vocab=True),
         Case("ntl-w1", "Standalone NTL-W1 on logits [N, V]", "logits", _standalone("wasserstein"), "ntl",
-             ("ce+ntl", "ce")),
+             ("ce+ntl", "ce"), any_vocab=True),
         Case("ce+ntl", f"Cross-entropy + {NTL_WEIGHT} x NTL-W1 on logits [N, V]", "logits", _ce_ntl(),
-             "ntl-fused", ("ce+ntl", "ce")),
+             "ntl-fused", ("ce+ntl", "ce"), any_vocab=True),
         Case("hidden", "NTL-W1 from hidden states [N, H] and the LM head W [V, H]", "hidden", _hidden(),
-             "ntl-from-hidden", ("hidden", "lm-head+ce"), quick_cpu=False),
+             "ntl-from-hidden", ("hidden", "lm-head+ce"), quick_cpu=False,
+             any_vocab=True),
         Case("linear", f"Cross-entropy + {NTL_WEIGHT} x NTL-W1 from hidden [N, H] and W [V, H]", "linear",
              _linear(), "ntl-linear", ("linear", "logits+fused"), quick_cpu=False, hidden_size=(896, 3584),
-             cpu_ns=(2048,)),
+             cpu_ns=(2048,), any_vocab=True),
     )
 }
 

@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ log: logging.Logger = logging.getLogger("ntl")
 
 DEFAULT_OUT = Path("ntl-bench")  # relative to the current directory; commit with --out benchmarks/results
 QWEN_V = 151_936
+#: ``--tokenizer`` choices: the real tokenizers whose whole number vocabulary a run can measure.
+TOKENIZERS = ("qwen2", "llama3")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 #: Loss check tolerance (relative, with an absolute floor) per input dtype.
@@ -56,7 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="ntl bench",
         description="Speed and peak memory of ntl vs the eager PyTorch reference, torch.compile, ntloss "
-                    "and Liger-Kernel at Qwen2.5 shapes (V=151936).",
+                    "and Liger-Kernel at Qwen2.5's shape (V=151936, 10 digit tokens) and/or Llama-3's "
+                    "(V=128256, 1,110 number tokens; --tokenizer llama3).",
     )
     p.add_argument("--quick", action="store_true",
                    help="small run: N=1024 (CPU: fp32, 3 repeats, core providers; < 2 min on 2 cores)")
@@ -81,8 +85,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rep-ms", type=int, help="GPU do_bench rep time in ms (default 100; --quick 50)")
     p.add_argument("--hidden-size", type=int,
                    help="H for the hidden-state cases (default: hidden CPU 64, GPU 3584; linear CPU 896, GPU 3584)")
-    p.add_argument("--vocab-size", type=int, default=QWEN_V, help="V (default Qwen2.5's 151936)")
-    p.add_argument("--digit-frac", type=float, default=0.2, help="share of digit labels (default 0.2)")
+    p.add_argument("--tokenizer", nargs="+", choices=TOKENIZERS, default=["qwen2"], metavar="TOKENIZER",
+                   help="the real tokenizer(s) whose whole number vocabulary (ntl.vocab_for_tokenizer) and V "
+                        "the run measures, side by side when several are given: qwen2 (Qwen2.5: DigitVocab, "
+                        "K=10, V=151936; the default) and/or llama3 (Llama-3: NumberVocab of its 1,110 number "
+                        "tokens '0'..'999', K=1110, V=128256). The ntloss-parity cases and the ntloss "
+                        "providers are digit-level: skipped, with the reason, for llama3")
+    p.add_argument("--vocab-size", type=int,
+                   help="V (default: the tokenizer's model vocabulary, Qwen2.5's 151936 or Llama-3's 128256)")
+    p.add_argument("--digit-frac", type=float, default=0.2,
+                   help="share of labels that are number tokens of the vocab (digits for qwen2; default 0.2)")
     p.add_argument("--ignore-frac", type=float, default=0.02, help="share of -100 labels (default 0.02)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -122,7 +134,56 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--skip-providers: unknown provider keys {unknown} (see --list)")
     if not 0 <= a.digit_frac + a.ignore_frac <= 1:
         p.error("--digit-frac + --ignore-frac must lie in [0, 1]")
+    if len(set(a.tokenizer)) != len(a.tokenizer):
+        p.error(f"--tokenizer: each tokenizer once, got {a.tokenizer}")
+    if a.vocab_size is not None and a.vocab_size < 1:
+        p.error("--vocab-size must be >= 1")
     return a
+
+
+@dataclass
+class _VocabRun:
+    """One number vocab a run measures: the tokenizer's name (``--tokenizer``), its label in the
+    results (``custom`` for a tokenizer passed to :func:`main`), tokenizer, vocab, ``V`` and the
+    providers' context."""
+
+    tokenizer: str
+    name: str
+    tok: Any
+    vocab: Any
+    V: int
+    ctx: Ctx
+
+    def info(self) -> dict[str, Any]:
+        w = self.vocab.widths
+        return {"name": self.name, "tokenizer": self.tokenizer, "class": type(self.vocab).__name__,
+                "K": self.vocab.K, "V": self.V, "max_width": None if w is None else max(w)}
+
+
+def _vocab_runs(a: argparse.Namespace, tokenizer: Any) -> list[_VocabRun]:
+    """The vocabs of ``--tokenizer``: ``ntl.vocab_for_tokenizer`` of the real tokenizer (Qwen2.5:
+    its DigitVocab, K = 10; Llama-3: the NumberVocab of all 1,110 number tokens), V the model's
+    vocabulary (``--vocab-size`` overrides it). ``tokenizer`` (tests) stands in for qwen2; an
+    ``--isolate`` child of such a run gets the digit ids only (``--digit-ids``)."""
+    import ntl
+    from ntl.tokenizers import llama3_tokenizer, qwen2_tokenizer
+
+    runs = []
+    for name in a.tokenizer:
+        label = "custom" if name == "qwen2" and (tokenizer is not None or a.digit_ids) else name
+        if a.digit_ids:  # an --isolate child of a run with a custom tokenizer: only the digit ids travel
+            V = a.vocab_size or QWEN_V
+            tok, vocab = None, ntl.DigitVocab([int(x) for x in a.digit_ids.split(",")], vocab_size=V)
+        elif name == "qwen2":
+            tok = tokenizer if tokenizer is not None else qwen2_tokenizer()
+            V = a.vocab_size or QWEN_V
+            vocab = ntl.vocab_for_tokenizer(tok, vocab_size=V)
+        else:
+            tok = llama3_tokenizer()
+            V = a.vocab_size or len(tok)
+            vocab = ntl.vocab_for_tokenizer(tok, vocab_size=V)
+        runs.append(_VocabRun(name, label, tok, vocab, V, Ctx(tok, vocab, V)))
+    return runs
 
 
 def _list() -> str:
@@ -336,6 +397,78 @@ def _run_fixed(case: Any, tok: Any, a: argparse.Namespace, device: torch.device,
     return recs
 
 
+def _runs_with(case: Any, vr: _VocabRun) -> str | None:
+    """None when ``case`` runs with ``vr``'s vocab, else the reason it is skipped."""
+    if case.any_vocab or vr.vocab.is_digit_vocab:
+        return None
+    return (f"digit-level case (ntloss parity): not run with the {vr.name} vocab "
+            f"({type(vr.vocab).__name__}, K={vr.vocab.K})")
+
+
+def _run_vocab(vr: _VocabRun, N: int, dt: str, dtype: torch.dtype, a: argparse.Namespace, device: torch.device,
+               gpu: bool, case_names: list[str], case_Ns: dict[str, list[int]], selected: Any, prog: _Progress,
+               t_start: float) -> list[dict[str, Any]]:
+    """Every selected case at (N, dtype) with one vocab (its V, number tokens, labels)."""
+    records: list[dict[str, Any]] = []
+    inputs: dict[Any, Inputs] = {}
+    exp: dict[Any, dict[str, float]] = {}
+    for cname in case_names:
+        if N not in case_Ns[cname]:
+            continue
+        case = CASES[cname]
+        why_not = _runs_with(case, vr)
+        if why_not is not None:
+            records += [_rec(case, pr, N, dt, {"status": "skipped", "reason": why_not})
+                        for pr in case.providers if selected(pr) != "deselected"]
+            continue
+        if a.time_budget is not None and time.time() - t_start > a.time_budget:
+            why = f"time budget: --time-budget {a.time_budget:g} s was spent before this case"
+            log.warning("N=%d %s %s: %s", N, dt, cname, why)
+            records += [_rec(case, pr, N, dt, {"status": "skipped", "reason": why})
+                        for pr in case.providers if selected(pr) != "deselected"]
+            continue
+        if case.fixed is not None:  # its own shape, once per dtype
+            if case_Ns[cname][0] == N:
+                records += _run_fixed(case, vr.tok, a, device, dtype, dt, selected, prog)
+            continue
+        Hc = _case_H(case, a, gpu)
+        key = (case.inputs, Hc)
+        if key not in inputs:
+            inputs.clear()
+            exp.clear()
+            _free(device, full=True)
+            prog.start(f"N={N} {dt} {vr.name} (V={vr.V}, K={vr.vocab.K}): making {case.inputs} inputs")
+            try:
+                inputs[key] = make_inputs(case.inputs, N, vr.V, dtype, device, vr.vocab,
+                                          digit_frac=a.digit_frac, ignore_frac=a.ignore_frac,
+                                          hidden_size=Hc, seed=a.seed)
+                # an --isolate child leaves the check to its parent
+                exp[key] = expected_values(inputs[key]) if a.worker_json is None else {}
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                inputs.pop(key, None)
+        inp, e = inputs.get(key), exp.get(key, {})
+        if case.expected is not None and inp is not None:
+            e = {**e, **case.expected(inp)}
+        if a.isolate:
+            inputs.clear()  # the children make their own; this process keeps only the check values
+            _free(device, full=True)
+            records += _run_case_isolated(case, e, a, device, selected, prog, N, dt, Hc, vr,
+                                          vr.name == "custom")
+            exp.clear()
+            continue
+        rss_base = _max_rss_bytes()
+        recs = _run_case(case, inp, e, vr.ctx, a, device, selected, prog, N, dt)
+        if a.worker_json is not None:
+            for r in recs:
+                r["rss"] = {"base_bytes": rss_base, "peak_bytes": _max_rss_bytes()}
+        records += recs
+    inputs.clear()
+    _free(device, full=True)
+    return records
+
+
 def _rec(case: Any, pr: Any, N: int, dt: str, rec: dict[str, Any]) -> dict[str, Any]:
     return {"case": case.name, "provider": pr.key, "label": pr.label, "N": N, "dtype": dt, **rec}
 
@@ -382,12 +515,11 @@ def _max_rss_bytes() -> int | None:
 def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     """Run the selected benchmarks; return the result document (see README for the schema).
 
-    ``tokenizer`` (default: Qwen2.5's, built offline) supplies the digit tokens; tests
-    pass a tiny one together with a small ``--vocab-size``.
+    ``tokenizer`` (default: Qwen2.5's, built offline) supplies the digit tokens of
+    ``--tokenizer qwen2``; tests pass a tiny one together with a small ``--vocab-size``.
+    With several ``--tokenizer``, every (N, dtype) runs each vocab's cases in turn; each
+    record names its vocab (``vocab``).
     """
-    import ntl
-    from ntl.tokenizers import qwen2_tokenizer
-
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -410,13 +542,7 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     case_Ns = {c: _case_Ns(CASES[c], a, gpu, Ns) for c in case_names}
     all_Ns = sorted(set().union(*case_Ns.values())) if case_Ns else Ns
 
-    if a.digit_ids:  # an --isolate child of a run with a custom tokenizer: only the digit ids travel
-        tok = None
-        vocab = ntl.DigitVocab([int(x) for x in a.digit_ids.split(",")], vocab_size=a.vocab_size)
-    else:
-        tok = tokenizer if tokenizer is not None else qwen2_tokenizer()
-        vocab = ntl.DigitVocab.from_tokenizer(tok, vocab_size=a.vocab_size)
-    ctx = Ctx(tok, vocab, a.vocab_size)
+    vruns = _vocab_runs(a, tokenizer)
     selected = _selector(a, gpu)
 
     plan = [(N, dt, c) for N in all_Ns for dt in dtypes for c in case_names
@@ -424,7 +550,8 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     per = 1 if gpu else 1 + a.repeats  # progress units per provider
     if a.isolate:
         per = a.rounds
-    total = per * sum(1 for _, _, c in plan for pr in CASES[c].providers if selected(pr) is None)
+    total = per * sum(1 for vr in vruns for _, _, c in plan for pr in CASES[c].providers
+                      if selected(pr) is None and _runs_with(CASES[c], vr) is None)
     prog = _Progress(total, not a.no_progress)
     records: list[dict[str, Any]] = []
     baselines: dict[str, Any] = {"empty_kernel_launch_ms": None}
@@ -439,57 +566,12 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     for N in all_Ns:
         for dt in dtypes:
             dtype = DTYPES[dt]
-            inputs: dict[Any, Inputs] = {}
-            exp: dict[Any, dict[str, float]] = {}
-            for cname in case_names:
-                if N not in case_Ns[cname]:
-                    continue
-                case = CASES[cname]
-                if a.time_budget is not None and time.time() - t_start > a.time_budget:
-                    why = f"time budget: --time-budget {a.time_budget:g} s was spent before this case"
-                    log.warning("N=%d %s %s: %s", N, dt, cname, why)
-                    records += [_rec(case, pr, N, dt, {"status": "skipped", "reason": why})
-                                for pr in case.providers if selected(pr) != "deselected"]
-                    continue
-                if case.fixed is not None:  # its own shape, once per dtype
-                    if case_Ns[cname][0] == N:
-                        records += _run_fixed(case, tok, a, device, dtype, dt, selected, prog)
-                    continue
-                Hc = _case_H(case, a, gpu)
-                key = (case.inputs, Hc)
-                if key not in inputs:
-                    inputs.clear()
-                    exp.clear()
-                    _free(device, full=True)
-                    prog.start(f"N={N} {dt}: making {case.inputs} inputs")
-                    try:
-                        inputs[key] = make_inputs(case.inputs, N, a.vocab_size, dtype, device, vocab,
-                                                  digit_frac=a.digit_frac, ignore_frac=a.ignore_frac,
-                                                  hidden_size=Hc, seed=a.seed)
-                        # an --isolate child leaves the check to its parent
-                        exp[key] = expected_values(inputs[key]) if a.worker_json is None else {}
-                    except Exception as e:
-                        if not _is_oom(e):
-                            raise
-                        inputs.pop(key, None)
-                inp, e = inputs.get(key), exp.get(key, {})
-                if case.expected is not None and inp is not None:
-                    e = {**e, **case.expected(inp)}
-                if a.isolate:
-                    inputs.clear()  # the children make their own; this process keeps only the check values
-                    _free(device, full=True)
-                    records += _run_case_isolated(case, e, a, device, selected, prog, N, dt, Hc,
-                                                  vocab if tokenizer is not None or a.digit_ids else None)  # ids only
-                    exp.clear()
-                    continue
-                rss_base = _max_rss_bytes()
-                recs = _run_case(case, inp, e, ctx, a, device, selected, prog, N, dt)
-                if a.worker_json is not None:
-                    for r in recs:
-                        r["rss"] = {"base_bytes": rss_base, "peak_bytes": _max_rss_bytes()}
-                records += recs
-            inputs.clear()
-            _free(device, full=True)
+            for vr in vruns:
+                start = len(records)
+                records += _run_vocab(vr, N, dt, dtype, a, device, gpu, case_names, case_Ns, selected, prog,
+                                      t_start)
+                for r in records[start:]:
+                    r["vocab"] = vr.name
     prog.close()
     if a.worker_json is not None:
         a.worker_json.write_text(json.dumps({"results": records}, allow_nan=True))
@@ -506,7 +588,7 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         "wall_s": round(time.time() - t_start, 1),
         "load_avg_1min": {"start": load_start, "end": _loadavg()},
         "config": {
-            "vocab_size": a.vocab_size, "Ns": all_Ns, "dtypes": dtypes, "digit_frac": a.digit_frac,
+            "vocab_size": vruns[0].V, "vocabs": [vr.info() for vr in vruns], "Ns": all_Ns, "dtypes": dtypes, "digit_frac": a.digit_frac,
             "ignore_frac": a.ignore_frac, "hidden_size": H, "ntl_weight": 0.3, "seed": a.seed,
             "cases": case_names, "ntl_backend": ntl_backend, "skip_providers": a.skip_providers,
             "time_budget_s": a.time_budget,
@@ -528,7 +610,9 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
         "baselines": baselines,
         "results": records,
     }
-    doc["targets"] = report.evaluate_targets(records, device.type, baselines)
+    # the targets are set at the first vocab's shape (Qwen2.5's by default)
+    doc["targets"] = report.evaluate_targets([r for r in records if r["vocab"] == vruns[0].name], device.type,
+                                             baselines)
     return doc
 
 
@@ -536,16 +620,17 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
 
 
 def _child_argv(a: argparse.Namespace, device: torch.device, N: int, dt: str, case: str, key: str, H: int,
-                out: Path, ids_vocab: Any) -> list[str]:
+                out: Path, vr: _VocabRun, ids_only: bool) -> list[str]:
     argv = [sys.executable, "-m", "ntl.bench", "--device", device.type, "--n", str(N), "--dtype", dt,
             "--cases", case, "--providers", key, "--repeats", str(a.repeats), "--warmup", str(a.warmup),
-            "--rep-ms", str(a.rep_ms), "--hidden-size", str(H), "--vocab-size", str(a.vocab_size),
+            "--rep-ms", str(a.rep_ms), "--hidden-size", str(H), "--vocab-size", str(vr.V),
+            "--tokenizer", vr.tokenizer,
             "--digit-frac", repr(a.digit_frac), "--ignore-frac", repr(a.ignore_frac), "--seed", str(a.seed),
             "--no-save", "--no-progress", "--worker-json", str(out)]
     if a.threads:
         argv += ["--threads", str(a.threads)]
-    if ids_vocab is not None:
-        argv += ["--digit-ids", ",".join(str(i) for i in ids_vocab.token_ids)]
+    if ids_only:
+        argv += ["--digit-ids", ",".join(str(i) for i in vr.vocab.token_ids)]
     return argv
 
 
@@ -593,12 +678,12 @@ def _pool(pr: Any, rounds: list[dict[str, Any]], expected: dict[str, float], dty
 
 
 def _run_case_isolated(case: Any, expected: dict[str, float], a: argparse.Namespace, device: torch.device,
-                       selected: Any, prog: _Progress, N: int, dt: str, H: int, ids_vocab: Any
-                       ) -> list[dict[str, Any]]:
+                       selected: Any, prog: _Progress, N: int, dt: str, H: int, vr: _VocabRun,
+                       ids_only: bool) -> list[dict[str, Any]]:
     """``--isolate``: each selected provider of ``case`` in its own process, ``a.rounds`` rounds in
     which every provider runs once (so load changes on a shared machine hit all of them alike).
-    ``ids_vocab``: pass the children this vocab's digit ids instead of letting them build Qwen's
-    tokenizer (a run with a custom tokenizer)."""
+    ``vr``: the vocab (the children build it from ``--tokenizer``); ``ids_only``: pass them its
+    digit ids instead (a run with a custom tokenizer)."""
     import tempfile
 
     order = [pr for pr in case.providers if selected(pr) != "deselected"]
@@ -609,7 +694,7 @@ def _run_case_isolated(case: Any, expected: dict[str, float], a: argparse.Namesp
             for pr in runnable:
                 prog.start(f"N={N} {dt} {case.name}: {pr.key} (own process, round {r + 1}/{a.rounds})")
                 out = Path(tmp) / f"{pr.key}-{r}.json"
-                rec = _run_child(_child_argv(a, device, N, dt, case.name, pr.key, H, out, ids_vocab))
+                rec = _run_child(_child_argv(a, device, N, dt, case.name, pr.key, H, out, vr, ids_only))
                 rounds[pr.key].append(rec)
                 prog.update(1, None if rec["status"] == "ok" else f"{pr.key}: {rec['status']}: {rec.get('reason')}")
     recs = []

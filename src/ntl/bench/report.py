@@ -26,6 +26,7 @@ __all__ = [
     "render_markdown",
     "table_rows",
     "versions",
+    "vocab_comparison",
     "write_outputs",
 ]
 
@@ -113,8 +114,19 @@ def versions() -> dict[str, str | None]:
 # --------------------------------------------------------------------------- ratios
 
 
-def _key(r: dict[str, Any]) -> tuple[str, str, int, str]:
-    return (r["case"], r["provider"], r["N"], r["dtype"])
+def _vocab(r: dict[str, Any]) -> str:
+    """The record's number vocab (``--tokenizer``); results written before it existed are Qwen2.5's."""
+    return r.get("vocab", "qwen2")
+
+
+def _key(r: dict[str, Any]) -> tuple[str, str, int, str, str]:
+    return (r["case"], r["provider"], r["N"], r["dtype"], _vocab(r))
+
+
+def _primary_vocab(doc: dict[str, Any]) -> str:
+    """The first vocab of a run (its targets are evaluated on it): ``qwen2`` unless told otherwise."""
+    vs = doc.get("config", {}).get("vocabs") or [{"name": "qwen2"}]
+    return vs[0]["name"]
 
 
 def _t(r: dict[str, Any] | None, mode: str) -> float | None:
@@ -139,15 +151,16 @@ def add_ratios(records: list[dict[str, Any]], cases: dict[str, Any]) -> None:
     """Add ``ratio_to_ntl``, ``ratio_to_ce``, ``mem_ratio_to_ntl``, ``mem_ratio_to_ce`` per mode.
 
     ``x ntl``: time over the case's ``ntl`` provider (same N, dtype, mode); ``x CE``: over
-    ``F.cross_entropy`` alone on the same logits (the LM head + CE for the hidden case).
+    ``F.cross_entropy`` alone on the same logits (the LM head + CE for the hidden case), both
+    with the record's own vocab.
     """
     by = {_key(r): r for r in records}
     for r in records:
         if r["status"] != "ok":
             continue
         case = cases[r["case"]]
-        ntl_r = by.get((r["case"], case.ntl_key, r["N"], r["dtype"]))
-        ce_r = by.get((case.ce_ref[0], case.ce_ref[1], r["N"], r["dtype"]))
+        ntl_r = by.get((r["case"], case.ntl_key, r["N"], r["dtype"], _vocab(r)))
+        ce_r = by.get((case.ce_ref[0], case.ce_ref[1], r["N"], r["dtype"], _vocab(r)))
         for mode in MODES:
             d = r["modes"][mode]
             d["ratio_to_ntl"] = _div(_t(r, mode), _t(ntl_r, mode))
@@ -157,7 +170,7 @@ def add_ratios(records: list[dict[str, Any]], cases: dict[str, Any]) -> None:
 
 
 def merge(old: dict[str, Any], new: dict[str, Any], cases: dict[str, Any]) -> dict[str, Any]:
-    """Results of ``new`` on top of ``old`` (same device): same (case, provider, N, dtype)
+    """Results of ``new`` on top of ``old`` (same device): same (case, provider, N, dtype, vocab)
     replaced, the rest kept; config lists united; ratios and targets recomputed.
 
     Lets a long GPU benchmark run in several shorter commands (``--append``).
@@ -170,7 +183,8 @@ def merge(old: dict[str, Any], new: dict[str, Any], cases: dict[str, Any]) -> di
     recs = [r for r in old["results"] if _key(r) not in fresh] + list(new["results"])
     case_order = {c: i for i, c in enumerate(cases)}
     prov_order = {(c, p.key): i for c, case in cases.items() for i, p in enumerate(case.providers)}
-    recs.sort(key=lambda r: (case_order.get(r["case"], 99), r["dtype"], r["N"],
+    vocab_order = {v: i for i, v in enumerate(dict.fromkeys(_vocab(r) for r in recs))}
+    recs.sort(key=lambda r: (case_order.get(r["case"], 99), r["dtype"], r["N"], vocab_order[_vocab(r)],
                              prov_order.get((r["case"], r["provider"]), 99)))
     doc = dict(new)
     doc["results"] = recs
@@ -178,6 +192,10 @@ def merge(old: dict[str, Any], new: dict[str, Any], cases: dict[str, Any]) -> di
     for k in ("Ns", "dtypes", "cases"):
         cfg[k] = sorted(set(old["config"].get(k, [])) | set(new["config"].get(k, [])),
                         key=lambda x: (case_order.get(x, 0), x) if k == "cases" else x)
+    if old["config"].get("vocabs") or new["config"].get("vocabs"):
+        by_name = {v["name"]: v for v in (old["config"].get("vocabs") or [])}
+        by_name.update({v["name"]: v for v in (new["config"].get("vocabs") or [])})
+        cfg["vocabs"] = list(by_name.values())
     doc["config"] = cfg
     doc["cases"] = {**old.get("cases", {}), **new.get("cases", {})}
     base = dict(old.get("baselines") or {})
@@ -186,7 +204,8 @@ def merge(old: dict[str, Any], new: dict[str, Any], cases: dict[str, Any]) -> di
     doc["runs"] = [*old.get("runs", [_run_entry(old)]), _run_entry(new)]
     doc["mode"] = "merged"
     add_ratios(recs, cases)
-    doc["targets"] = evaluate_targets(recs, doc["device"]["kind"], base)
+    primary = _primary_vocab(new)
+    doc["targets"] = evaluate_targets([r for r in recs if _vocab(r) == primary], doc["device"]["kind"], base)
     return doc
 
 
@@ -371,10 +390,13 @@ TABLE_HEADER = ("case", "N", "dtype", "provider", "fwd ms", "bwd ms", "fwd+bwd m
 
 
 def table_rows(records: Iterable[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """One row per record; times are ``median ±half-IQR`` ms, ratios and memory for fwd+bwd."""
+    """One row per record; times are ``median ±half-IQR`` ms, ratios and memory for fwd+bwd.
+    With records of several vocabs, the case reads ``case [vocab]``."""
     rows = []
+    records = list(records)
+    multi = len({_vocab(r) for r in records}) > 1
     for r in records:
-        base = (r["case"], str(r["N"]), r["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16"),
+        base = (f"{r['case']} [{_vocab(r)}]" if multi else r["case"], str(r["N"]), r["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16"),
                 r["provider"])
         if r["status"] != "ok":
             rows.append((*base, f"{r['status']}: {r.get('reason', '')}", "", "", "", "", "", "", ""))
@@ -443,6 +465,40 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def _vocab_line(cfg: dict[str, Any]) -> str | None:
+    vs = cfg.get("vocabs")
+    if not vs:
+        return None
+    return "- number vocab: " + "; ".join(
+        f"{v['name']}: {v['class']} K = {v['K']}"
+        + (f" (token widths 1-{v['max_width']} digits)" if (v.get("max_width") or 1) > 1 else "")
+        + f", V = {v['V']}" for v in vs)
+
+
+def vocab_comparison(records: Sequence[dict[str, Any]], base: str, other: str) -> list[dict[str, Any]]:
+    """Per (case, provider, N, dtype) measured with both vocabs: ``other`` over ``base`` fwd /
+    bwd / fwd+bwd median time and fwd+bwd peak memory; ``range`` bounds the fwd+bwd ratio by the
+    quartiles, ``(q25_other / q75_base, q75_other / q25_base)``."""
+    by = {_key(r): r for r in records if r["status"] == "ok"}
+    out = []
+    for r in records:
+        if r["status"] != "ok" or _vocab(r) != base:
+            continue
+        o = by.get((r["case"], r["provider"], r["N"], r["dtype"], other))
+        if o is None:
+            continue
+        tb, to = r["modes"]["fwd+bwd"]["time_ms"], o["modes"]["fwd+bwd"]["time_ms"]
+        out.append({
+            "case": r["case"], "provider": r["provider"], "N": r["N"], "dtype": r["dtype"],
+            "base": base, "other": other, "base_ms": tb, "other_ms": to,
+            "ratio": {m: _div(_t(o, m), _t(r, m)) for m in MODES},
+            "range": (_div(to["q25"], tb["q75"]), _div(to["q75"], tb["q25"])),
+            "mem_ratio": _div(_m(o, "fwd+bwd"), _m(r, "fwd+bwd")),
+            "base_mem": _m(r, "fwd+bwd"), "other_mem": _m(o, "fwd+bwd"),
+        })
+    return out
+
+
 def render_markdown(doc: dict[str, Any], plot_name: str | None) -> str:
     dev, ver, cfg = doc["device"], doc["versions"], doc["config"]
     kind = dev.get("kind", "cpu")
@@ -457,8 +513,12 @@ def render_markdown(doc: dict[str, Any], plot_name: str | None) -> str:
                                                               for r in doc["runs"])]
           if doc.get("runs") else []),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v),
-        f"- shapes: V = {cfg['vocab_size']}, N = {', '.join(map(str, cfg['Ns']))}, dtypes "
-        f"{', '.join(cfg['dtypes'])}, digit labels {cfg['digit_frac']:.0%}, ignored {cfg['ignore_frac']:.0%}, "
+        *([line] if (line := _vocab_line(cfg)) else []),
+        "- shapes: V = "
+        + (", ".join(f"{v['V']} ({v['name']})" for v in cfg["vocabs"]) if len(cfg.get("vocabs") or []) > 1
+           else str(cfg["vocab_size"]))
+        + f", N = {', '.join(map(str, cfg['Ns']))}, dtypes "
+        f"{', '.join(cfg['dtypes'])}, number-token labels {cfg['digit_frac']:.0%}, ignored {cfg['ignore_frac']:.0%}, "
         f"hidden size H = {cfg['hidden_size']}"
         + "".join(f"; {c}: H = {h}" for c, h in (cfg.get("hidden_size_by_case") or {}).items()
                   if h != cfg["hidden_size"])
@@ -491,11 +551,29 @@ def render_markdown(doc: dict[str, Any], plot_name: str | None) -> str:
                   f"({len(elsewhere)}): " + ", ".join(f"`{t['id']}`" for t in elsewhere) + ".", ""]
     if doc.get("baselines", {}).get("empty_kernel_launch_ms"):
         lines += [f"Empty Triton kernel launch: {_fmt_ms(doc['baselines']['empty_kernel_launch_ms'])} ms.", ""]
-    by_case: dict[str, list[dict[str, Any]]] = {}
+    vocabs = list(dict.fromkeys(_vocab(r) for r in doc["results"]))
+    for other in vocabs[1:]:
+        cmp = vocab_comparison(doc["results"], vocabs[0], other)
+        if not cmp:
+            continue
+        lines += [f"## Vocab comparison: {other} / {vocabs[0]}", "",
+                  f"Time and peak memory with the {other} vocab over those with the {vocabs[0]} vocab, same "
+                  "case, provider, N and dtype (medians; `range`: the fwd+bwd ratio's bounds from the "
+                  "quartiles).", "",
+                  _md_table(("case", "N", "dtype", "provider", f"{vocabs[0]} fwd+bwd ms",
+                             f"{other} fwd+bwd ms", "fwd+bwd ratio", "range", "fwd ratio", "bwd ratio",
+                             "peak MiB ratio"),
+                            [(c["case"], str(c["N"]), c["dtype"], c["provider"], _fmt_ms(c["base_ms"]),
+                              _fmt_ms(c["other_ms"]), _fmt_ratio(c["ratio"]["fwd+bwd"]),
+                              f"{_fmt_ratio(c['range'][0])}-{_fmt_ratio(c['range'][1])}",
+                              _fmt_ratio(c["ratio"]["fwd"]), _fmt_ratio(c["ratio"]["bwd"]),
+                              _fmt_ratio(c["mem_ratio"])) for c in cmp]), ""]
+    by_case: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in doc["results"]:
-        by_case.setdefault(r["case"], []).append(r)
-    for case, recs in by_case.items():
-        lines += [f"## {case}: {doc['cases'].get(case, '')}", "",
+        by_case.setdefault((r["case"], _vocab(r)), []).append(r)
+    for (case, voc), recs in by_case.items():
+        head = f"{case} [{voc}]" if len(vocabs) > 1 else case
+        lines += [f"## {head}: {doc['cases'].get(case, '')}", "",
                   _md_table(TABLE_HEADER[1:], [row[1:] for row in table_rows(recs)]), ""]
     if plot_name:
         lines += ["## Plot", "", f"![time and memory vs N]({plot_name})", ""]
@@ -517,11 +595,16 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(len(cases), 2, figsize=(13, 3.6 * len(cases)), squeeze=False)
     styles = {"float32": "-", "bfloat16": "--", "float16": ":"}
+    vocabs = list(dict.fromkeys(_vocab(r) for r in recs))
+    multi = len(vocabs) > 1
+
+    def tag(r: dict[str, Any]) -> str:  # provider (dtype) [vocab], each part only when it varies
+        return (r["provider"] + (f" ({r['dtype']})" if len(doc["config"]["dtypes"]) > 1 else "")
+                + (f" [{_vocab(r)}]" if multi else ""))
     if len(doc["config"]["Ns"]) == 1:  # one N: bars per provider instead of lines
         for i, case in enumerate(cases):
             rs = [r for r in recs if r["case"] == case]
-            names = [f"{r['provider']} ({r['dtype']})" if len(doc["config"]["dtypes"]) > 1 else r["provider"]
-                     for r in rs]
+            names = [tag(r) for r in rs]
             for j, (xlabel, get) in enumerate((
                     ("fwd+bwd time (ms)", lambda r: r["modes"]["fwd+bwd"]["time_ms"]["median"]),
                     ("fwd+bwd peak memory (MiB)", lambda r: r["modes"]["fwd+bwd"]["peak_mem_bytes"] / MiB))):
@@ -541,18 +624,18 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         plt.close(fig)
         return True
     for i, case in enumerate(cases):
-        series: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+        series: dict[tuple[str, str, int, str], list[tuple[int, float, float]]] = {}
         for r in recs:
             if r["case"] == case:
                 fb = r["modes"]["fwd+bwd"]
-                series.setdefault((r["provider"], r["dtype"]), []).append(
+                series.setdefault((r["provider"], r["dtype"], vocabs.index(_vocab(r)), tag(r)), []).append(
                     (r["N"], fb["time_ms"]["median"], fb["peak_mem_bytes"] / MiB))
-        for (prov, dt), pts in sorted(series.items()):
+        for (_, dt, vi, lbl), pts in sorted(series.items()):
             pts.sort()
             ns = [p[0] for p in pts]
-            lbl = f"{prov} ({dt})" if len(doc["config"]["dtypes"]) > 1 else prov
-            axes[i][0].plot(ns, [p[1] for p in pts], styles.get(dt, "-"), marker="o", label=lbl)
-            axes[i][1].plot(ns, [p[2] for p in pts], styles.get(dt, "-"), marker="o", label=lbl)
+            marker = "os^v"[vi % 4]  # one marker per vocab
+            axes[i][0].plot(ns, [p[1] for p in pts], styles.get(dt, "-"), marker=marker, label=lbl)
+            axes[i][1].plot(ns, [p[2] for p in pts], styles.get(dt, "-"), marker=marker, label=lbl)
         for j, ylabel in enumerate(("fwd+bwd time (ms)", "fwd+bwd peak memory (MiB)")):
             ax = axes[i][j]
             ax.set_xscale("log", base=2)
