@@ -139,6 +139,34 @@ class NTLActorConfig(FSDPActorConfig, NTLConfigFields):
             check_trainer_config(root, self.ntl_settings)
 
 
+MEGATRON_REFUSAL = (
+    "actor_rollout_ref.actor._target_=ntl_verl.config.NTLActorConfig with strategy=megatron: "
+    "NTL is not available on verl's Megatron engine (tensor/pipeline parallel, vocab-parallel "
+    "logits); ntl_verl's engine is the FSDP one. Use actor_rollout_ref.actor.strategy=fsdp2 "
+    "(with ulysses_sequence_parallel_size for long traces), or drop the NTL keys and the _target_ "
+    "override to train with Megatron without NTL (adapters/verl/README.md, 'Megatron': what is "
+    "missing)."
+)
+
+
+def _refuse_megatron(init: Any) -> Any:
+    """Wrap the dataclass ``__init__``: verl's Megatron actor config carries keys
+    (``megatron``, ``profile``) an FSDP config has no field for, which would otherwise surface
+    as an opaque ``TypeError: unexpected keyword argument 'megatron'``."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("strategy") == "megatron" or "megatron" in kwargs:
+            raise ValueError(MEGATRON_REFUSAL)
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    return __init__
+
+
+NTLActorConfig.__init__ = _refuse_megatron(NTLActorConfig.__init__)  # type: ignore[method-assign]
+
+
 def _register_on_import() -> None:
     # Also register when this module is merely imported (e.g. a pickled NTLActorConfig arriving
     # in a process that never ran __post_init__); idempotent.
