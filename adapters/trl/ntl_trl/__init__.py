@@ -3,7 +3,7 @@ and supervised fine-tuning (SFT mixin).
 
 * :class:`NTLConfig` - RL options (weight, method, labels, answer column).
 * :class:`NTLTrainerMixin`, :class:`NTLGRPOTrainer`, :class:`NTLRLOOTrainer` - TRL 1.16.
-* :class:`NTLSFTConfig`, :class:`NTLSFTMixin` - NTL on the supervised digit tokens;
+* :class:`NTLSFTConfig`, :class:`NTLSFTMixin` - NTL on the supervised number tokens;
   :class:`NTLSFTTrainer` (``trl.SFTTrainer``) and :class:`NTLTrainer` (plain
   ``transformers.Trainer``, no TRL needed).
 * :class:`NTLCallback` - gradient injection; also ``trl.experimental.ppo.PPOTrainer`` (TRL <= 1.12).
@@ -11,6 +11,8 @@ and supervised fine-tuning (SFT mixin).
   (:class:`~ntl_trl._capture.HiddenNTLCapture`), shared by every route.
 * :mod:`ntl_trl.rewards` - TRL reward functions (correctness, proximity bonus).
 
+Every route uses the model's whole number vocabulary (:func:`ntl.vocab_for_tokenizer`: the ten
+digits for Qwen2.5-style tokenizers, all 1,110 number tokens ``'0'..'999'`` for Llama-3).
 All NTL math lives in :mod:`ntl`; see adapters/trl/README.md.
 """
 

@@ -1,9 +1,10 @@
-"""NTL inside the model's forward: digit logits from the backbone's last hidden state.
+"""NTL inside the model's forward: number-token logits from the backbone's last hidden state.
 
 Shared by every route of the adapter (GRPO/RLOO mixin, gradient-injection callback, and
-trainers built on them). For hidden states ``h [B, T, H]`` and digit targets ``y`` aligned
-with ``h[:, start:start+L]`` (token ids; ``-100`` or any non-number token where NTL does
-not apply):
+trainers built on them). For hidden states ``h [B, T, H]`` and number-token targets ``y``
+aligned with ``h[:, start:start+L]`` (token ids; ``-100`` or any non-number token where NTL
+does not apply), over the vocab's ``K`` number tokens ``ids`` (the ten digits of a
+digit-level tokenizer, Llama-3's 1,110 tokens ``'0'..'999'``):
 
 1. only the ``n`` rows with a number-token target are selected, *before* the
    ``[n, H] x [H, K]`` matmul (no fp32 copy of the other rows is made or saved);
@@ -60,7 +61,7 @@ def ntl_sums_from_hidden(parts: LMParts, hidden: torch.Tensor, targets: torch.Te
     n*target_prob]`` are detached (:func:`ntl_trl._common.digit_metric_sums`)."""
     if hidden.shape[:-1] != targets.shape:
         raise RuntimeError(
-            f"NTL: hidden states {tuple(hidden.shape)} do not match the digit targets "
+            f"NTL: hidden states {tuple(hidden.shape)} do not match the number-token targets "
             f"{tuple(targets.shape)}; the trainer's forward changed the sequence"
         )
     sel = digit_token_mask(targets, vocab)

@@ -13,8 +13,8 @@ Instead, at ``on_train_begin`` it installs two hooks on the policy:
   a FSDP2 head's gradient is rank-averaged) and replaces the last hidden state ``h`` with
   ``inject(h)``: the identity in the forward pass, whose backward adds
   ``S * d(ntl_weight * NTL_mb / G)/dh`` to the incoming gradient (and the matching
-  gradient to the digit rows of the LM head). ``NTL_mb`` is the mean over the forward's
-  digit targets, ``G`` the trainer's *current* gradient-accumulation count (a short last
+  gradient to the number-token rows of the LM head). ``NTL_mb`` is the mean over the
+  forward's number-token targets, ``G`` the trainer's *current* gradient-accumulation count (a short last
   window divides by its own size), ``S`` the fp16 ``GradScaler``'s current scale (1 without
   one), because every other gradient of that backward carries it.
 
@@ -31,13 +31,19 @@ excludes them); fp16 under DeepSpeed (its loss scale is not visible); DeepSpeed 
 Hooks of an earlier callback on the same model (a crashed run never reaches
 ``on_train_end``) are removed at ``on_train_begin``; ours are removed at ``on_train_end``.
 
-Targets are the sampled completion digits themselves (``all`` labels, every completion):
+NTL runs over the model's whole number vocabulary (:func:`ntl.vocab_for_tokenizer`: the
+digits ``'0'..'9'`` for a digit-level tokenizer such as Qwen2.5's, every number token
+``'0'..'999'`` (``K = 1,110``) for Llama-3; an explicit ``tokenizer_or_vocab`` NumberVocab is
+used as is). A tokenizer without number tokens is refused at ``on_train_begin``.
+
+Targets are the sampled completion number tokens themselves (``all`` labels, every completion):
 the callback never sees the dataset row, so it cannot know the ground truth, which
 ``final_answer`` targets and the "correct completions only" filter both need. With GRPO and
 ``steps_per_generation=1`` this gives the same update as ``NTLGRPOTrainer`` with
 ``NTLConfig(ntl_labels="all", correct_only=False)`` (the mixin normalises over the whole
 generation batch, which is the micro-batch there). Metrics (``ntl/loss``,
-``ntl/digit_accuracy``, ``ntl/total_digits``, ``ntl/confidence``, ``ntl/target_prob``; per
+``ntl/digit_accuracy`` (number-token accuracy), ``ntl/total_digits`` (number-token targets:
+Llama-3's ``'123'`` counts once), ``ntl/confidence``, ``ntl/target_prob``; per
 forward, summed over processes, then averaged over the forwards since the last log as TRL
 averages its own metrics) are added to the training ``logs`` of ``on_log`` and to
 ``state.log_history[-1]``.
@@ -102,7 +108,7 @@ class _InjectLossGrad(torch.autograd.Function):
 
 
 class NTLCallback(TrainerCallback):
-    """Adds ``ntl_weight * NTL`` over the sampled completion digits by gradient injection.
+    """Adds ``ntl_weight * NTL`` over the sampled completion number tokens by gradient injection.
 
     Works with HF-``Trainer``-based trainers: TRL's ``GRPOTrainer``/``RLOOTrainer`` (1.16)
     and ``trl.experimental.ppo.PPOTrainer`` (TRL <= 1.12). ``all`` labels only (see the
@@ -111,8 +117,9 @@ class NTLCallback(TrainerCallback):
     Args:
         ntl_weight: weight of the NTL term (``>= 0``; ``0`` logs the metrics only).
         ntl_method: ``"wasserstein"`` or ``"mse"``.
-        tokenizer_or_vocab: tokenizer or :class:`ntl.NumberVocab`; default: the trainer's
-            ``processing_class``.
+        tokenizer_or_vocab: tokenizer (NTL then uses its whole number vocabulary,
+            :func:`ntl.vocab_for_tokenizer`) or an :class:`ntl.NumberVocab` (used as is);
+            default: the trainer's ``processing_class``.
         temperature: divides the digit logits; default ``args.temperature`` (1.0 if the
             trainer's args have none), as the trainers' log-probs do.
     """
@@ -227,9 +234,9 @@ class NTLCallback(TrainerCallback):
             state.log_history[-1].update(metrics)
         if not self._logged_once and total == 0 and self.ntl_weight > 0:
             warn_everywhere(
-                f"NTLCallback: no completion digit in the first {len(rows)} training forward(s), so "
-                f"the NTL term is 0 (ntl_weight={self.ntl_weight:g}); check that the policy writes "
-                "digits and that the tokenizer's digits are single tokens. Watch ntl/total_digits."
+                f"NTLCallback: no completion digit (number token) in the first {len(rows)} training "
+                f"forward(s), so the NTL term is 0 (ntl_weight={self.ntl_weight:g}); check that the "
+                "policy writes numbers. Watch ntl/total_digits."
             )
         self._logged_once = True
 

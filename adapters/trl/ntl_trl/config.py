@@ -18,27 +18,33 @@ class NTLConfig:
     """Options of :class:`ntl_trl.NTLTrainerMixin` (validated on construction).
 
     The trainer's loss becomes ``loss + ntl_weight * NTL(method)``, where NTL is the
-    mean over the completion positions that have a digit target (see ``ntl_labels``),
-    taken over the whole gradient-accumulation window and all processes (each micro-batch
-    adds its sum divided by the window's digit-target count, as TRL's ``dapo`` loss does).
+    mean over the completion positions that have a number-token target (see ``ntl_labels``;
+    the number tokens are the model's whole number vocabulary, :func:`ntl.vocab_for_tokenizer`:
+    ``'0'..'9'`` for a digit-level tokenizer, ``'0'..'999'`` for Llama-3), taken over the whole
+    gradient-accumulation window and all processes (each micro-batch adds its sum divided by
+    the window's target count, as TRL's ``dapo`` loss does).
 
     Attributes:
         ntl_weight: weight of the NTL term (``>= 0``; ``0`` logs the metrics but
             leaves the update untouched).
         ntl_method: ``"wasserstein"`` (NTL-W1) or ``"mse"`` (NTL-MSE).
-        ntl_labels: which completion digits get a target.
-            ``"all"``: every digit token of a completion targets itself (the sampled
-            digit); with ``correct_only=True`` only completions whose final answer
+        ntl_labels: which completion number tokens get a target.
+            ``"all"``: every number token of a completion targets itself (the sampled
+            token); with ``correct_only=True`` only completions whose final answer
             equals the ground truth take part (needs ``answer_column``).
-            ``"final_answer"``: the digits of the completion's final answer (after the
-            last ``####``, else the last ``\\boxed{}``) target the ground truth's digits
-            aligned by place value (needs ``answer_column``).
+            ``"final_answer"``: the number tokens of the completion's final answer (after
+            the last ``####``, else the last ``\\boxed{}``) target the ground truth's digits
+            aligned by place value: a token covering ``w`` digits at places ``[p, p + w)``
+            targets the width-``w`` token of the truth's digits there, zero-padded (Llama-3:
+            ``'123' '4'`` vs 1299 -> ``'129' '9'``; ``'42'`` vs 7 -> ``'07'``; a digit-level
+            tokenizer: ``1 2 3`` vs 45 -> ``0 4 5``). Needs ``answer_column`` and a vocab
+            that knows its tokens' widths (texts; a tokenizer's always does).
         answer_column: dataset column with the ground-truth answer; a dotted path
             (``"reward_model.ground_truth"``) reads a nested field, as in verl's GSM8K
             parquet. Required by ``"final_answer"`` and by ``"all"`` with ``correct_only``.
         correct_only: only for ``ntl_labels="all"``: restrict to correct completions.
             ``False`` reproduces exactly what :class:`ntl_trl.NTLCallback` does.
-        temperature: temperature dividing the digit logits; ``None`` (default) uses the
+        temperature: temperature dividing the number-token logits; ``None`` (default) uses the
             trainer's own ``args.temperature``, as its log-probs do.
     """
 
@@ -91,7 +97,7 @@ class NTLSFTConfig:
 
     The trainer's loss becomes ``CE + ntl_weight * NTL(method)`` with NTL the mean over the
     supervised positions (labels not ``-100``, after the causal shift) whose label is a
-    number token, taken over the whole gradient-accumulation window and all processes.
+    number token of the model's whole number vocabulary (Llama-3's ``'123'`` included), taken over the whole gradient-accumulation window and all processes.
 
     Attributes:
         ntl_weight: weight of the NTL term (``>= 0``; default ``0.3``, the paper's SFT
@@ -101,7 +107,7 @@ class NTLSFTConfig:
 
     ``ntloss``'s ``reweigh`` (weighting each position by its number-token probability mass
     over the full vocabulary) is not offered: it needs every position's full-vocabulary
-    log-sum-exp, which neither TRL's fused LM head nor the digit logits from hidden states
+    log-sum-exp, which neither TRL's fused LM head nor the number-token logits from hidden states
     provide.
     """
 

@@ -7,7 +7,7 @@ and normalises the summed negative log-likelihood by ``num_items_in_batch``, the
 token count of the whole accumulation window over all processes. Its labels already carry the
 completion-only and assistant-only masks (``-100`` elsewhere), built when the dataset is
 prepared. :class:`ntl_trl.supervised.NTLSFTMixin` adds NTL from the backbone's hidden state
-of that same forward, normalised by the window's digit-target count (see there); TRL's
+of that same forward, normalised by the window's number-token target count (see there); TRL's
 ``entropy`` / ``mean_token_accuracy`` metrics stay as they are and the ``ntl/*`` metrics are
 added beside them. TRL itself refuses Liger's fused linear cross-entropy (it replaces the
 forward) and an adapter on ``lm_head``; its ``compute_loss_func`` and label-smoothing paths
@@ -25,5 +25,5 @@ __all__ = ["NTLSFTTrainer"]
 
 
 class NTLSFTTrainer(NTLSFTMixin, SFTTrainer):
-    """``trl.SFTTrainer`` with the Number Token Loss on the supervised digit tokens; extra
+    """``trl.SFTTrainer`` with the Number Token Loss on the supervised number tokens; extra
     argument ``ntl_config=ntl_trl.NTLSFTConfig(...)`` (see :class:`ntl_trl.supervised.NTLSFTMixin`)."""

@@ -7,45 +7,50 @@ How it plugs in (transformers 5 ``Trainer``; TRL 1.16 ``SFTTrainer``):
   the batch's ``labels`` are ``-100`` outside the supervised tokens (the prompt under
   ``completion_only_loss``, non-assistant turns under ``assistant_only_loss``, padding, the
   first token of each packed sequence), so those masks hold for NTL as they are. Every other
-  position whose label is a number token of the tokenizer takes part. A causal LM's hidden
+  position whose label is a number token of the model's whole number vocabulary
+  (:func:`ntl.vocab_for_tokenizer`: ``'0'..'9'`` for a digit-level tokenizer such as Qwen2.5's,
+  every number token ``'0'..'999'``, ``K = 1,110``, for Llama-3) takes part, with the token's
+  value as target (Llama-3's ``'123'`` is one target of value 123). A causal LM's hidden
   state at ``t`` predicts ``labels[t + 1]``: NTL scores ``labels[:, 1:]`` with
   ``hidden[:, :-1]`` (``shift_labels``, when the collator provides them, with ``hidden``
   unshifted), the shift of TRL's fused head and of HF's ``ForCausalLMLoss``.
 * **Same forward, inside it.** ``compute_loss`` arms a forward hook on the backbone
   (:class:`ntl_trl._capture.HiddenNTLCapture`) and calls the trainer's own ``compute_loss``.
   Its one forward (TRL's fused LM head, which never builds logits, or the HF model's own
-  forward) yields the backbone's last hidden state, and NTL is computed from the digit rows
-  only while that forward runs: ``z = f(h_sel @ W[ids].T + b[ids])``, ``f`` the model's logit
+  forward) yields the backbone's last hidden state, and NTL is computed from the number-token
+  rows only while that forward runs: ``z = f(h_sel @ W[ids].T + b[ids])``, ``f`` the model's logit
   scale / soft-cap (:class:`ntl.logit_transform.LogitTransform`). No second forward and no
   ``[N, V]`` tensor for NTL; the CE stays the trainer's own. Forwards the trainer re-runs on
   the same batch without gradient (TRL's metrics forward after ``compute_loss_func`` or
   label smoothing, its ``return_outputs`` logits) are not scored again.
 * **Normalisation over the accumulation window.** ``get_batch_samples`` (the HF loop fetches
   the ``G`` micro-batches of an optimizer step there, and counts ``num_items_in_batch``)
-  also counts the window's digit targets ``N``, summed over the ``P`` processes. Each
+  also counts the window's number-token targets ``N``, summed over the ``P`` processes. Each
   micro-batch then adds ``ntl_weight * sum_{i in micro-batch} NTL_i / D`` with
   ``D = max(N, 1) / P`` (:func:`ntl.accumulation.accumulation_normalizer`, the window being
   the "generation batch"), times ``G`` when ``training_step`` will divide the loss by ``G``
   (:func:`ntl_trl._common.trainer_scales_loss_for_ga`; SFTTrainer and HF causal LMs
   normalise by ``num_items_in_batch`` and are not divided). After accumulation and the
   data-parallel gradient average, the update is that of ``ntl_weight * sum_{i in window}
-  NTL_i / N``: the mean over every digit target of the window, however they fall on
+  NTL_i / N``: the mean over every number-token target of the window, however they fall on
   micro-batches and processes (the trainer's CE is the same mean over the window's tokens).
   The count is always global, also with ``average_tokens_across_devices=False``.
   A ``compute_loss`` call outside the training loop (no window recorded) uses the
   micro-batch's own mean, divided by ``G`` like a per-micro-batch CE. Evaluation: the mean
-  over the batch's digit targets.
-* **Metrics**, digit-weighted over the logging window and reduced over processes, are added
+  over the batch's number-token targets.
+* **Metrics**, weighted by number-token targets over the logging window and reduced over
+  processes, are added
   to the trainer's logs (so ``state.log_history`` and every reporter get them; prefixed as
   the evaluation's metrics are): ``ntl/loss`` (unweighted mean NTL), ``ntl/digit_accuracy``
-  (argmax digit == target), ``ntl/confidence`` (mean max digit probability),
-  ``ntl/target_prob`` and ``ntl/total_digits`` (digit targets per optimizer step; in
-  evaluation, over the whole evaluation). Means are left out when no digit took part. A
-  warning (``ntl`` logger and ``transformers.trainer``) says when the first window has no
-  digit target while ``ntl_weight > 0``.
+  (number-token accuracy: argmax number token == target), ``ntl/confidence`` (mean max
+  number-token probability), ``ntl/target_prob`` and ``ntl/total_digits`` (number-token
+  targets per optimizer step, Llama-3's ``'123'`` counting once; in evaluation, over the
+  whole evaluation). Means are left out when no number token took part. A warning (``ntl``
+  logger and ``transformers.trainer``) says when the first window has no target while
+  ``ntl_weight > 0``.
 
 Refused with an error naming the cause: a model without a findable LM head or backbone, a
-tokenizer without single-token digits, DeepSpeed ZeRO-3 (:func:`ntl_trl._model.find_lm_parts`),
+tokenizer without any number token (NTL could see no target), DeepSpeed ZeRO-3 (:func:`ntl_trl._model.find_lm_parts`),
 PEFT prompt learning (virtual tokens shift the positions), encoder-decoder models, tensor /
 context / sequence parallelism and ``nn.DataParallel`` (the labels and hidden states a rank
 holds would not line up with the counts), an ``NTLCallback`` on the same trainer.
@@ -98,7 +103,7 @@ def sft_targets(batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
 
 
 class NTLSFTMixin:
-    """Adds ``ntl_weight * NTL`` on the supervised digit tokens to a ``transformers.Trainer``'s
+    """Adds ``ntl_weight * NTL`` on the supervised number tokens to a ``transformers.Trainer``'s
     loss, from the hidden states of the trainer's own forward.
 
     Use as ``class MyTrainer(NTLSFTMixin, SomeTrainer)`` (the mixin first), or take
@@ -109,11 +114,13 @@ class NTLSFTMixin:
         W1: NTL_i = sum_k q_k |v_k - y_i|   or   MSE: NTL_i = (sum_k q_k v_k - y_i)^2,
         q = softmax_k(f(h_{t_i - 1} W[ids].T + b[ids])),
 
-    over the micro-batch's positions ``t_i`` whose label ``y_i`` is a number token; ``N`` the
-    digit targets of the accumulation window over all ``P`` processes, ``f`` the model's
+    over the micro-batch's positions ``t_i`` whose label is a number token (``y_i`` its value,
+    ``v_k`` the values of the model's ``K`` number tokens ``ids``); ``N`` the number-token
+    targets of the accumulation window over all ``P`` processes, ``f`` the model's
     logit map (module docstring; the term is multiplied by ``G`` when ``training_step``
-    divides the loss by the accumulation count). Logs ``ntl/loss``, ``ntl/digit_accuracy``,
-    ``ntl/total_digits``, ``ntl/confidence``, ``ntl/target_prob``.
+    divides the loss by the accumulation count). Logs ``ntl/loss``, ``ntl/digit_accuracy``
+    (number-token accuracy), ``ntl/total_digits`` (number-token targets),
+    ``ntl/confidence``, ``ntl/target_prob``.
     """
 
     if TYPE_CHECKING:  # the transformers.Trainer attributes this mixin uses
@@ -200,8 +207,8 @@ class NTLSFTMixin:
     # -- the accumulation window ----------------------------------------------------------
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int,
                           device: torch.device) -> tuple[list, Any]:
-        """The HF loop's fetch of one optimizer step's micro-batches; also counts their digit
-        targets over all processes (``N`` of the window normaliser)."""
+        """The HF loop's fetch of one optimizer step's micro-batches; also counts their
+        number-token targets over all processes (``N`` of the window normaliser)."""
         batch_samples, num_items = super().get_batch_samples(  # type: ignore[misc]
             epoch_iterator, num_batches, device
         )
@@ -217,8 +224,8 @@ class NTLSFTMixin:
                 f"NTL: the first optimizer step's {len(batch_samples)} micro-batch(es) have no "
                 "supervised digit token (labels that are number tokens, after the causal shift), "
                 f"so the NTL term is 0 (ntl_weight={self.ntl_config.ntl_weight:g}). Check that the "
-                "completions contain digits, that completion_only_loss / assistant_only_loss keep "
-                "them, and that the tokenizer's digits are single tokens. Watch ntl/total_digits."
+                "completions contain numbers and that completion_only_loss / assistant_only_loss "
+                "keep them. Watch ntl/total_digits."
             )
         self._ntl_windows_seen += 1
         self._ntl_steps_unlogged += 1
@@ -288,5 +295,5 @@ class NTLSFTMixin:
 
 
 class NTLTrainer(NTLSFTMixin, Trainer):
-    """``transformers.Trainer`` with the Number Token Loss on the supervised digit tokens
+    """``transformers.Trainer`` with the Number Token Loss on the supervised number tokens
     (``labels``); extra argument ``ntl_config`` (see :class:`NTLSFTMixin`). Needs no TRL."""

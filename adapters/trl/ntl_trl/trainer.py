@@ -2,11 +2,16 @@
 
 How it plugs in (TRL 1.16):
 
+* **The model's whole number vocabulary.** NTL runs over the ``K`` number tokens of the
+  tokenizer (:func:`ntl.vocab_for_tokenizer`): the digits ``'0'..'9'`` for a digit-level
+  tokenizer (Qwen2.5), every number token ``'0'..'999'`` (``K = 1,110``, widths 1-3) for
+  Llama-3; ``ntl_vocab=`` overrides it. A tokenizer without number tokens, and
+  ``final_answer`` with a vocab whose token widths are unknown, are refused at construction.
 * **Targets at generation.** The mixin extends ``_generate_and_score_completions``: for
-  the whole generation batch it builds the per-token digit targets (``ntl_targets``,
-  ``[B, C]`` token ids, ``-100`` elsewhere; completion mask times ``tool_mask``, so digits
+  the whole generation batch it builds the per-token number-token targets (``ntl_targets``,
+  ``[B, C]`` token ids, ``-100`` elsewhere; completion mask times ``tool_mask``, so numbers
   in tool results never count) from ``NTLConfig.answer_column`` of every row, and the
-  digit-target count summed over processes (``ntl_num_targets``), the way TRL gathers
+  target count summed over processes (``ntl_num_targets``), the way TRL gathers
   ``num_items_in_batch``. TRL shuffles and splits these with the other tensors, so they
   stay paired with their completions across ``steps_per_generation`` and
   ``num_iterations``.
@@ -24,7 +29,7 @@ How it plugs in (TRL 1.16):
   (:func:`ntl.accumulation.accumulation_normalizer`; ``N`` = ``ntl_num_targets``, ``P``
   processes, ``G`` = ``current_gradient_accumulation_steps``, ``S`` =
   ``steps_per_generation``), TRL's ``dapo`` normaliser: after accumulation and the
-  data-parallel gradient average the update is that of the mean NTL over every digit
+  data-parallel gradient average the update is that of the mean NTL over every number-token
   target of the window, whatever the micro-batch split. GRPO scales its loss for
   accumulation itself (``loss_is_scaled_for_ga``); RLOO leaves it to the HF ``Trainer``,
   so there the term is multiplied by ``G`` first. Evaluation: ``D = max(N, 1) / P``.
@@ -32,7 +37,8 @@ How it plugs in (TRL 1.16):
   window and prefixes ``eval_``), reduced across processes; ``ntl/answer_rate`` is the
   share of completions with an extracted final answer (modes that read answers). A
   warning (``ntl`` logger and ``transformers.trainer``) says when the first generation
-  batch has no digit target at all while ``ntl_weight > 0``.
+  batch has no target at all while ``ntl_weight > 0``. ``ntl/total_digits`` counts number
+  tokens (Llama-3's ``'123'`` is one), ``ntl/digit_accuracy`` is number-token accuracy.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from trl import GRPOTrainer, RLOOTrainer
 
+import ntl
 from ntl.accumulation import accumulation_normalizer
 from ntl.targets import digit_token_mask
 
@@ -69,7 +76,7 @@ __all__ = [
 
 logger = logging.getLogger("ntl")
 
-#: Keys under which the ground truths, the digit targets and their gathered count travel
+#: Keys under which the ground truths, the number-token targets and their gathered count travel
 #: in TRL's buffered batches.
 NTL_ANSWERS_KEY = "ntl_answers"
 NTL_TARGETS_KEY = "ntl_targets"
@@ -81,16 +88,20 @@ class NTLTrainerMixin:
 
     Use as ``class MyTrainer(NTLTrainerMixin, GRPOTrainer)`` (the mixin first) or take
     :class:`NTLGRPOTrainer` / :class:`NTLRLOOTrainer`; pass ``ntl_config=NTLConfig(...)``
-    to the constructor. Loss per micro-batch::
+    to the constructor, and optionally ``ntl_vocab=`` (an :class:`ntl.NumberVocab` used as
+    is; default :func:`ntl.vocab_for_tokenizer` of the ``processing_class``: every number
+    token of the model). Loss per micro-batch::
 
         loss = trainer_loss + ntl_weight * sum_i NTL_i / D,   D = max(N, 1) / P * G / S,
         W1: NTL_i = sum_k q_k |v_k - y_i|   or   MSE: NTL_i = (sum_k q_k v_k - y_i)^2,
         q = softmax_k(f(h_i W[ids].T + b[ids])),  f(z) = c tanh(s z / c) / T,
 
-    over the digit targets ``i`` of the micro-batch (module docstring: ``N, P, G, S``; ``s``,
+    over the number-token targets ``i`` of the micro-batch (``v_k`` the values of the ``K``
+    number tokens ``ids``, e.g. 0..999 for Llama-3; module docstring: ``N, P, G, S``; ``s``,
     ``c`` the model's logit scale and soft-cap, ``T`` the temperature). Logs ``ntl/loss``,
-    ``ntl/digit_accuracy``, ``ntl/total_digits``, ``ntl/confidence``, ``ntl/target_prob``
-    and, when answers are read, ``ntl/answer_rate``.
+    ``ntl/digit_accuracy`` (number-token accuracy), ``ntl/total_digits`` (number-token
+    targets), ``ntl/confidence``, ``ntl/target_prob`` and, when answers are read,
+    ``ntl/answer_rate``.
     """
 
     if TYPE_CHECKING:  # the TRL trainer's attributes this mixin uses (checked in __init__)
@@ -103,11 +114,16 @@ class NTLTrainerMixin:
         temperature: float
         _metrics: Any
 
-    def __init__(self, *args: Any, ntl_config: NTLConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, ntl_config: NTLConfig | None = None,
+                 ntl_vocab: ntl.NumberVocab | None = None, **kwargs: Any) -> None:
         if ntl_config is None:
             ntl_config = NTLConfig()
         if not isinstance(ntl_config, NTLConfig):
             raise TypeError(f"ntl_config must be an ntl_trl.NTLConfig, got {type(ntl_config).__name__}")
+        if ntl_vocab is not None and not isinstance(ntl_vocab, ntl.NumberVocab):
+            raise TypeError(
+                f"ntl_vocab must be an ntl.NumberVocab or None (the tokenizer's), got {type(ntl_vocab).__name__}"
+            )
         self.ntl_config = ntl_config
         super().__init__(*args, **kwargs)
         for attr in ("_metrics", "temperature", "accelerator", "processing_class"):
@@ -125,16 +141,20 @@ class NTLTrainerMixin:
             )
         model = self.accelerator.unwrap_model(self.model)
         self._ntl_parts = find_lm_parts(model)
-        self._ntl_vocab = resolve_model_vocab(self.processing_class, self._ntl_parts.vocab_size)
+        self._ntl_vocab = resolve_model_vocab(
+            ntl_vocab if ntl_vocab is not None else self.processing_class,
+            self._ntl_parts.vocab_size, ntl_labels=ntl_config.ntl_labels,
+        )
         self._ntl_capture = HiddenNTLCapture(self._ntl_parts, self._ntl_vocab,
                                              method=ntl_config.ntl_method)
         self._ntl_transform = self._ntl_parts.logit_transform(self._ntl_temperature())
         self._ntl_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self._ntl_train_rounds = 0
         logger.info(
-            "NTL on %s: weight=%g method=%s labels=%s, %d number tokens, logits %s",
+            "NTL on %s: weight=%g method=%s labels=%s, %d number tokens (%s), logits %s",
             type(self).__name__, ntl_config.ntl_weight, ntl_config.ntl_method,
-            ntl_config.ntl_labels, self._ntl_vocab.K, self._ntl_transform,
+            ntl_config.ntl_labels, self._ntl_vocab.K, type(self._ntl_vocab).__name__,
+            self._ntl_transform,
         )
 
     def _ntl_temperature(self) -> float:
@@ -204,11 +224,11 @@ class NTLTrainerMixin:
             why = "none has a final answer equal to the ground truth (correct_only=True)"
             fix = "use correct_only=False, or train the format first"
         else:
-            why = "none contains a digit token"
-            fix = "check the tokenizer's digit tokens and the task"
+            why = "none contains a number token"
+            fix = "check that the task makes the policy write numbers"
         warn_everywhere(
             f"NTL: the first generation batch ({n} completions over all processes) has no digit "
-            f"target, so the NTL term is 0 (ntl_weight={cfg.ntl_weight:g}, "
+            f"target (no number token to score), so the NTL term is 0 (ntl_weight={cfg.ntl_weight:g}, "
             f"ntl_labels={cfg.ntl_labels!r}): {why}. To make NTL apply, {fix}. "
             "Watch ntl/total_digits and ntl/answer_rate."
         )
