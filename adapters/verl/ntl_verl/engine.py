@@ -45,6 +45,7 @@ import torch
 
 import ntl
 from ntl.aggregation import mask_counts
+from ntl.logit_transform import LogitTransform
 
 from ._compat import require_verl_09
 from .batch import (
@@ -296,23 +297,33 @@ class NTLEngineMixin(_EngineBase):
 
     def _ntl_install_hidden_hook(self, micro_batch: Any) -> Any:
         """Fused kernels: compute digit logits from the decoder's last hidden state inside the
-        forward (while FSDP has the LM head's weight gathered)."""
+        forward (while FSDP has the LM head's weight gathered):
+        ``f(h @ W[ids].T + b[ids])`` with ``f`` the model's logit map then ``/ T``
+        (:meth:`ntl.logit_transform.LogitTransform.for_config`: logit scale, final-logit
+        soft-cap), i.e. the digit columns of the model's own logits divided by the temperature,
+        as the non-fused path reads them. A config with a logit map ``ntl`` does not know is
+        refused (``ValueError``) before the forward."""
         model: Any = _unwrap(self.module)  # a Hugging Face model (get_decoder is not nn.Module's)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if decoder is None or head is None:
             raise RuntimeError("NTL with use_fused_kernels needs a model with get_decoder() and an LM head")
+        config = getattr(model, "config", None)
+        if config is None:
+            raise RuntimeError(
+                "NTL with use_fused_kernels needs the model's config to read its logit map (logit scale, "
+                "soft-cap); this model has none"
+            )
         temperature = micro_batch["temperature"]
         if isinstance(temperature, torch.Tensor):
             raise NotImplementedError("NTL with use_fused_kernels needs a scalar temperature (as verl does)")
+        transform = LogitTransform.for_config(config, temperature=float(temperature))
         vocab = self.ntl_vocab
 
         def hook(_mod: Any, _args: Any, output: Any) -> None:
             hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
-            self._ntl_fused_digit_logits = ntl.digit_logits_from_hidden(
-                hidden, head.weight, vocab, temperature=float(temperature),
-                bias=getattr(head, "bias", None),
-            )
+            z = ntl.digit_logits_from_hidden(hidden, head.weight, vocab, bias=getattr(head, "bias", None))
+            self._ntl_fused_digit_logits = transform(z)
 
         return decoder.register_forward_hook(hook)
 
