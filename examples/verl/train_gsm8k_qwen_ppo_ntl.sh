@@ -17,11 +17,11 @@ if [ "$NTL_BONUS_TYPE" = none ]; then EXTRACT=False; else EXTRACT=True; fi
 
 EXPERIMENT="${EXPERIMENT:-qwen2.5-0.5b_ppo_ntl_all}" exec bash "$HERE/train_gsm8k_qwen_ppo.sh" \
     actor_rollout_ref.actor._target_=ntl_verl.config.NTLActorConfig \
-    +actor_rollout_ref.actor.ntl_enabled=True \
-    +actor_rollout_ref.actor.ntl_method="${NTL_METHOD:-mse}" \
-    +actor_rollout_ref.actor.ntl_weight="${NTL_WEIGHT:-0.1}" \
-    +actor_rollout_ref.actor.ntl_labels=all \
-    +actor_rollout_ref.actor.extract_digit_info="$EXTRACT" \
-    +actor_rollout_ref.actor.ntl_bonus_type="$NTL_BONUS_TYPE" \
-    +actor_rollout_ref.actor.ntl_bonus_weight="${NTL_BONUS_WEIGHT:-0.1}" \
+    ++actor_rollout_ref.actor.ntl_enabled=True \
+    ++actor_rollout_ref.actor.ntl_method="${NTL_METHOD:-mse}" \
+    ++actor_rollout_ref.actor.ntl_weight="${NTL_WEIGHT:-0.1}" \
+    ++actor_rollout_ref.actor.ntl_labels=all \
+    ++actor_rollout_ref.actor.extract_digit_info="$EXTRACT" \
+    ++actor_rollout_ref.actor.ntl_bonus_type="$NTL_BONUS_TYPE" \
+    ++actor_rollout_ref.actor.ntl_bonus_weight="${NTL_BONUS_WEIGHT:-0.1}" \
     "$@"

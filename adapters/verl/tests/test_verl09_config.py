@@ -125,17 +125,17 @@ def test_baseline_launcher_is_stock_verl(tmp_path):
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        ("+actor_rollout_ref.actor.ntl_method=huber", "actor_rollout_ref.actor.ntl_method"),
-        ("+actor_rollout_ref.actor.ntl_labels=some", "actor_rollout_ref.actor.ntl_labels"),
-        ("+actor_rollout_ref.actor.ntl_weight=-1", "actor_rollout_ref.actor.ntl_weight"),
-        ("+actor_rollout_ref.actor.ntl_weight=abc", "actor_rollout_ref.actor.ntl_weight"),
-        ("+actor_rollout_ref.actor.ntl_enabled=maybe", "actor_rollout_ref.actor.ntl_enabled"),
-        ("+actor_rollout_ref.actor.ntl_bonus_type=all", "extract_digit_info"),
+        ("++actor_rollout_ref.actor.ntl_method=huber", "actor_rollout_ref.actor.ntl_method"),
+        ("++actor_rollout_ref.actor.ntl_labels=some", "actor_rollout_ref.actor.ntl_labels"),
+        ("++actor_rollout_ref.actor.ntl_weight=-1", "actor_rollout_ref.actor.ntl_weight"),
+        ("++actor_rollout_ref.actor.ntl_weight=abc", "actor_rollout_ref.actor.ntl_weight"),
+        ("++actor_rollout_ref.actor.ntl_enabled=maybe", "actor_rollout_ref.actor.ntl_enabled"),
+        ("++actor_rollout_ref.actor.ntl_bonus_type=all", "extract_digit_info"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, match, tmp_path):
     overrides = [o for o in launcher_overrides("train_gsm8k_qwen_ppo_ntl.sh", tmp_path) if not o.startswith(
-        "+actor_rollout_ref.actor." + override.split(".")[-1].split("=")[0] + "=")]
+        "++actor_rollout_ref.actor." + override.split(".")[-1].split("=")[0] + "=")]
     cfg = compose([*overrides, override])
     with pytest.raises(Exception, match=match):
         actor_of(cfg)
