@@ -22,7 +22,7 @@ from typing import Any, cast, overload
 import torch
 from torch import nn
 
-from ntl.logit_transform import LogitTransform
+from ntl.logit_transform import LogitTransform, logit_map_of  # logit_map_of: re-exported
 
 __all__ = [
     "LMParts",
@@ -70,28 +70,6 @@ class LMParts:
     def logit_transform(self, temperature: float = 1.0) -> LogitTransform:
         """The model's elementwise logit map followed by division by ``temperature``."""
         return LogitTransform(scale=self.logit_scale, softcap=self.softcap, temperature=temperature)
-
-
-def logit_map_of(config: Any) -> tuple[float, float | None]:
-    """``(logit_scale, softcap)`` of a model config, read as TRL 1.16's fused LM head and
-    the HF models read them:
-
-    * ``final_logit_softcapping`` (Gemma 2/3): the soft-cap, ``None`` for none;
-    * the scale, first found of ``logit_scale`` (Cohere), ``output_multiplier``,
-      ``lm_head_multiplier`` (Falcon-H1), else ``logits_scaling`` as a divisor (Granite,
-      MiniCPM3; a multiplier for ``model_type == "hyperclovax"``); ``1.0`` if none.
-    """
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = None
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        scale = getattr(cfg, name, None)
-        if scale is not None:
-            break
-    divisor = getattr(cfg, "logits_scaling", None)
-    if scale is None and divisor is not None:
-        scale = divisor if getattr(cfg, "model_type", None) == "hyperclovax" else 1.0 / divisor
-    return float(1.0 if scale is None else scale), (None if softcap is None else float(softcap))
 
 
 def _is_causal_lm(m: nn.Module) -> bool:

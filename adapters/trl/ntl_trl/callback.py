@@ -62,7 +62,7 @@ import torch
 from transformers import TrainerCallback
 
 import ntl
-from ntl._checks import check_method, check_ntl_weight
+from ntl.checks import check_method, check_ntl_weight
 
 from ._capture import ntl_sums_from_hidden
 from ._common import MetricSums, resolve_model_vocab, warn_everywhere

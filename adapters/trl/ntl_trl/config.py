@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ntl._checks import check_method, check_ntl_weight
+from ntl.checks import check_method, check_ntl_weight
 
 __all__ = ["NTL_LABELS", "NTL_METHODS", "NTLConfig", "NTLSFTConfig"]
 

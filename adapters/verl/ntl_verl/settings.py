@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from ntl._checks import check_method
 from ntl.aggregation import LOSS_AGG_MODES
+from ntl.checks import check_method
 
 __all__ = ["BONUS_TYPES", "KEY_PREFIX", "LABELS", "METHODS", "NTLConfigFields", "NTLSettings"]
 

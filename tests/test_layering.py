@@ -1,0 +1,34 @@
+"""Boundaries: adapters use ntl's public API only; kernels import nothing from the front end."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out: list[str] = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module:
+            out.append("." * n.level + n.module)
+        elif isinstance(n, ast.Import):
+            out.extend(a.name for a in n.names)
+    return out
+
+
+def test_adapters_import_no_private_ntl_module():
+    files = sorted((ROOT / "adapters").glob("*/ntl_*/**/*.py"))
+    assert len(files) > 10, files  # the scan sees the adapters
+    bad = [(str(f.relative_to(ROOT)), m) for f in files for m in _imports(f)
+           if m.startswith("ntl.") and any(part.startswith("_") for part in m.split(".")[1:])]
+    assert bad == [], f"adapters import private ntl modules: {bad}"
+
+
+def test_the_scan_sees_a_private_import(tmp_path):
+    """Positive control for the scan above."""
+    p = tmp_path / "x.py"
+    p.write_text("from ntl._checks import check_method\nimport ntl.kernels._triton\n")
+    assert _imports(p) == ["ntl._checks", "ntl.kernels._triton"]
