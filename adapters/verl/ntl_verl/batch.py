@@ -6,6 +6,13 @@ position ``t`` = the ``t``-th generated token) and delegates the NTL math to
 :func:`ntl.metrics.digit_probs`, the bonus from
 :func:`ntl.rewards.ntl_bonus_from_digit_probs`. No loop over tokens; the only
 per-sample Python work is ``build_digit_targets``' decode + answer regex.
+
+The vocabulary is always the model's whole number vocabulary
+(:func:`ntl.vocab_for_tokenizer`: the ``K = 10`` :class:`ntl.DigitVocab` of a digit-level
+tokenizer such as Qwen2.5's, all ``K = 1,110`` number tokens ``'0'..'999'`` of Llama-3), passed
+explicitly to ``build_digit_targets``: a "digit target" here is a **number token** target (a
+Llama-3 answer ``1234`` = ``'123' '4'`` has two). :func:`check_targets_reachable` refuses, at
+setup, a tokenizer with which the targets of a plain ``#### 1234`` answer cannot be built.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .settings import IGNORE_INDEX, NTLSettings
 
 __all__ = [
     "TARGETS_KEY",
+    "check_targets_reachable",
     "digit_bonus_scores",
     "digit_targets",
     "ground_truths_from",
@@ -97,7 +105,11 @@ def digit_targets(
     vocab: ntl.NumberVocab,
     mode: str,
 ) -> torch.Tensor:
-    """Digit targets ``[B, R]`` for padded responses (``ntl.targets.build_digit_targets``)."""
+    """Number-token targets ``[B, R]`` (token ids of ``vocab``, ``-100`` elsewhere) for padded
+    responses: ``ntl.targets.build_digit_targets(..., mode=mode, vocab=vocab)``. ``final_answer``:
+    each number token of the final answer covering the places ``[p, p + w)`` targets the ground
+    truth's digits at those places (Llama-3, ``'123' '4'`` vs 1299 -> ``'129' '9'``); ``all``:
+    every number token of a correct response targets itself."""
     t = build_digit_targets(
         responses.long(),
         list(ground_truths),
@@ -122,8 +134,10 @@ def digit_bonus_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The digit-aware bonus as token-level scores ``[B, R]`` and per-sample ``[B]``.
 
-    ``digit_logits [B, R, K]`` are the (temperature-scaled) digit logits that predict
-    response token ``t`` (from the old-log-prob pass). Targets use
+    ``digit_logits [B, R, K]`` are the (temperature-scaled) logits of the ``K`` number tokens
+    of ``vocab`` that predict response token ``t`` (from the old-log-prob pass); the bonus'
+    accuracy, confidence and target probability are over those ``K`` tokens and the
+    response's number-token targets. Targets use
     ``mode = settings.ntl_bonus_type``; ``bonus_b`` is
     :func:`ntl.rewards.ntl_bonus_from_digit_probs` over them
     (``0.4 acc + 0.3 confidence + 0.3 p(target)``; ``all`` targets exist only for correct
@@ -136,3 +150,57 @@ def digit_bonus_scores(
     bonus = ntl_bonus_from_digit_probs(dp)
     scores = settings.ntl_bonus_weight * scatter_to_last_token(bonus, response_mask)
     return scores, bonus
+
+
+#: The probe of :func:`check_targets_reachable`: a response whose final answer is 1234, and its truth.
+PROBE_RESPONSE = " The answer is #### 1234"
+PROBE_TRUTH = "1234"
+_PROBED: dict[tuple[int, ntl.NumberVocab, str], Any] = {}  # (id(tokenizer), vocab, mode) -> tokenizer
+
+
+def check_targets_reachable(tokenizer: Any, vocab: ntl.NumberVocab, modes: Sequence[str]) -> None:
+    """Refuse (``ValueError``, with the reason) a tokenizer with which NTL would see no target.
+
+    For each target mode in ``modes`` the probe response :data:`PROBE_RESPONSE` (final answer
+    ``1234``), encoded by ``tokenizer`` without special tokens, gets its targets against the
+    ground truth ``1234`` through :func:`digit_targets`, exactly as a rollout would. Both modes
+    must then target exactly the answer's number tokens, each with itself (the answer is
+    correct), and the targeted tokens' texts must write ``1234`` (Qwen2.5: ``'1' '2' '3' '4'``,
+    Llama-3: ``'123' '4'``). A tokenizer that writes the answer's digits in tokens outside
+    ``vocab`` (e.g. ``'Ġ12'``), or whose decode loses them, fails here instead of training
+    with (almost) no NTL target. Checked once per tokenizer, vocab and mode.
+    """
+    for mode in modes:
+        key = (id(tokenizer), vocab, mode)
+        if _PROBED.get(key) is tokenizer:
+            continue
+        _probe(tokenizer, vocab, mode)
+        _PROBED[key] = tokenizer
+
+
+def _probe(tokenizer: Any, vocab: ntl.NumberVocab, mode: str) -> None:
+    name = type(tokenizer).__name__
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None:
+        raise TypeError(f"NTL needs a Hugging Face tokenizer with encode() to build its targets, got {name}")
+    ids = [int(i) for i in encode(PROBE_RESPONSE, add_special_tokens=False)]
+    resp = torch.tensor([ids], dtype=torch.long)
+    pieces = (tokenizer.convert_ids_to_tokens(ids) if hasattr(tokenizer, "convert_ids_to_tokens") else ids)
+    where = (f"the response {PROBE_RESPONSE!r} (tokens {pieces}) against the ground truth {PROBE_TRUTH}, "
+             f"with {name} and its number vocabulary {vocab!r}")
+    try:
+        t = digit_targets(resp, torch.ones_like(resp, dtype=torch.bool), [PROBE_TRUTH], tokenizer, vocab, mode)
+    except ValueError as e:
+        raise ValueError(f"NTL cannot build its '{mode}' targets for {where}: {e}") from e
+    pos = [j for j, k in enumerate(t[0].tolist()) if k != IGNORE_INDEX]
+    texts = dict(zip(vocab.token_ids, vocab.texts or (), strict=False))
+    number_pos = [j for j, i in enumerate(ids) if i in texts]
+    written = "".join(texts.get(ids[j], "?") for j in pos)
+    if not pos or pos != number_pos or written != PROBE_TRUTH or t[0, pos].tolist() != [ids[j] for j in pos]:
+        raise ValueError(
+            f"NTL would see (almost) no target with this tokenizer: its '{mode}' targets for {where} "
+            f"cover {len(pos)} token(s) writing {written!r}, not the answer's number tokens writing "
+            f"{PROBE_TRUTH!r}. The tokenizer writes numbers in tokens that are not plain ASCII digit "
+            "strings, or its decode does not give the response's digits back; NTL needs number tokens "
+            "whose text is the digits they write (Qwen2.5's '0'..'9', Llama-3's '0'..'999')"
+        )

@@ -100,6 +100,9 @@ class NTLEngineMixin(_EngineBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ntl_bind()
+        s = self.ntl_settings
+        if s is not None and (s.ntl_enabled or s.bonus_enabled):
+            _ = self.ntl_vocab  # refuses, at worker init, a model with which NTL would see no target
 
     @property
     def ntl_settings(self) -> NTLSettings | None:
@@ -116,10 +119,13 @@ class NTLEngineMixin(_EngineBase):
             object.__setattr__(cfg, "_ntl_engine_bound", type(self).__qualname__)
 
     @property
-    def ntl_vocab(self) -> ntl.DigitVocab:
+    def ntl_vocab(self) -> ntl.NumberVocab:
+        """The model's whole number vocabulary (:func:`ntl_verl.loss.vocab_for_model`: ``K = 10``
+        digits for Qwen2.5, ``K = 1,110`` number tokens for Llama-3); ``ValueError`` when NTL
+        could see no target with the model's tokenizer (checked for this actor's target modes)."""
         v = getattr(self, "_ntl_vocab_cache", None)
         if v is None:
-            v = vocab_for_model(self.model_config)
+            v = vocab_for_model(self.model_config, self.ntl_settings)
             self._ntl_vocab_cache = v
         return v
 

@@ -21,8 +21,15 @@ without copying that loop:
   optimizer step, in the same forward/backward as the policy loss (per data-parallel rank:
   verl 0.7 normalises every loss locally and FSDP averages the ranks' gradients).
 * Metrics: ``ntl/loss`` (and accuracy, confidence, target probability) are logged once per
-  mini-batch as the mean over its digit targets (the sum of its micro-batches' shares), not as a
-  mean of micro-batch means; ``ntl/total_digits`` is the mini-batch's digit count.
+  mini-batch as the mean over its number-token targets (the sum of its micro-batches' shares), not
+  as a mean of micro-batch means; ``ntl/total_digits`` is the mini-batch's count of number-token
+  targets.
+
+NTL runs over the model's whole number vocabulary (:func:`ntl_verl.loss.number_vocab`, i.e.
+``ntl.vocab_for_tokenizer``: the ten digits of Qwen2.5, all ``K = 1,110`` number tokens of
+Llama-3; "digit" in the names means number token). A tokenizer with which NTL would see no target
+is refused with a ``ValueError`` when the actor is built (its tokenizer known from the model's
+``name_or_path`` or ``ntl_tokenizer``) or, at the latest, at the first update.
 
 Only ``actor.loss_agg_mode=token-mean`` is supported on verl 0.7 (any other mode is refused at
 start-up); verl>=0.9.1 with ``ntl_verl.config.NTLActorConfig`` aggregates NTL under every mode.
@@ -50,7 +57,7 @@ from ntl.metrics import digit_probs
 
 from ._compat import require_verl_07
 from .batch import TARGETS_KEY, digit_targets, ground_truths_from, has_key
-from .loss import ntl_loss_from_digit_logits
+from .loss import ntl_loss_from_digit_logits, number_vocab
 from .settings import IGNORE_INDEX, KEY_PREFIX, NTLConfigFields, NTLSettings
 
 __all__ = ["NTLActorMixin", "NTLDataParallelPPOActor", "NTLLegacyActorConfig", "install"]
@@ -123,11 +130,21 @@ class NTLActorMixin(_ActorBase):
         m = self.actor_module
         return getattr(getattr(m, "module", m), "config", None)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self._ntl_model_config()
+        if self.ntl_settings is not None and (self.ntl_tokenizer is not None or getattr(cfg, "_name_or_path", None)):
+            _ = self.ntl_vocab  # refuses, at worker init, a model with which NTL would see no target
+
     @property
-    def ntl_vocab(self) -> ntl.DigitVocab:
+    def ntl_vocab(self) -> ntl.NumberVocab:
+        """The model's whole number vocabulary (:func:`ntl_verl.loss.number_vocab`: ``K = 10``
+        digits for Qwen2.5, ``K = 1,110`` number tokens for Llama-3), built when the actor is
+        (its tokenizer known) or first used; ``ValueError`` when NTL could see no target."""
         v = getattr(self, "_ntl_vocab_cache", None)
         if v is None:
-            v = ntl.DigitVocab.from_tokenizer(self._ntl_get_tokenizer(), vocab_size=self._ntl_model_config().vocab_size)
+            cfg = self._ntl_model_config()
+            v = number_vocab(self._ntl_get_tokenizer(), getattr(cfg, "vocab_size", None), self.ntl_settings)
             self._ntl_vocab_cache = v
         return v
 

@@ -1,12 +1,20 @@
 """The NTL term of the actor loss (verl 0.9 engine path), aggregated like verl's policy loss.
 
-``loss = policy_loss + ntl_weight * L_NTL``. With ``l[b, t]`` the NTL of the digit logits that
-predict response token ``t`` of sequence ``b`` (``ntl.ntl_loss_from_digit_logits``, ``mse``:
-``(sum_k q_k v_k - y)^2``, ``wasserstein``: ``sum_k q_k |v_k - y|``; captured by the engine in the
-same forward as the log-probs, already divided by the sampling temperature) and ``d[b, t]`` the
-digit-target mask, ``L_NTL`` is verl's ``agg_loss`` with ``actor.loss_agg_mode`` over the **global
-mini-batch** (all micro-batches, all data-parallel ranks) with ``d`` as the loss mask and the counts
-taken on ``d`` (:mod:`ntl.aggregation`): ``N`` digit targets, ``S`` sequences with at least one:
+NTL runs over the model's whole number vocabulary (:func:`vocab_for_model`, i.e.
+:func:`ntl.vocab_for_tokenizer`): the ``K = 10`` digits ``'0'..'9'`` of a digit-level tokenizer
+(Qwen2.5), all ``K = 1,110`` number tokens ``'0'..'999'`` (values ``v_k = int(text)``) of Llama-3.
+"Digit" in the names below (``digit logits``, ``ntl/total_digits``, ``ntl/digit_accuracy``) means
+**number token**.
+
+``loss = policy_loss + ntl_weight * L_NTL``. With ``l[b, t]`` the NTL of the number-token logits
+that predict response token ``t`` of sequence ``b`` (``ntl.ntl_loss_from_digit_logits`` over the
+``K`` columns, ``q = softmax(z / T)``; ``mse``: ``(sum_k q_k v_k - y)^2``, ``wasserstein``:
+``sum_k q_k |v_k - y|``, ``y`` the target token's value; captured by the engine in the same forward
+as the log-probs, already divided by the sampling temperature ``T``) and ``d[b, t]`` the
+number-token target mask, ``L_NTL`` is verl's ``agg_loss`` with ``actor.loss_agg_mode`` over the
+**global mini-batch** (all micro-batches, all data-parallel ranks) with ``d`` as the loss mask and
+the counts taken on ``d`` (:mod:`ntl.aggregation`): ``N`` number-token targets, ``S`` sequences with
+at least one:
 
 * ``token-mean``: ``sum d l / N``;  ``token-sum``: ``sum d l``;
 * ``seq-mean-token-sum``: ``(1/S) sum_b sum_t d l``;
@@ -21,9 +29,10 @@ sees ``ntl_weight * grad L_NTL`` whatever the micro-batching. ``N`` and ``S`` co
 (``ntl_batch_num_digits``, ``ntl_batch_num_sequences``, all-reduced over data parallel).
 
 Metrics (verl sums ``SUM`` metrics over micro-batches and averages them over ranks): ``ntl/loss`` =
-``L_NTL`` (what is optimised); ``ntl/digit_accuracy``, ``ntl/confidence``, ``ntl/target_prob`` = means
-over the mini-batch's ``N`` digit targets; ``ntl/total_digits`` = ``N``; ``ntl/reward`` = the mean
-digit bonus over the mini-batch's responses.
+``L_NTL`` (what is optimised); ``ntl/digit_accuracy`` (argmax over the ``K`` number tokens equals
+the target token), ``ntl/confidence``, ``ntl/target_prob`` = means over the mini-batch's ``N``
+number-token targets; ``ntl/total_digits`` = ``N``, the number of number-token targets (Llama-3's
+``'123' '4'`` counts 2); ``ntl/reward`` = the mean bonus over the mini-batch's responses.
 """
 
 from __future__ import annotations
@@ -37,10 +46,24 @@ import ntl
 from ntl.aggregation import aggregate_loss
 from ntl.metrics import digit_probs
 
-from .batch import DIGIT_LOGITS_KEY, TARGETS_KEY, has_key, pad_responses, response_mask_padded
+from .batch import (
+    DIGIT_LOGITS_KEY,
+    TARGETS_KEY,
+    check_targets_reachable,
+    has_key,
+    pad_responses,
+    response_mask_padded,
+)
 from .settings import IGNORE_INDEX, NTLSettings
 
-__all__ = ["NTLLossFn", "ntl_loss_from_digit_logits", "ntl_ppo_loss", "vocab_for_model"]
+__all__ = [
+    "NTLLossFn",
+    "ntl_loss_from_digit_logits",
+    "ntl_ppo_loss",
+    "number_vocab",
+    "target_modes",
+    "vocab_for_model",
+]
 
 logger = logging.getLogger("ntl")
 
@@ -48,21 +71,58 @@ logger = logging.getLogger("ntl")
 NUM_DIGITS_KEY = "ntl_batch_num_digits"
 NUM_SEQUENCES_KEY = "ntl_batch_num_sequences"
 NUM_RESPONSES_KEY = "ntl_batch_num_responses"
-#: Per-response digit bonus ``[B, 1]`` returned by the old-log-prob pass (logged as ``ntl/reward``).
+#: Per-response bonus ``[B, 1]`` (over the number tokens) returned by the old-log-prob pass (logged as ``ntl/reward``).
 BONUS_KEY = "ntl_bonus"
 
 
-def vocab_for_model(model_config: Any) -> ntl.DigitVocab:
-    """The digit vocab of verl's ``HFModelConfig`` (its tokenizer; ``V`` = the model's vocab size)."""
+def target_modes(settings: NTLSettings | None) -> tuple[str, ...]:
+    """The target modes ``settings`` builds targets with: ``ntl_labels`` when the NTL loss is on,
+    ``ntl_bonus_type`` when the digit bonus is on (none for ``None``)."""
+    if settings is None:
+        return ()
+    modes = [settings.ntl_labels] if settings.ntl_enabled else []
+    if settings.bonus_enabled and settings.ntl_bonus_type not in modes:
+        modes.append(settings.ntl_bonus_type)
+    return tuple(modes)
+
+
+def number_vocab(tokenizer: Any, vocab_size: int | None, settings: NTLSettings | None = None) -> ntl.NumberVocab:
+    """The model's whole number vocabulary, ``ntl.vocab_for_tokenizer(tokenizer, vocab_size=V)``
+    (:class:`ntl.DigitVocab`, ``K = 10``, for a digit-level tokenizer; a :class:`ntl.NumberVocab` of
+    every number token, ``K = 1,110`` for Llama-3), refused with a ``ValueError`` naming the reason
+    when NTL could see no target with it: a tokenizer without number tokens, a model vocabulary
+    ``V`` too small for them, or (given ``settings``) a tokenizer with which the targets of the
+    modes ``settings`` uses cannot be built (:func:`ntl_verl.batch.check_targets_reachable`)."""
+    if tokenizer is None:
+        raise ValueError(
+            "NTL needs the model's tokenizer to find the number tokens, but it is None "
+            "(actor_rollout_ref.model.load_tokenizer must stay true)"
+        )
+    try:
+        vocab = ntl.vocab_for_tokenizer(tokenizer, vocab_size=vocab_size)
+    except ValueError as e:
+        raise ValueError(
+            f"NTL cannot run with this model: NTL needs number tokens (tokens whose text is an ASCII "
+            f"digit string) in the model's tokenizer and vocabulary (V={vocab_size}), so it could see "
+            f"no target: {e}"
+        ) from e
+    check_targets_reachable(tokenizer, vocab, target_modes(settings))
+    return vocab
+
+
+def vocab_for_model(model_config: Any, settings: NTLSettings | None = None) -> ntl.NumberVocab:
+    """:func:`number_vocab` of verl's ``HFModelConfig``: its tokenizer, ``V`` = its
+    ``hf_config.vocab_size`` (the model's, possibly padded, vocabulary), and the targets of
+    ``settings``' modes checked (``ValueError`` when NTL could see no target)."""
     tok = getattr(model_config, "tokenizer", None)
     if tok is None:
         raise ValueError(
-            "NTL needs the model's tokenizer to find the digit tokens, but model_config.tokenizer "
+            "NTL needs the model's tokenizer to find the number tokens, but model_config.tokenizer "
             "is None (actor_rollout_ref.model.load_tokenizer must stay true)"
         )
     hf = getattr(model_config, "hf_config", None)
     V = getattr(hf, "vocab_size", None)
-    return ntl.DigitVocab.from_tokenizer(tok, vocab_size=V)
+    return number_vocab(tok, V, settings)
 
 
 def ntl_loss_from_digit_logits(
@@ -72,8 +132,8 @@ def ntl_loss_from_digit_logits(
     method: str,
     reduction: str = "sum",
 ) -> torch.Tensor:
-    """``ntl.ntl_loss_from_digit_logits`` on digit logits ``[..., K]`` (columns in ``vocab``
-    value order) against target **token ids** ``targets[...]`` (-100 / non-digits ignored)."""
+    """``ntl.ntl_loss_from_digit_logits`` on number-token logits ``[..., K]`` (columns in ``vocab``
+    value order) against target **token ids** ``targets[...]`` (-100 / non-number tokens ignored)."""
     return ntl.ntl_loss_from_digit_logits(digit_logits, targets, vocab, method=method,
                                           ignore_index=IGNORE_INDEX, reduction=reduction)
 
@@ -178,7 +238,7 @@ def ntl_ppo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = Non
     fn = NTLLossFn(
         lambda model_output, data, dp_group: ppo_loss(config, model_output, data, dp_group),
         config.ntl_settings,
-        vocab_for_model(config.model_config),
+        vocab_for_model(config.model_config, config.ntl_settings),
     )
     return fn(model_output, data, dp_group)
 

@@ -312,3 +312,96 @@ def padded_batch(b: Batch, seed: int = 0) -> TensorDict:
     }, batch_size=[n])
     tu.assign_non_tensor(td, reward_model=[{"ground_truth": gt} for gt in b.ground_truths])
     return td
+
+
+# --------------------------------------------------------------------------- Llama-3 (multi-digit number tokens)
+LLAMA_V = 128256  # Llama-3's vocabulary (ids up to 128255)
+
+# (prompt, response, ground truth, the response's tokens as Llama-3 writes them,
+#  final_answer targets {position: token text}, all targets {position: token text}), by hand:
+# final_answer aligns the truth's digits by place value with each answer token's places
+# ('123' '4' vs 1299 -> '129' '9'; '42' vs 7 -> '07'); all targets every number token of a
+# correct response with itself.
+LLAMA_SAMPLES = [
+    ("Q: 1000 + 234?", " 1000 plus 234 is #### 1234", "1234",
+     ["Ġ", "100", "0", "Ġplus", "Ġ", "234", "Ġis", "Ġ####", "Ġ", "123", "4"],
+     {9: "123", 10: "4"}, {1: "100", 2: "0", 5: "234", 9: "123", 10: "4"}),
+    ("Q: 6*7?", " 6*7 = 42 so #### 45", "42",
+     ["Ġ", "6", "*", "7", "Ġ=", "Ġ", "42", "Ġso", "Ġ####", "Ġ", "45"],
+     {10: "42"}, {}),
+    ("Q: 12399?", " #### 12345", "12399", ["Ġ####", "Ġ", "123", "45"], {2: "123", 3: "99"}, {}),
+    ("Q: 2001?", " #### 2,001", "2001", ["Ġ####", "Ġ", "2", ",", "001"],
+     {2: "2", 4: "001"}, {2: "2", 4: "001"}),
+    ("Q: 7?", " so #### 42", "7", ["Ġso", "Ġ####", "Ġ", "42"], {3: "07"}, {}),
+    ("Q: 1234?", " #### 999", "1234", ["Ġ####", "Ġ", "999"], {2: "234"}, {}),
+    ("Q: 1299?", " #### 1234", "1299", ["Ġ####", "Ġ", "123", "4"], {2: "129", 3: "9"}, {}),
+    ("Q: 0?", " The answer is #### 0", "0", ["ĠThe", "Ġanswer", "Ġis", "Ġ####", "Ġ", "0"], {5: "0"}, {5: "0"}),
+]
+
+
+def tiny_llama(seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
+    """A tiny Llama-config model with Llama-3's vocabulary size (hidden size 16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=LLAMA_V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(cfg).float()
+    with torch.no_grad():  # make the number-token logits non-trivial
+        m.lm_head.weight.mul_(8.0)
+    return m
+
+
+def encode_llama(tok, samples=LLAMA_SAMPLES) -> Batch:
+    """Llama-3 prompts and responses; checks each response's tokens against the hand table."""
+    P = [torch.tensor(tok.encode(s[0], add_special_tokens=False), dtype=torch.long) for s in samples]
+    R = []
+    for s in samples:
+        ids = tok.encode(s[1], add_special_tokens=False)
+        assert tok.convert_ids_to_tokens(ids) == s[3], (s[1], tok.convert_ids_to_tokens(ids))
+        R.append(torch.tensor(ids, dtype=torch.long))
+    return Batch(P, R, [s[2] for s in samples])
+
+
+def llama_expected_targets(tok, mode: str, samples=LLAMA_SAMPLES) -> list[torch.Tensor]:
+    """The hand table's targets as token ids (``-100`` elsewhere), ids from the tokenizer itself."""
+    out = []
+    for s in samples:
+        t = torch.full((len(s[3]),), -100)
+        for pos, text in (s[4] if mode == "final_answer" else s[5]).items():
+            t[pos] = tok.convert_tokens_to_ids(text)
+        out.append(t)
+    return out
+
+
+def number_table(tok) -> dict[int, float]:
+    """``{token id: int(text)}`` of every token whose text is an ASCII digit string, read from
+    ``tok.get_vocab()`` (the reference's own view of the number tokens)."""
+    return {i: float(int(t)) for t, i in tok.get_vocab().items() if t.isascii() and t.isdigit()}
+
+
+def ref_number_terms(model, b: Batch, targets, table: dict[int, float], *, temperature=1.0,
+                     method="mse") -> list[list[dict[str, float]]]:
+    """Per sample, per number-token target (response order), in float64 from full logits:
+    ``q = softmax(z[ids] / T)`` over every number token, the NTL (``mse``: ``(sum q v - y)^2``,
+    ``wasserstein``: ``sum q |v - y|``), argmax correctness, max prob and the target's prob."""
+    ids = torch.tensor(sorted(table), dtype=torch.long)
+    vals = torch.tensor([table[i] for i in ids.tolist()], dtype=torch.float64)
+    out = []
+    for lg, p, t in zip(full_logits(model, b), b.prompts, targets, strict=True):
+        row = []
+        for j in range(len(t)):
+            if t[j] < 0:
+                continue
+            q = torch.softmax(lg[len(p) + j - 1][ids].double() / temperature, dim=-1)
+            k = int((ids == int(t[j])).nonzero())
+            y = float(table[int(t[j])])
+            loss = float((q @ vals - y) ** 2) if method == "mse" else float((q * (vals - y).abs()).sum())
+            row.append({"loss": loss, "correct": float(int(q.argmax()) == k), "conf": float(q.max()),
+                        "tp": float(q[k])})
+        out.append(row)
+    return out

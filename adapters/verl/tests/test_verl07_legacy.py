@@ -227,3 +227,37 @@ def test_install_swaps_the_worker_actor_class():
     from ntl_verl.legacy import NTLDataParallelPPOActor
 
     assert actor_pkg.DataParallelPPOActor is NTLDataParallelPPOActor
+
+
+# --------------------------------------------------------------------------- Llama-3 number tokens
+def test_llama3_update_counts_and_scores_number_tokens(dist_group, monkeypatch):
+    """Llama-3 (numbers in tokens of up to three digits): the legacy actor uses all 1,110 number
+    tokens; one update_policy logs ntl/total_digits = the hand count of number-token targets and
+    ntl/loss = the float64 mean of (sum_k q_k v_k - y)^2 over them."""
+    from ntl.tokenizers import llama3_tokenizer
+
+    tok = llama3_tokenizer()
+    b = H.encode_llama(tok)
+    model = H.tiny_llama(seed=16)
+    want_t = H.llama_expected_targets(tok, "final_answer")
+    terms = H.ref_number_terms(model, b, want_t, H.number_table(tok))
+    flat = [x for row in terms for x in row]
+    actor = make_actor(model, tok, monkeypatch, ntl={"ntl_weight": 0.0, "ppo_mini_batch_size": len(b.prompts)})
+    assert actor.ntl_vocab.K == 1110 and actor.ntl_vocab.is_multi_digit
+    metrics = actor.update_policy(data_proto(b))
+    assert metrics["ntl/total_digits"] == [sum(int((t >= 0).sum()) for t in want_t)] == [12]
+    assert metrics["ntl/loss"] == [pytest.approx(sum(x["loss"] for x in flat) / len(flat), rel=1e-4)]
+
+
+def test_a_tokenizer_without_number_tokens_is_refused_when_the_actor_is_built(monkeypatch):
+    from ntl_verl.legacy import NTLDataParallelPPOActor
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "The": 1, "answer": 2, "####": 3}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    bad = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    monkeypatch.setattr(NTLDataParallelPPOActor, "ntl_tokenizer", bad)
+    with pytest.raises(ValueError, match=r"NTL cannot run with this model.*no token whose text is an ASCII digit"):
+        make_actor(H.tiny_model(seed=17), bad, monkeypatch, ntl={"ntl_weight": 0.1})
+    make_actor(H.tiny_model(seed=17), bad, monkeypatch, ntl=None)  # the stock actor (reference policy): fine
