@@ -213,7 +213,8 @@ def test_oracle_zero_weights(syn_tok):
 
 def test_oracle_llama3_single_digit_labels(llama3_tok):
     """Llama-3 labels that hold only single digits (digits split before tokenizing) match ntloss;
-    a label holding one of its multi-digit tokens raises (ntloss would score it as text)."""
+    with the tokenizer (its ten digits) a label holding one of its multi-digit tokens raises
+    (ntloss would score it as text)."""
     gv = llama3_tok.get_vocab()
     V = 128_256
     digit_ids = [gv[str(d)] for d in range(10)]
@@ -232,7 +233,10 @@ def test_oracle_llama3_single_digit_labels(llama3_tok):
         got.sum().backward()
         torch.testing.assert_close(xb.grad, xa.grad, **TOL)
     labels[0, 0] = gv["123"]
-    with pytest.raises(ValueError, match=r"labels hold multi-digit number tokens \(e.g. id \d+\)"):
+    # the tokenizer means its ten digits (as in ntloss); its whole number vocab scores '123' (since
+    # issue 25: tests/test_number_level_multidigit.py), which the message names
+    with pytest.raises(ValueError, match=r"labels hold multi-digit number tokens \(e.g. id \d+\).*"
+                                         r"ntl.vocab_for_tokenizer\(tok\)"):
         ntl.number_level_loss(logits, labels, llama3_tok)
     labels[0, 0] = -100
     ntl.number_level_loss(logits, labels, llama3_tok)  # ignored positions are not checked
@@ -584,8 +588,13 @@ def test_bad_input_names_the_argument(syn_tok, llama3_tok):
         f(x, lab, HAND, weights=-torch.ones(2, 4))
     with pytest.raises(ValueError, match="labels must be token ids"):
         f(x, lab + 100, HAND)
-    with pytest.raises(ValueError, match="vocab_or_tokenizer: number_level_loss needs the ten digit"):
-        f(torch.randn(1, 2, 128_256), torch.tensor([[15, 16]]), ntl.NumberVocab.from_tokenizer(llama3_tok))
+    # a NumberVocab without texts (token widths unknown) or without every digit is refused; Llama-3's
+    # whole number vocab (with texts) is accepted since issue 25 (tests/test_number_level_multidigit.py)
+    with pytest.raises(ValueError, match=r"vocab_or_tokenizer: number_level_loss needs the ten digit.*without texts"):
+        f(x, lab, ntl.NumberVocab([1, 2, 3], [1.0, 20.0, 300.0], 16))
+    with pytest.raises(ValueError, match=r"needs every digit '0'..'9'.*lacks \['0', '2',"):
+        f(x, lab, ntl.NumberVocab([1, 2, 3], [1.0, 20.0, 300.0], 16, texts=["1", "20", "300"]))
+    assert ntl.number_level.number_level_vocab(ntl.NumberVocab.from_tokenizer(llama3_tok)).digits.K == 1110
     with pytest.raises(ValueError, match="backend"):
         f(x, lab, HAND, backend="cuda")
     with pytest.raises(ValueError, match="apply only to method='number'"):

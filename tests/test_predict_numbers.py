@@ -3,7 +3,8 @@
 Oracle: ``ntloss.NTLossDotProduct(tok, vocab_size=V).predict_numbers`` (0.3.2), values and
 gradients to 1e-5 (fp32) on Qwen2.5's real tokenizer (V = 151,936 padded logits) and a
 digit-level word tokenizer; Llama-3's full number vocab against a float64 softmax by hand;
-hypothesis bounds.
+hypothesis bounds; whole numbers with ``labels=`` on digits by hand (multi-digit tokens:
+test_number_level_multidigit.py).
 """
 
 import sys
@@ -155,6 +156,34 @@ def test_property_bounds(data, n, scale):
     torch.testing.assert_close(full, torch.ones(n))
 
 
+def test_whole_numbers_with_labels_digit_level():
+    """labels= delimit the numbers: each number's sum_t 10^{p_t} e_t at its first digit, against
+    a float64 softmax by hand; '.' joins digits at float level; mass stays per position."""
+    vocab = ntl.DigitVocab(list(range(10)), vocab_size=16)  # ids 0..9 digits, 10 '.', 11 text
+    labels = torch.tensor([[1, 2, 10, 4, 11, 7], [3, -100, 5, 11, 11, 0]])
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(5)) * 2
+    xg = x.clone().requires_grad_(True)
+    x64 = x.double().requires_grad_(True)
+    e = torch.softmax(x64[..., :10], -1) @ torch.arange(10.0, dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64)
+    want = torch.stack([torch.stack([10 * e[0, 0] + e[0, 1], zero, zero, e[0, 3], zero, e[0, 5]]),
+                        torch.stack([e[1, 0], zero, e[1, 2], zero, zero, e[1, 5]])])
+    got, mass = ntl.predict_numbers(xg, vocab, labels=labels)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mass.double(), torch.softmax(x.double(), -1)[..., :10].sum(-1), **TOL)
+    u = torch.randn(2, 6, generator=torch.Generator().manual_seed(6))
+    (got * u).sum().backward()
+    (want * u.double()).sum().backward()
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    fl, _ = ntl.predict_numbers(x, vocab, labels=labels, float_level=True, decimal_point_id=10)
+    want_fl = 100 * e[0, 0] + 10 * e[0, 1] + e[0, 3]  # 12.4 -> 124
+    torch.testing.assert_close(fl[0, 0].double(), want_fl.detach(), rtol=1e-6, atol=1e-6)
+    assert fl[0, 3] == 0
+    # max_number_length counts digits: "12" with 1 -> both at place 0
+    short, _ = ntl.predict_numbers(x, vocab, labels=labels, max_number_length=1)
+    torch.testing.assert_close(short[0, 0].double(), (e[0, 0] + e[0, 1]).detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_input():
     vocab = ntl.DigitVocab(list(range(10)), vocab_size=16)
     with pytest.raises(TypeError, match="logits"):
@@ -165,3 +194,9 @@ def test_bad_input():
         ntl.predict_numbers(torch.zeros(2, 16), vocab, backend="gpu")
     with pytest.raises(TypeError, match="vocab_or_tokenizer"):
         ntl.predict_numbers(torch.zeros(2, 16), "gpt2")
+    with pytest.raises(ValueError, match="apply only with labels="):
+        ntl.predict_numbers(torch.zeros(2, 16), vocab, float_level=True)
+    with pytest.raises(ValueError, match="decimal_point_id is used only with float_level=True"):
+        ntl.predict_numbers(torch.zeros(1, 2, 16), vocab, labels=torch.tensor([[1, 2]]), decimal_point_id=10)
+    with pytest.raises(TypeError, match="labels"):
+        ntl.predict_numbers(torch.zeros(1, 2, 16), vocab, labels=torch.tensor([[1.0, 2.0]]))

@@ -7,20 +7,31 @@ Math in fp32 for any float input; vectorised: numbers are found with shifts,
 over numbers or tokens and no host sync (beyond the shared one-per-call label
 check of :mod:`ntl._checks`).
 
-A *number* is a maximal run of digit labels in a row; with ``float_level=True`` a
-single ``'.'`` label between two digits joins the runs on both sides and adds
-nothing (``12.34`` is scored as ``1234``, as ``ntloss`` does). For digit ``t`` of a
-number with ``n`` digits, its place ``p_t`` is the count of the number's digits
-after it, clamped to ``max_number_length - 1`` (``ntloss``'s clamp). With
-``q_t = softmax(z_t)`` over the ten digit logits and ``e_t = sum_d d q_{t,d}``::
+A *number* is a maximal run of number-token labels in a row; with ``float_level=True``
+a single ``'.'`` label between two number tokens joins the runs on both sides and adds
+nothing (``12.34`` is scored as ``1234``, as ``ntloss`` does). Number tokens are the
+ten digits (a digit-level vocab: Qwen2.5, Llama-2, ...) or, with a multi-digit
+:class:`~ntl.vocab.NumberVocab` (``ntl.vocab_for_tokenizer(tok)`` for Llama-3), tokens
+of any width: token ``t`` writes ``w_t = len(text_t)`` digits (``'123'``: 3, ``'07'``: 2).
+Its place ``p_t`` is the count of the number's *digits* written after it, clamped to
+``max(max_number_length - w_t, 0)`` so that its leading digit sits at most at place
+``max_number_length - 1`` (for digits, ``w_t = 1``: ``ntloss``'s clamp). With
+``q_t = softmax(z_t)`` over the ``K`` number logits of position ``t`` (values ``v_k``,
+``e_t = sum_k v_k q_{t,k}``) and ``y_t`` the label token's value::
 
     y    = sum_t 10^{p_t} y_t          yhat = sum_t 10^{p_t} e_t
     L    = |yhat - y| / (|yhat| + |y| + eps)         eps = 2^-23 (fp32)   0 <= L < 1
     dL/dyhat = (sign(yhat - y) - L sign(yhat)) / (|yhat| + |y| + eps)
-    dyhat/dz_{t,j} = 10^{p_t} q_{t,j} (j - e_t)
+    dyhat/dz_{t,j} = 10^{p_t} q_{t,j} (v_j - e_t)
+
+Llama-3's ``'123' '4'`` (1234): ``p = 1, 0``, ``yhat = 10 e_0 + e_1``; ``'12' '345'``:
+``yhat = 1000 e_0 + e_1``; ``'12' '.' '5'`` (float level): ``yhat = 10 e_0 + e_2``.
+``ntloss.NumberLevelLoss`` differs here: it treats every number token as one digit
+(``p_t`` counts *tokens*, and its digit-level vocab sees only ``'0'..'9'``), so it scores
+``'123' '4'`` as the number 4.
 
 ``reweigh=True``: ``L' = m L + 1.01 (1 - m)`` with ``m`` the full-softmax mass on the
-digit tokens at the number's first digit (``ntloss``'s ``reweigh_fn``, ``D = 1``).
+number tokens at the number's first token (``ntloss``'s ``reweigh_fn``, ``D = 1``).
 
 Kernels: on CUDA the digit-gather (:mod:`ntl.kernels.gather`) and, for ``reweigh``
 and :func:`predict_numbers`, the number-mass kernel (:mod:`ntl.kernels.mass`, one
@@ -56,10 +67,13 @@ MAX_NUMBER_LENGTH = 38
 class NumberLevelVocab:
     """What the number-level loss needs from a tokenizer, resolved once.
 
-    ``digits``: the ten digit tokens; ``decimal_point_id``: the ``'.'`` token (used
-    with ``float_level=True``), ``None`` if unknown; ``multi_digit_ids``: the
-    tokenizer's multi-digit number tokens (Llama-3's ``'123'``), which a label may
-    not hold: a number written with them has no per-digit place value.
+    ``digits``: the number tokens: the ten digits, or a multi-digit
+    :class:`~ntl.vocab.NumberVocab` with token texts (``ntl.vocab_for_tokenizer(tok)``:
+    Llama-3's 1,110 tokens ``'0'..'999'``), whose widths give the place values;
+    ``decimal_point_id``: the ``'.'`` token (used with ``float_level=True``), ``None`` if
+    unknown; ``multi_digit_ids``: the tokenizer's multi-digit number tokens that
+    ``digits`` does not hold (a tokenizer resolves to its ten digits, as in ``ntloss``),
+    which a label may then not hold: scoring them would drop their digits silently.
     """
 
     digits: NumberVocab
@@ -74,11 +88,15 @@ _LOCK = threading.Lock()
 def number_level_vocab(vocab_or_tokenizer: VocabLike | NumberLevelVocab, vocab_size: int | None = None, *,
                        decimal_point_id: int | None = None,
                        default_size: int | None = None) -> NumberLevelVocab:
-    """Resolve a tokenizer (or a digit vocab) for :func:`number_level_loss`; cached per tokenizer.
+    """Resolve a tokenizer or a number vocab for :func:`number_level_loss`; cached per tokenizer.
 
-    Raises ``ValueError`` when the vocab is not the ten digits ``0..9`` (e.g. a
-    ``NumberVocab`` with Llama-3's multi-digit tokens) or ``decimal_point_id`` is
-    a digit id.
+    A tokenizer gives its ten digits (``'0'..'9'``, as ``ntloss`` does) and records its
+    multi-digit number tokens, which labels may then not hold. A multi-digit
+    ``NumberVocab`` (``ntl.vocab_for_tokenizer(tok)``) is used as is: its token texts
+    give each token's width. Raises ``ValueError`` when the vocab is neither the ten
+    digits ``0..9`` nor a ``NumberVocab`` with texts that holds every digit ``'0'..'9'``
+    (without texts the widths, hence the place values, are unknown), or when
+    ``decimal_point_id`` is a number token id.
     """
     v = vocab_or_tokenizer
     if decimal_point_id is not None and (not isinstance(decimal_point_id, int)
@@ -90,16 +108,34 @@ def number_level_vocab(vocab_or_tokenizer: VocabLike | NumberLevelVocab, vocab_s
         spec = _from_tokenizer(v, vocab_size)
     else:
         spec = NumberLevelVocab(resolve_vocab(v, vocab_size, default_size=default_size))
-    if not spec.digits.is_digit_vocab:
-        raise ValueError(
-            "vocab_or_tokenizer: number_level_loss needs the ten digit tokens '0'..'9' (values 0..9), "
-            f"got {spec.digits!r}. Numbers written with multi-digit tokens (Llama-3's '123') have no "
-            "per-digit place value; pass the tokenizer or ntl.DigitVocab.from_tokenizer(tok)")
+    _check_number_vocab(spec.digits)
+    if spec.multi_digit_ids and spec.digits.is_multi_digit:  # labels the vocab covers are fine
+        covered = set(spec.digits.token_ids)
+        spec = NumberLevelVocab(spec.digits, spec.decimal_point_id,
+                                tuple(i for i in spec.multi_digit_ids if i not in covered))
     if decimal_point_id is not None and decimal_point_id != spec.decimal_point_id:
         spec = NumberLevelVocab(spec.digits, decimal_point_id, spec.multi_digit_ids)
     if spec.decimal_point_id is not None and spec.decimal_point_id in spec.digits.token_ids:
         raise ValueError(f"decimal_point_id={spec.decimal_point_id} is a digit token id")
     return spec
+
+
+def _check_number_vocab(vocab: NumberVocab) -> None:
+    """``ValueError`` unless ``vocab`` is the ten digits or a ``NumberVocab`` with texts
+    (so widths) holding every digit ``'0'..'9'`` (so that any number can be written)."""
+    if vocab.is_digit_vocab:
+        return
+    if vocab.texts is None:
+        raise ValueError(
+            "vocab_or_tokenizer: number_level_loss needs the ten digit tokens '0'..'9' (values 0..9) "
+            f"or a NumberVocab with token texts, got {vocab!r}, built without texts: the digit width "
+            "of each token, hence its place value, is unknown. Pass the tokenizer, "
+            "ntl.vocab_for_tokenizer(tok) (every number token, e.g. Llama-3's '123') or texts=")
+    missing = [d for d in "0123456789" if vocab.id_of_text(d) is None]
+    if missing:
+        raise ValueError(
+            f"vocab_or_tokenizer: number_level_loss needs every digit '0'..'9' among the number tokens, "
+            f"{vocab!r} lacks {missing}")
 
 
 def _from_tokenizer(tok: Any, vocab_size: int | None) -> NumberLevelVocab:
@@ -197,61 +233,163 @@ def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str, with_ma
 
 
 def predict_numbers(
-    logits: torch.Tensor, vocab_or_tokenizer: VocabLike, *, backend: str = "auto",
+    logits: torch.Tensor, vocab_or_tokenizer: VocabLike | NumberLevelVocab, *,
+    labels: torch.Tensor | None = None, float_level: bool = False, decimal_point_id: int | None = None,
+    max_number_length: int | None = None, ignore_index: int = -100, backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position expected number-token value and number-token mass (``NTLossDotProduct.predict_numbers``).
+    """Expected number values and number-token mass (``NTLossDotProduct.predict_numbers``).
 
     With ``z`` the ``K`` number logits of a position (``q = softmax(z)``, values ``v``)
     and ``x`` all its ``V`` logits::
 
-        yhat = sum_k q_k v_k,      mass = sum_k softmax(x)_{id_k}
+        e = sum_k q_k v_k,      mass = sum_k softmax(x)_{id_k}
+
+    Without ``labels``, ``yhat = e`` per position (a multi-digit token's value, e.g.
+    ``0..999`` with Llama-3's ``NumberVocab``). With ``labels`` (``[..., T]``, the numbers
+    as :func:`number_level_loss` finds them), ``yhat`` is each whole number's expected
+    value at its first token (0 elsewhere, the layout of ``reduction="none"``)::
+
+        yhat = sum_t 10^{p_t} e_t      p_t = digits written after token t in its number
+
+    (``'123' '4'``: ``10 e_0 + e_1``; ``'12' '345'``: ``1000 e_0 + e_1``), where
+    ``ntloss`` would take each token for one digit (see :mod:`ntl.number_level`).
 
     Args:
-        logits: ``[..., V]`` float logits (any float dtype; math in fp32).
+        logits: ``[..., V]`` float logits (any float dtype; math in fp32); with
+            ``labels``: ``[..., T, V]`` aligned with them.
         vocab_or_tokenizer: a tokenizer (its digits ``'0'..'9'``), a ``NumberVocab``
-            (e.g. Llama-3's ``NumberVocab.from_tokenizer``), digit ids or ``{id: value}``.
+            (e.g. ``ntl.vocab_for_tokenizer(tok)``: Llama-3's 1,110 number tokens), digit ids
+            or ``{id: value}``; with ``labels`` as in :func:`number_level_loss` (the ten
+            digits or a ``NumberVocab`` with texts).
+        labels: optional ``[..., T]`` token ids that delimit the numbers.
+        float_level, decimal_point_id, max_number_length, ignore_index: as in
+            :func:`number_level_loss` (only with ``labels``; ``max_number_length``, default
+            20, counts digits).
         backend: ``"auto"`` (the Triton number-mass kernel on CUDA), ``"torch"`` or ``"triton"``.
 
     Returns:
-        ``(yhat, mass)``, both fp32 of shape ``logits.shape[:-1]``, differentiable.
+        ``(yhat, mass)``, both fp32 of shape ``logits.shape[:-1]``, differentiable;
+        ``mass`` is per position in both modes.
     """
     logits = C.check_logits(logits)
     C.check_choice("backend", backend, C.BACKENDS)
     V = logits.shape[-1]
-    vocab = resolve_vocab(vocab_or_tokenizer, default_size=V)
-    C.check_vocab_fits(vocab, V)
-    z, mass = _logits_and_mass(logits.reshape(-1, V), vocab.ids(logits.device), backend, True)
-    yhat = torch.softmax(z, dim=-1) @ vocab.values_on(logits.device)
-    lead = logits.shape[:-1]
-    return yhat.view(lead), mass.view(lead)
+    if labels is None:
+        if float_level or decimal_point_id is not None or max_number_length is not None:
+            raise ValueError("float_level, decimal_point_id and max_number_length apply only with "
+                             "labels= (which delimit the numbers)")
+        vocab = resolve_vocab(vocab_or_tokenizer, default_size=V)
+        C.check_vocab_fits(vocab, V)
+        z, mass = _logits_and_mass(logits.reshape(-1, V), vocab.ids(logits.device), backend, True)
+        yhat = torch.softmax(z, dim=-1) @ vocab.values_on(logits.device)
+        lead = logits.shape[:-1]
+        return yhat.view(lead), mass.view(lead)
+    L = 20 if max_number_length is None else max_number_length
+    check_options(float_level, L, False, decimal_point_id)
+    seg = _segment(logits, labels, vocab_or_tokenizer, float_level, decimal_point_id, L, ignore_index,
+                   None, "none")
+    z, mass = _logits_and_mass(seg.x2d, seg.vocab.ids(logits.device), backend, True)
+    yhat, _ = _number_values(z, seg)
+    yhat = torch.where(seg.start, yhat, torch.zeros((), device=logits.device))
+    return yhat.view(labels.shape), mass.view(labels.shape)
 
 
-def number_spans(digit: torch.Tensor, dot: torch.Tensor | None, max_number_length: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Numbers of ``[R, T]`` digit flags (``dot``: the ``'.'`` labels, float level).
+def number_spans(digit: torch.Tensor, dot: torch.Tensor | None, max_number_length: int,
+                 width: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Numbers of ``[R, T]`` number-token flags (``dot``: the ``'.'`` labels, float level).
+
+    ``width`` (int64 ``[R, T]``, read at number tokens only): the digits each token
+    writes; ``None``: every number token is one digit.
 
     Returns ``(start [R, T] bool, owner [R*T] int64, scale [R*T] fp32)``: ``start``
-    marks each number's first digit, ``owner`` the flat index of the first digit of
-    the number a position belongs to (meaningful at digits), ``scale = 10^p`` its
-    place value (``p`` = digits after it in the number, clamped to
-    ``max_number_length - 1``). Rows are independent; no host sync.
+    marks each number's first token, ``owner`` the flat index of the first token of
+    the number a position belongs to (meaningful at number tokens), ``scale = 10^p``
+    its place value (``p`` = digits written after it in the number, clamped to
+    ``max(max_number_length - w, 0)``: ``max_number_length - 1`` for digits). Rows are
+    independent; no host sync; all positions at once (cumulative sums, no loop).
     """
     R, T = digit.shape
     prev_digit = F.pad(digit[:, :-1], (1, 0))
     if dot is None:
         in_number = digit
-    else:  # a single '.' with a digit on both sides belongs to the number
+    else:  # a single '.' with a number token on both sides belongs to the number
         next_digit = F.pad(digit[:, 1:], (0, 1))
         in_number = digit | (dot & prev_digit & next_digit)
     start = digit & ~F.pad(in_number[:, :-1], (1, 0))
     flat = torch.arange(R * T, device=digit.device).view(R, T)
     owner = torch.where(start, flat, torch.full_like(flat, -1)).cummax(-1).values.view(-1).clamp_min(0)
-    digits_upto = digit.long().cumsum(-1).view(-1)  # inclusive, per row
-    count = torch.zeros(R * T, dtype=torch.long, device=digit.device).scatter_add(
-        0, owner, digit.view(-1).long())  # digits per number, at its first digit
-    after = count[owner] - 1 - (digits_upto - digits_upto[owner])
-    place = after.clamp(0, max_number_length - 1)
+    # digits after token t = count - w_s - (C_t - C_s): C the row's inclusive cumsum of widths,
+    # s the number's first token, count the number's digits in all (at s)
+    w = digit.long() if width is None else torch.where(digit, width, torch.zeros_like(width))
+    digits_upto = w.cumsum(-1).view(-1)
+    w = w.view(-1)
+    count = torch.zeros(R * T, dtype=torch.long, device=digit.device).scatter_add(0, owner, w)
+    after = count[owner] - w[owner] - (digits_upto - digits_upto[owner])
+    if width is None:
+        place = after.clamp(0, max_number_length - 1)
+    else:  # the token's leading digit at most at place max_number_length - 1
+        place = torch.minimum(after, (max_number_length - w).clamp_min(0)).clamp_min(0)
     return start, owner, torch.pow(10.0, place.to(torch.float32))
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """Labels resolved into numbers (see :func:`_segment`); flat ``[N]`` tensors."""
+
+    x2d: torch.Tensor        # [N, V] logits
+    vocab: NumberVocab
+    k: torch.Tensor          # [N] number index of each label, -1 if not a number token
+    digit: torch.Tensor      # [N] bool: a number-token label
+    start: torch.Tensor      # [N] bool: the first token of a number
+    owner: torch.Tensor      # [N] int64: flat index of the number's first token
+    scale: torch.Tensor      # [N] fp32: 10^{p_t}
+    weights: torch.Tensor | None
+
+
+def _segment(logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike | NumberLevelVocab,
+             float_level: bool, decimal_point_id: int | None, max_number_length: int, ignore_index: int,
+             weights: Any, reduction: str) -> _Segments:
+    """Check the inputs and find the numbers: shared by the loss and :func:`predict_numbers`."""
+    V = logits.shape[-1]
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape [..., T, V] (labels need a sequence axis), "
+                         f"got {tuple(logits.shape)}")
+    spec = number_level_vocab(vocab_or_tokenizer, decimal_point_id=decimal_point_id, default_size=V)
+    labels1d, vocab, k, w = prepare_labels(
+        labels, logits.shape[:-1], logits.device, "logits.shape[:-1]", V, spec.digits, ignore_index,
+        _int_weights_as_float(weights), reduction)
+    dot_id = decimal_point(spec, float_level, V, ignore_index)
+    if spec.multi_digit_ids:
+        _refuse_multi_digit_labels(labels1d, spec.multi_digit_ids, ignore_index)
+    T = labels.shape[-1]
+    digit = k >= 0
+    x2d = logits.reshape(-1, V)
+    if labels1d.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=logits.device)
+        return _Segments(x2d, vocab, k, digit, digit, empty, empty.float(), w)
+    dot = (labels1d == dot_id).view(-1, T) if dot_id is not None else None
+    width = None
+    if vocab.is_multi_digit:
+        width = vocab.widths_on(logits.device)[k.clamp_min(0)].view(-1, T)
+    start, owner, scale = number_spans(digit.view(-1, T), dot, max_number_length, width)
+    return _Segments(x2d, vocab, k, digit, start.view(-1), owner, scale, w)
+
+
+def _number_values(z: torch.Tensor, seg: _Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(yhat [N], y [N])``: each number's expected and label value at its first token
+    (``yhat = sum_t 10^{p_t} e_t``, ``y = sum_t 10^{p_t} y_t``; meaningful at ``start``)."""
+    dev = z.device
+    N = seg.k.numel()
+    zero = torch.zeros((), device=dev)
+    digit = seg.digit
+    # rows without a number label never reach the softmax (their logits may be -inf)
+    q = torch.softmax(torch.where(digit[:, None], z, zero), dim=-1)
+    values = seg.vocab.values_on(dev)
+    expected = q @ values
+    target = values[seg.k.clamp_min(0)]
+    y = torch.zeros(N, device=dev).scatter_add(0, seg.owner, torch.where(digit, target * seg.scale, zero))
+    yhat = torch.zeros(N, device=dev).scatter_add(0, seg.owner, torch.where(digit, expected * seg.scale, zero))
+    return yhat, y
 
 
 def number_level_loss(
@@ -268,14 +406,21 @@ def number_level_loss(
     weights: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Number-level NTL: the bounded relative error of whole numbers written digit by digit.
+    """Number-level NTL: the bounded relative error of whole numbers, in number tokens of any width.
 
-    Each number (a run of digit labels in a row) is scored once: its expected value
-    ``yhat = sum_t 10^{p_t} E[digit_t]`` against its value ``y``::
+    Each number (a run of number-token labels in a row) is scored once: its expected
+    value against its label value ``y``, both summed over its tokens ``t`` at place
+    ``p_t`` = the number of digits written after token ``t`` in the number::
 
+        yhat = sum_t 10^{p_t} E[value_t]      y = sum_t 10^{p_t} value(label_t)
         L = |yhat - y| / (|yhat| + |y| + eps)   in [0, 1)
 
-    (``ntloss.NumberLevelLoss``; formulas and gradients in :mod:`ntl.number_level`).
+    ``E[value_t] = sum_k softmax(z_t)_k v_k`` over the ``K`` number logits ``z_t``. With
+    digits this is ``ntloss.NumberLevelLoss``. With Llama-3's multi-digit tokens
+    (``vocab_or_tokenizer=ntl.vocab_for_tokenizer(tok)``) ``'123' '4'`` is 1234 and
+    ``yhat = 10 E[v_0] + E[v_1]``; ``'12' '345'``: ``1000 E[v_0] + E[v_1]``. ntloss differs
+    there: it treats each multi-digit token as one digit (so ``'123' '4'`` is the number 4).
+    Formulas and gradients in :mod:`ntl.number_level`.
 
     Args:
         logits: ``[..., T, V]`` float logits aligned with ``labels`` (shift them
@@ -284,21 +429,26 @@ def number_level_loss(
             number never runs from one row into the next. A text token or
             ``ignore_index`` ends a number (``1 2 <ignore> 3`` is ``12`` and ``3``).
         vocab_or_tokenizer: a tokenizer with single-token digits ``'0'..'9'`` (Qwen2.5,
-            Llama-2, ...), a ``DigitVocab``, the ten digit ids, or a :class:`NumberLevelVocab`.
-            Labels that are a tokenizer's multi-digit number tokens (Llama-3's ``'123'``)
-            raise ``ValueError``: such numbers have no per-digit place value.
-        float_level: a single ``'.'`` label between two digits joins them into one
+            Llama-2, ...: its ten digits), a ``DigitVocab``, the ten digit ids, a
+            ``NumberVocab`` with token texts holding every digit (``ntl.vocab_for_tokenizer(tok)``:
+            Llama-3's 1,110 tokens ``'0'..'999'``), or a :class:`NumberLevelVocab`. A tokenizer
+            means its ten digits (as in ``ntloss``): labels that are its multi-digit number
+            tokens then raise ``ValueError`` (pass ``ntl.vocab_for_tokenizer(tok)`` instead).
+        float_level: a single ``'.'`` label between two number tokens joins them into one
             number (``12.34`` -> ``1234``; ``False``: ``12`` and ``34``).
-        decimal_point_id: the ``'.'`` token id (default: the tokenizer's ``'.'``).
-        max_number_length: places ``>= max_number_length - 1`` all count as
-            ``10^(max_number_length - 1)`` (``ntloss``'s clamp); at most 38 (fp32).
-        reweigh: ``L' = m L + 1.01 (1 - m)``, ``m`` the full-softmax digit mass at the
-            number's first digit (``ntloss``'s ``reweigh``; off by default).
+        decimal_point_id: the ``'.'`` token id (default: the tokenizer's ``'.'``; pass it
+            with a ``NumberVocab``).
+        max_number_length: counted in digits (characters), not tokens: a token's place
+            is clamped so that its leading digit sits at most at place
+            ``max_number_length - 1`` (``p_t <= max(max_number_length - w_t, 0)`` for a
+            token of ``w_t`` digits; with digits, ``ntloss``'s clamp); at most 38 (fp32).
+        reweigh: ``L' = m L + 1.01 (1 - m)``, ``m`` the full-softmax number-token mass at
+            the number's first token (``ntloss``'s ``reweigh``; off by default).
         ignore_index: label value that never takes part.
         reduction: ``"mean"`` (weighted mean over numbers), ``"sum"``, or ``"none"``
-            (shaped like ``labels``: each number's ``w L`` at its first digit, 0 elsewhere).
+            (shaped like ``labels``: each number's ``w L`` at its first token, 0 elsewhere).
         weights: optional non-negative ``[..., T]`` weights (bool/int/float); a number
-            takes the weight of its first digit.
+            takes the weight of its first token.
         backend: ``"auto"`` (on CUDA the Triton digit-gather, and with ``reweigh`` the
             number-mass kernel), ``"torch"`` or ``"triton"``.
 
@@ -309,41 +459,19 @@ def number_level_loss(
     check_options(float_level, max_number_length, reweigh, decimal_point_id)
     C.check_choice("backend", backend, C.BACKENDS)
     logits = C.check_logits(logits)
-    V = logits.shape[-1]
-    if logits.dim() < 2:
-        raise ValueError(f"logits must have shape [..., T, V] (labels need a sequence axis), "
-                         f"got {tuple(logits.shape)}")
-    spec = number_level_vocab(vocab_or_tokenizer, decimal_point_id=decimal_point_id, default_size=V)
-    labels1d, vocab, k, w = prepare_labels(
-        labels, logits.shape[:-1], logits.device, "logits.shape[:-1]", V, spec.digits, ignore_index,
-        _int_weights_as_float(weights), reduction)
-    dot_id = decimal_point(spec, float_level, V, ignore_index)
-    if spec.multi_digit_ids:
-        _refuse_multi_digit_labels(labels1d, spec.multi_digit_ids, ignore_index)
-
-    T = labels.shape[-1]
-    N = labels1d.numel()
-    if N == 0:  # no position at all: an attached zero of the right shape
+    seg = _segment(logits, labels, vocab_or_tokenizer, float_level, decimal_point_id, max_number_length,
+                   ignore_index, weights, reduction)
+    if seg.k.numel() == 0:  # no position at all: an attached zero of the right shape
         empty = logits.float().sum(-1) * 0.0
         return empty if reduction == "none" else empty.sum()
     dev = logits.device
     zero = torch.zeros((), device=dev)
-    x2d = logits.reshape(-1, V)
-    digit = k >= 0
-    dot = (labels1d == dot_id).view(-1, T) if dot_id is not None else None
-    start, owner, scale = number_spans(digit.view(-1, T), dot, max_number_length)
-    start = start.view(-1)
+    start, w = seg.start, seg.weights
 
-    # reweigh needs the mass at first digits only: on a CPU select those rows (a nonzero, which
+    # reweigh needs the mass at first tokens only: on a CPU select those rows (a nonzero, which
     # waits for no device); elsewhere every row (no sync)
-    z, m = _logits_and_mass(x2d, vocab.ids(dev), backend, reweigh, start if dev.type == "cpu" else None)
-    # rows without a digit label never reach the softmax (their logits may be -inf)
-    q = torch.softmax(torch.where(digit[:, None], z, zero), dim=-1)
-    values = vocab.values_on(dev)
-    expected = q @ values
-    target = values[k.clamp_min(0)]
-    y = torch.zeros(N, device=dev).scatter_add(0, owner, torch.where(digit, target * scale, zero))
-    yhat = torch.zeros(N, device=dev).scatter_add(0, owner, torch.where(digit, expected * scale, zero))
+    z, m = _logits_and_mass(seg.x2d, seg.vocab.ids(dev), backend, reweigh, start if dev.type == "cpu" else None)
+    yhat, y = _number_values(z, seg)
     loss = (yhat - y).abs() / (yhat.abs() + y.abs() + _EPS)
     if m is not None:
         loss = loss * m + 1.01 * (1.0 - m)
@@ -363,7 +491,7 @@ def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def _refuse_multi_digit_labels(labels: torch.Tensor, multi_ids: tuple[int, ...], ignore_index: int) -> None:
-    """``ValueError`` if a label is a multi-digit number token: one host sync per call
+    """``ValueError`` if a label is a multi-digit number token outside the vocab: one host sync per call
     (skipped on CUDA with ``ntl.set_strict_checks(False)``, like the label-range check)."""
     if labels.numel() == 0 or (labels.is_cuda and not C._STRICT):
         return
@@ -371,6 +499,7 @@ def _refuse_multi_digit_labels(labels: torch.Tensor, multi_ids: tuple[int, ...],
     if bool(hit.any()):
         first = int(labels[hit][0])
         raise ValueError(
-            f"labels hold multi-digit number tokens (e.g. id {first}); number_level_loss scores "
-            "numbers written digit by digit. Split digits when tokenizing, or use ntl_loss with "
-            "ntl.NumberVocab.from_tokenizer(tok) for per-token NTL on them")
+            f"labels hold multi-digit number tokens (e.g. id {first}), which the tokenizer's ten "
+            "digits (what a tokenizer resolves to) do not cover. Pass ntl.vocab_for_tokenizer(tok) "
+            "as vocab_or_tokenizer (every number token, place values counted in digits), or split "
+            "digits when tokenizing")
