@@ -405,67 +405,65 @@ def _runs_with(case: Any, vr: _VocabRun) -> str | None:
             f"({type(vr.vocab).__name__}, K={vr.vocab.K})")
 
 
-def _run_vocab(vr: _VocabRun, N: int, dt: str, dtype: torch.dtype, a: argparse.Namespace, device: torch.device,
-               gpu: bool, case_names: list[str], case_Ns: dict[str, list[int]], selected: Any, prog: _Progress,
-               t_start: float) -> list[dict[str, Any]]:
-    """Every selected case at (N, dtype) with one vocab (its V, number tokens, labels)."""
+def _run_vocab_case(vr: _VocabRun, cname: str, N: int, dt: str, dtype: torch.dtype, a: argparse.Namespace,
+                    device: torch.device, gpu: bool, case_Ns: dict[str, list[int]], selected: Any,
+                    prog: _Progress, t_start: float, inputs: dict[Any, Inputs],
+                    exp: dict[Any, dict[str, float]]) -> list[dict[str, Any]]:
+    """One selected case at (N, dtype) with one vocab (its V, number tokens, labels).
+    ``inputs`` / ``exp``: this vocab's inputs and float64 check values at (N, dtype), kept
+    across its cases (made when a case needs another kind)."""
     records: list[dict[str, Any]] = []
-    inputs: dict[Any, Inputs] = {}
-    exp: dict[Any, dict[str, float]] = {}
-    for cname in case_names:
-        if N not in case_Ns[cname]:
-            continue
-        case = CASES[cname]
-        why_not = _runs_with(case, vr)
-        if why_not is not None:
-            records += [_rec(case, pr, N, dt, {"status": "skipped", "reason": why_not})
-                        for pr in case.providers if selected(pr) != "deselected"]
-            continue
-        if a.time_budget is not None and time.time() - t_start > a.time_budget:
-            why = f"time budget: --time-budget {a.time_budget:g} s was spent before this case"
-            log.warning("N=%d %s %s: %s", N, dt, cname, why)
-            records += [_rec(case, pr, N, dt, {"status": "skipped", "reason": why})
-                        for pr in case.providers if selected(pr) != "deselected"]
-            continue
-        if case.fixed is not None:  # its own shape, once per dtype
-            if case_Ns[cname][0] == N:
-                records += _run_fixed(case, vr.tok, a, device, dtype, dt, selected, prog)
-            continue
-        Hc = _case_H(case, a, gpu)
-        key = (case.inputs, Hc)
-        if key not in inputs:
-            inputs.clear()
-            exp.clear()
-            _free(device, full=True)
-            prog.start(f"N={N} {dt} {vr.name} (V={vr.V}, K={vr.vocab.K}): making {case.inputs} inputs")
-            try:
-                inputs[key] = make_inputs(case.inputs, N, vr.V, dtype, device, vr.vocab,
-                                          digit_frac=a.digit_frac, ignore_frac=a.ignore_frac,
-                                          hidden_size=Hc, seed=a.seed)
-                # an --isolate child leaves the check to its parent
-                exp[key] = expected_values(inputs[key]) if a.worker_json is None else {}
-            except Exception as e:
-                if not _is_oom(e):
-                    raise
-                inputs.pop(key, None)
-        inp, e = inputs.get(key), exp.get(key, {})
-        if case.expected is not None and inp is not None:
-            e = {**e, **case.expected(inp)}
-        if a.isolate:
-            inputs.clear()  # the children make their own; this process keeps only the check values
-            _free(device, full=True)
-            records += _run_case_isolated(case, e, a, device, selected, prog, N, dt, Hc, vr,
-                                          vr.name == "custom")
-            exp.clear()
-            continue
-        rss_base = _max_rss_bytes()
-        recs = _run_case(case, inp, e, vr.ctx, a, device, selected, prog, N, dt)
-        if a.worker_json is not None:
-            for r in recs:
-                r["rss"] = {"base_bytes": rss_base, "peak_bytes": _max_rss_bytes()}
-        records += recs
-    inputs.clear()
-    _free(device, full=True)
+    if N not in case_Ns[cname]:
+        return records
+    case = CASES[cname]
+    why_not = _runs_with(case, vr)
+    if why_not is not None:
+        records += [_rec(case, pr, N, dt, {"status": "skipped", "reason": why_not})
+                    for pr in case.providers if selected(pr) != "deselected"]
+        return records
+    if a.time_budget is not None and time.time() - t_start > a.time_budget:
+        why = f"time budget: --time-budget {a.time_budget:g} s was spent before this case"
+        log.warning("N=%d %s %s: %s", N, dt, cname, why)
+        records += [_rec(case, pr, N, dt, {"status": "skipped", "reason": why})
+                    for pr in case.providers if selected(pr) != "deselected"]
+        return records
+    if case.fixed is not None:  # its own shape, once per dtype
+        if case_Ns[cname][0] == N:
+            records += _run_fixed(case, vr.tok, a, device, dtype, dt, selected, prog)
+        return records
+    Hc = _case_H(case, a, gpu)
+    key = (case.inputs, Hc)
+    if key not in inputs:
+        inputs.clear()
+        exp.clear()
+        _free(device, full=True)
+        prog.start(f"N={N} {dt} {vr.name} (V={vr.V}, K={vr.vocab.K}): making {case.inputs} inputs")
+        try:
+            inputs[key] = make_inputs(case.inputs, N, vr.V, dtype, device, vr.vocab,
+                                      digit_frac=a.digit_frac, ignore_frac=a.ignore_frac,
+                                      hidden_size=Hc, seed=a.seed)
+            # an --isolate child leaves the check to its parent
+            exp[key] = expected_values(inputs[key]) if a.worker_json is None else {}
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            inputs.pop(key, None)
+    inp, e = inputs.get(key), exp.get(key, {})
+    if case.expected is not None and inp is not None:
+        e = {**e, **case.expected(inp)}
+    if a.isolate:
+        inputs.clear()  # the children make their own; this process keeps only the check values
+        _free(device, full=True)
+        records += _run_case_isolated(case, e, a, device, selected, prog, N, dt, Hc, vr,
+                                      vr.name == "custom")
+        exp.clear()
+        return records
+    rss_base = _max_rss_bytes()
+    recs = _run_case(case, inp, e, vr.ctx, a, device, selected, prog, N, dt)
+    if a.worker_json is not None:
+        for r in recs:
+            r["rss"] = {"base_bytes": rss_base, "peak_bytes": _max_rss_bytes()}
+    records += recs
     return records
 
 
@@ -566,12 +564,19 @@ def run(a: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
     for N in all_Ns:
         for dt in dtypes:
             dtype = DTYPES[dt]
-            for vr in vruns:
-                start = len(records)
-                records += _run_vocab(vr, N, dt, dtype, a, device, gpu, case_names, case_Ns, selected, prog,
-                                      t_start)
-                for r in records[start:]:
-                    r["vocab"] = vr.name
+            # each case with every vocab in turn (its inputs kept), so that a load change on a
+            # shared machine hits the vocabs' measurements of a case alike
+            cache: dict[str, tuple[dict[Any, Inputs], dict[Any, dict[str, float]]]] = {
+                vr.name: ({}, {}) for vr in vruns}
+            for cname in case_names:
+                for vr in vruns:
+                    start = len(records)
+                    records += _run_vocab_case(vr, cname, N, dt, dtype, a, device, gpu, case_Ns, selected, prog,
+                                               t_start, *cache[vr.name])
+                    for r in records[start:]:
+                        r["vocab"] = vr.name
+            cache.clear()
+            _free(device, full=True)
     prog.close()
     if a.worker_json is not None:
         a.worker_json.write_text(json.dumps({"results": records}, allow_nan=True))
