@@ -175,6 +175,59 @@ def register_stock_engine_for_cpu() -> None:
         FSDPEngineWithLMHead)
 
 
+#: ``attn_implementation`` of :func:`install_cpu_varlen_attention` (an ``override_config`` value)
+CPU_VARLEN = "cpu_varlen"
+
+
+def cpu_varlen_flash_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    query_length: int, *args, position_ids: torch.Tensor | None = None, softmax_scale: float | None = None,
+    is_causal: bool = True, **kwargs,
+) -> torch.Tensor:
+    """A CPU stand-in for flash-attn's packed ("varlen") kernel, with transformers'
+    ``_flash_attention_forward`` signature: ``q [1, S, H, D]``, ``k, v [1, S, H_kv, D]``; the packed
+    sequences are the runs of ``position_ids [1, S]`` that restart (a position not greater than the
+    one before starts a new sequence; verl's padding restarts at 0 too). Causal attention within
+    each sequence: ``softmax(q k^T * scale + causal/block mask) v`` in one masked SDPA call."""
+    if position_ids is None or query.shape[0] != 1:
+        raise ValueError("the CPU varlen attention needs packed inputs (batch 1) with position_ids")
+    pos = position_ids.reshape(-1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] <= pos[:-1]
+    seq = starts.long().cumsum(0)
+    S = pos.numel()
+    idx = torch.arange(S, device=pos.device)
+    allowed = (seq[:, None] == seq[None, :]) & ((idx[None, :] <= idx[:, None]) | (not is_causal))
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [1, H, S, D]
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+def install_cpu_varlen_attention() -> None:
+    """Make verl's remove-padding / Ulysses attention path run on CPU.
+
+    verl patches only flash attention for packed inputs and Ulysses SP
+    (``transformers.integrations.flash_attention._flash_attention_forward`` becomes
+    ``_ulysses_flash_attention_forward``: all-to-all to full sequence / split heads, the kernel,
+    all-to-all back). This registers transformers' own ``flash_attention_forward`` under the name
+    :data:`CPU_VARLEN` (mask function: flash attention's, no dense mask) and points the kernel
+    verl's patch calls to :func:`cpu_varlen_flash_attention`, so everything around the kernel is
+    verl's and transformers' own code. Select it with
+    ``actor_rollout_ref.model.override_config.attn_implementation=cpu_varlen``. Call in the rank
+    before the model is built."""
+    import verl.models.transformers.monkey_patch as mp
+    from transformers import AttentionInterface
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(CPU_VARLEN, flash_attention_forward)
+    AttentionMaskInterface.register(CPU_VARLEN, flash_attention_mask)
+    mp._flash_attention_forward = cpu_varlen_flash_attention  # pyright: ignore[reportAttributeAccessIssue]
+
+
 def rank_main() -> int:
     """One rank (``python cpu_dist.py OUT_DIR TARGET``, ``RANK``/``WORLD_SIZE``/... set by
     :func:`start`): the cpu platform, the gloo group, ``target(rank, world, *args)`` with the

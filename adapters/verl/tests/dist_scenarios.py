@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
+from typing import Any
 
 import torch
 from cpu_dist import DYNAMIC_BSZ, SAMPLES_8, compose, register_stock_engine_for_cpu
@@ -119,6 +120,148 @@ def dp_updates(rank: int, world: int, model_path: str, plan: list) -> dict:
                              "grads": grads}
             timing[name] = time.perf_counter() - t1
         del worker, engine, actor_config
+        gc.collect()
+    results["_timing"] = timing
+    return results
+
+
+# --------------------------------------------------------------------------- Ulysses sequence parallel
+def sp_updates(rank: int, world: int, model_path: str, plan: list, sp: int) -> dict:
+    """:func:`dp_updates` with Ulysses sequence parallelism of size ``sp`` (``world = dp * sp``):
+    verl's device mesh is ``(dp, sp)``, so ranks ``d*sp .. d*sp+sp-1`` form data-parallel rank
+    ``d`` and all get its share of the mini-batch (as verl's dispatch gives every rank of an SP
+    group the same data). Attention runs through verl's Ulysses patch with the CPU varlen kernel
+    of :func:`cpu_dist.install_cpu_varlen_attention` (every build: ``sp`` overrides added)."""
+    from cpu_dist import CPU_VARLEN, install_cpu_varlen_attention
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    from ntl.tokenizers import qwen2_tokenizer
+
+    if world % sp:
+        raise ValueError(f"world {world} is not a multiple of sp {sp}")
+    install_cpu_varlen_attention()
+    register_stock_engine_for_cpu()
+    tok = qwen2_tokenizer()
+    dp, dp_rank = world // sp, rank // sp
+    sp_overrides = [f"actor_rollout_ref.model.override_config.attn_implementation={CPU_VARLEN}",
+                    f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp}"]
+    results, timing = {}, {}
+    for overrides, updates in plan:
+        t0 = time.perf_counter()
+        cfg = compose(model_path, *DYNAMIC_BSZ, *sp_overrides, *overrides)
+        worker = ActorRolloutRefWorker(config=cfg.actor_rollout_ref, role="actor")
+        worker.init_model()
+        engine: Any = worker.actor.engine  # verl's FSDP engine (module, optimizer: not BaseEngine's)
+        actor_config = worker.loss_fn.keywords["config"]
+        timing[f"build {overrides[:1]}"] = time.perf_counter() - t0
+        setup = {"sp": engine.ulysses_sequence_parallel_size, "dp": engine.get_data_parallel_size(),
+                 "dp_rank": engine.get_data_parallel_rank(), "pad_to_length": engine.pad_to_length,
+                 "attn": engine.module.config._attn_implementation}
+        if (setup["sp"], setup["dp"], setup["dp_rank"]) != (sp, dp, dp_rank):
+            raise RuntimeError(f"verl built {setup}, expected sp={sp} dp={dp} dp_rank={dp_rank}")
+        for name, changes in updates:
+            t1 = time.perf_counter()
+            reconfigure(actor_config, **changes)
+            grads = {}
+            hook = engine.optimizer.register_step_pre_hook(
+                lambda *_, g=grads, m=engine.module: g.update(full_grads(m)))
+            td = batch_of(tok, rank_indices(dp_rank, dp))
+            tu.assign_non_tensor(td, calculate_entropy=False, global_batch_size=len(SAMPLES_8),
+                                 mini_batch_size=len(SAMPLES_8), epochs=1, seed=1,
+                                 dataloader_kwargs={"shuffle": False}, temperature=0.9)
+            out = worker.update_actor(td)  # None on ranks other than an SP group's first
+            hook.remove()
+            results[name] = {"engine": type(engine).__qualname__, "grads": grads, "setup": setup,
+                             "metrics": None if out is None else dict(tu.get(out, "metrics"))}
+            timing[name] = time.perf_counter() - t1
+        del worker, engine, actor_config
+        gc.collect()
+    results["_timing"] = timing
+    return results
+
+
+# --------------------------------------------------------------------------- LoRA
+def lora_updates(rank: int, world: int, model_path: str, plan: list) -> dict:
+    """:func:`dp_updates` for a LoRA actor (the plan's overrides set ``lora_rank``), plus the
+    reference pass verl's trainer runs on the actor in LoRA mode (``ref_in_actor``:
+    ``compute_log_prob`` with ``no_lora_adapter=True``, ``calculate_entropy=False``, on the batch
+    that already holds ``old_log_probs``) and the same pass with the adapter on.
+
+    After ``init_model`` every ``lora_B`` (zero at init, so the adapter would be a no-op) is set to
+    seeded random values (``0.05 N(0, 1)``, seed from the name) and the adapter weights are
+    returned, so the test can rebuild the model. Returns per build name: ``adapters`` (name ->
+    full weight), ``ref`` / ``actor`` (the passes' output keys and ``log_probs``) and per update
+    the engine, metrics and the gradients of every trainable parameter."""
+    import zlib
+
+    from torch.distributed.tensor import DTensor
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    from ntl.tokenizers import qwen2_tokenizer
+
+    register_stock_engine_for_cpu()
+    tok = qwen2_tokenizer()
+    results: dict = {}
+    timing = {}
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+    def meta(td: TensorDict, **extra) -> TensorDict:
+        tu.assign_non_tensor(td, global_batch_size=len(SAMPLES_8), mini_batch_size=len(SAMPLES_8), epochs=1,
+                             seed=1, dataloader_kwargs={"shuffle": False}, temperature=0.9, **extra)
+        return td
+
+    for build, overrides, updates in plan:
+        t0 = time.perf_counter()
+        cfg = compose(model_path, *DYNAMIC_BSZ, *overrides)
+        worker = ActorRolloutRefWorker(config=cfg.actor_rollout_ref, role="actor")
+        worker.init_model()
+        engine: Any = worker.actor.engine
+        module = engine.module
+        actor_config = worker.loss_fn.keywords["config"]
+        adapters = {}
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                    value = 0.05 * torch.randn(p.shape, generator=g)
+                    if isinstance(p, DTensor):
+                        value = torch.distributed.tensor.distribute_tensor(value, p.device_mesh, p.placements)
+                        p.to_local().copy_(value.to_local())
+                    else:
+                        p.copy_(value)
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    adapters[name] = full(p)
+        trainable = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+        res: dict = {"adapters": adapters, "trainable": trainable, "engine": type(engine).__qualname__}
+        # the reference pass in LoRA mode (adapter off), then the same pass with the adapter on
+        for key, extra in (("ref", {"no_lora_adapter": True}), ("actor", {})):
+            td = meta(batch_of(tok, rank_indices(rank, world)), calculate_entropy=False, compute_loss=False, **extra)
+            out = worker.compute_log_prob(td)
+            res[key] = {"keys": sorted(out.keys()), "log_probs": [t.clone() for t in out["log_probs"].unbind()]}
+        timing[f"build {build}"] = time.perf_counter() - t0
+        for name, changes in updates:
+            t1 = time.perf_counter()
+            reconfigure(actor_config, **changes)
+            grads: dict = {}
+
+            def grab(*_a, g=grads, m=module):
+                for n, p in m.named_parameters():
+                    if p.grad is not None:
+                        g[n] = full(p.grad)
+
+            hook = engine.optimizer.register_step_pre_hook(grab)
+            td = meta(batch_of(tok, rank_indices(rank, world)), calculate_entropy=False)
+            out = worker.update_actor(td)
+            hook.remove()
+            res[name] = {"metrics": dict(tu.get(out, "metrics")), "grads": grads}
+            timing[f"{build}/{name}"] = time.perf_counter() - t1
+        results[build] = res
+        del worker, engine, module, actor_config
         gc.collect()
     results["_timing"] = timing
     return results
