@@ -25,6 +25,7 @@ from .losses import (
 from .metrics import DigitStats, digit_stats
 from .module import NumberTokenLoss
 from .number_level import number_level_loss, predict_numbers
+from .parallel import vocab_parallel_ntl_loss, vocab_parallel_ntl_loss_from_hidden
 from .vocab import DigitVocab, NumberVocab, resolve_vocab, vocab_for_tokenizer
 
 if TYPE_CHECKING:  # the lazy submodules below, for type checkers (loaded on first use)
@@ -59,6 +60,8 @@ __all__ = [
     "set_strict_checks",
     "shift_labels",
     "vocab_for_tokenizer",
+    "vocab_parallel_ntl_loss",
+    "vocab_parallel_ntl_loss_from_hidden",
 ]
 
 
