@@ -366,7 +366,10 @@ def ntl_bonus_from_digit_probs(
 def scatter_to_last_token(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Place per-sample ``values[B]`` at each row's last real token of ``response_mask[B, T]``
     (fp32 ``[B, T]``, zeros elsewhere; an all-padding row gets nothing). verl's token-level
-    scores carry the sequence reward at that position."""
+    scores carry the sequence reward at that position when the mask is verl's attention mask over
+    the response (``valid_response_length - 1``). In a multi-turn trajectory that ends in
+    tool/observation tokens verl's ``response_mask`` is 0 there, so pass the attention mask (the
+    positions that exist), not ``response_mask``, to land where verl puts the score."""
     if response_mask.dim() != 2 or values.shape != response_mask.shape[:1]:
         raise ValueError(
             f"values must be [B] and response_mask [B, T]; got {tuple(values.shape)} and "

@@ -38,6 +38,7 @@ __all__ = [
     "ground_truths_from",
     "has_key",
     "pad_responses",
+    "response_positions",
 ]
 
 logger = logging.getLogger("ntl")
@@ -97,6 +98,41 @@ def response_mask_padded(response_mask: torch.Tensor, width: int | None = None) 
     return pad_responses(response_mask, width, 0).bool()
 
 
+def response_positions(
+    response_mask: torch.Tensor, width: int | None = None, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean ``[B, width]``: the response positions that exist, i.e. verl's attention mask over
+    the response: every token the rollout produced, the policy's (``response_mask = 1``) and, in a
+    multi-turn / tool-calling trajectory, the tool-output / observation tokens the policy did not
+    generate (``response_mask = 0``). verl puts a sequence's reward at the last of them
+    (``valid_response_length - 1``: its reward managers and ``RewardManagerBase.assemble_rm_scores``
+    with ``attention_mask[:, P:].sum(-1) - 1``; the agent loop's per-sample ``rm_scores[-1]``).
+
+    * nested (jagged) ``response_mask`` (verl 0.9's v1 trainer): position ``t`` of row ``b``
+      exists iff ``t < len_b``, the row's length;
+    * padded ``[B, R]``: ``attention_mask [B, P + R]`` is required (its last ``R`` columns), since
+      a padded ``response_mask`` cannot tell trailing masked tokens from padding.
+    """
+    if response_mask.is_nested:
+        lens = response_mask.offsets().diff()  # pyright: ignore[reportAttributeAccessIssue] (nested)
+        w = int(lens.max().item()) if width is None else width
+        return torch.arange(w, device=lens.device)[None, :] < lens[:, None]
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be nested or [B, R], got shape {tuple(response_mask.shape)}")
+    if attention_mask is None:
+        raise ValueError(
+            "a padded response_mask cannot tell trailing tool/observation tokens (mask 0) from padding: "
+            "pass attention_mask [B, P + R] (verl's), whose last R columns mark the response positions"
+        )
+    R = response_mask.shape[1]
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != response_mask.shape[0] or attention_mask.shape[1] < R:
+        raise ValueError(
+            f"attention_mask must be [B, P + R] with B = {response_mask.shape[0]}, P + R >= {R}; "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return pad_responses(attention_mask[:, -R:] != 0, width, False)
+
+
 def digit_targets(
     responses: torch.Tensor,
     response_mask: torch.Tensor,
@@ -131,6 +167,7 @@ def digit_bonus_scores(
     vocab: ntl.NumberVocab,
     settings: NTLSettings,
     targets: torch.Tensor | None = None,
+    valid_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The digit-aware bonus as token-level scores ``[B, R]`` and per-sample ``[B]``.
 
@@ -142,13 +179,23 @@ def digit_bonus_scores(
     :func:`ntl.rewards.ntl_bonus_from_digit_probs` over them
     (``0.4 acc + 0.3 confidence + 0.3 p(target)``; ``all`` targets exist only for correct
     responses, so wrong ones get 0). The scores carry ``ntl_bonus_weight * bonus_b`` at
-    each response's last token (where verl puts the sequence reward).
+    each response's last token, where verl puts the sequence reward: the last ``True`` of
+    ``valid_mask [B, R]`` (the response positions that exist, :func:`response_positions`;
+    verl's ``valid_response_length - 1``). Without ``valid_mask`` it is the last token of
+    ``response_mask``, which differs when a multi-turn trajectory ends in tool/observation
+    tokens (``response_mask = 0``): pass ``valid_mask`` there. Digits in masked tokens are never
+    targets either way (:func:`digit_targets`).
     """
+    if valid_mask is not None and valid_mask.shape != response_mask.shape:
+        raise ValueError(
+            f"valid_mask must have response_mask's shape {tuple(response_mask.shape)}, got {tuple(valid_mask.shape)}"
+        )
     if targets is None:
         targets = digit_targets(responses, response_mask, ground_truths, tokenizer, vocab, settings.ntl_bonus_type)
     dp = digit_probs(digit_logits.detach().float(), targets, vocab, ignore_index=IGNORE_INDEX)
     bonus = ntl_bonus_from_digit_probs(dp)
-    scores = settings.ntl_bonus_weight * scatter_to_last_token(bonus, response_mask)
+    where = response_mask if valid_mask is None else valid_mask
+    scores = settings.ntl_bonus_weight * scatter_to_last_token(bonus, where)
     return scores, bonus
 
 

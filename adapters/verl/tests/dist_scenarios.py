@@ -188,14 +188,15 @@ def lora_updates(rank: int, world: int, model_path: str, plan: list) -> dict:
     ``compute_log_prob`` with ``no_lora_adapter=True``, ``calculate_entropy=False``, on the batch
     that already holds ``old_log_probs``) and the same pass with the adapter on.
 
-    After ``init_model`` every ``lora_B`` (zero at init, so the adapter would be a no-op) is set to
-    seeded random values (``0.05 N(0, 1)``, seed from the name) and the adapter weights are
-    returned, so the test can rebuild the model. Returns per build name: ``adapters`` (name ->
+    After ``init_model`` every adapter weight is set to seeded random values (seed from the name;
+    ``lora_A``: ``0.2 N(0, 1)`` instead of verl's random init, so every build has the same adapter;
+    ``lora_B``: ``0.05 N(0, 1)`` instead of zero, so the adapter is live) and returned, so the test
+    can rebuild the model. Returns per build name: ``adapters`` (name ->
     full weight), ``ref`` / ``actor`` (the passes' output keys and ``log_probs``) and per update
     the engine, metrics and the gradients of every trainable parameter."""
     import zlib
 
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
     from verl.utils import tensordict_utils as tu
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
@@ -225,11 +226,11 @@ def lora_updates(rank: int, world: int, model_path: str, plan: list) -> dict:
         adapters = {}
         with torch.no_grad():
             for name, p in module.named_parameters():
-                if "lora_B" in name:
+                if "lora_" in name:
                     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-                    value = 0.05 * torch.randn(p.shape, generator=g)
+                    value = (0.05 if "lora_B" in name else 0.2) * torch.randn(p.shape, generator=g)
                     if isinstance(p, DTensor):
-                        value = torch.distributed.tensor.distribute_tensor(value, p.device_mesh, p.placements)
+                        value = distribute_tensor(value, p.device_mesh, p.placements)
                         p.to_local().copy_(value.to_local())
                     else:
                         p.copy_(value)
