@@ -8,10 +8,12 @@ sharded weight (verl #7520), so the NTL engine refuses the configuration at work
 
 * ``rows_rank`` (2 ranks): the row gather against ``W[ids]`` and the rank-averaged gradient of
   hand-made per-rank losses (float64 formula), rows on both shards, an uneven split.
-* ``untied_fused`` (1 and 2 ranks): stock verl 0.9.1 is refused naming #7520; with verl's kernel
-  taught to gather a sharded weight (``full_tensor(grad_placements=[Partial("avg")])``: what verl
-  lacks) ``ntl/loss``, ``ntl/total_digits`` and the NTL share of the digit rows' gradient equal
-  an independent full-logits reference, with 1 and 2 ranks.
+* ``untied_fused`` (1 and 2 ranks): stock verl 0.9.1 is refused naming #7520. Then either fix of
+  verl's side: its kernel taught to gather a sharded weight (``full_tensor(grad_placements=
+  [Partial("avg")])``; NTL gathers its own rows from the shard), or the head kept in the root
+  FSDP2 unit (verl PR #7427; NTL indexes the gathered weight). Each: ``ntl/loss``,
+  ``ntl/total_digits`` and the NTL share of the digit rows' gradient equal an independent
+  full-logits reference, with 1 and 2 ranks.
 """
 
 from __future__ import annotations
@@ -82,13 +84,50 @@ def _patch_verl_fused_kernel() -> None:
     tf.FusedLinearForPPO.forward = forward  # pyright: ignore[reportAttributeAccessIssue]
 
 
-def untied_fused(rank: int, world: int, model_path: str) -> dict:
-    """Stock verl: the worker build is refused. Patched kernel: updates with ``ntl_weight`` 0 and
-    ``W`` (token-mean), verl's metrics and the gradients the optimizer sees."""
+def _patch_verl_wrap_head_in_root() -> None:
+    """The other fix (verl PR #7427): with fused kernels, an untied ``lm_head`` is not wrapped
+    as its own FSDP2 unit, so the root unit gathers it for the forward."""
+    import verl.utils.fsdp_utils as fu
+
+    select = fu._select_fsdp2_wrap_targets
+
+    def targets(model, cls_names):
+        return [m for m in select(model, cls_names) if m is not model.get_output_embeddings()]
+
+    fu._select_fsdp2_wrap_targets = targets
+
+
+def _updates(worker, tok, rank: int, world: int, calls: list[str]) -> dict:
+    """Updates with ``ntl_weight`` 0 and ``W`` (token-mean): verl's metrics, the gradients the
+    optimizer sees, the hook's gathers of a sharded head."""
     from dist_scenarios import batch_of, full_grads, rank_indices, reconfigure
+    from verl.utils import tensordict_utils as tu
+
+    engine = worker.actor.engine
+    module = engine.module  # pyright: ignore[reportAttributeAccessIssue]
+    actor_config = worker.loss_fn.keywords["config"]
+    out: dict = {}
+    for name, changes in [("w0", {}), ("ntl", {"ntl_weight": W})]:
+        reconfigure(actor_config, **changes)
+        grads: dict = {}
+        hook = engine.optimizer.register_step_pre_hook(  # pyright: ignore[reportAttributeAccessIssue]
+            lambda *_, g=grads, m=module: g.update(full_grads(m)))
+        td = batch_of(tok, rank_indices(rank, world))
+        tu.assign_non_tensor(td, calculate_entropy=False, global_batch_size=len(cpu_dist.SAMPLES_8),
+                             mini_batch_size=len(cpu_dist.SAMPLES_8), epochs=1, seed=1,
+                             dataloader_kwargs={"shuffle": False}, temperature=T)
+        n_calls = len(calls)
+        res = worker.update_actor(td)
+        hook.remove()
+        out[name] = {"metrics": dict(tu.get(res, "metrics")), "grads": grads, "gathers": calls[n_calls:]}
+    return out
+
+
+def untied_fused(rank: int, world: int, model_path: str) -> dict:
+    """Stock verl: the worker build is refused. Patched kernel (``"kernel"``), then the head kept
+    in the root unit (``"root"``): :func:`_updates` of a worker built from the same config."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
-    from verl.utils import tensordict_utils as tu
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
     from ntl.tokenizers import qwen2_tokenizer
@@ -115,32 +154,18 @@ def untied_fused(rank: int, world: int, model_path: str) -> dict:
         return gather(param, ids, device)
 
     E.number_rows_of_param = observed  # observe (not change) the hook's gather
-    _patch_verl_fused_kernel()
-    t0 = time.perf_counter()
-    worker = ActorRolloutRefWorker(config=cfg.actor_rollout_ref, role="actor")
-    worker.init_model()
-    engine = worker.actor.engine
-    module = engine.module  # pyright: ignore[reportAttributeAccessIssue]
-    out["head"] = {"own_unit": isinstance(module.lm_head, FSDPModule),
-                   "dtensor": isinstance(module.lm_head.weight, DTensor),
-                   "engine": type(engine).__qualname__}
-    out["timing"]["build"] = time.perf_counter() - t0
-    actor_config = worker.loss_fn.keywords["config"]
-    for name, changes in [("w0", {}), ("ntl", {"ntl_weight": W})]:
+    for fix, patch in [("kernel", _patch_verl_fused_kernel), ("root", _patch_verl_wrap_head_in_root)]:
+        patch()  # cumulative: "root" also has the kernel patch, which a gathered weight never reaches
         t0 = time.perf_counter()
-        reconfigure(actor_config, **changes)
-        grads: dict = {}
-        hook = engine.optimizer.register_step_pre_hook(  # pyright: ignore[reportAttributeAccessIssue]
-            lambda *_, g=grads, m=module: g.update(full_grads(m)))
-        td = batch_of(tok, rank_indices(rank, world))
-        tu.assign_non_tensor(td, calculate_entropy=False, global_batch_size=len(cpu_dist.SAMPLES_8),
-                             mini_batch_size=len(cpu_dist.SAMPLES_8), epochs=1, seed=1,
-                             dataloader_kwargs={"shuffle": False}, temperature=T)
-        n_calls = len(calls)
-        res = worker.update_actor(td)
-        hook.remove()
-        out[name] = {"metrics": dict(tu.get(res, "metrics")), "grads": grads, "gathers": calls[n_calls:]}
-        out["timing"][name] = time.perf_counter() - t0
+        worker = ActorRolloutRefWorker(config=cfg.actor_rollout_ref, role="actor")
+        worker.init_model()
+        module = worker.actor.engine.module  # pyright: ignore[reportAttributeAccessIssue]
+        head = {"own_unit": isinstance(module.lm_head, FSDPModule),
+                "dtensor": isinstance(module.lm_head.weight, DTensor),
+                "engine": type(worker.actor.engine).__qualname__}
+        out[fix] = {"head": head, **_updates(worker, tok, rank, world, calls)}
+        out["timing"][fix] = time.perf_counter() - t0
+        del worker, module
     return out
 
 
@@ -209,23 +234,30 @@ def test_stock_verl_fused_untied_head_is_refused_naming_7520(runs):
 
 @pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT + 120)
-def test_head_is_its_own_sharded_unit_and_ntl_gathers_its_rows(runs):
+def test_head_layout_and_where_ntl_reads_it(runs):
+    """verl's wrapping: the head its own sharded unit, NTL gathers its rows from the shard; with the
+    head in the root unit (verl PR #7427) the forward sees it gathered and NTL indexes it."""
     for w in (1, 2):
-        assert runs[w]["head"] == {"own_unit": True, "dtensor": True, "engine": "NTLFSDPEngineWithLMHead"}
-        gathers = runs[w]["ntl"]["gathers"]
+        engine = "NTLFSDPEngineWithLMHead"
+        assert runs[w]["kernel"]["head"] == {"own_unit": True, "dtensor": True, "engine": engine}
+        gathers = runs[w]["kernel"]["ntl"]["gathers"]
         assert gathers and all(g == "DTensor(Shard(dim=0),)" for g in gathers), gathers
+        assert runs[w]["root"]["head"] == {"own_unit": False, "dtensor": True, "engine": engine}
+        assert runs[w]["root"]["ntl"]["gathers"] == []
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT + 120)
-def test_ntl_loss_and_digit_row_gradient_equal_the_reference_dp1_dp2(runs, ref):
+@pytest.mark.parametrize("fix", ["kernel", "root"])
+def test_ntl_loss_and_digit_row_gradient_equal_the_reference_dp1_dp2(runs, ref, fix):
     for w in (1, 2):
-        assert metric(runs[w]["ntl"], "ntl/loss") == pytest.approx(ref["value"], rel=1e-4), w
-        assert metric(runs[w]["ntl"], "ntl/total_digits") == ref["n"]
-        extra = metric(runs[w]["ntl"], "loss") - metric(runs[w]["w0"], "loss")
+        r = runs[w][fix]
+        assert metric(r["ntl"], "ntl/loss") == pytest.approx(ref["value"], rel=1e-4), w
+        assert metric(r["ntl"], "ntl/total_digits") == ref["n"]
+        extra = metric(r["ntl"], "loss") - metric(r["w0"], "loss")
         assert extra == pytest.approx(W * ref["value"], rel=1e-4), w
-    g = {w: {n: (runs[w]["ntl"]["grads"][n] - runs[w]["w0"]["grads"][n]) / W for n in runs[w]["w0"]["grads"]}
-         for w in (1, 2)}
+    g = {w: {n: (runs[w][fix]["ntl"]["grads"][n] - runs[w][fix]["w0"]["grads"][n]) / W
+             for n in runs[w][fix]["w0"]["grads"]} for w in (1, 2)}
     head = g[1]["lm_head.weight"]
     assert head[:10].abs().max() > 1e-3  # digit rows move ...
     assert head[10:].abs().max() < 1e-6  # ... ordinary rows do not
