@@ -61,6 +61,7 @@ from .batch import (
     ground_truths_from,
     has_key,
     pad_responses,
+    response_positions,
 )
 from .loss import (
     BONUS_KEY,
@@ -411,8 +412,12 @@ class NTLEngineMixin(_EngineBase):
             z = no_padding_2_padding(model_output[DIGIT_LOGITS_KEY], data)
             z = pad_responses(z, mask.shape[1], 0.0)
             same = train_targets is not None and s.ntl_labels == s.ntl_bonus_type
+            # verl puts a sequence's score on its last response token (tool / observation tokens
+            # included); the bonus goes there too, not on the last policy token
+            rmask = data["response_mask"]
+            valid = response_positions(rmask, mask.shape[1]) if rmask.is_nested else None
             scores, bonus = digit_bonus_scores(
-                z, resp, mask, gts, tok, vocab, s, targets=train_targets if same else None
+                z, resp, mask, gts, tok, vocab, s, targets=train_targets if same else None, valid_mask=valid
             )
             rm = data["rm_scores"]
             if not rm.is_nested:

@@ -181,10 +181,6 @@ def test_bonus_placement_helpers_match_verls_score_position(qwen_tok):
                            valid_mask=valid[:, :-1])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.py still places the bonus at the last response_mask=1 token: _ntl_old_log_prob_outputs must pass "
-    "valid_mask=response_positions(data['response_mask'], mask.shape[1]) (nested response_mask) to "
-    "digit_bonus_scores; remove this marker with that change"))
 def test_engine_bonus_lands_where_verl_puts_the_score(qwen_tok, dist_group, monkeypatch):
     """The old-log-prob pass adds the bonus to ``rm_scores`` at verl's score position."""
     from ntl_verl.batch import pad_responses
