@@ -10,6 +10,7 @@ Quick start::
 
 from typing import TYPE_CHECKING
 
+from . import methods
 from ._checks import set_strict_checks
 from .fused import cross_entropy_with_ntl
 from .hidden import digit_logits_from_hidden, ntl_loss_from_digit_logits, ntl_loss_from_hidden
@@ -48,6 +49,7 @@ __all__ = [
     "digit_stats",
     "gaussian_targets",
     "linear_cross_entropy_with_ntl",
+    "methods",
     "ntl_dot_loss",
     "ntl_loss",
     "ntl_loss_from_digit_logits",

@@ -10,8 +10,11 @@ so they never break a ``torch.compile`` graph.
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 
+from . import methods as _methods
 from .vocab import NumberVocab
 
 __all__ = ["set_strict_checks"]
@@ -19,7 +22,7 @@ __all__ = ["set_strict_checks"]
 _STRICT = True
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
-METHODS = ("mse", "wasserstein")
+METHODS = _methods.REGISTRY  # the registered loss methods (name -> ntl.methods.Method class)
 
 
 def set_strict_checks(enabled: bool) -> None:
@@ -52,14 +55,19 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_method(method: object, name: str = "method") -> str:
-    """``"mse"`` or ``"wasserstein"`` (``"w1"`` is accepted as an alias of ``"wasserstein"``)."""
-    if method == "w1":
-        return "wasserstein"
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"{name} must be one of {list(METHODS)} (or 'w1', an alias of 'wasserstein'), "
-                         f"got {method!r}")
-    return method
+@overload
+def check_method(method: str, name: str = "method") -> str: ...
+@overload
+def check_method(method: _methods.Method, name: str = "method") -> _methods.Method: ...
+@overload
+def check_method(method: object, name: str = "method") -> str | _methods.Method: ...
+def check_method(method: object, name: str = "method") -> str | _methods.Method:
+    """A registered loss method (:data:`ntl.methods.REGISTRY`): a name or alias returns the
+    canonical name (``"w1"`` -> ``"wasserstein"``), a registered :class:`ntl.methods.Method`
+    object returns itself; anything else is a ``ValueError`` naming the choices."""
+    if isinstance(method, _methods.Method):
+        return _methods.resolve(method, name=name)
+    return _methods.canonical_name(method, name)
 
 
 def check_logits(logits: object, name: str = "logits", dim: str = "V") -> torch.Tensor:

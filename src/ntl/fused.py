@@ -26,7 +26,7 @@ entries are not flushed to zero before it is applied (fp16 has 5 exponent bits;
 ``a = 1 / n`` alone pushes most entries below its range at ``n = 16k``).
 
 ``squash_factor`` (``ntloss.NTLoss(squash_factor=...)``) only reshapes the W1 distance
-table: ``d > 0`` becomes ``sq_a + sq_b d`` (:func:`ntl.losses.squash_table`), so ``dNTL/dz``
+table: ``d > 0`` becomes ``sq_a + sq_b d`` (:func:`ntl.methods.squash_table`), so ``dNTL/dz``
 keeps its form ``q_j (d_j - L)``; with ``reweigh`` ``D = 1.01 squash_factor``.
 
 Eager calls run :class:`_FusedCENTL` (an autograd Function: no custom-op dispatch);
@@ -44,7 +44,7 @@ import torch
 from . import _checks as C
 from .kernels._triton import backward_once
 from .kernels.reference import ntl_rows_grad_torch, ntl_rows_torch, number_index_torch
-from .losses import check_squash_factor, loss_spec, use_triton
+from .losses import MethodLike, loss_spec, resolve_method, use_triton
 from .vocab import VocabLike, vocab_from_handle
 
 __all__ = ["cross_entropy_with_ntl"]
@@ -52,21 +52,32 @@ __all__ = ["cross_entropy_with_ntl"]
 _CHUNK_ELEMS = 1 << 22  # fp32 elements per row block on the CPU path (16 MB): few, large parallel regions
 
 
+_EPS = torch.finfo(torch.float32).eps
+
+
 def row_scales(labels: torch.Tensor, k: torch.Tensor, ignore_index: int,
-               reduction: str, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+               reduction: str, V: int, weights: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row reduction scales of CE (``a``) and NTL (``c``), fp32, no host sync.
 
     mean: ``a_i = 1[label_i valid] / n_valid``, ``c_i = 1[label_i number] / n_number``;
     sum/none: the indicators themselves. Valid: in ``[0, V)`` and not ``ignore_index`` (a
     label outside ``[0, V)`` takes no part, as with strict checks off; ``k`` is then -1).
+    With per-position NTL ``weights`` (as :func:`ntl.ntl_loss` takes them):
+    ``c_i = w_i 1[label_i number]``, over ``max(sum_i c_i, eps)`` for the mean.
     """
     valid = labels.clamp(0, V - 1) == labels  # in [0, V) (ignore_index outside it: not valid)
     if 0 <= ignore_index < V:
         valid &= labels != ignore_index
     valid = valid.float()
-    active = (k >= 0).float()
+    if weights is None:
+        active = (k >= 0).float()
+        den = active.sum().clamp_min(1.0)
+    else:
+        active = torch.where(k >= 0, weights.float(), torch.zeros((), device=k.device))
+        den = active.sum().clamp_min(_EPS)
     if reduction == "mean":
-        return valid / valid.sum().clamp_min(1.0), active / active.sum().clamp_min(1.0)
+        return valid / valid.sum().clamp_min(1.0), active / den
     return valid, active
 
 
@@ -82,7 +93,7 @@ def ce_ntl_rows_torch(
     x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
     a: torch.Tensor, b: torch.Tensor, method: str, reweigh: bool, dmax: float,
     out: torch.Tensor | None, rinv: torch.Tensor | None = None,
-    squash: tuple[float, float] | None = None,
+    squash: tuple[float, float] | None = None, huber_delta: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One row block: CE and NTL per row, and the scaled gradient written to ``out``.
 
@@ -92,7 +103,8 @@ def ce_ntl_rows_torch(
     (:func:`pow2_row_scale` of the bound ``max(|coef|, |g_label|, max_k |g_k|)``, as in
     the kernel) and ``rinv[i] = 1 / S_i``. A row with ``a = b = 0`` gets zeros (also
     when its logits are all ``-inf``). ``squash = (sq_a, sq_b)``: the W1 distances
-    ``d > 0`` become ``sq_a + sq_b d`` (:func:`ntl.losses.squash_table`). Returns
+    ``d > 0`` become ``sq_a + sq_b d`` (:func:`ntl.methods.squash_table`); ``huber_delta``:
+    the Huber threshold; ``method`` a name in :mod:`ntl.methods`. Returns
     ``(ce [n], ntl [n])`` fp32 (unscaled per-row losses).
     """
     V = x.shape[1]
@@ -112,9 +124,9 @@ def ce_ntl_rows_torch(
     s = p.sum(1)
     ce = m.squeeze(1) + s.log() - x_lab
     if out is None:
-        L = ntl_rows_torch(z, k, values, method, squash=squash)
+        L = ntl_rows_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)
     else:
-        L, dz, _ = ntl_rows_grad_torch(z, k, values, method, squash=squash)
+        L, dz, _ = ntl_rows_grad_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)
     s = s.clamp_min(1.0)  # no-op for a row with a finite logit; 0 -> 1 for an all -inf row
     coef = a / s
     # dz and digit are bound exactly when out is not None (which the type checker cannot follow)
@@ -150,7 +162,7 @@ def _combine(a: torch.Tensor, c: torch.Tensor, ce: torch.Tensor, L: torch.Tensor
              reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, ce_part, ntl_part)`` from per-row losses (rows ``[N]`` for ``"none"``)."""
     if reduction == "none":
-        ce_part, ntl_part = ce, L
+        ce_part, ntl_part = ce, c * L  # c: the weights (1 without) on number rows, L: 0 elsewhere
     else:
         ce_part, ntl_part = (a * ce).sum(), (c * L).sum()
     return ce_part + ntl_weight * ntl_part, ce_part, ntl_part
@@ -161,6 +173,7 @@ def fused_forward(
     values: torch.Tensor, ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
     ignore_index: int, inplace: bool, use_kernel: bool, write_grad: bool = True,
     squash: tuple[float, float] | None = None, grad_scale: float | torch.Tensor | None = None,
+    huber_delta: float = 1.0, weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of ``CE + w NTL`` on ``logits [N, V]`` and, with ``write_grad``, its gradient.
 
@@ -170,17 +183,18 @@ def fused_forward(
     ``rinv [N]`` (fp16 gradients only: row ``i`` of ``grad`` is stored times
     ``1 / rinv[i]``; else ``None``). On the Triton path this is one kernel launch
     (plus the ``[N]``-sized scales and sums), with no host sync; without ``write_grad``
-    it only reads the logits.
+    it only reads the logits. ``weights [N]``: per-position NTL weights (:func:`row_scales`).
     """
     N, V = logits.shape
-    a, c = row_scales(labels, k, ignore_index, reduction, V)
+    a, c = row_scales(labels, k, ignore_index, reduction, V, weights)
     b = c * ntl_weight
     ga, gb = (a, b) if grad_scale is None else (a * grad_scale, b * grad_scale)
     if use_kernel:
         from .kernels.fused_ce import ce_ntl_fwd_triton
 
         grad, rinv, ce, L = ce_ntl_fwd_triton(logits, labels, k, ids, values, ga, gb, method, reweigh,
-                                              dmax, inplace, write_grad, squash=squash)
+                                              dmax, inplace, write_grad, squash=squash,
+                                              huber_delta=huber_delta)
     else:
         grad = rinv = None
         if write_grad:
@@ -195,7 +209,7 @@ def fused_forward(
             ce[s:e], L[s:e] = ce_ntl_rows_torch(
                 logits[s:e], labels[s:e], k[s:e], ids, values, ga[s:e], gb[s:e], method, reweigh, dmax,
                 grad[s:e] if grad is not None else None, rinv[s:e] if rinv is not None else None,
-                squash=squash)
+                squash=squash, huber_delta=huber_delta)
         ce = torch.where(a != 0, ce, torch.zeros((), device=ce.device))
     return (grad, rinv, *_combine(a, c, ce, L, ntl_weight, reduction))
 
@@ -230,7 +244,7 @@ class FusedConfig(NamedTuple):
 
     handle: int  # the vocab (:attr:`ntl.NumberVocab.handle`)
     W: int  # labels must lie in [0, W) (W = V, the logits' width)
-    method: str  # mse | wasserstein
+    method: str  # a name registered in ntl.methods
     reduction: str
     ignore_index: int
     reweigh: bool
@@ -238,35 +252,38 @@ class FusedConfig(NamedTuple):
     squash: bool
     sq_a: float
     sq_b: float
+    delta: float  # Huber delta
     ntl_weight: float
     use_triton: bool
     check: bool  # data-dependent label checks (strict)
 
 
-def _fused_call(logits: torch.Tensor, labels: torch.Tensor, cfg: FusedConfig, write_grad: bool,
-                inplace: bool, grad_scale: float | torch.Tensor | None = None,
+def _fused_call(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                cfg: FusedConfig, write_grad: bool, inplace: bool,
+                grad_scale: float | torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor,
                            torch.Tensor]:
-    """The label checks, label -> number index, and :func:`fused_forward`; what both the eager
-    Function and the custom op run (so the compiled graph runs the same code as eager)."""
+    """The label (and weight) checks, label -> number index, and :func:`fused_forward`; what both
+    the eager Function and the custom op run (so the compiled graph runs the same code as eager)."""
     if cfg.check:
-        C.check_values(labels, cfg.W, cfg.ignore_index, None)
+        C.check_values(labels, cfg.W, cfg.ignore_index, weights)
     vocab = vocab_from_handle(cfg.handle)
     dev = logits.device
     k = number_index_torch(labels, vocab.index_table(cfg.W, dev), cfg.ignore_index)
     return fused_forward(logits, labels, k, vocab.ids(dev), vocab.values_on(dev), cfg.ntl_weight,
                          cfg.method, cfg.reduction, cfg.reweigh, cfg.dmax, cfg.ignore_index, inplace,
                          cfg.use_triton, write_grad, (cfg.sq_a, cfg.sq_b) if cfg.squash else None,
-                         grad_scale)
+                         grad_scale, cfg.delta, weights)
 
 
 class _FusedCENTL(torch.autograd.Function):
     """Eager path: gradient computed in forward (:func:`fused_forward`), scaled in place in backward."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, cfg: FusedConfig,
-                inplace: bool, grad_scale: float | torch.Tensor | None):
-        grad, rinv, loss, ce_part, ntl_part = _fused_call(logits, labels, cfg, True, inplace, grad_scale)
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                cfg: FusedConfig, inplace: bool, grad_scale: float | torch.Tensor | None):
+        grad, rinv, loss, ce_part, ntl_part = _fused_call(logits, labels, weights, cfg, True, inplace,
+                                                          grad_scale)
         if inplace and cfg.use_triton:  # the kernel wrote over the logits: let autograd see it
             torch.autograd.graph.increment_version(logits)
         ctx.save_for_backward(grad.detach(), rinv)  # type: ignore[union-attr]
@@ -281,16 +298,16 @@ class _FusedCENTL(torch.autograd.Function):
         backward_once(ctx, "cross_entropy_with_ntl", "its gradient buffer is scaled in place")
         grad, rinv = ctx.saved_tensors
         return (fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel, ctx.grad_scale),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 # ------------------------------------------------------------------ custom op (torch.compile)
 @torch.library.custom_op("ntl::ce_ntl_fwd", mutates_args=())
 def _ce_ntl_fwd_op(
-    logits: torch.Tensor, labels: torch.Tensor, handle: int, W: int, method: str, reduction: str,
-    ignore_index: int, reweigh: bool, dmax: float, squash: bool, sq_a: float, sq_b: float,
-    ntl_weight: float, use_triton: bool, check: bool, write_grad: bool, inplace: bool,
-    gscale: float, gscale_t: torch.Tensor | None,
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, handle: int, W: int,
+    method: str, reduction: str, ignore_index: int, reweigh: bool, dmax: float, squash: bool,
+    sq_a: float, sq_b: float, delta: float, ntl_weight: float, use_triton: bool, check: bool,
+    write_grad: bool, inplace: bool, gscale: float, gscale_t: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad [N, V] | [0], rinv [N] | [0], loss, ce, ntl)``: :func:`fused_forward` out of place
     (empty tensors stand for ``None``), the gradient times ``gscale_t`` (a tensor
@@ -304,17 +321,17 @@ def _ce_ntl_fwd_op(
             "pass inplace=False in compiled code, or call it eagerly")
     cfg = FusedConfig(handle=handle, W=W, method=method, reduction=reduction,
                       ignore_index=ignore_index, reweigh=reweigh, dmax=dmax, squash=squash,
-                      sq_a=sq_a, sq_b=sq_b, ntl_weight=ntl_weight, use_triton=use_triton,
-                      check=check)
+                      sq_a=sq_a, sq_b=sq_b, delta=delta, ntl_weight=ntl_weight,
+                      use_triton=use_triton, check=check)
     gs = gscale_t if gscale_t is not None else (None if gscale == 1.0 else gscale)
-    grad, rinv, loss, ce, ntl = _fused_call(logits, labels, cfg, write_grad, False, gs)
+    grad, rinv, loss, ce, ntl = _fused_call(logits, labels, weights, cfg, write_grad, False, gs)
     return (grad if grad is not None else logits.new_empty(0),
             rinv if rinv is not None else logits.new_empty(0, dtype=torch.float32), loss, ce, ntl)
 
 
 @_ce_ntl_fwd_op.register_fake
-def _(logits, labels, handle, W, method, reduction, ignore_index, reweigh, dmax, squash, sq_a, sq_b,
-      ntl_weight, use_triton, check, write_grad, inplace, gscale, gscale_t):
+def _(logits, labels, weights, handle, W, method, reduction, ignore_index, reweigh, dmax, squash, sq_a,
+      sq_b, delta, ntl_weight, use_triton, check, write_grad, inplace, gscale, gscale_t):
     N = logits.shape[0]
     grad = (logits.new_empty(logits.shape) if write_grad
             else logits.new_empty(0))
@@ -326,10 +343,10 @@ def _(logits, labels, handle, W, method, reduction, ignore_index, reweigh, dmax,
 def _op_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     grad, rinv, _loss, ce, ntl = output
     ctx.mark_non_differentiable(grad, rinv, ce, ntl)
-    gscale_t = inputs[18]
+    gscale_t = inputs[20]
     ctx.save_for_backward(grad, rinv, gscale_t if gscale_t is not None else rinv.new_empty(0))
-    ctx.reduction = inputs[5]
-    ctx.gscale = inputs[17]
+    ctx.reduction = inputs[6]
+    ctx.gscale = inputs[19]
 
 
 def _op_backward(ctx: Any, _g_grad: Any, _g_rinv: Any, g: torch.Tensor, *_parts: Any):
@@ -341,45 +358,50 @@ def _op_backward(ctx: Any, _g_grad: Any, _g_rinv: Any, g: torch.Tensor, *_parts:
     f = f / (gscale_t.reshape(()) if gscale_t.numel() else ctx.gscale)
     if rinv.numel():
         f = f * rinv[:, None]
-    return ((grad.float() * f).to(grad.dtype),) + (None,) * 18
+    return ((grad.float() * f).to(grad.dtype),) + (None,) * 20
 
 
 _ce_ntl_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
-def _ce_ntl(logits2d: torch.Tensor, labels1d: torch.Tensor, cfg: FusedConfig, grad: bool,
-            inplace: bool, grad_scale: float | torch.Tensor | None = None,
+def _ce_ntl(logits2d: torch.Tensor, labels1d: torch.Tensor, weights: torch.Tensor | None,
+            cfg: FusedConfig, grad: bool, inplace: bool,
+            grad_scale: float | torch.Tensor | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, ce, ntl)``: the eager Function or no-grad call, or under ``torch.compile`` the op."""
     if torch.compiler.is_compiling():
         gs_t = grad_scale if isinstance(grad_scale, torch.Tensor) else None
         gs = grad_scale if isinstance(grad_scale, float) else 1.0
-        return torch.ops.ntl.ce_ntl_fwd(logits2d, labels1d, *cfg, grad, inplace and grad, gs, gs_t)[2:]
+        return torch.ops.ntl.ce_ntl_fwd(logits2d, labels1d, weights, *cfg, grad, inplace and grad, gs,
+                                        gs_t)[2:]
     if grad:
-        return _FusedCENTL.apply(logits2d, labels1d, cfg, inplace, grad_scale)
-    return _fused_call(logits2d, labels1d, cfg, False, False)[2:]
+        return _FusedCENTL.apply(logits2d, labels1d, weights, cfg, inplace, grad_scale)
+    return _fused_call(logits2d, labels1d, weights, cfg, False, False)[2:]
 
 
 # The type of the result follows ``return_parts`` (overloads for type checkers only).
 @overload
 def cross_entropy_with_ntl(
     logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
-    method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
-    squash_factor: float | None = ..., inplace: bool = ..., return_parts: Literal[False] = ...,
+    method: MethodLike = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
+    squash_factor: float | None = ..., huber_delta: float | None = ...,
+    weights: torch.Tensor | None = ..., inplace: bool = ..., return_parts: Literal[False] = ...,
     backend: str = ..., grad_scale: float | torch.Tensor | None = ...,
 ) -> torch.Tensor: ...
 @overload
 def cross_entropy_with_ntl(
     logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
-    method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
-    squash_factor: float | None = ..., inplace: bool = ..., return_parts: Literal[True],
+    method: MethodLike = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
+    squash_factor: float | None = ..., huber_delta: float | None = ...,
+    weights: torch.Tensor | None = ..., inplace: bool = ..., return_parts: Literal[True],
     backend: str = ..., grad_scale: float | torch.Tensor | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 @overload
 def cross_entropy_with_ntl(
     logits: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *, ntl_weight: float = ...,
-    method: str = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
-    squash_factor: float | None = ..., inplace: bool = ..., return_parts: bool = ...,
+    method: MethodLike = ..., ignore_index: int = ..., reduction: str = ..., reweigh: bool = ...,
+    squash_factor: float | None = ..., huber_delta: float | None = ...,
+    weights: torch.Tensor | None = ..., inplace: bool = ..., return_parts: bool = ...,
     backend: str = ..., grad_scale: float | torch.Tensor | None = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def cross_entropy_with_ntl(
@@ -388,11 +410,13 @@ def cross_entropy_with_ntl(
     vocab_or_tokenizer: VocabLike,
     *,
     ntl_weight: float = 0.3,
-    method: str = "wasserstein",
+    method: MethodLike = "wasserstein",
     ignore_index: int = -100,
     reduction: str = "mean",
     reweigh: bool = False,
     squash_factor: float | None = None,
+    huber_delta: float | None = None,
+    weights: torch.Tensor | None = None,
     inplace: bool = False,
     return_parts: bool = False,
     backend: str = "auto",
@@ -402,7 +426,8 @@ def cross_entropy_with_ntl(
 
     Equal in value and gradient to
     ``F.cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=ignore_index,
-    reduction=reduction) + ntl_weight * ntl_loss(logits, labels, vocab, method=method, ...)``,
+    reduction=reduction) + ntl_weight * ntl_loss(logits, labels, vocab, method=method,
+    weights=weights, ...)`` (for every method of :mod:`ntl.methods`),
     except that a batch with no non-ignored label gives CE = 0 instead of NaN. The
     CE mean is over non-ignored labels, the NTL mean over number-token labels.
 
@@ -445,12 +470,18 @@ def cross_entropy_with_ntl(
         labels: ``[...]`` token ids; ``ignore_index`` positions take no part.
         vocab_or_tokenizer: tokenizer, ``NumberVocab``, digit id list or ``{id: value}``.
         ntl_weight: weight ``w`` of the NTL term.
-        method: ``"wasserstein"`` or ``"mse"``.
+        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``)
+            or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         reweigh: ``ntloss``'s full-vocabulary reweighting of the NTL term.
         squash_factor: ``ntloss.NTLoss(squash_factor=...)``'s squashed W1 distances (a number
             > 1, ``method="wasserstein"`` only; :func:`ntl.ntl_wasserstein_loss`); with
             ``reweigh`` the ceiling is then ``D = 1.01 squash_factor``.
+        huber_delta: the Huber threshold with ``method="huber"`` (``None``: 1.0).
+        weights: optional ``[...]`` non-negative per-position weights of the NTL term, exactly
+            as :func:`ntl.ntl_loss` takes them (bool, integer or float; the NTL mean is
+            ``sum_i w_i L_i / max(sum_i w_i, eps)`` over number positions); CE is unweighted.
+            They get no gradient (a ``weights`` tensor that requires grad is refused).
         inplace: write the gradient over ``logits`` (no extra ``N x V`` memory).
         return_parts: also return the detached CE and NTL parts (for logging).
         backend: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
@@ -460,31 +491,35 @@ def cross_entropy_with_ntl(
     Returns:
         fp32 loss, or ``(loss, ce, ntl)`` with ``return_parts=True``.
     """
-    method = C.check_method(method)
+    m = resolve_method(method, squash_factor, huber_delta)
     C.check_ntl_weight(ntl_weight)
     for name, flag in (("reweigh", reweigh), ("inplace", inplace), ("return_parts", return_parts)):
         C.check_bool(name, flag)
-    squash_factor = check_squash_factor(squash_factor, method)
     logits = C.check_logits(logits)
     V = logits.shape[-1]
     labels = C.check_labels(labels, logits.shape[:-1], logits.device)
     ignore_index = C.check_ignore_index(ignore_index)
     C.check_choice("reduction", reduction, C.REDUCTIONS)
-    spec = loss_spec(vocab_or_tokenizer, None, V, method, squash_factor, 1.0)
+    w = C.check_weights(weights, labels)
+    if w is not None and w.requires_grad and torch.is_grad_enabled():
+        raise ValueError("cross_entropy_with_ntl does not differentiate weights; pass weights.detach() "
+                         "(or use ntl.ntl_loss, whose weights get a gradient)")
+    spec = loss_spec(vocab_or_tokenizer, None, V, m)
     C.check_ids_fit(spec.max_id, spec.vocab_size, V)
     logits2d = logits.reshape(-1, V)
     if inplace and not torch.compiler.is_compiling() and (
             logits2d.data_ptr() != logits.data_ptr() or logits2d.stride(-1) != 1):
         raise ValueError("inplace=True needs logits that can be viewed as [N, V] without a copy, "
                          f"with a contiguous last dimension (got strides {tuple(logits.stride())})")
-    cfg = FusedConfig(handle=spec.handle, W=V, method=method, reduction=reduction,
+    cfg = FusedConfig(handle=spec.handle, W=V, method=spec.method, reduction=reduction,
                       ignore_index=ignore_index, reweigh=reweigh, dmax=spec.dmax,
-                      squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b,
-                      ntl_weight=float(ntl_weight), use_triton=use_triton(backend, logits2d),
-                      check=C.strict_checks())
+                      squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b, delta=spec.delta,
+                      ntl_weight=float(ntl_weight),
+                      use_triton=use_triton(backend, logits2d, method=m), check=C.strict_checks())
     grad_scale = C.check_grad_scale(grad_scale, logits.device)
     grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, ce, ntl = _ce_ntl(logits2d, labels.reshape(-1), cfg, grad, inplace, grad_scale)
+    w1d = w.reshape(-1).contiguous() if w is not None else None
+    loss, ce, ntl = _ce_ntl(logits2d, labels.reshape(-1), w1d, cfg, grad, inplace, grad_scale)
     if reduction == "none":
         loss, ce, ntl = (t.view(labels.shape) for t in (loss, ce, ntl))
     return (loss, ce, ntl) if return_parts else loss

@@ -16,7 +16,16 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from .kernels.ops import LossConfig, ntl_loss_apply, number_rows
-from .losses import LossSpec, loss_spec, need_grad, soft_targets, use_triton
+from .losses import (
+    LossSpec,
+    MethodLike,
+    loss_spec,
+    need_grad,
+    resolve_method,
+    soft_targets,
+    use_triton,
+)
+from .methods import W1, Method
 from .vocab import VocabLike
 
 __all__ = ["digit_logits_from_hidden", "ntl_loss_from_digit_logits", "ntl_loss_from_hidden"]
@@ -51,23 +60,24 @@ def digit_logits_from_hidden(
     number tokens in value order. Gradients reach ``hidden`` and the ``K`` rows of ``W``.
     """
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
-    spec = loss_spec(vocab_or_tokenizer, None, V, "wasserstein", None, 1.0)
+    spec = loss_spec(vocab_or_tokenizer, None, V, W1())
     C.check_ids_fit(spec.max_id, spec.vocab_size, V)
     return _digit_logits(hidden, lm_head_weight, spec.handle, t, bias)
 
 
-def _from_digit_logits(z: torch.Tensor, labels: torch.Tensor, spec: LossSpec, method: str,
+def _from_digit_logits(z: torch.Tensor, labels: torch.Tensor, spec: LossSpec, method: Method,
                        ignore_index: int, reduction: str, weights: Any, target_dist: Any,
                        W: int, hi: int, hi_what: str, backend: str) -> torch.Tensor:
     """The loss of number logits ``z [N, K]`` (value order) against token-id ``labels``."""
     w = C.check_weights(weights, labels)
-    soft = soft_targets(target_dist, labels, spec.K, method, None)
-    kernel = use_triton(backend, z)
+    soft = soft_targets(target_dist, labels, spec.K, method)
+    kernel = use_triton(backend, z, method=method)
     if kernel and z.stride(-1) != 1:
         z = z.contiguous()
-    cfg = LossConfig(handle=spec.handle, W=W, digit_cols=True, pre_indexed=False, method=method,
+    cfg = LossConfig(handle=spec.handle, W=W, digit_cols=True, pre_indexed=False, method=spec.method,
                      reduction=reduction, ignore_index=ignore_index, reweigh=False,
-                     dmax=spec.dmax, squash=False, sq_a=0.0, sq_b=1.0, delta=1.0,
+                     dmax=spec.dmax, squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b,
+                     delta=spec.delta,
                      use_triton=kernel, check=C.strict_checks(), hi=hi, hi_what=hi_what,
                      need_dz=need_grad(z))
     out = ntl_loss_apply(z, labels.reshape(-1).contiguous(),
@@ -81,42 +91,50 @@ def ntl_loss_from_hidden(
     labels: torch.Tensor,
     vocab_or_tokenizer: VocabLike,
     *,
-    method: str = "wasserstein",
+    method: MethodLike = "wasserstein",
     temperature: float = 1.0,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     weights: torch.Tensor | None = None,
     target_dist: torch.Tensor | None = None,
+    squash_factor: float | None = None,
+    huber_delta: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """NTL from hidden states and the LM head, without ever forming ``[N, V]`` logits.
 
-    Equals ``ntl_loss(hidden @ W.T + bias) / temperature, labels, ...)`` (see
-    :func:`ntl.ntl_mse_loss` / :func:`ntl.ntl_wasserstein_loss` for the formulas
-    and reductions): the digit logits are ``z = (h @ W[ids].T + b[ids]) / T``.
+    Equals ``ntl_loss((hidden @ W.T + bias) / temperature, labels, ...)`` for every method
+    (see :func:`ntl.ntl_loss` and :mod:`ntl.methods` for the formulas and reductions;
+    ``reweigh`` is not available: it needs the full row): the digit logits are
+    ``z = (h @ W[ids].T + b[ids]) / T``.
 
     Args:
         hidden: ``[..., H]`` hidden states (any float dtype), aligned with ``labels``
             (for a causal LM, the state at position ``t-1`` scores the token at ``t``).
         lm_head_weight: ``[V, H]`` LM-head weight (tied embeddings work the same way).
         labels: ``[...]`` token ids; number tokens take part.
-        method: ``"mse"`` or ``"wasserstein"``.
+        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``)
+            or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``).
         temperature: divides the logits, as samplers and RL log-probs do.
         bias: optional ``[V]`` LM-head bias.
+        ignore_index, reduction, weights, target_dist: as in :func:`ntl.ntl_loss`.
+        squash_factor: W1's squashed distances (``method="wasserstein"``).
+        huber_delta: the Huber threshold (``method="huber"``; ``None``: 1.0).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
         fp32 loss (scalar, or ``labels``-shaped for ``reduction="none"``).
     """
-    method = C.check_method(method)
+    m = resolve_method(method, squash_factor, huber_delta)
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
     labels = C.check_labels(labels, hidden.shape[:-1], hidden.device, what="hidden.shape[:-1]")
     ignore_index = C.check_ignore_index(ignore_index)
     C.check_choice("reduction", reduction, C.REDUCTIONS)
-    spec = loss_spec(vocab_or_tokenizer, None, V, method, None, 1.0)
+    spec = loss_spec(vocab_or_tokenizer, None, V, m)
     C.check_ids_fit(spec.max_id, spec.vocab_size, V)
     z = _digit_logits(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, spec.handle, t, bias)
-    return _from_digit_logits(z, labels, spec, method, ignore_index, reduction, weights, target_dist,
+    return _from_digit_logits(z, labels, spec, m, ignore_index, reduction, weights, target_dist,
                               V, V, "lm_head_weight.shape[0]", backend)
 
 
@@ -125,12 +143,14 @@ def ntl_loss_from_digit_logits(
     labels: torch.Tensor,
     vocab_or_tokenizer: VocabLike,
     *,
-    method: str = "wasserstein",
+    method: MethodLike = "wasserstein",
     ignore_index: int = -100,
     reduction: str = "mean",
     weights: torch.Tensor | None = None,
     target_dist: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    squash_factor: float | None = None,
+    huber_delta: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """NTL from number-token logits ``[..., K]`` that were already gathered.
@@ -144,14 +164,18 @@ def ntl_loss_from_digit_logits(
     (the model's ``V``) makes labels ``>= V`` an error; without it the bound is the vocab's
     ``vocab_size`` for a tokenizer or ``NumberVocab``, and none for a plain id list or dict
     (whose size would only be ``max(id) + 1``).
+
+    ``method`` is a registered name or an :mod:`ntl.methods` object (every method; with
+    ``squash_factor`` / ``huber_delta`` as in :func:`ntl.ntl_loss`); no ``reweigh`` (it
+    needs the full row).
     """
-    method = C.check_method(method)
+    m = resolve_method(method, squash_factor, huber_delta)
     C.check_logits(digit_logits, "digit_logits", dim="K")
     plain = isinstance(vocab_or_tokenizer, (list, tuple, Mapping, torch.Tensor))
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
                                    or vocab_size <= 0):
         raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
-    spec = loss_spec(vocab_or_tokenizer, vocab_size, None, method, None, 1.0)
+    spec = loss_spec(vocab_or_tokenizer, vocab_size, None, m)
     if digit_logits.shape[-1] != spec.K:
         raise ValueError(f"digit_logits has {digit_logits.shape[-1]} columns but the vocab has "
                          f"K={spec.K} number tokens (shape {tuple(digit_logits.shape)})")
@@ -170,5 +194,5 @@ def ntl_loss_from_digit_logits(
         W, hi = spec.vocab_size, spec.vocab_size
         where = "the vocab's vocab_size; pass vocab_size= for the model's (padded) vocabulary"
     z = digit_logits.reshape(-1, spec.K)
-    return _from_digit_logits(z, labels, spec, method, ignore_index, reduction, weights, target_dist,
+    return _from_digit_logits(z, labels, spec, m, ignore_index, reduction, weights, target_dist,
                               W, hi, where, backend)

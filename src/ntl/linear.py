@@ -37,7 +37,8 @@ from torch import nn
 from . import _checks as C
 from .fused import ce_ntl_rows_torch, row_scales
 from .kernels._triton import backward_once, next_pow2
-from .losses import check_squash_factor, loss_spec, prepare_labels, use_triton
+from .losses import MethodLike, loss_spec, prepare_labels, resolve_method, use_triton
+from .methods import Method
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
 __all__ = ["LinearCrossEntropyWithNTL", "linear_chunk_rows", "linear_cross_entropy_with_ntl"]
@@ -63,7 +64,7 @@ def linear_chunk_rows(N: int, H: int, V: int, device: torch.device, chunk_size: 
 def _grad_rows(x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor,
                values: torch.Tensor, a: torch.Tensor, b: torch.Tensor, method: str, reweigh: bool,
                dmax: float, use_kernel: bool, squash: tuple[float, float] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               huber_delta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Overwrite the logits chunk ``x [r, V]`` with ``dLoss/dx``; return ``(ce [r], ntl [r])``.
 
     The one place that calls the fused CE + NTL row math (:mod:`ntl.fused`, kernel 4).
@@ -71,16 +72,18 @@ def _grad_rows(x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torc
     if use_kernel:
         from .kernels.fused_ce import ce_ntl_fwd_triton
 
-        out = ce_ntl_fwd_triton(x, labels, k, ids, values, a, b, method, reweigh, dmax, True, squash=squash)
+        out = ce_ntl_fwd_triton(x, labels, k, ids, values, a, b, method, reweigh, dmax, True, squash=squash,
+                                huber_delta=huber_delta)
         return out[-2], out[-1]  # (grad [, rinv], ce, ntl): the gradient is x itself
-    return ce_ntl_rows_torch(x, labels, k, ids, values, a, b, method, reweigh, dmax, x, squash=squash)
+    return ce_ntl_rows_torch(x, labels, k, ids, values, a, b, method, reweigh, dmax, x, squash=squash,
+                             huber_delta=huber_delta)
 
 
 def _chunk_pass(
     h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     method: str, reweigh: bool, dmax: float, rows: int, need: tuple[bool, bool, bool],
-    use_kernel: bool, squash: tuple[float, float] | None = None,
+    use_kernel: bool, squash: tuple[float, float] | None = None, huber_delta: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """One pass over the rows of ``h [N, H]`` in chunks of ``rows``.
 
@@ -110,7 +113,7 @@ def _chunk_pass(
         else:
             torch.addmm(bias, hc, w.t(), out=x)
         ce[s:e], L[s:e] = _grad_rows(x, labels[s:e], k[s:e], ids, values, a[s:e], b[s:e], method,
-                                     reweigh, dmax, use_kernel, squash)
+                                     reweigh, dmax, use_kernel, squash, huber_delta)
         if gh is not None:
             torch.mm(x, w, out=gh[s:e])
         if gw is not None:
@@ -135,7 +138,7 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
              k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, ntl_weight: float, method: str,
              reduction: str, reweigh: bool, dmax: float, ignore_index: int, rows: int, use_kernel: bool,
-             squash: tuple[float, float] | None, need: tuple[bool, bool, bool],
+             squash: tuple[float, float] | None, huber_delta: float, need: tuple[bool, bool, bool],
              grad_scale: float | torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
     """``(loss, ce_part, ntl_part, grads)``; the gradients (``need``, times ``grad_scale``) only
@@ -147,7 +150,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     b = c * ntl_weight
     ga, gb = (a, b) if grad_scale is None or reduction == "none" else (a * grad_scale, b * grad_scale)
     ce, L, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids, values, ga,
-                               gb, method, reweigh, dmax, rows, need, use_kernel, squash)
+                               gb, method, reweigh, dmax, rows, need, use_kernel, squash, huber_delta)
     ce = torch.where(a != 0, ce, torch.zeros((), device=ce.device))
     if reduction == "none":
         ce_part, ntl_part = ce, L
@@ -164,18 +167,19 @@ class _LinearCENTL(torch.autograd.Function):
                 labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
                 ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
                 ignore_index: int, rows: int, use_kernel: bool, squash: tuple[float, float] | None,
-                grad_scale: float | torch.Tensor | None):
+                huber_delta: float, grad_scale: float | torch.Tensor | None):
         need = cast(tuple[bool, bool, bool], tuple(bool(n) for n in ctx.needs_input_grad[:3]))
         loss, ce_part, ntl_part, grads = _forward(hidden, weight, bias, labels, k, ids, values,
                                                   ntl_weight, method, reduction, reweigh, dmax,
-                                                  ignore_index, rows, use_kernel, squash, need,
-                                                  grad_scale)
+                                                  ignore_index, rows, use_kernel, squash, huber_delta,
+                                                  need, grad_scale)
         ctx.grad_scale = grad_scale
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels, k, ids, values)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.args = (ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, need)
+        ctx.args = (ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, huber_delta,
+                    need)
         ctx.reduction = reduction
         ctx.mark_non_differentiable(ce_part, ntl_part)
         return loss, ce_part, ntl_part
@@ -184,7 +188,7 @@ class _LinearCENTL(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):  # pyright: ignore[reportIncompatibleMethodOverride]
         backward_once(ctx, "linear_cross_entropy_with_ntl",
                       "its gradients are computed in forward and scaled in place")
-        ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, need = ctx.args
+        ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, huber_delta, need = ctx.args
         if ctx.reduction == "none":
             hidden, weight, bias, labels, k, ids, values = ctx.saved_tensors
             u = grad_out.reshape(-1).float()
@@ -194,7 +198,8 @@ class _LinearCENTL(torch.autograd.Function):
             b = torch.where(k >= 0, u * ntl_weight, zero)
             cd = _compute_dtype(hidden.dtype)
             _ce, _ntl, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids,
-                                      values, a, b, method, reweigh, dmax, rows, need, use_kernel, squash)
+                                      values, a, b, method, reweigh, dmax, rows, need, use_kernel, squash,
+                                      huber_delta)
             scale = None
         else:
             grads, ctx.grads = ctx.grads, None  # drop ctx's reference: autograd can take the buffers
@@ -206,7 +211,7 @@ class _LinearCENTL(torch.autograd.Function):
             if g is not None and scale is not None:
                 g = _scale(g, scale, in_place=g.dtype == dt, use_kernel=use_kernel)
             out.append(None if g is None else g.to(dt))
-        return (*out, *(None,) * 14)
+        return (*out, *(None,) * 15)
 
 
 def _scale(g: torch.Tensor, f: torch.Tensor, in_place: bool, use_kernel: bool) -> torch.Tensor:
@@ -241,25 +246,28 @@ def _check_options(ntl_weight: Any, chunk_size: Any, **flags: Any) -> None:
 @overload
 def linear_cross_entropy_with_ntl(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *,
-    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
+    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: MethodLike = ..., ignore_index: int = ...,
     reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
     return_parts: Literal[False] = ..., backend: str = ..., squash_factor: float | None = ...,
+    huber_delta: float | None = ...,
     grad_scale: float | torch.Tensor | None = ...,
 ) -> torch.Tensor: ...
 @overload
 def linear_cross_entropy_with_ntl(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *,
-    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
+    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: MethodLike = ..., ignore_index: int = ...,
     reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
     return_parts: Literal[True], backend: str = ..., squash_factor: float | None = ...,
+    huber_delta: float | None = ...,
     grad_scale: float | torch.Tensor | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 @overload
 def linear_cross_entropy_with_ntl(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_or_tokenizer: VocabLike, *,
-    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: str = ..., ignore_index: int = ...,
+    bias: torch.Tensor | None = ..., ntl_weight: float = ..., method: MethodLike = ..., ignore_index: int = ...,
     reduction: str = ..., reweigh: bool = ..., chunk_size: int | None = ...,
     return_parts: bool = ..., backend: str = ..., squash_factor: float | None = ...,
+    huber_delta: float | None = ...,
     grad_scale: float | torch.Tensor | None = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def linear_cross_entropy_with_ntl(
@@ -270,7 +278,7 @@ def linear_cross_entropy_with_ntl(
     *,
     bias: torch.Tensor | None = None,
     ntl_weight: float = 0.3,
-    method: str = "wasserstein",
+    method: MethodLike = "wasserstein",
     ignore_index: int = -100,
     reduction: str = "mean",
     reweigh: bool = False,
@@ -278,6 +286,7 @@ def linear_cross_entropy_with_ntl(
     return_parts: bool = False,
     backend: str = "auto",
     squash_factor: float | None = None,
+    huber_delta: float | None = None,
     grad_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``CE(hidden @ weight.T + bias, labels) + ntl_weight * NTL(...)`` without any ``[N, V]`` tensor.
@@ -304,7 +313,8 @@ def linear_cross_entropy_with_ntl(
         vocab_or_tokenizer: tokenizer, ``NumberVocab``, digit id list or ``{id: value}``.
         bias: optional ``[V]`` LM-head bias.
         ntl_weight: weight ``w`` of the NTL term.
-        method: ``"wasserstein"`` or ``"mse"``.
+        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``)
+            or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``labels``-shaped).
         reweigh: ``ntloss``'s full-vocabulary reweighting of the NTL term.
         chunk_size: rows per chunk (default: :func:`linear_chunk_rows`); memory of the
@@ -313,6 +323,7 @@ def linear_cross_entropy_with_ntl(
         backend: ``"auto"`` (Triton kernel 4 on CUDA), ``"torch"`` or ``"triton"``.
         squash_factor: ``ntloss.NTLoss(squash_factor=...)``'s squashed W1 distances (a number
             ``> 1``; W1 only), as in :func:`ntl.cross_entropy_with_ntl`.
+        huber_delta: the Huber threshold with ``method="huber"`` (``None``: 1.0).
         grad_scale: the incoming gradient backward will get (a non-zero number or a 0-d float
             tensor on ``hidden``'s device; ``None``: 1), as in :func:`ntl.cross_entropy_with_ntl`:
             folded into the row scales, so the stored gradients are ``grad_scale`` times the
@@ -325,22 +336,21 @@ def linear_cross_entropy_with_ntl(
     Returns:
         fp32 loss, or ``(loss, ce, ntl)`` with ``return_parts=True``.
     """
-    method = C.check_method(method)
-    squash_factor = check_squash_factor(squash_factor, method)
+    m = resolve_method(method, squash_factor, huber_delta)
     _check_options(ntl_weight, chunk_size, reweigh=reweigh, return_parts=return_parts)
     V = C.check_head(hidden, weight, bias, same_dtype=True)
     labels1d, vocab, k, _ = prepare_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]",
                                            V, vocab_or_tokenizer, ignore_index, None, reduction)
     tensors = [hidden, weight] + ([bias] if bias is not None else [])
-    use_kernel = use_triton(backend, *tensors)
+    use_kernel = use_triton(backend, *tensors, method=m)
     H = hidden.shape[-1]
     h2d = hidden.reshape(-1, H)
     rows = linear_chunk_rows(h2d.shape[0], H, V, hidden.device, chunk_size)
     dev = hidden.device
-    spec = loss_spec(vocab, None, V, method, squash_factor, 1.0)  # D and the squash table, cached per vocab
-    args = (labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), method, reduction,
+    spec = loss_spec(vocab, None, V, m)  # D and the method's scalars, cached per vocab
+    args = (labels1d, k, vocab.ids(dev), vocab.values_on(dev), float(ntl_weight), spec.method, reduction,
             reweigh, float(spec.dmax), ignore_index, rows, use_kernel,
-            (spec.sq_a, spec.sq_b) if spec.squash else None)
+            (spec.sq_a, spec.sq_b) if spec.squash else None, spec.delta)
     grad_scale = C.check_grad_scale(grad_scale, hidden.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         loss, ce, ntl = _LinearCENTL.apply(h2d, weight, bias, *args, grad_scale)
@@ -360,21 +370,20 @@ class LinearCrossEntropyWithNTL(nn.Module):
     """
 
     vocab: NumberVocab
-    method: str
+    method: Method
     ntl_weight: float
     ignore_index: int
     reduction: str
     backend: str
     reweigh: bool
     chunk_size: int | None
-    squash_factor: float | None
 
     def __init__(
         self,
         vocab_or_tokenizer: VocabLike,
         *,
         ntl_weight: float = 0.3,
-        method: str = "wasserstein",
+        method: MethodLike = "wasserstein",
         ignore_index: int = -100,
         reduction: str = "mean",
         reweigh: bool = False,
@@ -382,10 +391,12 @@ class LinearCrossEntropyWithNTL(nn.Module):
         backend: str = "auto",
         vocab_size: int | None = None,
         squash_factor: float | None = None,
+        huber_delta: float | None = None,
     ) -> None:
         super().__init__()
         self.vocab = resolve_vocab(vocab_or_tokenizer, vocab_size)
-        self.method = C.check_method(method)
+        self.method = resolve_method(method, squash_factor, huber_delta)
+        self.method.kernel_scalars(self.vocab)  # a vocab the method cannot use fails here
         _check_options(ntl_weight, chunk_size, reweigh=reweigh)
         self.ntl_weight = float(ntl_weight)
         self.ignore_index = C.check_ignore_index(ignore_index)
@@ -393,15 +404,14 @@ class LinearCrossEntropyWithNTL(nn.Module):
         self.backend = C.check_choice("backend", backend, C.BACKENDS)
         self.reweigh = reweigh
         self.chunk_size = chunk_size
-        self.squash_factor = check_squash_factor(squash_factor, self.method)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear_cross_entropy_with_ntl(  # type: ignore[return-value]
             hidden, weight, labels, self.vocab, bias=bias, ntl_weight=self.ntl_weight, method=self.method,
             ignore_index=self.ignore_index, reduction=self.reduction, reweigh=self.reweigh,
-            chunk_size=self.chunk_size, backend=self.backend, squash_factor=self.squash_factor)
+            chunk_size=self.chunk_size, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"ntl_weight={self.ntl_weight}, method={self.method!r}, K={self.vocab.K}, "
+        return (f"ntl_weight={self.ntl_weight}, method={self.method.describe()}, K={self.vocab.K}, "
                 f"reduction={self.reduction!r}, reweigh={self.reweigh}, chunk_size={self.chunk_size}")

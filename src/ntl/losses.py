@@ -21,8 +21,6 @@ Shared semantics (see each function for its formula):
 from __future__ import annotations
 
 import ctypes
-import itertools
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -30,22 +28,38 @@ import torch
 from . import _checks as C
 from .kernels import _triton
 from .kernels.ops import LossConfig, ntl_loss_apply
+from .methods import MSE, W1, Huber, Method, resolve
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
 __all__ = ["gaussian_targets", "ntl_dot_loss", "ntl_loss", "ntl_mse_loss", "ntl_wasserstein_loss",
            "shift_labels"]
 
+MethodLike = str | Method
+"""What ``method=`` takes: a registered name or alias (:data:`ntl.methods.REGISTRY`) or an
+:mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``)."""
 
 
-def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    """Resolve ``backend`` for these tensors (auto: Triton on CUDA, else PyTorch)."""
+def use_triton(backend: str, *tensors: torch.Tensor, method: Method | None = None) -> bool:
+    """Resolve ``backend`` for these tensors (auto: Triton on CUDA, else PyTorch). A ``method``
+    without a Triton branch (``code is None``) runs on PyTorch under ``"auto"`` and is a
+    ``ValueError`` with ``"triton"``."""
     C.check_choice("backend", backend, C.BACKENDS)
     if backend == "torch":
         return False
+    kernel = method is None or type(method).code is not None
     if backend == "auto":
-        return _triton.HAS_TRITON and all(t.is_cuda for t in tensors)
+        return kernel and _triton.HAS_TRITON and all(t.is_cuda for t in tensors)
+    if not kernel:
+        raise ValueError(f"method {method!r} has no Triton kernel (no branch in "
+                         "ntl.kernels.rowloss.ntl_row_math); use backend='torch' or 'auto'")
     _triton.require_triton(*tensors)
     return True
+
+
+def resolve_method(method: Any, squash_factor: Any = None, huber_delta: Any = None) -> Method:
+    """``method=`` of every entry point (a name or an :mod:`ntl.methods` object) with the
+    legacy keywords ``squash_factor=`` / ``huber_delta=``: :func:`ntl.methods.resolve`."""
+    return resolve(method, squash_factor=squash_factor, huber_delta=huber_delta)
 
 
 def prepare_labels(
@@ -67,97 +81,57 @@ def prepare_labels(
 
 
 class LossSpec(NamedTuple):
-    """Python constants of a (vocab, loss) pair: all the front end needs from the vocab."""
+    """Python constants of a (vocab, method) pair: all the front end needs from the vocab."""
 
     handle: int
     K: int
     vocab_size: int
     max_id: int
-    dmax: float  # reweigh ceiling D
-    squash: bool
+    method: str  # the registered name (what the ops and the twin look the formula up by)
+    dmax: float  # reweigh ceiling D (Method.reweigh_ceiling)
+    squash: bool  # (sq_a, sq_b) != (0, 1)
     sq_a: float
     sq_b: float
-
-
-def _max_loss(vocab: NumberVocab, method: str, squash_factor: float | None, delta: float) -> float:
-    """The largest per-position loss, ``ntloss``'s ``max_dist``: ``d = v_max - v_min`` for W1
-    (``squash_factor`` when squashed), ``d^2`` (MSE), ``d`` (MAE), ``huber(d)``."""
-    d = vocab.max_distance
-    if method == "wasserstein":
-        return float(squash_factor) if squash_factor is not None else d
-    if method == "mse":
-        return d * d
-    if method == "mae":
-        return d
-    return 0.5 * d * d if d < delta else delta * (d - 0.5 * delta)
-
-
-def squash_table(vocab: NumberVocab, squash_factor: float) -> tuple[float, float]:
-    """``(a, b)`` of ``ntloss``'s squashed W1 distances: ``d' = a + b d`` for ``d = |v_i - v_j| > 0``
-    (0 for ``d = 0``), so that the closest distinct values cost 1 and the farthest ``squash_factor``::
-
-        b = (squash_factor - 1) / (d_max - d_min),   a = 1 - b d_min   (d_min the smallest d > 0)
-    """
-    vals = vocab.values
-    gaps = [b - a for a, b in itertools.pairwise(vals) if b > a]
-    d_max = vals[-1] - vals[0]
-    if not gaps or min(gaps) == d_max:
-        raise ValueError(
-            f"squash_factor needs number values with at least two different nonzero distances; "
-            f"this vocab has values {sorted(set(vals))[:4]}{' ...' if len(set(vals)) > 4 else ''}"
-        )
-    d_min = min(gaps)
-    b = (float(squash_factor) - 1.0) / (d_max - d_min)
-    return 1.0 - b * d_min, b
-
-
-def reweigh_ceiling(vocab: NumberVocab, method: str, squash_factor: float | None = None,
-                    huber_delta: float = 1.0) -> float:
-    """``D = 1.01 x`` the largest per-position loss (``v_max - v_min`` for W1, its square for MSE,
-    ``squash_factor`` for squashed W1, see :func:`_max_loss`).
-
-    ``reweigh=True`` gives ``L' = m L + D (1 - m)``: mass off the number tokens costs
-    more than the worst number token (``ntloss``'s constant).
-    """
-    return 1.01 * _max_loss(vocab, method, squash_factor, huber_delta)
+    delta: float
 
 
 def loss_spec(vocab_or_tokenizer: VocabLike, vocab_size: int | None, default_size: int | None,
-              method: str, squash_factor: float | None, huber_delta: float) -> LossSpec:
+              method: Method) -> LossSpec:
     """Resolve the vocab and the loss constants (cached per vocab). ``torch.compile`` runs the
     lookup once at trace time and keeps the result as a constant (tokenizer -> vocab is pure,
     cached Python). An object (a vocab, a tokenizer) enters the traced lookup as its ``id()``,
     which Dynamo guards on: torch < 2.12 cannot pass an object to an assume-constant function."""
     v = vocab_or_tokenizer
+    # the method enters the traced lookup as its name and parameters (Python constants)
+    name, params = type(method).name, method.params()
     if torch.compiler.is_compiling() and not isinstance(v, (list, tuple, dict, torch.Tensor)):
-        return _loss_spec_of_object(id(v), vocab_size, default_size, method, squash_factor,
-                                    huber_delta)
-    return _loss_spec(v, vocab_size, default_size, method, squash_factor, huber_delta)
+        return _loss_spec_of_object(id(v), vocab_size, default_size, name, *params)
+    return _loss_spec(v, vocab_size, default_size, name, *params)
 
 
 def _loss_spec(vocab_or_tokenizer: VocabLike, vocab_size: int | None, default_size: int | None,
-               method: str, squash_factor: float | None, huber_delta: float) -> LossSpec:
+               name: str, *params: Any) -> LossSpec:
     vocab = resolve_vocab(vocab_or_tokenizer, vocab_size, default_size=default_size)
     specs = vocab.__dict__.setdefault("_specs", {})
-    key = (method, squash_factor, huber_delta)
-    spec = specs.get(key)
+    method = C.METHODS[name](*params)
+    spec = specs.get(method)
     if spec is None:
-        a, b = squash_table(vocab, squash_factor) if squash_factor is not None else (0.0, 1.0)
+        sc = method.kernel_scalars(vocab)
         spec = LossSpec(handle=vocab.handle, K=vocab.K, vocab_size=vocab.vocab_size,
-                        max_id=max(vocab.token_ids),
-                        dmax=reweigh_ceiling(vocab, method, squash_factor, huber_delta),
-                        squash=squash_factor is not None, sq_a=a, sq_b=b)
-        specs[key] = spec
+                        max_id=max(vocab.token_ids), method=name,
+                        dmax=method.reweigh_ceiling(vocab), squash=(sc.sq_a, sc.sq_b) != (0.0, 1.0),
+                        sq_a=sc.sq_a, sq_b=sc.sq_b, delta=sc.delta)
+        specs[method] = spec
     return spec
 
 
 def _loss_spec_of_object(obj_id: int, vocab_size: int | None, default_size: int | None,
-                         method: str, squash_factor: float | None, huber_delta: float) -> LossSpec:
+                         name: str, *params: Any) -> LossSpec:
     """:func:`_loss_spec` of the object whose ``id()`` is ``obj_id``. Called by Dynamo at trace
     time only, while the traced frame holds the object (so the id names a live object), with an
     ``ID_MATCH`` guard on it (so the constant is re-derived for any other object)."""
     obj = ctypes.cast(obj_id, ctypes.py_object).value
-    return _loss_spec(obj, vocab_size, default_size, method, squash_factor, huber_delta)
+    return _loss_spec(obj, vocab_size, default_size, name, *params)
 
 
 # what torch.compiler.assume_constant_result does, without importing torch._dynamo (seconds) at
@@ -166,51 +140,32 @@ _loss_spec._dynamo_marked_constant = True  # type: ignore[attr-defined]
 _loss_spec_of_object._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def check_squash_factor(squash_factor: Any, method: str) -> float | None:
-    if squash_factor is None:
-        return None
-    if isinstance(squash_factor, bool) or not isinstance(squash_factor, (int, float)):
-        raise TypeError(f"squash_factor must be a number > 1 or None, got {type(squash_factor).__name__}")
-    if not (math.isfinite(squash_factor) and squash_factor > 1):
-        raise ValueError(f"squash_factor must be a finite number > 1 (1 would be cross-entropy), got {squash_factor!r}")
-    if method != "wasserstein":
-        raise ValueError(f"squash_factor applies to the Wasserstein loss only, not method={method!r}")
-    return float(squash_factor)
-
-
-def check_huber_delta(huber_delta: Any) -> float:
-    if isinstance(huber_delta, bool) or not isinstance(huber_delta, (int, float)):
-        raise TypeError(f"huber_delta must be a positive number, got {type(huber_delta).__name__}")
-    if not (math.isfinite(huber_delta) and huber_delta > 0):
-        raise ValueError(f"huber_delta must be a positive finite number, got {huber_delta!r}")
-    return float(huber_delta)
-
-
 def need_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def ntl_rows(
-    logits2d: torch.Tensor, k: torch.Tensor, vocab: NumberVocab, method: str,
+    logits2d: torch.Tensor, k: torch.Tensor, vocab: NumberVocab, method: MethodLike,
     soft: torch.Tensor | None = None, reweigh: bool = False, backend: str = "auto",
 ) -> torch.Tensor:
     """Per-row NTL ``[N]`` fp32 (0 where ``k < 0``) through the chosen backend, for a precomputed
     number index ``k``; differentiable. ``reweigh`` reads full rows only where ``k >= 0``."""
-    kernel = use_triton(backend, logits2d)
-    spec = loss_spec(vocab, None, logits2d.shape[1], method, None, 1.0)
+    m = resolve(method)
+    kernel = use_triton(backend, logits2d, method=m)
+    spec = loss_spec(vocab, None, logits2d.shape[1], m)
     x = logits2d.contiguous() if kernel and logits2d.stride(-1) != 1 else logits2d
     cfg = LossConfig(handle=spec.handle, W=vocab.K, digit_cols=False, pre_indexed=True,
-                     method=method, reduction="none", ignore_index=-1, reweigh=reweigh,
-                     dmax=spec.dmax, squash=False, sq_a=0.0, sq_b=1.0, delta=1.0,
+                     method=spec.method, reduction="none", ignore_index=-1, reweigh=reweigh,
+                     dmax=spec.dmax, squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b,
+                     delta=spec.delta,
                      use_triton=kernel, check=False, hi=-1, hi_what="",
                      need_dz=need_grad(logits2d))
     return ntl_loss_apply(x, k.contiguous(), None, soft.contiguous() if soft is not None else None, cfg)
 
 
 def _standalone(
-    logits: Any, labels: Any, vocab_or_tokenizer: VocabLike, method: str, ignore_index: Any,
-    reduction: Any, weights: Any, reweigh: Any, target_dist: Any, squash_factor: Any,
-    huber_delta: Any, backend: str,
+    logits: Any, labels: Any, vocab_or_tokenizer: VocabLike, method: Method, ignore_index: Any,
+    reduction: Any, weights: Any, reweigh: Any, target_dist: Any, backend: str,
 ) -> torch.Tensor:
     """The front end of every logits-level loss: checks, the vocab's constants, one op."""
     logits = C.check_logits(logits)
@@ -219,36 +174,30 @@ def _standalone(
     ignore_index = C.check_ignore_index(ignore_index)
     C.check_choice("reduction", reduction, C.REDUCTIONS)
     C.check_bool("reweigh", reweigh)
-    squash_factor = check_squash_factor(squash_factor, method)
-    huber_delta = check_huber_delta(huber_delta)
-    spec = loss_spec(vocab_or_tokenizer, None, V, method, squash_factor, huber_delta)
+    spec = loss_spec(vocab_or_tokenizer, None, V, method)
     C.check_ids_fit(spec.max_id, spec.vocab_size, V)
     w = C.check_weights(weights, labels)
-    soft = soft_targets(target_dist, labels, spec.K, method, squash_factor)
-    kernel = use_triton(backend, logits)
+    soft = soft_targets(target_dist, labels, spec.K, method)
+    kernel = use_triton(backend, logits, method=method)
     x = logits.reshape(-1, V)
     if kernel and x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = LossConfig(handle=spec.handle, W=V, digit_cols=False, pre_indexed=False, method=method,
+    cfg = LossConfig(handle=spec.handle, W=V, digit_cols=False, pre_indexed=False, method=spec.method,
                      reduction=reduction, ignore_index=ignore_index, reweigh=reweigh,
                      dmax=spec.dmax, squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b,
-                     delta=huber_delta, use_triton=kernel, check=C.strict_checks(), hi=V,
+                     delta=spec.delta, use_triton=kernel, check=C.strict_checks(), hi=V,
                      hi_what="logits.shape[-1]", need_dz=need_grad(logits))
     out = ntl_loss_apply(x, labels.reshape(-1).contiguous(),
                          w.reshape(-1).contiguous() if w is not None else None, soft, cfg)
     return out.view(labels.shape) if reduction == "none" else out
 
 
-def soft_targets(target_dist: Any, labels: torch.Tensor, K: int, method: str,
-                 squash_factor: float | None) -> torch.Tensor | None:
-    """The validated ``[N, K]`` soft targets (``None`` without ``target_dist``)."""
+def soft_targets(target_dist: Any, labels: torch.Tensor, K: int, method: Method) -> torch.Tensor | None:
+    """The validated ``[N, K]`` soft targets (``None`` without ``target_dist``), for a method
+    that takes them (:attr:`ntl.methods.Method.soft_targets`)."""
     if target_dist is None:
         return None
-    if method != "wasserstein":
-        raise ValueError("target_dist is only supported with method='wasserstein'")
-    if squash_factor is not None:
-        raise ValueError("squash_factor is not supported with target_dist (the squashed distance "
-                         "is defined for a one-hot target)")
+    method.check_target_dist()
     return check_target_dist(target_dist, labels, K).contiguous()
 
 
@@ -257,21 +206,38 @@ def ntl_loss(
     labels: torch.Tensor,
     vocab_or_tokenizer: VocabLike,
     *,
-    method: str = "wasserstein",
+    method: MethodLike = "wasserstein",
     ignore_index: int = -100,
     reduction: str = "mean",
     weights: torch.Tensor | None = None,
     reweigh: bool = False,
     target_dist: torch.Tensor | None = None,
     squash_factor: float | None = None,
+    huber_delta: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """NTL with ``method="mse"`` (:func:`ntl_mse_loss`) or ``"wasserstein"``
-    (:func:`ntl_wasserstein_loss`); the arguments are theirs (``target_dist`` and
-    ``squash_factor`` with ``"wasserstein"`` only)."""
-    method = C.check_method(method)
-    return _standalone(logits, labels, vocab_or_tokenizer, method, ignore_index, reduction, weights,
-                       reweigh, target_dist, squash_factor, 1.0, backend)
+    """NTL with any registered method (:mod:`ntl.methods`): the front end of
+    :func:`ntl_mse_loss`, :func:`ntl_dot_loss` and :func:`ntl_wasserstein_loss`, whose
+    formulas, reductions and arguments apply.
+
+    Args:
+        method: a registered name (``"mse"``, ``"mae"``, ``"huber"``, ``"wasserstein"`` alias
+            ``"w1"``) or an :mod:`ntl.methods` object carrying its parameters
+            (``ntl.methods.Huber(delta=2.0)``, ``ntl.methods.W1(squash_factor=3.0)``).
+        target_dist: soft targets, W1 only (see :func:`ntl_wasserstein_loss`).
+        squash_factor: W1's squashed distances, with ``method="wasserstein"`` (the same as
+            ``method=W1(squash_factor=...)``; both at once must agree).
+        huber_delta: the Huber threshold with ``method="huber"`` (default 1.0; the same as
+            ``method=Huber(delta=...)``).
+        The other arguments as in :func:`ntl_mse_loss`.
+
+    Example::
+
+        loss = ntl.ntl_loss(logits, labels, tokenizer, method=ntl.methods.Huber(delta=2.0))
+    """
+    m = resolve_method(method, squash_factor, huber_delta)
+    return _standalone(logits, labels, vocab_or_tokenizer, m, ignore_index, reduction, weights,
+                       reweigh, target_dist, backend)
 
 
 def check_target_dist(target_dist: Any, labels: torch.Tensor, vocab_or_K: NumberVocab | int) -> torch.Tensor:
@@ -338,8 +304,8 @@ def ntl_mse_loss(
     Returns:
         fp32 scalar, or ``labels``-shaped tensor for ``reduction="none"``.
     """
-    return _standalone(logits, labels, vocab_or_tokenizer, "mse", ignore_index, reduction, weights,
-                       reweigh, None, None, 1.0, backend)
+    return _standalone(logits, labels, vocab_or_tokenizer, MSE(), ignore_index, reduction, weights,
+                       reweigh, None, backend)
 
 
 def ntl_dot_loss(
@@ -347,8 +313,8 @@ def ntl_dot_loss(
     labels: torch.Tensor,
     vocab_or_tokenizer: VocabLike,
     *,
-    error: str = "mse",
-    huber_delta: float = 1.0,
+    error: str | Method = "mse",
+    huber_delta: float | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     weights: torch.Tensor | None = None,
@@ -369,12 +335,22 @@ def ntl_dot_loss(
                                                                     e' = clamp(r, -delta, delta)
 
     (``F.mse_loss``, ``F.l1_loss``, ``F.huber_loss(delta=huber_delta)``). ``reweigh=True``
-    uses ``D = 1.01 e(v_max - v_min)``. ``error`` and ``huber_delta`` are keyword-only,
-    the other arguments as in :func:`ntl_mse_loss`.
+    uses ``D = 1.01 e(v_max - v_min)``. ``error`` (``"mse"``, ``"mae"``, ``"huber"`` or the
+    object :class:`ntl.methods.MSE` / ``MAE`` / ``Huber``) and ``huber_delta`` (``None``: 1.0;
+    applies to ``"huber"``, validated and ignored with the other errors) are keyword-only,
+    the other arguments as in :func:`ntl_mse_loss`; ``ntl_loss(method=...)`` is the same loss.
     """
-    error = C.check_choice("error", error, ("mse", "mae", "huber"))
-    return _standalone(logits, labels, vocab_or_tokenizer, error, ignore_index, reduction, weights,
-                       reweigh, None, None, huber_delta, backend)
+    dot = ("mse", "mae", "huber")
+    if isinstance(error, Method):
+        if type(error).name not in dot:
+            raise ValueError(f"error must be one of {list(dot)} or their ntl.methods objects, got {error!r}")
+        m = resolve(error, huber_delta=huber_delta if isinstance(error, Huber) else None, name="error")
+    else:
+        error = C.check_choice("error", error, dot)
+        delta = Huber(1.0 if huber_delta is None else huber_delta).delta  # validated for every error
+        m = resolve(error, huber_delta=delta if error == "huber" else None)
+    return _standalone(logits, labels, vocab_or_tokenizer, m, ignore_index, reduction, weights,
+                       reweigh, None, backend)
 
 
 def ntl_wasserstein_loss(
@@ -408,8 +384,8 @@ def ntl_wasserstein_loss(
     Gaussian smoothing over digits (:func:`ntl.gaussian_targets`); not with ``squash_factor``.
     Other arguments as in :func:`ntl_mse_loss`.
     """
-    return _standalone(logits, labels, vocab_or_tokenizer, "wasserstein", ignore_index, reduction,
-                       weights, reweigh, target_dist, squash_factor, 1.0, backend)
+    return _standalone(logits, labels, vocab_or_tokenizer, W1(squash_factor), ignore_index, reduction,
+                       weights, reweigh, target_dist, backend)
 
 
 def gaussian_targets(

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from .losses import check_squash_factor, ntl_loss, squash_table
+from .losses import MethodLike, ntl_loss, resolve_method
+from .methods import W1, Method
 from .number_level import (
     NumberLevelVocab,
     check_options,
@@ -22,17 +23,22 @@ __all__ = ["NumberTokenLoss"]
 class NumberTokenLoss(nn.Module):
     """Number Token Loss as a module: ``NumberTokenLoss(tokenizer)(logits, labels)``.
 
-    Wraps :func:`ntl.ntl_mse_loss` (``method="mse"``),
-    :func:`ntl.ntl_wasserstein_loss` (``method="wasserstein"``, optionally with
-    ``squash_factor``) and :func:`ntl.number_level_loss` (``method="number"``, which
-    alone takes ``float_level``, ``decimal_point_id`` and ``max_number_length``); the
-    vocabulary is resolved once at construction. Logits and labels are aligned
-    position by position (shift them for causal LMs).
+    Wraps :func:`ntl.ntl_loss` for every method of :mod:`ntl.methods` (``method`` a
+    registered name -- ``"mse"``, ``"mae"``, ``"huber"`` with ``huber_delta``,
+    ``"wasserstein"``/``"w1"`` with ``squash_factor`` -- or a method object such as
+    ``ntl.methods.Huber(delta=2.0)``) and :func:`ntl.number_level_loss` (``method="number"``,
+    which alone takes ``float_level``, ``decimal_point_id`` and ``max_number_length``); the
+    vocabulary and the method are resolved once at construction. Logits and labels are
+    aligned position by position (shift them for causal LMs).
+
+    Attributes: ``method`` the canonical name (``"number"`` for the number-level loss),
+    ``loss_method`` the :class:`ntl.methods.Method` (``None`` for ``"number"``).
     """
 
     number_level: NumberLevelVocab | None
     vocab: NumberVocab
     method: str
+    loss_method: Method | None
     float_level: bool
     max_number_length: int
     ignore_index: int
@@ -44,7 +50,7 @@ class NumberTokenLoss(nn.Module):
     def __init__(
         self,
         vocab_or_tokenizer: VocabLike,
-        method: str = "wasserstein",
+        method: MethodLike = "wasserstein",
         *,
         ignore_index: int = -100,
         reduction: str = "mean",
@@ -55,10 +61,12 @@ class NumberTokenLoss(nn.Module):
         decimal_point_id: int | None = None,
         max_number_length: int = 20,
         squash_factor: float | None = None,
+        huber_delta: float | None = None,
     ) -> None:
         super().__init__()
         self.number_level = None
-        if method == "number":
+        self.loss_method = None
+        if isinstance(method, str) and method == "number":
             self.number_level = number_level_vocab(vocab_or_tokenizer, vocab_size,
                                                    decimal_point_id=decimal_point_id)
             check_options(float_level, max_number_length, reweigh, decimal_point_id)
@@ -70,14 +78,17 @@ class NumberTokenLoss(nn.Module):
                              f"method='number', got method={method!r}")
         else:
             self.vocab = resolve_vocab(vocab_or_tokenizer, vocab_size)
-            self.method = C.check_method(method)
+            self.loss_method = resolve_method(method, squash_factor, huber_delta)
+            self.method = self.loss_method.name
+            self.loss_method.kernel_scalars(self.vocab)  # a vocab the method cannot use fails here
         self.ignore_index = C.check_ignore_index(ignore_index)
         self.reduction = C.check_choice("reduction", reduction, C.REDUCTIONS)
         self.backend = C.check_choice("backend", backend, C.BACKENDS)
         self.reweigh = C.check_bool("reweigh", reweigh)
-        self.squash_factor = check_squash_factor(squash_factor, self.method)
-        if self.squash_factor is not None:
-            squash_table(self.vocab, self.squash_factor)  # a vocab it cannot squash fails here
+        if self.loss_method is None and (squash_factor, huber_delta) != (None, None):
+            raise ValueError("squash_factor and huber_delta do not apply to method='number'")
+        lm = self.loss_method
+        self.squash_factor = lm.squash_factor if isinstance(lm, W1) else None
 
     def forward(
         self,
@@ -93,11 +104,11 @@ class NumberTokenLoss(nn.Module):
                                      max_number_length=self.max_number_length, reweigh=self.reweigh,
                                      ignore_index=self.ignore_index, reduction=self.reduction,
                                      weights=weights, backend=self.backend)
-        return ntl_loss(logits, labels, self.vocab, method=self.method, ignore_index=self.ignore_index,
+        assert self.loss_method is not None
+        return ntl_loss(logits, labels, self.vocab, method=self.loss_method, ignore_index=self.ignore_index,
                         reduction=self.reduction, weights=weights, reweigh=self.reweigh,
-                        target_dist=target_dist, squash_factor=self.squash_factor, backend=self.backend)
+                        target_dist=target_dist, backend=self.backend)
 
     def extra_repr(self) -> str:
-        sq = f", squash_factor={self.squash_factor}" if self.squash_factor is not None else ""
-        return (f"method={self.method!r}, K={self.vocab.K}, reduction={self.reduction!r}, "
-                f"reweigh={self.reweigh}{sq}")
+        m = self.loss_method.describe() if self.loss_method is not None else repr(self.method)
+        return f"method={m}, K={self.vocab.K}, reduction={self.reduction!r}, reweigh={self.reweigh}"

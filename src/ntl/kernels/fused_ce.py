@@ -49,8 +49,9 @@ import os
 
 import torch
 
+from ..methods import kernel_code
 from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, triton_before
-from .rowloss import _METHOD, ntl_row_math
+from .rowloss import ntl_row_math
 
 __all__ = ["ce_ntl_fwd_triton", "fwd_config", "scale_config", "scale_rows_triton"]
 
@@ -99,7 +100,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _ce_ntl_fwd(x_ptr, g_ptr, lab_ptr, k_ptr, ids_ptr, vals_ptr, a_ptr, b_ptr, ce_ptr, loss_ptr,
-                    rinv_ptr, N, V, K, stride_x, stride_g, mod0, dmax, sq_a, sq_b, METHOD: tl.constexpr,
+                    rinv_ptr, N, V, K, stride_x, stride_g, mod0, dmax, sq_a, sq_b, delta, METHOD: tl.constexpr,
                     REWEIGH: tl.constexpr, WRITE_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr,
                     VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                     BLOCK_K: tl.constexpr):
@@ -177,7 +178,7 @@ if HAS_TRITON:
             # probabilities from the running max and sum, p = exp(x - m) / s (not exp(x - lse):
             # lse rounded to fp32 costs ~|lse| eps relative in every p)
             nosoft = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            L, dz = ntl_row_math(z, cmask, kt, vals, gaps, nosoft, METHOD, False, sq_a, sq_b)
+            L, dz = ntl_row_math(z, cmask, kt, vals, gaps, nosoft, METHOD, False, sq_a, sq_b, delta)
             pd = tl.where(dmask, tl.exp2((z - mref[:, None]) * 1.4426950408889634) * inv_s[:, None], 0.0)
             if REWEIGH:
                 mass = tl.sum(pd, axis=1)
@@ -341,14 +342,16 @@ def scale_config(V: int) -> dict[str, int]:
 def ce_ntl_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor,
                       values: torch.Tensor, a: torch.Tensor, b: torch.Tensor, method: str,
                       reweigh: bool, dmax: float, inplace: bool, write_grad: bool = True, *,
-                      squash: tuple[float, float] | None = None,
+                      squash: tuple[float, float] | None = None, huber_delta: float = 1.0,
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Run kernel 4: ``(grad [N, V] logits dtype, rinv [N] fp32 | None, ce [N], ntl [N])``.
 
     ``write_grad=False``: one read-only pass, ``grad`` is ``None``. ``rinv`` (the
     inverse per-row scale of the stored gradient) is returned for fp16 gradients only.
     ``squash = (sq_a, sq_b)``: W1 distances ``d > 0`` become ``sq_a + sq_b d`` (runtime
-    scalars of the kernel: ``(0, 1)`` keeps ``d``, no separate specialisation).
+    scalars of the kernel: ``(0, 1)`` keeps ``d``, no separate specialisation); ``huber_delta``
+    the Huber threshold (a runtime scalar too). ``method``: a name registered in
+    :mod:`ntl.methods` (its ``code`` selects the branch of ``ntl_row_math``).
     """
     N, V = logits.shape
     if logits.stride(-1) != 1:
@@ -372,7 +375,7 @@ def ce_ntl_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tenso
     _ce_ntl_fwd[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         logits, g, labels.contiguous(), k.contiguous(), ids, values, a.contiguous(), b.contiguous(),
         ce, loss, rinv if rinv is not None else ce, N, V, ids.numel(), logits.stride(0), g.stride(0),
-        mod0, float(dmax), float(sq_a), float(sq_b), METHOD=_METHOD[method], REWEIGH=reweigh,
+        mod0, float(dmax), float(sq_a), float(sq_b), float(huber_delta), METHOD=kernel_code(method), REWEIGH=reweigh,
         WRITE_GRAD=write_grad, ROW_SCALE=row_scale, VEC=vec, **cfg)
     return grad, rinv, ce, loss
 

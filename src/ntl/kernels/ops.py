@@ -35,7 +35,7 @@ class LossConfig(NamedTuple):
     W: int  # width of the label -> number-index table (labels >= W are text)
     digit_cols: bool  # x holds the K number logits themselves (else: [N, V] logits)
     pre_indexed: bool  # labels are already number indices k (-1: no part)
-    method: str  # mse | mae | huber | wasserstein
+    method: str  # a name registered in ntl.methods (the twin's formula, the kernel's code)
     reduction: str  # none | sum | mean
     ignore_index: int
     reweigh: bool

@@ -6,15 +6,18 @@ not take part), ``soft [N, K]`` optional target distribution. All math in fp32.
 Vectorised: no loop over rows; no host sync except where a docstring says so
 (the ``reweigh`` rows are gathered with ``nonzero``, free on a CPU).
 
-Methods: ``"mse"``, ``"mae"``, ``"huber"`` (an error of the expected value,
-``ntl_dot_loss``) and ``"wasserstein"``. ``squash`` is ``(a, b)``: the W1 distance
-table ``d = |v_j - y|`` becomes ``a + b d`` where ``d > 0`` (0 on the diagonal), which
-is ``ntloss``'s ``squash_factor`` table; ``None`` keeps ``d``.
+Methods: any name registered in :data:`ntl.methods.REGISTRY` (``"mse"``, ``"mae"``,
+``"huber"``, ``"wasserstein"``/``"w1"``, ...); the row formula is the method's own
+(:meth:`ntl.methods.Method.row_loss_grad`), given the runtime scalars the kernels get:
+``squash = (a, b)``, the W1 distance table ``d = |v_j - y|`` becoming ``a + b d`` where
+``d > 0`` (``ntloss``'s ``squash_factor`` table; ``None`` keeps ``d``), and ``huber_delta``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..methods import RowScalars, method_class
 
 __all__ = [
     "digit_gather_torch",
@@ -34,31 +37,9 @@ def digit_gather_torch(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logits.index_select(-1, ids)
 
 
-def _error(r: torch.Tensor, method: str, delta: float) -> torch.Tensor:
-    """``e(r)`` of the expected-value losses: ``r^2``, ``|r|`` or Huber with ``delta``."""
-    if method == "mse":
-        return r.square()
-    if method == "mae":
-        return r.abs()
-    a = r.abs()
-    return torch.where(a < delta, 0.5 * r * r, delta * (a - 0.5 * delta))
-
-
-def _error_grad(r: torch.Tensor, method: str, delta: float) -> torch.Tensor:
-    """``e'(r)``: ``2 r``, ``sign(r)`` or ``clamp(r, -delta, delta)``."""
-    if method == "mse":
-        return 2.0 * r
-    if method == "mae":
-        return torch.sign(r)
-    return r.clamp(-delta, delta)
-
-
-def _w1_dist(values: torch.Tensor, y: torch.Tensor, squash: tuple[float, float] | None) -> torch.Tensor:
-    d = (values - y).abs()
-    if squash is None:
-        return d
-    a, b = squash
-    return torch.where(d > 0, a + b * d, 0.0)
+def _scalars(squash: tuple[float, float] | None, huber_delta: float) -> RowScalars:
+    a, b = squash if squash is not None else (0.0, 1.0)
+    return RowScalars(sq_a=float(a), sq_b=float(b), delta=float(huber_delta))
 
 
 def ntl_rows_torch(
@@ -74,24 +55,16 @@ def ntl_rows_torch(
     """Per-row NTL from digit logits ``z [N, K]``: ``[N]`` fp32, 0 where ``k < 0``; autograd gives
     the gradient (the test reference for the analytic forms).
 
-    ``q = softmax(z)``, ``yhat = sum_k q_k v_k``; MSE / MAE / Huber: ``e(yhat - y)``;
-    W1 (one-hot target ``y = v[k]``): ``sum_k q_k d_k`` with ``d_k = |v_k - y|`` (squashed:
-    ``a + b d_k`` where ``d_k > 0``); W1 (soft target ``T``): ``sum_{k<K-1} |Q_k - C_k| (v_{k+1} - v_k)``
-    with ``Q, C`` the CDFs of ``q`` and ``T``.
+    ``q = softmax(z)``, target value ``y = v[k]``, then the method's
+    :meth:`~ntl.methods.Method.row_loss` (formulas in :mod:`ntl.methods`; e.g. MSE
+    ``(sum_k q_k v_k - y)^2``, W1 ``sum_k q_k |v_k - y|``).
     """
     active = k >= 0
     # rows that take no part never reach the softmax (their digit logits may be -inf)
     z = torch.where(active[:, None], digit_logits.float(), 0.0)
     q = torch.softmax(z, dim=-1)
-    y = values[k.clamp_min(0)]
-    if method != "wasserstein":
-        loss = _error(q @ values - y, method, huber_delta)
-    elif soft is None:
-        loss = (q * _w1_dist(values, y[:, None], squash)).sum(-1)
-    else:
-        gaps = values[1:] - values[:-1]
-        cdf_gap = q.cumsum(-1)[:, :-1] - soft.float().cumsum(-1)[:, :-1]
-        loss = (cdf_gap.abs() * gaps).sum(-1)
+    y = values[k.clamp_min(0)][:, None]
+    loss = method_class(method).row_loss(q, values, y, soft, _scalars(squash, huber_delta))
     return torch.where(active, loss, 0.0)
 
 
@@ -107,34 +80,15 @@ def ntl_rows_grad_torch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Analytic per-row NTL and its gradient from digit logits ``z [N, K]``.
 
-    Returns ``(L [N], dL/dz [N, K], q [N, K])`` in fp32, zero where ``k < 0``::
-
-        MSE/MAE/Huber: r = yhat - y,  dL/dz_j = e'(r) q_j (v_j - yhat),
-                       e'(r) = 2 r | sign(r) | clamp(r, -delta, delta)
-        W1 one-hot:    dL/dz_j = q_j (d_j - L)      (d_j the, possibly squashed, distance to y)
-        W1 soft:       g_i = sum_{k>=i, k<K-1} sign(Q_k - T_k) (v_{k+1} - v_k),
-                       dL/dz_j = q_j (g_j - sum_i q_i g_i)
+    Returns ``(L [N], dL/dz [N, K], q [N, K])`` in fp32, zero where ``k < 0``: the method's
+    :meth:`~ntl.methods.Method.row_loss_grad` (e.g. MSE/MAE/Huber ``dL/dz_j = e'(r) q_j (v_j - yhat)``,
+    W1 one-hot ``q_j (d_j - L)``; all formulas in :mod:`ntl.methods`).
     """
     active = (k >= 0)[:, None]
     z = torch.where(active, z.float(), 0.0)
     q = torch.softmax(z, dim=-1)
     y = values[k.clamp_min(0)][:, None]
-    if method != "wasserstein":
-        yhat = q @ values
-        r = yhat[:, None] - y
-        loss = _error(r, method, huber_delta).squeeze(1)
-        grad = _error_grad(r, method, huber_delta) * q * (values - yhat[:, None])
-    elif soft is None:
-        dist = _w1_dist(values, y, squash)
-        loss = (q * dist).sum(-1)
-        grad = q * (dist - loss[:, None])
-    else:
-        gaps = values[1:] - values[:-1]
-        d = q.cumsum(-1)[:, :-1] - soft.float().cumsum(-1)[:, :-1]
-        loss = (d.abs() * gaps).sum(-1)
-        s = torch.sign(d) * gaps  # [N, K-1]
-        g = torch.nn.functional.pad(s.flip(-1).cumsum(-1).flip(-1), (0, 1))  # sum_{k>=i}
-        grad = q * (g - (q * g).sum(-1, keepdim=True))
+    loss, grad = method_class(method).row_loss_grad(q, values, y, soft, _scalars(squash, huber_delta))
     return torch.where(active[:, 0], loss, 0.0), torch.where(active, grad, 0.0), q
 
 

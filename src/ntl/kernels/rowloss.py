@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from ..methods import kernel_code
 from ._triton import HAS_TRITON, interpreting, next_pow2, no_double_backward, tl, triton
 from .gather import scatter_rows, tiles
 
 __all__ = ["ntl_loss_bwd_triton", "ntl_loss_fwd_triton", "ntl_rows_triton"]
 
-_METHOD = {"mse": 0, "wasserstein": 1, "mae": 2, "huber": 3}
 _FINAL_BLOCK = 1024
 
 if HAS_TRITON:
@@ -36,8 +36,12 @@ if HAS_TRITON:
 
         ``kt [BLOCK_N]`` target index, ``vals``/``gaps [BLOCK_K]`` values and
         ``v_{k+1} - v_k`` (0 past the end), ``soft`` the target distribution (SOFT only).
-        METHOD 0/2/3: MSE/MAE/Huber(``delta``) of ``yhat - y``; 1: W1 with the distance
-        ``d = |v - y|`` squashed to ``sq_a + sq_b d`` where ``d > 0`` (defaults keep ``d``).
+        ``METHOD`` is the method's ``code`` in :mod:`ntl.methods` (the one registry; the
+        launchers read it with :func:`ntl.methods.kernel_code`): 0/2/3 MSE/MAE/Huber(``delta``)
+        of ``yhat - y``; 1: W1 with the distance ``d = |v - y|`` squashed to ``sq_a + sq_b d``
+        where ``d > 0`` (defaults keep ``d``). ``sq_a``, ``sq_b``, ``delta`` are the method's
+        runtime scalars (:meth:`ntl.methods.Method.kernel_scalars`). A new method adds its
+        branch here; twin: :meth:`ntl.methods.Method.row_loss_grad`.
         """
         z = tl.where(cmask[None, :], z, float("-inf"))
         zmax = tl.max(z, axis=1)
@@ -288,7 +292,7 @@ def ntl_loss_fwd_triton(
             out, rows, dz, rw, L, mass, lse, part,
             N, V, K, table.numel() - 1, ignore_index, x.stride(0), soft.stride(0) if soft is not None else 0,
             n_part, float(dmax), float(a), float(b), float(huber_delta),
-            METHOD=_METHOD[method], SOFT=soft is not None, REWEIGH=reweigh, HAS_W=weights is not None,
+            METHOD=kernel_code(method), SOFT=soft is not None, REWEIGH=reweigh, HAS_W=weights is not None,
             IDS=ids is not None, PARTIAL=partial, STORE_DZ=need_dz, BLOCK_N=bn, BLOCK_K=bk, BLOCK_V=bv,
             num_warps=warps)
     if partial:
