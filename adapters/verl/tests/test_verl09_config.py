@@ -125,7 +125,7 @@ def test_baseline_launcher_is_stock_verl(tmp_path):
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        ("++actor_rollout_ref.actor.ntl_method=huber", "actor_rollout_ref.actor.ntl_method"),
+        ("++actor_rollout_ref.actor.ntl_method=l2", "actor_rollout_ref.actor.ntl_method"),
         ("++actor_rollout_ref.actor.ntl_labels=some", "actor_rollout_ref.actor.ntl_labels"),
         ("++actor_rollout_ref.actor.ntl_weight=-1", "actor_rollout_ref.actor.ntl_weight"),
         ("++actor_rollout_ref.actor.ntl_weight=abc", "actor_rollout_ref.actor.ntl_weight"),
