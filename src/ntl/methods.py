@@ -180,7 +180,11 @@ def canonical_name(method: object, name: str = "method") -> str:
 
 
 def method_class(method: str) -> type[Method]:
-    """The class registered under a method name or alias."""
+    """The class registered under a method name or alias (what the ops and twins carry: an
+    object's parameters reach them as runtime scalars, :meth:`Method.kernel_scalars`)."""
+    if isinstance(method, Method):
+        raise TypeError(f"the kernels and their twins take a method name, got the object {method!r}: "
+                        "pass method.name and its kernel_scalars(vocab)")
     return REGISTRY[canonical_name(method)]
 
 
