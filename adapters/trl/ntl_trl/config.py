@@ -6,10 +6,11 @@ import math
 from dataclasses import dataclass
 
 from ntl.checks import check_method, check_ntl_weight
+from ntl.methods import REGISTRY
 
 __all__ = ["NTL_LABELS", "NTL_METHODS", "NTLConfig", "NTLSFTConfig"]
 
-NTL_METHODS = ("wasserstein", "mse")
+NTL_METHODS = tuple(REGISTRY)  # every registered ntl.methods name ("w1" is an alias of "wasserstein")
 NTL_LABELS = ("all", "final_answer")
 
 
@@ -27,7 +28,8 @@ class NTLConfig:
     Attributes:
         ntl_weight: weight of the NTL term (``>= 0``; ``0`` logs the metrics but
             leaves the update untouched).
-        ntl_method: ``"wasserstein"`` (NTL-W1) or ``"mse"`` (NTL-MSE).
+        ntl_method: a registered :mod:`ntl.methods` name: ``"wasserstein"`` (NTL-W1, alias
+            ``"w1"``), ``"mse"`` (NTL-MSE), ``"mae"``, ``"huber"`` (delta 1).
         ntl_labels: which completion number tokens get a target.
             ``"all"``: every number token of a completion targets itself (the sampled
             token); with ``correct_only=True`` only completions whose final answer
@@ -103,7 +105,8 @@ class NTLSFTConfig:
         ntl_weight: weight of the NTL term (``>= 0``; default ``0.3``, the paper's SFT
             recipe; ``0`` logs the metrics and leaves the update bit-identical to the
             plain trainer).
-        ntl_method: ``"wasserstein"`` (NTL-W1) or ``"mse"`` (NTL-MSE).
+        ntl_method: a registered :mod:`ntl.methods` name: ``"wasserstein"`` (NTL-W1, alias
+            ``"w1"``), ``"mse"`` (NTL-MSE), ``"mae"``, ``"huber"`` (delta 1).
 
     ``ntloss``'s ``reweigh`` (weighting each position by its number-token probability mass
     over the full vocabulary) is not offered: it needs every position's full-vocabulary

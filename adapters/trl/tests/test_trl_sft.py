@@ -314,7 +314,7 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="ntl_weight"):
         NTLSFTConfig(ntl_weight=-1.0)
     with pytest.raises(ValueError, match="ntl_method"):
-        NTLSFTConfig(ntl_method="mae")
+        NTLSFTConfig(ntl_method="l1")
 
 
 def test_tokenizer_without_digit_tokens_is_refused(tmp_path):
