@@ -59,25 +59,13 @@ def test_find_lm_parts_on_plain_and_wrapped_models():
     assert find_lm_parts(lm).softcap == 30.0
 
 
-@pytest.mark.parametrize(
-    ("attrs", "expected"),
-    [
-        ({}, (1.0, None)),
-        ({"final_logit_softcapping": 30.0}, (1.0, 30.0)),  # Gemma 2
-        ({"logit_scale": 0.0625}, (0.0625, None)),  # Cohere
-        ({"output_multiplier": 2.0}, (2.0, None)),
-        ({"lm_head_multiplier": 0.5}, (0.5, None)),  # Falcon-H1
-        ({"logits_scaling": 8.0}, (0.125, None)),  # Granite divides
-        ({"logits_scaling": 8.0, "model_type": "hyperclovax"}, (8.0, None)),  # HyperCLOVA X multiplies
-        ({"logit_scale": None, "output_multiplier": 3.0, "logits_scaling": 8.0}, (3.0, None)),
-    ],
-)
-def test_logit_map_read_from_the_config(attrs, expected):
-    from types import SimpleNamespace
+def test_logit_map_is_read_by_the_core():
+    """One reader of a model's logit map for both adapters: the TRL adapter's is the core's
+    (its cases: tests/test_logit_map_of.py)."""
+    import ntl.logit_transform
+    from ntl_trl import _model
 
-    from ntl_trl._model import logit_map_of
-
-    assert logit_map_of(SimpleNamespace(**attrs)) == expected
+    assert _model.logit_map_of is ntl.logit_transform.logit_map_of
 
 
 def test_deepspeed_zero3_is_refused(monkeypatch):
