@@ -81,7 +81,7 @@ CASES = [
      lambda: W1(logits(3), labels(3), VOCAB, reduction="avg")),
     ("bad-backend", ValueError, r"backend must be one of \['auto', 'torch', 'triton'\], got 'cuda'",
      lambda: MSE(logits(3), labels(3), VOCAB, backend="cuda")),
-    ("bad-method", ValueError, r"method must be one of \['mse', 'mae', 'huber', 'wasserstein'\] \(or 'w1', an alias of 'wasserstein'\) or an ntl.methods.Method object, got 'l2'",
+    ("bad-method", ValueError, r"method must be one of \['mse', 'mae', 'huber', 'wasserstein', 'del', 'dist2'\] \(or 'w1', an alias of 'wasserstein'\) or an ntl.methods.Method object, got 'l2'",
      lambda: ntl.ntl_loss(logits(3), labels(3), VOCAB, method="l2")),
     ("str-vocab", TypeError, r"vocab_or_tokenizer must be a tokenizer.*got str",
      lambda: W1(logits(3), labels(3), "Qwen/Qwen2.5-0.5B")),

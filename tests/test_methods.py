@@ -38,8 +38,9 @@ def batch(seed: int = 0, N: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --------------------------------------------------------------------------- registry and resolve
 def test_registry_names_codes_and_aliases():
-    assert list(REGISTRY) == ["mse", "mae", "huber", "wasserstein"]
-    assert {n: c.code for n, c in REGISTRY.items()} == {"mse": 0, "mae": 2, "huber": 3, "wasserstein": 1}
+    assert list(REGISTRY) == ["mse", "mae", "huber", "wasserstein", "del", "dist2"]
+    assert {n: c.code for n, c in REGISTRY.items()} == {"mse": 0, "mae": 2, "huber": 3, "wasserstein": 1,
+                                                         "del": 4, "dist2": 5}
     assert REGISTRY["wasserstein"].aliases == ("w1",)
     assert ntl.methods is __import__("ntl.methods").methods
     # the kernels read the codes from the registry: no table of their own
@@ -74,7 +75,7 @@ def test_resolve(arg, kw, want):
     (MSE(), {"squash_factor": 2.0}, ValueError, "squash_factor applies to the Wasserstein loss only, not method='mse'"),
     ("mse", {"huber_delta": 2.0}, ValueError, "huber_delta applies to the Huber loss only, not method='mse'"),
     ("huber", {"squash_factor": 2.0}, ValueError, "squash_factor applies to the Wasserstein loss only"),
-    ("l2", {}, ValueError, r"method must be one of \['mse', 'mae', 'huber', 'wasserstein'\] \(or 'w1', an alias of 'wasserstein'\)"),
+    ("l2", {}, ValueError, r"method must be one of \['mse', 'mae', 'huber', 'wasserstein', 'del', 'dist2'\] \(or 'w1', an alias of 'wasserstein'\)"),
     (3, {}, ValueError, "method must be one of"),
     (None, {}, ValueError, "got None"),
     ("huber", {"huber_delta": 0}, ValueError, "huber_delta must be a positive finite number, got 0"),
@@ -190,9 +191,10 @@ class Cubic(Method):
     name: ClassVar[str] = "cubic-test"
 
     @classmethod
-    def row_loss_grad(cls, q, values, y, soft, s):
+    def row_loss_grad(cls, row, s):
+        q, values = row.q, row.values
         yhat = q @ values
-        r = yhat[:, None] - y
+        r = yhat[:, None] - row.y
         return r.abs().pow(3).squeeze(1), 3.0 * r * r.abs() * q * (values - yhat[:, None])
 
     def max_loss(self, vocab):

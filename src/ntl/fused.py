@@ -44,7 +44,7 @@ import torch
 from . import _checks as C
 from .kernels._triton import backward_once
 from .kernels.reference import ntl_rows_grad_torch, ntl_rows_torch, number_index_torch
-from .losses import MethodLike, loss_spec, resolve_method, use_triton
+from .losses import MethodLike, loss_spec, place_scale, resolve_method, use_triton
 from .vocab import VocabLike, vocab_from_handle
 
 __all__ = ["cross_entropy_with_ntl"]
@@ -57,14 +57,15 @@ _EPS = torch.finfo(torch.float32).eps
 
 def row_scales(labels: torch.Tensor, k: torch.Tensor, ignore_index: int,
                reduction: str, V: int, weights: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               place: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row reduction scales of CE (``a``) and NTL (``c``), fp32, no host sync.
 
     mean: ``a_i = 1[label_i valid] / n_valid``, ``c_i = 1[label_i number] / n_number``;
     sum/none: the indicators themselves. Valid: in ``[0, V)`` and not ``ignore_index`` (a
     label outside ``[0, V)`` takes no part, as with strict checks off; ``k`` is then -1).
     With per-position NTL ``weights`` (as :func:`ntl.ntl_loss` takes them):
-    ``c_i = w_i 1[label_i number]``, over ``max(sum_i c_i, eps)`` for the mean.
+    ``c_i = w_i 1[label_i number]``, over ``max(sum_i c_i, eps)`` for the mean. ``place [N]``
+    (DEL's place weights): ``c_i`` times ``place_i`` after the mean's divisor is formed.
     """
     valid = labels.clamp(0, V - 1) == labels  # in [0, V) (ignore_index outside it: not valid)
     if 0 <= ignore_index < V:
@@ -76,9 +77,10 @@ def row_scales(labels: torch.Tensor, k: torch.Tensor, ignore_index: int,
     else:
         active = torch.where(k >= 0, weights.float(), torch.zeros((), device=k.device))
         den = active.sum().clamp_min(_EPS)
-    if reduction == "mean":
-        return valid / valid.sum().clamp_min(1.0), active / den
-    return valid, active
+    c = active / den if reduction == "mean" else active
+    if place is not None:
+        c = c * place
+    return (valid / valid.sum().clamp_min(1.0) if reduction == "mean" else valid), c
 
 
 def pow2_row_scale(gmax: torch.Tensor) -> torch.Tensor:
@@ -173,7 +175,7 @@ def fused_forward(
     values: torch.Tensor, ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
     ignore_index: int, inplace: bool, use_kernel: bool, write_grad: bool = True,
     squash: tuple[float, float] | None = None, grad_scale: float | torch.Tensor | None = None,
-    huber_delta: float = 1.0, weights: torch.Tensor | None = None,
+    huber_delta: float = 1.0, weights: torch.Tensor | None = None, place: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of ``CE + w NTL`` on ``logits [N, V]`` and, with ``write_grad``, its gradient.
 
@@ -183,10 +185,11 @@ def fused_forward(
     ``rinv [N]`` (fp16 gradients only: row ``i`` of ``grad`` is stored times
     ``1 / rinv[i]``; else ``None``). On the Triton path this is one kernel launch
     (plus the ``[N]``-sized scales and sums), with no host sync; without ``write_grad``
-    it only reads the logits. ``weights [N]``: per-position NTL weights (:func:`row_scales`).
+    it only reads the logits. ``weights [N]``: per-position NTL weights, ``place [N]`` the
+    per-row loss factor (DEL's place weights; :func:`row_scales`).
     """
     N, V = logits.shape
-    a, c = row_scales(labels, k, ignore_index, reduction, V, weights)
+    a, c = row_scales(labels, k, ignore_index, reduction, V, weights, place)
     b = c * ntl_weight
     ga, gb = (a, b) if grad_scale is None else (a * grad_scale, b * grad_scale)
     if use_kernel:
@@ -260,7 +263,7 @@ class FusedConfig(NamedTuple):
 
 def _fused_call(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
                 cfg: FusedConfig, write_grad: bool, inplace: bool,
-                grad_scale: float | torch.Tensor | None = None,
+                grad_scale: float | torch.Tensor | None = None, place: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor,
                            torch.Tensor]:
     """The label (and weight) checks, label -> number index, and :func:`fused_forward`; what both
@@ -273,7 +276,7 @@ def _fused_call(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tenso
     return fused_forward(logits, labels, k, vocab.ids(dev), vocab.values_on(dev), cfg.ntl_weight,
                          cfg.method, cfg.reduction, cfg.reweigh, cfg.dmax, cfg.ignore_index, inplace,
                          cfg.use_triton, write_grad, (cfg.sq_a, cfg.sq_b) if cfg.squash else None,
-                         grad_scale, cfg.delta, weights)
+                         grad_scale, cfg.delta, weights, place)
 
 
 class _FusedCENTL(torch.autograd.Function):
@@ -281,9 +284,10 @@ class _FusedCENTL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
-                cfg: FusedConfig, inplace: bool, grad_scale: float | torch.Tensor | None):
+                cfg: FusedConfig, inplace: bool, grad_scale: float | torch.Tensor | None,
+                place: torch.Tensor | None):
         grad, rinv, loss, ce_part, ntl_part = _fused_call(logits, labels, weights, cfg, True, inplace,
-                                                          grad_scale)
+                                                          grad_scale, place)
         if inplace and cfg.use_triton:  # the kernel wrote over the logits: let autograd see it
             torch.autograd.graph.increment_version(logits)
         ctx.save_for_backward(grad.detach(), rinv)  # type: ignore[union-attr]
@@ -298,7 +302,7 @@ class _FusedCENTL(torch.autograd.Function):
         backward_once(ctx, "cross_entropy_with_ntl", "its gradient buffer is scaled in place")
         grad, rinv = ctx.saved_tensors
         return (fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel, ctx.grad_scale),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------ custom op (torch.compile)
@@ -308,6 +312,7 @@ def _ce_ntl_fwd_op(
     method: str, reduction: str, ignore_index: int, reweigh: bool, dmax: float, squash: bool,
     sq_a: float, sq_b: float, delta: float, ntl_weight: float, use_triton: bool, check: bool,
     write_grad: bool, inplace: bool, gscale: float, gscale_t: torch.Tensor | None,
+    place: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad [N, V] | [0], rinv [N] | [0], loss, ce, ntl)``: :func:`fused_forward` out of place
     (empty tensors stand for ``None``), the gradient times ``gscale_t`` (a tensor
@@ -324,14 +329,14 @@ def _ce_ntl_fwd_op(
                       sq_a=sq_a, sq_b=sq_b, delta=delta, ntl_weight=ntl_weight,
                       use_triton=use_triton, check=check)
     gs = gscale_t if gscale_t is not None else (None if gscale == 1.0 else gscale)
-    grad, rinv, loss, ce, ntl = _fused_call(logits, labels, weights, cfg, write_grad, False, gs)
+    grad, rinv, loss, ce, ntl = _fused_call(logits, labels, weights, cfg, write_grad, False, gs, place)
     return (grad if grad is not None else logits.new_empty(0),
             rinv if rinv is not None else logits.new_empty(0, dtype=torch.float32), loss, ce, ntl)
 
 
 @_ce_ntl_fwd_op.register_fake
 def _(logits, labels, weights, handle, W, method, reduction, ignore_index, reweigh, dmax, squash, sq_a,
-      sq_b, delta, ntl_weight, use_triton, check, write_grad, inplace, gscale, gscale_t):
+      sq_b, delta, ntl_weight, use_triton, check, write_grad, inplace, gscale, gscale_t, place):
     N = logits.shape[0]
     grad = (logits.new_empty(logits.shape) if write_grad
             else logits.new_empty(0))
@@ -358,7 +363,7 @@ def _op_backward(ctx: Any, _g_grad: Any, _g_rinv: Any, g: torch.Tensor, *_parts:
     f = f / (gscale_t.reshape(()) if gscale_t.numel() else ctx.gscale)
     if rinv.numel():
         f = f * rinv[:, None]
-    return ((grad.float() * f).to(grad.dtype),) + (None,) * 20
+    return ((grad.float() * f).to(grad.dtype),) + (None,) * 21
 
 
 _ce_ntl_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
@@ -366,17 +371,17 @@ _ce_ntl_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 def _ce_ntl(logits2d: torch.Tensor, labels1d: torch.Tensor, weights: torch.Tensor | None,
             cfg: FusedConfig, grad: bool, inplace: bool,
-            grad_scale: float | torch.Tensor | None = None,
+            grad_scale: float | torch.Tensor | None = None, place: torch.Tensor | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, ce, ntl)``: the eager Function or no-grad call, or under ``torch.compile`` the op."""
     if torch.compiler.is_compiling():
         gs_t = grad_scale if isinstance(grad_scale, torch.Tensor) else None
         gs = grad_scale if isinstance(grad_scale, float) else 1.0
         return torch.ops.ntl.ce_ntl_fwd(logits2d, labels1d, weights, *cfg, grad, inplace and grad, gs,
-                                        gs_t)[2:]
+                                        gs_t, place)[2:]
     if grad:
-        return _FusedCENTL.apply(logits2d, labels1d, weights, cfg, inplace, grad_scale)
-    return _fused_call(logits2d, labels1d, weights, cfg, False, False)[2:]
+        return _FusedCENTL.apply(logits2d, labels1d, weights, cfg, inplace, grad_scale, place)
+    return _fused_call(logits2d, labels1d, weights, cfg, False, False, None, place)[2:]
 
 
 # The type of the result follows ``return_parts`` (overloads for type checkers only).
@@ -495,6 +500,7 @@ def cross_entropy_with_ntl(
     C.check_ntl_weight(ntl_weight)
     for name, flag in (("reweigh", reweigh), ("inplace", inplace), ("return_parts", return_parts)):
         C.check_bool(name, flag)
+    m.check_reweigh(reweigh)
     logits = C.check_logits(logits)
     V = logits.shape[-1]
     labels = C.check_labels(labels, logits.shape[:-1], logits.device)
@@ -519,7 +525,8 @@ def cross_entropy_with_ntl(
     grad_scale = C.check_grad_scale(grad_scale, logits.device)
     grad = torch.is_grad_enabled() and logits.requires_grad
     w1d = w.reshape(-1).contiguous() if w is not None else None
-    loss, ce, ntl = _ce_ntl(logits2d, labels.reshape(-1), w1d, cfg, grad, inplace, grad_scale)
+    place = place_scale(m, labels, vocab_or_tokenizer, spec, ignore_index, V)
+    loss, ce, ntl = _ce_ntl(logits2d, labels.reshape(-1), w1d, cfg, grad, inplace, grad_scale, place)
     if reduction == "none":
         loss, ce, ntl = (t.view(labels.shape) for t in (loss, ce, ntl))
     return (loss, ce, ntl) if return_parts else loss

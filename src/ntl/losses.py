@@ -29,7 +29,7 @@ from . import _checks as C
 from .kernels import _triton
 from .kernels.ops import LossConfig, ntl_loss_apply
 from .methods import MSE, W1, Huber, Method, resolve
-from .vocab import NumberVocab, VocabLike, resolve_vocab
+from .vocab import NumberVocab, VocabLike, resolve_vocab, vocab_from_handle
 
 __all__ = ["gaussian_targets", "ntl_dot_loss", "ntl_loss", "ntl_mse_loss", "ntl_wasserstein_loss",
            "shift_labels"]
@@ -88,7 +88,7 @@ class LossSpec(NamedTuple):
     vocab_size: int
     max_id: int
     method: str  # the registered name (what the ops and the twin look the formula up by)
-    dmax: float  # reweigh ceiling D (Method.reweigh_ceiling)
+    dmax: float  # reweigh ceiling D (Method.reweigh_ceiling; 0 for an unbounded method: no reweigh)
     squash: bool  # (sq_a, sq_b) != (0, 1)
     sq_a: float
     sq_b: float
@@ -119,7 +119,8 @@ def _loss_spec(vocab_or_tokenizer: VocabLike, vocab_size: int | None, default_si
         sc = method.kernel_scalars(vocab)
         spec = LossSpec(handle=vocab.handle, K=vocab.K, vocab_size=vocab.vocab_size,
                         max_id=max(vocab.token_ids), method=name,
-                        dmax=method.reweigh_ceiling(vocab), squash=(sc.sq_a, sc.sq_b) != (0.0, 1.0),
+                        dmax=method.reweigh_ceiling(vocab) if method.bounded else 0.0,
+                        squash=(sc.sq_a, sc.sq_b) != (0.0, 1.0),
                         sq_a=sc.sq_a, sq_b=sc.sq_b, delta=sc.delta)
         specs[method] = spec
     return spec
@@ -174,10 +175,12 @@ def _standalone(
     ignore_index = C.check_ignore_index(ignore_index)
     C.check_choice("reduction", reduction, C.REDUCTIONS)
     C.check_bool("reweigh", reweigh)
+    method.check_reweigh(reweigh)
     spec = loss_spec(vocab_or_tokenizer, None, V, method)
     C.check_ids_fit(spec.max_id, spec.vocab_size, V)
     w = C.check_weights(weights, labels)
     soft = soft_targets(target_dist, labels, spec.K, method)
+    scale = place_scale(method, labels, vocab_or_tokenizer, spec, ignore_index, V)
     kernel = use_triton(backend, logits, method=method)
     x = logits.reshape(-1, V)
     if kernel and x.stride(-1) != 1:
@@ -188,8 +191,25 @@ def _standalone(
                      delta=spec.delta, use_triton=kernel, check=C.strict_checks(), hi=V,
                      hi_what="logits.shape[-1]", need_dz=need_grad(logits))
     out = ntl_loss_apply(x, labels.reshape(-1).contiguous(),
-                         w.reshape(-1).contiguous() if w is not None else None, soft, cfg)
+                         w.reshape(-1).contiguous() if w is not None else None, soft, cfg, scale)
     return out.view(labels.shape) if reduction == "none" else out
+
+
+def place_scale(method: Method, labels: torch.Tensor, vocab_or_tokenizer: Any, spec: LossSpec,
+                ignore_index: int, width: int | None) -> torch.Tensor | None:
+    """The per-row factor of the row loss that ``method`` asks for, ``[N]`` fp32, or ``None``:
+    DEL's place weights (:func:`ntl.number_level.place_weights`) from ``labels`` (last axis:
+    the sequence), with the method's ``decimal_point_id`` or else the tokenizer's ``'.'``.
+    Computed once here, the front end of every entry point; the kernels get the factor."""
+    if not method.place_weighted:
+        return None
+    from .number_level import decimal_point_of, place_weights  # number_level imports this module
+
+    dot = method.decimal_point()
+    if dot is None:
+        dot = decimal_point_of(vocab_or_tokenizer)
+    pw = place_weights(labels, vocab_from_handle(spec.handle), dot, ignore_index, width)
+    return pw.reshape(-1).contiguous()
 
 
 def soft_targets(target_dist: Any, labels: torch.Tensor, K: int, method: Method) -> torch.Tensor | None:

@@ -42,7 +42,8 @@ from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["MAE", "MSE", "REGISTRY", "W1", "Huber", "Method", "RowScalars", "canonical_name",
+__all__ = ["DEL", "DIST2", "MAE", "MSE", "REGISTRY", "W1", "Huber", "Method", "Row", "RowScalars",
+           "canonical_name",
            "kernel_code", "method_class", "register", "resolve", "squash_table", "unregister"]
 
 
@@ -55,11 +56,29 @@ class VocabValues(Protocol):
     def max_distance(self) -> float: ...
 
 
+class Row(NamedTuple):
+    """The inputs of a row formula, for ``N`` rows of ``K`` number logits (fp32).
+
+    ``z [N, K]``: the raw number logits (0 on rows taking no part), ``q = softmax(z)``,
+    ``values [K]`` (ascending), ``y [N, 1]`` the target values, ``k [N]`` the target
+    indices (the target's column, clamped to ``>= 0``), ``soft [N, K]`` the target
+    distribution (``soft_targets`` methods with ``target_dist``; else ``None``). Most
+    methods read ``q`` and ``y`` only; DEL reads the raw ``z`` and ``k``."""
+
+    z: Tensor
+    q: Tensor
+    values: Tensor
+    y: Tensor
+    k: Tensor
+    soft: Tensor | None
+
+
 class RowScalars(NamedTuple):
     """Runtime scalars of the row formula (Python floats; kernel arguments, not specialisations).
 
     ``sq_a``, ``sq_b``: squashed W1 distances ``a + b d`` (``(0, 1)`` keeps ``d``);
-    ``delta``: the Huber threshold."""
+    ``delta``: the method's own scalar parameter: the Huber threshold, DIST²'s ``tau``
+    (the kernels carry one such scalar)."""
 
     sq_a: float = 0.0
     sq_b: float = 1.0
@@ -81,6 +100,7 @@ class Method:
     aliases: ClassVar[tuple[str, ...]] = ()
     code: ClassVar[int | None] = None  # Triton constexpr METHOD (None: PyTorch backend only)
     soft_targets: ClassVar[bool] = False  # takes target_dist
+    bounded: ClassVar[bool] = True  # has a finite max_loss (reweigh needs one)
     param_names: ClassVar[tuple[str, ...]] = ()  # the dataclass fields (set by register)
 
     def kernel_scalars(self, vocab: VocabValues) -> RowScalars:
@@ -99,21 +119,39 @@ class Method:
 
     def reweigh_ceiling(self, vocab: VocabValues) -> float:
         """``D = 1.01 max_loss``: ``reweigh=True``'s ``L' = m L + D (1 - m)`` makes mass off the
-        number tokens cost more than the worst number token (``ntloss``'s constant)."""
+        number tokens cost more than the worst number token (``ntloss``'s constant).
+        ``ValueError`` for an unbounded method (:meth:`check_reweigh`)."""
+        self.check_reweigh(True)
         return 1.01 * self.max_loss(vocab)
 
+    def check_reweigh(self, reweigh: bool) -> None:
+        """Raise for ``reweigh=True`` with a method whose loss has no upper bound (the
+        ceiling ``D`` would be infinite)."""
+        if reweigh and not self.bounded:
+            raise ValueError(f"reweigh=True needs a bounded loss (its ceiling D = 1.01 max_loss), but "
+                             f"method {self.name!r} is unbounded; use reweigh=False with it")
+
+    @property
+    def place_weighted(self) -> bool:
+        """Whether the front end multiplies each position's loss by a place weight computed
+        from the labels (:class:`DEL` with ``place_weights=True``)."""
+        return False
+
+    def decimal_point(self) -> int | None:
+        """The ``'.'`` token id the place weights use, when the method carries one."""
+        return None
+
     @classmethod
-    def row_loss_grad(cls, q: Tensor, values: Tensor, y: Tensor, soft: Tensor | None,
-                      s: RowScalars) -> tuple[Tensor, Tensor]:
-        """``(L [N], dL/dz [N, K])`` in fp32 from ``q = softmax(z) [N, K]``, ``values [K]``,
-        target values ``y [N, 1]`` and (``soft_targets`` methods) ``soft [N, K]``."""
+    def row_loss_grad(cls, row: Row, s: RowScalars) -> tuple[Tensor, Tensor]:
+        """``(L [N], dL/dz [N, K])`` in fp32 from the :class:`Row` (``z``, ``q = softmax(z)``,
+        ``values``, ``y``, ``k``, ``soft``) and the runtime scalars ``s``."""
         raise NotImplementedError(f"{cls.__name__}.row_loss_grad")
 
     @classmethod
-    def row_loss(cls, q: Tensor, values: Tensor, y: Tensor, soft: Tensor | None, s: RowScalars) -> Tensor:
-        """``L [N]``, differentiable through ``q`` by autograd (the test reference of
-        :meth:`row_loss_grad`); by default the loss of :meth:`row_loss_grad`."""
-        return cls.row_loss_grad(q, values, y, soft, s)[0]
+    def row_loss(cls, row: Row, s: RowScalars) -> Tensor:
+        """``L [N]``, differentiable through ``row.z`` and ``row.q`` by autograd (the test
+        reference of :meth:`row_loss_grad`); by default the loss of :meth:`row_loss_grad`."""
+        return cls.row_loss_grad(row, s)[0]
 
     def params(self) -> tuple[Any, ...]:
         """The instance's parameters, in field order (with ``name``: the instance's key;
@@ -266,15 +304,15 @@ class _ExpectedValue(Method):
         return float(cls.error(torch.tensor(d, dtype=torch.float64), s))
 
     @classmethod
-    def row_loss_grad(cls, q: Tensor, values: Tensor, y: Tensor, soft: Tensor | None,
-                      s: RowScalars) -> tuple[Tensor, Tensor]:
+    def row_loss_grad(cls, row: Row, s: RowScalars) -> tuple[Tensor, Tensor]:
+        q, values = row.q, row.values
         yhat = q @ values
-        r = yhat[:, None] - y
+        r = yhat[:, None] - row.y
         return cls.error(r, s).squeeze(1), cls.error_grad(r, s) * q * (values - yhat[:, None])
 
     @classmethod
-    def row_loss(cls, q: Tensor, values: Tensor, y: Tensor, soft: Tensor | None, s: RowScalars) -> Tensor:
-        return cls.error((q @ values)[:, None] - y, s).squeeze(1)
+    def row_loss(cls, row: Row, s: RowScalars) -> Tensor:
+        return cls.error((row.q @ row.values)[:, None] - row.y, s).squeeze(1)
 
     def max_loss(self, vocab: VocabValues) -> float:
         return self.error_of(vocab.max_distance, self.kernel_scalars(vocab))
@@ -412,8 +450,8 @@ class W1(Method):
         return torch.where(d > 0, s.sq_a + s.sq_b * d, 0.0)
 
     @classmethod
-    def row_loss_grad(cls, q: Tensor, values: Tensor, y: Tensor, soft: Tensor | None,
-                      s: RowScalars) -> tuple[Tensor, Tensor]:
+    def row_loss_grad(cls, row: Row, s: RowScalars) -> tuple[Tensor, Tensor]:
+        q, values, y, soft = row.q, row.values, row.y, row.soft
         if soft is None:
             dist = cls._dist(values, y, s)
             loss = (q * dist).sum(-1)
@@ -426,8 +464,136 @@ class W1(Method):
         return loss, q * (g - (q * g).sum(-1, keepdim=True))
 
     @classmethod
-    def row_loss(cls, q: Tensor, values: Tensor, y: Tensor, soft: Tensor | None, s: RowScalars) -> Tensor:
+    def row_loss(cls, row: Row, s: RowScalars) -> Tensor:
+        q, values, y, soft = row.q, row.values, row.y, row.soft
         if soft is None:
             return (q * cls._dist(values, y, s)).sum(-1)
         gaps = values[1:] - values[:-1]
         return ((q.cumsum(-1)[:, :-1] - soft.float().cumsum(-1)[:, :-1]).abs() * gaps).sum(-1)
+
+
+# --------------------------------------------------------------------------- DEL
+def _flag(param: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{param} must be a bool, got {type(value).__name__}")
+    return value
+
+
+@register
+@dataclass(frozen=True)
+class DEL(Method):
+    """DEL, the Digit Entropy Loss (Zheng et al., arXiv 2605.20369): per number position
+    with number logits ``z [K]``, ``q = softmax(z)`` (not detached) and target column ``t``::
+
+        L = w (1/K) sum_k q_k b_k,    b_k = BCE(sigmoid(z_k), [k = t]) = softplus(z_k) - [k = t] z_k
+        dL/dz_j = (w/K) (q_j (sigmoid(z_j) - [j = t]) + q_j (b_j - sum_k q_k b_k))
+
+    The paper writes ``1/10`` for its ten digits; here ``1/K`` (the same for digits). DEL reads
+    the raw logits (``sigmoid(z_k)``), so it is not shift-invariant in ``z``.
+
+    ``w`` is the place weight (``place_weights=True``; ``w = 1`` when off), from the labels:
+    a digit at integer place ``p >= 0`` (``p = 0`` the units digit, ``p`` = digits written
+    after it before the decimal point) has ``w = 2 (p + 1)``; the ``d``-th digit after the
+    decimal point (``d >= 1``) has ``w = 1.02^-(d + 1)``. This is the weight of the authors'
+    public code (``generate_place`` in ``PolyU-VCLab/DEL``, ``train-qwen-deepseek.py``); the
+    paper's own text of the formula was not reachable here. A number is a run of number-token
+    labels in a row (the last axis of ``labels``); a ``'.'`` label between two number tokens
+    is its decimal point (the first one counts; the tokenizer's ``'.'``, or
+    ``decimal_point_id``; without one every run is an integer). A token writing several
+    digits (Llama-3's ``'123'``) takes the place of its lowest digit. Place weights multiply
+    the position's loss, not the mean's denominator (``mean = sum w_i pw_i L_i / sum w_i``).
+
+    Unbounded (no ``reweigh``); no ``target_dist``.
+    """
+
+    place_weights: bool = True
+    decimal_point_id: int | None = None
+    name: ClassVar[str] = "del"
+    code: ClassVar[int | None] = 4
+    bounded: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _flag("place_weights", self.place_weights)
+        d = self.decimal_point_id
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
+            raise TypeError(f"decimal_point_id must be a non-negative int token id or None, got {d!r}")
+
+    @property
+    def place_weighted(self) -> bool:
+        return self.place_weights
+
+    def decimal_point(self) -> int | None:
+        return self.decimal_point_id
+
+    def max_loss(self, vocab: VocabValues) -> float:
+        return math.inf
+
+    @staticmethod
+    def _bce(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        onehot = torch.nn.functional.one_hot(k, z.shape[-1]).to(z.dtype)
+        return torch.nn.functional.softplus(z) - onehot * z, onehot
+
+    @classmethod
+    def row_loss_grad(cls, row: Row, s: RowScalars) -> tuple[Tensor, Tensor]:
+        z, q = row.z, row.q
+        K = z.shape[-1]
+        b, onehot = cls._bce(z, row.k)
+        S = (q * b).sum(-1, keepdim=True)
+        grad = q * (torch.sigmoid(z) - onehot + b - S) / K
+        return S.squeeze(1) / K, grad
+
+    @classmethod
+    def row_loss(cls, row: Row, s: RowScalars) -> Tensor:
+        b, _ = cls._bce(row.z, row.k)
+        return (row.q * b).sum(-1) / row.z.shape[-1]
+
+
+# --------------------------------------------------------------------------- DIST²
+@register
+@dataclass(frozen=True)
+class DIST2(Method):
+    """DIST² ("Teaching metric distance to discrete autoregressive language models", ICLR
+    2026): the KL divergence from a target smoothed by the squared distance of the values::
+
+        t_k = exp(-(v_k - y)^2 / tau) / sum_i exp(-(v_i - y)^2 / tau)
+        L = KL(t || q) = sum_k t_k (log t_k - log q_k),   dL/dz_j = q_j - t_j
+
+    (``log q = z - logsumexp(z)``, ``log t`` formed from its exponent, whose largest value is
+    0 at ``v_k = y``: no ``0 log 0`` arises). ``tau`` a finite number > 0 (default 1.0).
+    Unbounded (no ``reweigh``); no ``target_dist`` (the target is ``t``).
+    """
+
+    tau: float = 1.0
+    name: ClassVar[str] = "dist2"
+    code: ClassVar[int | None] = 5
+    bounded: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+            raise TypeError(f"tau must be a positive number, got {type(self.tau).__name__}")
+        t = float(self.tau)
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"tau must be a positive finite number, got {self.tau!r}")
+        object.__setattr__(self, "tau", t)
+
+    def kernel_scalars(self, vocab: VocabValues) -> RowScalars:
+        return RowScalars(delta=self.tau)
+
+    def max_loss(self, vocab: VocabValues) -> float:
+        return math.inf
+
+    @staticmethod
+    def _log_target(row: Row, tau: float) -> Tensor:
+        return torch.log_softmax(-(row.values - row.y).square() / tau, dim=-1)
+
+    @classmethod
+    def row_loss_grad(cls, row: Row, s: RowScalars) -> tuple[Tensor, Tensor]:
+        logt = cls._log_target(row, s.delta)
+        t = logt.exp()
+        logq = torch.log_softmax(row.z, dim=-1)
+        return (t * (logt - logq)).sum(-1), row.q - t
+
+    @classmethod
+    def row_loss(cls, row: Row, s: RowScalars) -> Tensor:
+        logt = cls._log_target(row, s.delta)
+        return (logt.exp() * (logt - torch.log_softmax(row.z, dim=-1))).sum(-1)

@@ -56,7 +56,8 @@ from .kernels.reference import digit_gather_torch
 from .losses import prepare_labels, use_triton
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
-__all__ = ["NumberLevelVocab", "number_level_loss", "number_level_vocab", "predict_numbers"]
+__all__ = ["NumberLevelVocab", "digit_places", "number_level_loss", "number_level_vocab", "place_weights",
+           "predict_numbers"]
 
 _EPS = torch.finfo(torch.float32).eps
 #: 10^38 is the largest power of ten in fp32 (10^39 overflows to inf).
@@ -330,6 +331,79 @@ def number_spans(digit: torch.Tensor, dot: torch.Tensor | None, max_number_lengt
     else:  # the token's leading digit at most at place max_number_length - 1
         place = torch.minimum(after, (max_number_length - w).clamp_min(0)).clamp_min(0)
     return start, owner, torch.pow(10.0, place.to(torch.float32))
+
+
+def digit_places(digit: torch.Tensor, dot: torch.Tensor | None,
+                 width: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer and decimal places of ``[R, T]`` number-token flags (``dot``: the ``'.'`` labels).
+
+    A number is a run of number tokens; a ``'.'`` with a number token on both sides is its
+    decimal point (as in :func:`number_spans`; the first one counts, a later one only
+    separates). ``width`` (int64 ``[R, T]``): digits per token (``None``: 1). Returns
+    ``(place [R, T] int64, decimal [R, T] bool)`` (meaningful at number tokens): an integer
+    digit's ``place`` = digits written after it before the decimal point (0: the units digit);
+    a decimal digit's ``place`` = its rank ``d >= 1`` after the point. A token of several
+    digits takes its lowest place (``'123' '4'``: 1, 0; ``'0' '.' '07'``: 0 then ``d = 2``).
+    No host sync; all positions at once.
+    """
+    R, T = digit.shape
+    prev_digit = F.pad(digit[:, :-1], (1, 0))
+    if dot is None:
+        point = torch.zeros_like(digit)
+    else:
+        point = dot & prev_digit & F.pad(digit[:, 1:], (0, 1))
+    in_number = digit | point
+    start = digit & ~F.pad(in_number[:, :-1], (1, 0))
+    flat = torch.arange(R * T, device=digit.device).view(R, T)
+    owner = torch.where(start, flat, torch.full_like(flat, -1)).cummax(-1).values.view(-1).clamp_min(0)
+    points = point.long().cumsum(-1).view(-1)
+    decimal = (points - points[owner]) > 0  # a point of this number lies before (a start is no point)
+    w = digit.long() if width is None else torch.where(digit, width, torch.zeros_like(width))
+    upto = w.cumsum(-1).view(-1)
+    w = w.view(-1)
+    upto = upto - upto[owner] + w[owner]  # this number's digits up to and including the token
+    ints = torch.zeros(R * T, dtype=torch.long, device=digit.device).scatter_add(
+        0, owner, torch.where(decimal, torch.zeros_like(w), w))
+    n_int = ints[owner]
+    place = torch.where(decimal, upto - n_int, n_int - upto)
+    return place.view(R, T), decimal.view(R, T)
+
+
+def place_weights(labels: torch.Tensor, vocab: NumberVocab, decimal_point_id: int | None,
+                  ignore_index: int, width: int | None = None) -> torch.Tensor:
+    """DEL's place weights ``[...]`` fp32 (``labels``-shaped; 1 where the label is no number token).
+
+    The last axis of ``labels`` is the sequence (a 1-D ``labels`` is one sequence); numbers
+    as in :func:`digit_places`. Integer place ``p``: ``w = 2 (p + 1)``; decimal rank ``d``:
+    ``w = 1.02^-(d + 1)`` (:class:`ntl.methods.DEL`). ``width``: labels ``>= width`` are text.
+    """
+    if vocab.widths is None and not vocab.is_digit_vocab:
+        raise ValueError(
+            f"DEL's place weights need the digit width of each number token, and {vocab!r} was built "
+            "without token texts: pass the tokenizer, ntl.vocab_for_tokenizer(tok), or "
+            "method=ntl.methods.DEL(place_weights=False)")
+    shape = labels.shape
+    if labels.numel() == 0:
+        return torch.ones(shape, device=labels.device)
+    T = shape[-1] if labels.dim() else 1
+    lab = labels.reshape(-1, T)
+    k = vocab.digit_index(lab, width).masked_fill(lab == ignore_index, -1)
+    digit = k >= 0
+    dot = (lab == decimal_point_id) if decimal_point_id is not None else None
+    wid = vocab.widths_on(labels.device)[k.clamp_min(0)] if vocab.is_multi_digit else None
+    place, decimal = digit_places(digit, dot, wid)
+    pf = place.float()
+    w = torch.where(decimal, torch.pow(1.02, -(pf + 1.0)), 2.0 * (pf + 1.0))
+    return torch.where(digit, w, torch.ones((), device=labels.device)).view(shape)
+
+
+def decimal_point_of(vocab_or_tokenizer: Any) -> int | None:
+    """The ``'.'`` token id of a tokenizer (cached; ``None`` for a vocab, ids or a dict)."""
+    if isinstance(vocab_or_tokenizer, NumberLevelVocab):
+        return vocab_or_tokenizer.decimal_point_id
+    if not hasattr(vocab_or_tokenizer, "get_vocab"):
+        return None
+    return _from_tokenizer(vocab_or_tokenizer, None).decimal_point_id
 
 
 @dataclass(frozen=True)

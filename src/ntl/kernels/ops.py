@@ -60,7 +60,7 @@ def _vocab_tensors(cfg: LossConfig, device: torch.device) -> tuple[Tensor | None
 
 
 def _forward(x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | None,
-             cfg: LossConfig) -> tuple[Tensor, ...]:
+             cfg: LossConfig, scale: Tensor | None = None) -> tuple[Tensor, ...]:
     if cfg.check:
         C.check_values(labels, cfg.hi if cfg.hi >= 0 else None, cfg.ignore_index, weights, cfg.hi_what)
     ids, values, lut = _vocab_tensors(cfg, x.device)
@@ -73,8 +73,8 @@ def _forward(x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | N
         if weights is not None and weights.dtype == torch.bool:
             weights = weights.view(torch.uint8)
             args = (*args[:2], weights, *args[3:])
-        return ntl_loss_fwd_triton(*args, cfg.need_dz)
-    return ntl_loss_fwd_torch(*args, cfg.need_dz)
+        return ntl_loss_fwd_triton(*args, cfg.need_dz, scale)
+    return ntl_loss_fwd_torch(*args, cfg.need_dz, scale)
 
 
 def _backward_x(g: Tensor, x: Tensor | None, size: tuple[int, int], dtype: torch.dtype,
@@ -107,8 +107,8 @@ class NTLLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | None,
-                cfg: LossConfig) -> Tensor:  # type: ignore[override]
-        out, rows, dz, rw, den, L, mass, lse = _forward(x, labels, weights, soft, cfg)
+                cfg: LossConfig, scale: Tensor | None) -> Tensor:  # type: ignore[override]
+        out, rows, dz, rw, den, L, mass, lse = _forward(x, labels, weights, soft, cfg, scale)
         ctx.cfg = cfg
         ctx.shape = (tuple(x.shape), x.dtype)
         ctx.save_for_backward(x if cfg.reweigh else None, labels, dz, rw, den, L, mass, lse, out, rows)
@@ -116,7 +116,7 @@ class NTLLossFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None, None]:  # type: ignore[override]
         no_double_backward("the standalone NTL loss")
         x, labels, dz, rw, den, L, mass, lse, out, rows = ctx.saved_tensors
         cfg = ctx.cfg
@@ -126,7 +126,7 @@ class NTLLossFunction(torch.autograd.Function):
             gx = _backward_x(g, x, size, dtype, (dz, rw, den, L, mass, lse), cfg)
         if ctx.needs_input_grad[2]:
             gw = _backward_w(g, out, rows, rw, den, _active(labels, cfg), cfg)
-        return gx, None, gw, None, None
+        return gx, None, gw, None, None, None
 
 
 # ------------------------------------------------------------------ custom ops (torch.compile)
@@ -139,18 +139,19 @@ def _loss_fwd_op(
     handle: int, W: int, digit_cols: bool, pre_indexed: bool, method: str, reduction: str,
     ignore_index: int, reweigh: bool, dmax: float, squash: bool, sq_a: float, sq_b: float,
     delta: float, use_triton: bool, check: bool, hi: int, hi_what: str, need_dz: bool,
+    scale: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = LossConfig(handle=handle, W=W, digit_cols=digit_cols, pre_indexed=pre_indexed,
                      method=method, reduction=reduction, ignore_index=ignore_index,
                      reweigh=reweigh, dmax=dmax, squash=squash, sq_a=sq_a, sq_b=sq_b,
                      delta=delta, use_triton=use_triton, check=check, hi=hi, hi_what=hi_what,
                      need_dz=need_dz)
-    return _forward(x, labels, weights, soft, cfg)  # type: ignore[return-value]
+    return _forward(x, labels, weights, soft, cfg, scale)  # type: ignore[return-value]
 
 
 @_loss_fwd_op.register_fake
 def _(x, labels, weights, soft, handle, W, digit_cols, pre_indexed, method, reduction, ignore_index,
-      reweigh, dmax, squash, sq_a, sq_b, delta, use_triton, check, hi, hi_what, need_dz):
+      reweigh, dmax, squash, sq_a, sq_b, delta, use_triton, check, hi, hi_what, need_dz, scale):
     N = x.shape[0]
     K = vocab_from_handle(handle).K
 
@@ -197,7 +198,7 @@ def _(labels, handle, W, pre_indexed, ignore_index):
 
 def _fwd_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, labels, _weights, _soft, *rest = inputs
-    cfg = LossConfig(*rest)
+    cfg = LossConfig(*rest[:-1])  # the last input: the per-row scale
     out, rows, dz, rw, den, L, mass, lse = output
     ctx.cfg = cfg
     ctx.save_for_backward(x, labels, dz, rw, den, L, mass, lse, out, rows)
@@ -213,18 +214,20 @@ def _fwd_backward(ctx: Any, g: Tensor, *_unused: Any):
     if ctx.needs_input_grad[2]:
         active = torch.ops.ntl.number_mask(labels, cfg.handle, cfg.W, cfg.pre_indexed, cfg.ignore_index)
         gw = _backward_w(g, out, rows, rw, den, active, cfg)
-    return (gx, None, gw, None) + (None,) * len(_CFG_FIELDS)
+    return (gx, None, gw, None) + (None,) * (len(_CFG_FIELDS) + 1)
 
 
 _loss_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
 def ntl_loss_apply(x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | None,
-                   cfg: LossConfig) -> Tensor:
-    """The loss (scalar, or ``[N]`` for ``reduction="none"``) of ``x [N, V or K]`` and ``labels [N]``."""
+                   cfg: LossConfig, scale: Tensor | None = None) -> Tensor:
+    """The loss (scalar, or ``[N]`` for ``reduction="none"``) of ``x [N, V or K]`` and ``labels [N]``;
+    ``scale [N]`` fp32: a per-row factor of the row loss (DEL's place weights; not in the mean's
+    divisor)."""
     if torch.compiler.is_compiling():
-        return torch.ops.ntl.loss_fwd(x, labels, weights, soft, *cfg)[0]
-    return NTLLossFunction.apply(x, labels, weights, soft, cfg)
+        return torch.ops.ntl.loss_fwd(x, labels, weights, soft, *cfg, scale)[0]
+    return NTLLossFunction.apply(x, labels, weights, soft, cfg, scale)
 
 
 # ------------------------------------------------------------------ number rows of the LM head

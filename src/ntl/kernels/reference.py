@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import RowScalars, method_class
+from ..methods import Row, RowScalars, method_class
 
 __all__ = [
     "digit_gather_torch",
@@ -62,9 +62,9 @@ def ntl_rows_torch(
     active = k >= 0
     # rows that take no part never reach the softmax (their digit logits may be -inf)
     z = torch.where(active[:, None], digit_logits.float(), 0.0)
-    q = torch.softmax(z, dim=-1)
-    y = values[k.clamp_min(0)][:, None]
-    loss = method_class(method).row_loss(q, values, y, soft, _scalars(squash, huber_delta))
+    kc = k.clamp_min(0)
+    row = Row(z=z, q=torch.softmax(z, dim=-1), values=values, y=values[kc][:, None], k=kc, soft=soft)
+    loss = method_class(method).row_loss(row, _scalars(squash, huber_delta))
     return torch.where(active, loss, 0.0)
 
 
@@ -87,8 +87,9 @@ def ntl_rows_grad_torch(
     active = (k >= 0)[:, None]
     z = torch.where(active, z.float(), 0.0)
     q = torch.softmax(z, dim=-1)
-    y = values[k.clamp_min(0)][:, None]
-    loss, grad = method_class(method).row_loss_grad(q, values, y, soft, _scalars(squash, huber_delta))
+    kc = k.clamp_min(0)
+    row = Row(z=z, q=q, values=values, y=values[kc][:, None], k=kc, soft=soft)
+    loss, grad = method_class(method).row_loss_grad(row, _scalars(squash, huber_delta))
     return torch.where(active[:, 0], loss, 0.0), torch.where(active, grad, 0.0), q
 
 
@@ -107,9 +108,12 @@ def ntl_loss_fwd_torch(
     x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, soft: torch.Tensor | None,
     ids: torch.Tensor | None, values: torch.Tensor, table: torch.Tensor, ignore_index: int, method: str,
     reduction: str, reweigh: bool, dmax: float, squash: tuple[float, float] | None, huber_delta: float,
-    need_dz: bool = True,
+    need_dz: bool = True, scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Twin of ``rowloss._ntl_loss_fwd`` + ``_ntl_finalize``: the whole standalone forward.
+
+    ``scale [N]`` (optional, fp32): a per-row factor of the row loss and its ``dL/dz``
+    (DEL's place weights), applied straight after the row formula; not in the mean's divisor.
 
     ``x [N, Vx]`` logits (``ids`` their number columns) or ``[N, K]`` number logits
     (``ids=None``); ``labels [N]`` token ids mapped to ``k`` by ``table``
@@ -134,6 +138,10 @@ def ntl_loss_fwd_torch(
     else:
         L = ntl_rows_torch(z, k, values, method, soft, squash=squash, huber_delta=huber_delta)
         dz = x.new_empty(0, dtype=torch.float32)
+    if scale is not None:
+        L = L * scale
+        if need_dz:
+            dz = dz * scale[:, None]
     active = k >= 0
     rw = torch.where(active, weights.float(), 0.0) if weights is not None else active.float()
     def empty() -> torch.Tensor:

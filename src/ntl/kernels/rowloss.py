@@ -39,17 +39,41 @@ if HAS_TRITON:
         ``METHOD`` is the method's ``code`` in :mod:`ntl.methods` (the one registry; the
         launchers read it with :func:`ntl.methods.kernel_code`): 0/2/3 MSE/MAE/Huber(``delta``)
         of ``yhat - y``; 1: W1 with the distance ``d = |v - y|`` squashed to ``sq_a + sq_b d``
-        where ``d > 0`` (defaults keep ``d``). ``sq_a``, ``sq_b``, ``delta`` are the method's
+        where ``d > 0`` (defaults keep ``d``); 4: DEL (raw logits, target column ``kt``; its
+        place weight is a per-row factor applied by the caller); 5: DIST² with ``tau = delta``. ``sq_a``, ``sq_b``, ``delta`` are the method's
         runtime scalars (:meth:`ntl.methods.Method.kernel_scalars`). A new method adds its
         branch here; twin: :meth:`ntl.methods.Method.row_loss_grad`.
         """
+        zraw = tl.where(cmask[None, :], z, 0.0)
         z = tl.where(cmask[None, :], z, float("-inf"))
         zmax = tl.max(z, axis=1)
         e = tl.exp(z - zmax[:, None])
-        q = e / tl.sum(e, axis=1)[:, None]
+        se = tl.sum(e, axis=1)
+        q = e / se[:, None]
         cols = tl.arange(0, z.shape[1])
-        y = tl.sum(tl.where(cols[None, :] == kt[:, None], vals[None, :], 0.0), axis=1)
-        if METHOD == 1:
+        hit = cols[None, :] == kt[:, None]
+        y = tl.sum(tl.where(hit, vals[None, :], 0.0), axis=1)
+        if METHOD == 4:  # DEL: (1/K) sum_k q_k BCE(sigmoid(z_k), [k = t]) on the raw logits
+            nk = tl.sum(cmask.to(tl.float32), axis=0)
+            sp = tl.maximum(zraw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(zraw)))  # softplus
+            bce = tl.where(cmask[None, :], sp - tl.where(hit, zraw, 0.0), 0.0)
+            S = tl.sum(q * bce, axis=1)
+            sig = 1.0 / (1.0 + tl.exp(-zraw))
+            loss = S / nk
+            grad = q * (sig - tl.where(hit, 1.0, 0.0) + bce - S[:, None]) / nk
+        elif METHOD == 5:  # DIST2: KL(t || q), t = softmax(-(v - y)^2 / tau), tau in delta
+            a = tl.where(cmask[None, :], -(vals[None, :] - y[:, None]) * (vals[None, :] - y[:, None]) / delta,
+                         float("-inf"))
+            amax = tl.max(a, axis=1)
+            ea = tl.exp(a - amax[:, None])
+            sa = tl.sum(ea, axis=1)
+            t = ea / sa[:, None]
+            # log t - log q on the K columns only (the padding's -inf would give inf - inf)
+            lr = (tl.where(cmask[None, :], a, 0.0) - amax[:, None] - tl.log(sa)[:, None]
+                  - (zraw - zmax[:, None] - tl.log(se)[:, None]))
+            loss = tl.sum(tl.where(cmask[None, :], t * lr, 0.0), axis=1)
+            grad = q - t
+        elif METHOD == 1:
             if SOFT:
                 d = tl.cumsum(q, axis=1) - tl.cumsum(soft, axis=1)
                 loss = tl.sum(tl.abs(d) * gaps[None, :], axis=1)
@@ -79,11 +103,11 @@ if HAS_TRITON:
         return loss, grad
 
     @triton.jit
-    def _ntl_loss_fwd(x_ptr, lab_ptr, lut_ptr, ids_ptr, vals_ptr, w_ptr, soft_ptr,
+    def _ntl_loss_fwd(x_ptr, lab_ptr, lut_ptr, ids_ptr, vals_ptr, w_ptr, soft_ptr, ps_ptr,
                       out_ptr, rows_ptr, dz_ptr, rw_ptr, L_ptr, mass_ptr, lse_ptr, part_ptr,
                       N, V, K, W, ignore_index, stride_x, stride_s, n_part, dmax, sq_a, sq_b, delta,
                       METHOD: tl.constexpr, SOFT: tl.constexpr, REWEIGH: tl.constexpr,
-                      HAS_W: tl.constexpr, IDS: tl.constexpr, PARTIAL: tl.constexpr,
+                      HAS_W: tl.constexpr, HAS_PS: tl.constexpr, IDS: tl.constexpr, PARTIAL: tl.constexpr,
                       STORE_DZ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_V: tl.constexpr):
         pid = tl.program_id(0)
@@ -111,6 +135,10 @@ if HAS_TRITON:
         if SOFT:
             soft = tl.load(soft_ptr + r64[:, None] * stride_s + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
         loss, grad = ntl_row_math(z, cmask, kt, vals, gaps, soft, METHOD, SOFT, sq_a, sq_b, delta)
+        if HAS_PS:  # a per-row factor of the row loss (DEL's place weights), not in the divisor
+            ps = tl.load(ps_ptr + r64, mask=rmask, other=0.0).to(tl.float32)
+            loss = loss * ps
+            grad = grad * ps[:, None]
         loss = tl.where(active, loss, 0.0)
         if HAS_W:
             w = tl.load(w_ptr + r64, mask=rmask, other=0).to(tl.float32)
@@ -263,7 +291,7 @@ def ntl_loss_fwd_triton(
     x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, soft: torch.Tensor | None,
     ids: torch.Tensor | None, values: torch.Tensor, table: torch.Tensor, ignore_index: int, method: str,
     reduction: str, reweigh: bool, dmax: float, squash: tuple[float, float] | None, huber_delta: float,
-    need_dz: bool,
+    need_dz: bool, scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the forward (1 program per row tile, + 1 finalize for sum/mean). Same contract as
     :func:`.reference.ntl_loss_fwd_torch` (``x`` needs a unit column stride; ``dz`` is empty
@@ -289,11 +317,11 @@ def ntl_loss_fwd_triton(
         _ntl_loss_fwd[(n_part,)](
             x, labels, table, ids if ids is not None else values, values,
             weights if weights is not None else rows, soft if soft is not None else rows,
-            out, rows, dz, rw, L, mass, lse, part,
+            scale if scale is not None else rows, out, rows, dz, rw, L, mass, lse, part,
             N, V, K, table.numel() - 1, ignore_index, x.stride(0), soft.stride(0) if soft is not None else 0,
             n_part, float(dmax), float(a), float(b), float(huber_delta),
             METHOD=kernel_code(method), SOFT=soft is not None, REWEIGH=reweigh, HAS_W=weights is not None,
-            IDS=ids is not None, PARTIAL=partial, STORE_DZ=need_dz, BLOCK_N=bn, BLOCK_K=bk, BLOCK_V=bv,
+            HAS_PS=scale is not None, IDS=ids is not None, PARTIAL=partial, STORE_DZ=need_dz, BLOCK_N=bn, BLOCK_K=bk, BLOCK_V=bv,
             num_warps=warps)
     if partial:
         _ntl_finalize[(1,)](part, out, den, n_part, float(torch.finfo(f32).eps),
