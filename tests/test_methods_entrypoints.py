@@ -1,11 +1,14 @@
 """Every registered method through every entry point, on both backends.
 
-For each method (MSE, MAE, Huber with a non-default delta, W1, squashed W1):
+For each method (MSE, MAE, Huber with a non-default delta, W1, squashed W1, DEL with and without
+place weights, DIST² with a non-default tau):
 
 * the standalone ``ntl_loss`` equals an independent float64 formula written here (softmax
   over the number columns; MSE/MAE/Huber of ``E[v] - y``; W1 ``sum_k q_k |v_k - y|``, squashed
   ``1 + (d - d_min)(f - 1)/(d_max - d_min)`` for ``d > 0``; ``reweigh``'s ``m L + 1.01 D (1 - m)``
-  with ``D`` the method's largest loss), gradient against autograd of that formula;
+  with ``D`` the method's largest loss; DEL ``pw (1/K) sum_k q_k BCE(sigmoid(z_k), [k = t])``,
+  DIST² ``KL(t || q)``), gradient against autograd of that formula; DEL and DIST² are unbounded,
+  so every entry point refuses them with ``reweigh=True``;
 * the fused (``cross_entropy_with_ntl``) and linear (``linear_cross_entropy_with_ntl``) entry
   points equal ``F.cross_entropy + w * ntl_loss`` in value and gradient; ``ntl_loss_from_hidden``,
   ``ntl_loss_from_digit_logits`` and ``NumberTokenLoss`` equal ``ntl_loss`` itself. The
@@ -15,6 +18,8 @@ For each method (MSE, MAE, Huber with a non-default delta, W1, squashed W1):
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,19 +27,33 @@ import torch
 import torch.nn.functional as F
 
 import ntl
-from ntl.methods import MAE, MSE, W1, Huber, Method
+from ntl.methods import DEL, DIST2, MAE, MSE, W1, Huber, Method
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_methods_del_dist2 import del64, dist64, place_weights_by_loop
 
 V, H, N = 64, 16, 20
 IDS = [41, 3, 17, 8, 22, 0, 63, 12, 26, 5]  # '0'..'9'
 VOCAB = ntl.DigitVocab(IDS, vocab_size=V)
 TEXT = [1, 2, 20, 38]
+POINT = 2  # a text id that DEL's place weights take for the decimal point
 W_NTL = 0.4
 TOL: dict[str, Any] = {"rtol": 2e-5, "atol": 2e-5}
 GTOL: dict[str, Any] = {"rtol": 2e-5, "atol": 1e-4}  # weight gradients sum over rows
 
 METHODS: dict[str, Method] = {
     "mse": MSE(), "mae": MAE(), "huber-2.5": Huber(delta=2.5), "w1": W1(), "w1-squash-3": W1(squash_factor=3.0),
+    "del": DEL(decimal_point_id=POINT), "del-flat": DEL(place_weights=False), "dist2-0.5": DIST2(tau=0.5),
 }
+
+
+def refuses_reweigh(method: Method, reweigh: bool, call) -> bool:
+    """Unbounded methods refuse ``reweigh=True`` (True: refused, the case is done)."""
+    if not (reweigh and not method.bounded):
+        return False
+    with pytest.raises(ValueError, match=f"method '{method.name}' is unbounded"):
+        call()
+    return True
 BACKENDS = ["torch", "triton"]
 
 
@@ -47,6 +66,7 @@ def batch(seed: int, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor, to
     y = torch.where(torch.rand(N, generator=g) < 0.7, d, t)
     y[1] = -100
     y[0] = IDS[6]
+    y[3:7] = torch.tensor([IDS[1], IDS[2], POINT, IDS[5]])  # '12.5': integer and decimal places
     w = torch.rand(N, generator=g) * 2
     return x, y, w
 
@@ -62,7 +82,14 @@ def formula64(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, method: Method,
     yv = values[[lab[int(y[i])] for i in rows]]
     r = q @ values - yv
     dmax = 9.0
-    if isinstance(method, MSE):
+    D = 0.0
+    if isinstance(method, DEL):
+        seq = torch.tensor([[lab.get(int(t), 10 if int(t) == POINT else 11) for t in y]])
+        pw = place_weights_by_loop(seq, 10)[0, rows] if method.place_weights else None
+        L = del64(xs[:, IDS], torch.tensor([lab[int(y[i])] for i in rows]), pw)
+    elif isinstance(method, DIST2):
+        L = dist64(xs[:, IDS], yv, values, method.tau)
+    elif isinstance(method, MSE):
         L, D = r * r, dmax * dmax
     elif isinstance(method, MAE):
         L, D = r.abs(), dmax
@@ -89,6 +116,9 @@ def formula64(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, method: Method,
 def test_standalone_matches_float64_formula(name, backend, reweigh):
     method = METHODS[name]
     x, y, w = batch(1)
+    if refuses_reweigh(method, reweigh, lambda: ntl.ntl_loss(x, y, VOCAB, method=method, reweigh=True,
+                                                             backend=backend)):
+        return
     xa = x.clone().requires_grad_(True)
     got = ntl.ntl_loss(xa, y, VOCAB, method=method, weights=w, reweigh=reweigh, backend=backend)
     got.backward()
@@ -135,6 +165,9 @@ FUSED_CASES = [("mean", True, False), ("sum", False, True), ("none", True, False
 def test_fused_equals_ce_plus_standalone(name, backend, reduction, use_w, reweigh):
     method = METHODS[name]
     x, y, w = batch(3)
+    if refuses_reweigh(method, reweigh, lambda: ntl.cross_entropy_with_ntl(
+            x, y, VOCAB, method=method, reweigh=True, backend=backend)):
+        return
     wts = w if use_w else None
     up = torch.rand(N, generator=torch.Generator().manual_seed(9)) if reduction == "none" else torch.ones(())
     xa = x.clone().requires_grad_(True)
@@ -190,6 +223,9 @@ def test_linear_equals_ce_plus_standalone(name, backend, reduction, reweigh):
     method = METHODS[name]
     _, y, _ = batch(4)
     h, Wt, b = head(4)
+    if refuses_reweigh(method, reweigh, lambda: ntl.linear_cross_entropy_with_ntl(
+            h, Wt, y, VOCAB, method=method, reweigh=True, backend=backend)):
+        return
     up = torch.rand(N, generator=torch.Generator().manual_seed(9)) if reduction == "none" else torch.ones(())
     la = [t.clone().requires_grad_(True) for t in (h, Wt, b)]
     got = ntl.linear_cross_entropy_with_ntl(la[0], la[1], y, VOCAB, bias=la[2], ntl_weight=W_NTL,

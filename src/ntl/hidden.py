@@ -21,6 +21,7 @@ from .losses import (
     MethodLike,
     loss_spec,
     need_grad,
+    place_scale,
     resolve_method,
     soft_targets,
     use_triton,
@@ -67,10 +68,11 @@ def digit_logits_from_hidden(
 
 def _from_digit_logits(z: torch.Tensor, labels: torch.Tensor, spec: LossSpec, method: Method,
                        ignore_index: int, reduction: str, weights: Any, target_dist: Any,
-                       W: int, hi: int, hi_what: str, backend: str) -> torch.Tensor:
+                       W: int, hi: int, hi_what: str, backend: str, vocab_or_tokenizer: Any) -> torch.Tensor:
     """The loss of number logits ``z [N, K]`` (value order) against token-id ``labels``."""
     w = C.check_weights(weights, labels)
     soft = soft_targets(target_dist, labels, spec.K, method)
+    scale = place_scale(method, labels, vocab_or_tokenizer, spec, ignore_index, W)
     kernel = use_triton(backend, z, method=method)
     if kernel and z.stride(-1) != 1:
         z = z.contiguous()
@@ -81,7 +83,7 @@ def _from_digit_logits(z: torch.Tensor, labels: torch.Tensor, spec: LossSpec, me
                      use_triton=kernel, check=C.strict_checks(), hi=hi, hi_what=hi_what,
                      need_dz=need_grad(z))
     out = ntl_loss_apply(z, labels.reshape(-1).contiguous(),
-                         w.reshape(-1).contiguous() if w is not None else None, soft, cfg)
+                         w.reshape(-1).contiguous() if w is not None else None, soft, cfg, scale)
     return out.view(labels.shape) if reduction == "none" else out
 
 
@@ -135,7 +137,7 @@ def ntl_loss_from_hidden(
     C.check_ids_fit(spec.max_id, spec.vocab_size, V)
     z = _digit_logits(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, spec.handle, t, bias)
     return _from_digit_logits(z, labels, spec, m, ignore_index, reduction, weights, target_dist,
-                              V, V, "lm_head_weight.shape[0]", backend)
+                              V, V, "lm_head_weight.shape[0]", backend, vocab_or_tokenizer)
 
 
 def ntl_loss_from_digit_logits(
@@ -195,4 +197,4 @@ def ntl_loss_from_digit_logits(
         where = "the vocab's vocab_size; pass vocab_size= for the model's (padded) vocabulary"
     z = digit_logits.reshape(-1, spec.K)
     return _from_digit_logits(z, labels, spec, m, ignore_index, reduction, weights, target_dist,
-                              W, hi, where, backend)
+                              W, hi, where, backend, vocab_or_tokenizer)

@@ -37,7 +37,15 @@ from torch import nn
 from . import _checks as C
 from .fused import ce_ntl_rows_torch, row_scales
 from .kernels._triton import backward_once, next_pow2
-from .losses import MethodLike, loss_spec, prepare_labels, resolve_method, use_triton
+from .losses import (
+    MethodLike,
+    bind_decimal_point,
+    loss_spec,
+    place_scale,
+    prepare_labels,
+    resolve_method,
+    use_triton,
+)
 from .methods import Method
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
@@ -139,12 +147,12 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
              k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, ntl_weight: float, method: str,
              reduction: str, reweigh: bool, dmax: float, ignore_index: int, rows: int, use_kernel: bool,
              squash: tuple[float, float] | None, huber_delta: float, need: tuple[bool, bool, bool],
-             grad_scale: float | torch.Tensor | None = None,
+             grad_scale: float | torch.Tensor | None = None, place: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
     """``(loss, ce_part, ntl_part, grads)``; the gradients (``need``, times ``grad_scale``) only
-    for mean/sum."""
+    for mean/sum. ``place [N]``: the per-row factor of the NTL loss (DEL's place weights)."""
     cd = _compute_dtype(hidden.dtype)
-    a, c = row_scales(labels, k, ignore_index, reduction, weight.shape[0])
+    a, c = row_scales(labels, k, ignore_index, reduction, weight.shape[0], None, place)
     if reduction == "none":
         need = (False, False, False)
     b = c * ntl_weight
@@ -153,7 +161,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                gb, method, reweigh, dmax, rows, need, use_kernel, squash, huber_delta)
     ce = torch.where(a != 0, ce, torch.zeros((), device=ce.device))
     if reduction == "none":
-        ce_part, ntl_part = ce, L
+        ce_part, ntl_part = ce, c * L  # c: 1 (times the place weight) on number rows
     else:
         ce_part, ntl_part = (a * ce).sum(), (c * L).sum()
     return ce_part + ntl_weight * ntl_part, ce_part, ntl_part, grads
@@ -167,15 +175,15 @@ class _LinearCENTL(torch.autograd.Function):
                 labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
                 ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
                 ignore_index: int, rows: int, use_kernel: bool, squash: tuple[float, float] | None,
-                huber_delta: float, grad_scale: float | torch.Tensor | None):
+                huber_delta: float, grad_scale: float | torch.Tensor | None, place: torch.Tensor | None):
         need = cast(tuple[bool, bool, bool], tuple(bool(n) for n in ctx.needs_input_grad[:3]))
         loss, ce_part, ntl_part, grads = _forward(hidden, weight, bias, labels, k, ids, values,
                                                   ntl_weight, method, reduction, reweigh, dmax,
                                                   ignore_index, rows, use_kernel, squash, huber_delta,
-                                                  need, grad_scale)
+                                                  need, grad_scale, place)
         ctx.grad_scale = grad_scale
         if reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, labels, k, ids, values)
+            ctx.save_for_backward(hidden, weight, bias, labels, k, ids, values, place)
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.args = (ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, huber_delta,
@@ -190,12 +198,14 @@ class _LinearCENTL(torch.autograd.Function):
                       "its gradients are computed in forward and scaled in place")
         ntl_weight, method, reweigh, dmax, ignore_index, rows, use_kernel, squash, huber_delta, need = ctx.args
         if ctx.reduction == "none":
-            hidden, weight, bias, labels, k, ids, values = ctx.saved_tensors
+            hidden, weight, bias, labels, k, ids, values, place = ctx.saved_tensors
             u = grad_out.reshape(-1).float()
             zero = torch.zeros((), device=u.device)
             valid = (labels != ignore_index) & (labels >= 0) & (labels < weight.shape[0])
             a = torch.where(valid, u, zero)
             b = torch.where(k >= 0, u * ntl_weight, zero)
+            if place is not None:
+                b = b * place
             cd = _compute_dtype(hidden.dtype)
             _ce, _ntl, grads = _chunk_pass(hidden.to(cd), weight.to(cd), _as(bias, cd), labels, k, ids,
                                       values, a, b, method, reweigh, dmax, rows, need, use_kernel, squash,
@@ -211,7 +221,7 @@ class _LinearCENTL(torch.autograd.Function):
             if g is not None and scale is not None:
                 g = _scale(g, scale, in_place=g.dtype == dt, use_kernel=use_kernel)
             out.append(None if g is None else g.to(dt))
-        return (*out, *(None,) * 15)
+        return (*out, *(None,) * 16)
 
 
 def _scale(g: torch.Tensor, f: torch.Tensor, in_place: bool, use_kernel: bool) -> torch.Tensor:
@@ -338,6 +348,7 @@ def linear_cross_entropy_with_ntl(
     """
     m = resolve_method(method, squash_factor, huber_delta)
     _check_options(ntl_weight, chunk_size, reweigh=reweigh, return_parts=return_parts)
+    m.check_reweigh(reweigh)
     V = C.check_head(hidden, weight, bias, same_dtype=True)
     labels1d, vocab, k, _ = prepare_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]",
                                            V, vocab_or_tokenizer, ignore_index, None, reduction)
@@ -352,11 +363,12 @@ def linear_cross_entropy_with_ntl(
             reweigh, float(spec.dmax), ignore_index, rows, use_kernel,
             (spec.sq_a, spec.sq_b) if spec.squash else None, spec.delta)
     grad_scale = C.check_grad_scale(grad_scale, hidden.device)
+    place = place_scale(m, labels, vocab_or_tokenizer, spec, ignore_index, V)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        loss, ce, ntl = _LinearCENTL.apply(h2d, weight, bias, *args, grad_scale)
+        loss, ce, ntl = _LinearCENTL.apply(h2d, weight, bias, *args, grad_scale, place)
     else:
         with torch.no_grad():
-            loss, ce, ntl, _ = _forward(h2d, weight, bias, *args, (False, False, False))
+            loss, ce, ntl, _ = _forward(h2d, weight, bias, *args, (False, False, False), None, place)
     if reduction == "none":
         loss, ce, ntl = (t.view(labels.shape) for t in (loss, ce, ntl))
     return (loss, ce, ntl) if return_parts else loss
@@ -395,9 +407,10 @@ class LinearCrossEntropyWithNTL(nn.Module):
     ) -> None:
         super().__init__()
         self.vocab = resolve_vocab(vocab_or_tokenizer, vocab_size)
-        self.method = resolve_method(method, squash_factor, huber_delta)
+        self.method = bind_decimal_point(resolve_method(method, squash_factor, huber_delta), vocab_or_tokenizer)
         self.method.kernel_scalars(self.vocab)  # a vocab the method cannot use fails here
         _check_options(ntl_weight, chunk_size, reweigh=reweigh)
+        self.method.check_reweigh(reweigh)
         self.ntl_weight = float(ntl_weight)
         self.ignore_index = C.check_ignore_index(ignore_index)
         self.reduction = C.check_choice("reduction", reduction, C.REDUCTIONS)

@@ -21,6 +21,7 @@ Shared semantics (see each function for its formula):
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from typing import Any, NamedTuple
 
 import torch
@@ -193,6 +194,17 @@ def _standalone(
     out = ntl_loss_apply(x, labels.reshape(-1).contiguous(),
                          w.reshape(-1).contiguous() if w is not None else None, soft, cfg, scale)
     return out.view(labels.shape) if reduction == "none" else out
+
+
+def bind_decimal_point(method: Method, vocab_or_tokenizer: Any) -> Method:
+    """``method`` with the tokenizer's ``'.'`` as its ``decimal_point_id`` when it uses place
+    weights and carries none (for the modules, which keep a resolved vocab, not the tokenizer)."""
+    if not method.place_weighted or method.decimal_point() is not None:
+        return method
+    from .number_level import decimal_point_of
+
+    dot = decimal_point_of(vocab_or_tokenizer)
+    return method if dot is None else dataclasses.replace(method, decimal_point_id=dot)  # type: ignore[type-var]
 
 
 def place_scale(method: Method, labels: torch.Tensor, vocab_or_tokenizer: Any, spec: LossSpec,

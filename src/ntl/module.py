@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from .losses import MethodLike, ntl_loss, resolve_method
+from .losses import MethodLike, bind_decimal_point, ntl_loss, resolve_method
 from .methods import W1, Method
 from .number_level import (
     NumberLevelVocab,
@@ -78,13 +78,16 @@ class NumberTokenLoss(nn.Module):
                              f"method='number', got method={method!r}")
         else:
             self.vocab = resolve_vocab(vocab_or_tokenizer, vocab_size)
-            self.loss_method = resolve_method(method, squash_factor, huber_delta)
+            self.loss_method = bind_decimal_point(resolve_method(method, squash_factor, huber_delta),
+                                                  vocab_or_tokenizer)
             self.method = self.loss_method.name
             self.loss_method.kernel_scalars(self.vocab)  # a vocab the method cannot use fails here
         self.ignore_index = C.check_ignore_index(ignore_index)
         self.reduction = C.check_choice("reduction", reduction, C.REDUCTIONS)
         self.backend = C.check_choice("backend", backend, C.BACKENDS)
         self.reweigh = C.check_bool("reweigh", reweigh)
+        if self.loss_method is not None:
+            self.loss_method.check_reweigh(reweigh)
         if self.loss_method is None and (squash_factor, huber_delta) != (None, None):
             raise ValueError("squash_factor and huber_delta do not apply to method='number'")
         lm = self.loss_method
