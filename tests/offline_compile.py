@@ -85,6 +85,10 @@ def _fused_fwd(c: Case) -> None:
         x = c.logits.clone() if inplace else c.logits
         ce_ntl_fwd_triton(x, c.labels, c.k, c.ids, c.values, c.a, c.b, method, reweigh, 9.09,
                           inplace, write_grad)
+    # DEL and DIST2 (unbounded: never with reweigh; DIST2's tau rides in the delta scalar)
+    for method, write_grad in itertools.product(("del", "dist2"), (True, False)):
+        ce_ntl_fwd_triton(c.logits, c.labels, c.k, c.ids, c.values, c.a, c.b, method, False, 0.0,
+                          False, write_grad, huber_delta=0.5)
     # squash_factor: runtime scalars (sq_a, sq_b), so the same specialisations with other values
     for reweigh, write_grad in itertools.product((False, True), (True, False)):
         ce_ntl_fwd_triton(c.logits, c.labels, c.k, c.ids, c.values, c.a, c.b, "wasserstein", reweigh,
@@ -115,6 +119,8 @@ def _loss_fwd(c: Case) -> None:
     variants = [(m, rw, red, None, None, True, True, False)
                 for m in ("mse", "wasserstein", "mae", "huber") for rw in (False, True)
                 for red in ("none", "mean")]
+    variants += [(m, False, red, None, None, True, True, False)
+                 for m in ("del", "dist2") for red in ("none", "mean")]  # unbounded: no reweigh
     if c.dtype == torch.bfloat16:
         variants += [("wasserstein", False, "mean", c.soft, None, True, True, False),
                      ("wasserstein", False, "mean", None, None, True, True, True),
@@ -129,6 +135,12 @@ def _loss_fwd(c: Case) -> None:
         labels, table = _loss_args(c, x, ids)
         ntl_loss_fwd_triton(x, labels, w, soft, ids, c.values, table, -100, method, red, reweigh,
                             9.09, (0.5, 1.5) if squash else None, 1.0, need_dz)
+    # DEL's place weights: a per-row factor of the loss (HAS_PS), with and without weights
+    x = c.logits
+    labels, table = _loss_args(c, x, c.ids)
+    for w, red in ((None, "mean"), (torch.ones(c.N), "none")):
+        ntl_loss_fwd_triton(x, labels, w, None, c.ids, c.values, table, -100, "del", red, False,
+                            0.0, None, 1.0, True, torch.full((c.N,), 2.0))
 
 
 def _loss_bwd(c: Case) -> None:

@@ -143,7 +143,8 @@ def test_the_launches_use_the_gpu_configs(report):
                for r in fwd)
     assert {r["constexprs"]["BLOCK_N"] for r in fwd} == {1}
     assert {(r["constexprs"]["METHOD"], r["constexprs"]["REWEIGH"], r["constexprs"]["WRITE_GRAD"])
-            for r in fwd} == {(m, rw, w) for m in (0, 1) for rw in (False, True) for w in (False, True)}
+            for r in fwd} == ({(m, rw, w) for m in (0, 1) for rw in (False, True) for w in (False, True)}
+                              | {(m, False, w) for m in (4, 5) for w in (False, True)})  # DEL, DIST2
     assert any(r["constexprs"]["ROW_SCALE"] for r in fwd)
     assert fused_ce._ce_ntl_fwd.arg_names == list(fwd[0]["signature"])
 

@@ -272,3 +272,113 @@ def test_properties_nonnegative_and_gradient(seed, tau):
         want.sum().backward()
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(x.grad.double(), zr.grad, rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- dtypes, odd shapes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", [DEL(decimal_point_id=DOT), DIST2(tau=0.7)], ids=str)
+def test_triton_dtypes_and_odd_shapes(method, dtype):
+    """3 x 37 rows of V = 13 (no multiple of any block) in each float dtype, on the Triton path,
+    against the float64 formula of the same (rounded) logits."""
+    x, lab = batch(7, B=3, T=37)  # 111 rows
+    lab[0, 20:26] = torch.tensor(digits_of("0.0719"))
+    x = x.to(dtype)
+    xr = x.double().requires_grad_(True)
+    want, rows = reference(xr, lab, method)
+    want.backward()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    xa = x.clone().requires_grad_(True)
+    got = ntl.ntl_loss(xa, lab, DIGITS, method=method, backend="triton")
+    got.backward()
+    assert got.dtype == torch.float32 and xa.grad.dtype == dtype
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)  # fp32 math
+    torch.testing.assert_close(xa.grad.double(), xr.grad, **tol)
+    none = ntl.ntl_loss(x, lab, DIGITS, method=method, reduction="none", backend="triton")
+    torch.testing.assert_close(none.double(), rows.detach(), rtol=1e-5, atol=1e-6)
+    xb = x.clone().requires_grad_(True)
+    fused = ntl.cross_entropy_with_ntl(xb, lab, DIGITS, method=method, ntl_weight=0.5, backend="triton")
+    fused.backward()
+    xc = x.double().requires_grad_(True)
+    ref = F.cross_entropy(xc.reshape(-1, 13), lab.reshape(-1)) + 0.5 * reference(xc, lab, method)[0]
+    ref.backward()
+    torch.testing.assert_close(fused.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xb.grad.double(), xc.grad, **tol)
+
+
+def test_ignore_index_and_no_digits_give_attached_zero():
+    x = torch.randn(2, 5, 13, requires_grad=True)
+    lab = torch.full((2, 5), TEXT)
+    lab[1, 2] = -100
+    for m in ("del", "dist2"):
+        for backend in BACKENDS:
+            got = ntl.ntl_loss(x, lab, DIGITS, method=m, backend=backend)
+            assert got.item() == 0.0 and got.requires_grad
+            got.backward()
+            assert (x.grad == 0).all()
+
+
+def test_the_decimal_point_and_the_place_weights_change_the_loss():
+    """Positive controls: DEL(decimal_point_id) differs from DEL() (no point known here) and
+    from DEL(place_weights=False), and DIST2's tau reaches both backends."""
+    x, lab = batch(2)
+    vals = {repr(m): ntl.ntl_loss(x, lab, DIGITS, method=m, backend="triton").item()
+            for m in (DEL(decimal_point_id=DOT), DEL(), DEL(place_weights=False))}
+    assert len({round(v, 6) for v in vals.values()}) == 3, vals
+    for backend in BACKENDS:
+        a = ntl.ntl_loss(x, lab, DIGITS, method=DIST2(tau=0.3), backend=backend)
+        b = ntl.ntl_loss(x, lab, DIGITS, method=DIST2(tau=3.0), backend=backend)
+        assert abs(a.item() - b.item()) > 1e-3
+
+
+# --------------------------------------------------------------------------- real tokenizers
+def test_qwen_tokenizer_gives_the_decimal_point(qwen_tok):
+    """With the tokenizer itself, DEL takes its '.': the per-position ratio DEL() / DEL(False)
+    is the place weight by hand, on every labels-taking entry point of digit logits."""
+    ids = qwen_tok.encode("x 12.5 and 0.07 y 3", add_special_tokens=False)
+    texts = [qwen_tok.decode([i]) for i in ids]
+    assert texts == ["x", " ", "1", "2", ".", "5", " and", " ", "0", ".", "0", "7", " y", " ", "3"]
+    lab = torch.tensor(ids)
+    pw = {2: 4.0, 3: 2.0, 5: 1.02 ** -2, 8: 2.0, 10: 1.02 ** -2, 11: 1.02 ** -3, 14: 2.0}
+    z = torch.randn(len(ids), 10, generator=torch.Generator().manual_seed(0))
+    for backend in BACKENDS:
+        a = ntl.ntl_loss_from_digit_logits(z, lab, qwen_tok, method="del", reduction="none", backend=backend)
+        b = ntl.ntl_loss_from_digit_logits(z, lab, qwen_tok, method=DEL(place_weights=False),
+                                           reduction="none", backend=backend)
+        assert set(torch.nonzero(b).flatten().tolist()) == set(pw)
+        for t, w in pw.items():
+            assert a[t].item() == pytest.approx(w * b[t].item(), rel=1e-6)
+    # the module binds the tokenizer's '.' at construction (it keeps a resolved vocab)
+    crit = ntl.NumberTokenLoss(qwen_tok, method="del")
+    assert crit.loss_method == DEL(decimal_point_id=qwen_tok.get_vocab()["."])
+
+
+def test_llama3_multi_digit_tokens(llama3_tok):
+    """Llama-3 writes '123' '4' and '123' '45' '.' '678': a token takes its lowest place."""
+    text = "x = 1234 and 12345.678 or 0.07"
+    ids = llama3_tok.encode(text, add_special_tokens=False)
+    texts = [llama3_tok.decode([i]) for i in ids]
+    assert texts == ["x", " =", " ", "123", "4", " and", " ", "123", "45", ".", "678", " or", " ",
+                     "0", ".", "07"]
+    vocab = ntl.vocab_for_tokenizer(llama3_tok)
+    dot = llama3_tok.get_vocab()["."]
+    want = {3: 4.0, 4: 2.0, 7: 6.0, 8: 2.0, 10: 1.02 ** -4, 13: 2.0, 15: 1.02 ** -3}
+    got = place_weights(torch.tensor(ids), vocab, dot, -100)
+    assert {t: pytest.approx(w) for t, w in want.items()} == {t: got[t].item() for t in want}
+    assert all(got[t] == 1 for t in range(len(ids)) if t not in want)
+    # through ntl_loss on the K = 1,110 number logits, both backends, against the float64 formula
+    lab = torch.tensor(ids)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(len(ids), vocab.K, generator=g) * 3
+    kt = vocab.digit_index(lab)
+    rows = [t for t in range(len(ids)) if kt[t] >= 0]
+    pwt = torch.tensor([want[t] for t in rows], dtype=torch.float64)
+    zr = z.double().requires_grad_(True)
+    ref = del64(zr[rows], kt[rows], pwt).sum() / len(rows)
+    ref.backward()
+    for backend in BACKENDS:
+        za = z.clone().requires_grad_(True)
+        got = ntl.ntl_loss_from_digit_logits(za, lab, vocab, method=DEL(decimal_point_id=dot),
+                                             backend=backend)
+        got.backward()
+        torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(za.grad.double(), zr.grad, rtol=1e-4, atol=1e-8)

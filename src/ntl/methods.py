@@ -1,4 +1,5 @@
-"""The loss methods of NTL, each defined once: :class:`MSE`, :class:`MAE`, :class:`Huber`, :class:`W1`.
+"""The loss methods of NTL, each defined once: :class:`MSE`, :class:`MAE`, :class:`Huber`, :class:`W1`,
+and the rivals :class:`DEL` (Digit Entropy Loss) and :class:`DIST2` (DIST²).
 
 Every method is a frozen (hashable) dataclass of :class:`Method`, registered under its name
 (and aliases) in :data:`REGISTRY`, and carries everything the rest of the package reads:
@@ -11,20 +12,26 @@ Every method is a frozen (hashable) dataclass of :class:`Method`, registered und
 * :meth:`Method.kernel_scalars`: its runtime scalars for the kernels (squashed-W1 ``a``/``b``,
   Huber ``delta``) for a given vocab.
 * :meth:`Method.row_loss_grad` / :meth:`Method.row_loss`: its row formula over the ``K``
-  number logits in plain PyTorch (loss and ``dL/dz``), which the twin
-  ``ntl.kernels.reference`` runs.
+  number logits in plain PyTorch (loss and ``dL/dz``) from a :class:`Row` (raw logits ``z``,
+  ``q = softmax(z)``, values, target value ``y``, target column ``k``, soft targets), which
+  the twin ``ntl.kernels.reference`` runs.
 * :meth:`Method.max_loss`: its largest per-position loss (``reweigh``'s ceiling
-  ``D = 1.01 max_loss``).
+  ``D = 1.01 max_loss``); ``bounded = False`` (DEL, DIST²): none, ``reweigh`` is refused.
 * ``soft_targets``: whether it takes a ``target_dist``.
+* :attr:`Method.place_weighted`: whether the front end multiplies each position's loss by a
+  weight computed from the labels (DEL's place weights, :func:`ntl.number_level.place_weights`).
 
-Per position with number logits ``z [K]``, ``q = softmax(z)``, values ``v`` (ascending) and
-target value ``y``::
+Per position with number logits ``z [K]``, ``q = softmax(z)``, values ``v`` (ascending),
+target value ``y`` and target column ``t``::
 
     MSE:    yhat = sum_k q_k v_k,  L = (yhat - y)^2,          dL/dz_j = 2 r q_j (v_j - yhat),  r = yhat - y
     MAE:    L = |r|,                                           dL/dz_j = sign(r) q_j (v_j - yhat)
     Huber:  L = r^2/2 if |r| < delta else delta (|r| - delta/2),  dL/dz_j = clamp(r, -delta, delta) q_j (v_j - yhat)
     W1:     L = sum_k q_k d_k,  d_k = |v_k - y|  (squashed: a + b d_k where d_k > 0),  dL/dz_j = q_j (d_j - L)
             soft target T: L = sum_{k<K-1} |Q_k - T_k| (v_{k+1} - v_k)  (Q, T the CDFs)
+    DEL:    L = w (1/K) sum_k q_k b_k,  b_k = softplus(z_k) - [k = t] z_k  (BCE of sigmoid(z_k)),
+            dL/dz_j = (w/K) q_j (sigmoid(z_j) - [j = t] + b_j - sum_k q_k b_k),  w the place weight
+    DIST2:  t_k = softmax(-(v - y)^2 / tau)_k,  L = sum_k t_k (log t_k - log q_k),  dL/dz = q - t
 
 Adding a method: a subclass here with ``@register`` (name, code, formula, ``max_loss``), a
 ``METHOD == code`` branch in ``ntl_row_math`` (for the Triton backend), and its tests. This
@@ -498,7 +505,7 @@ class DEL(Method):
     public code (``generate_place`` in ``PolyU-VCLab/DEL``, ``train-qwen-deepseek.py``); the
     paper's own text of the formula was not reachable here. A number is a run of number-token
     labels in a row (the last axis of ``labels``); a ``'.'`` label between two number tokens
-    is its decimal point (the first one counts; the tokenizer's ``'.'``, or
+    is its decimal point (the first one; the tokenizer's ``'.'``, or
     ``decimal_point_id``; without one every run is an integer). A token writing several
     digits (Llama-3's ``'123'``) takes the place of its lowest digit. Place weights multiply
     the position's loss, not the mean's denominator (``mean = sum w_i pw_i L_i / sum w_i``).

@@ -338,8 +338,8 @@ def digit_places(digit: torch.Tensor, dot: torch.Tensor | None,
     """Integer and decimal places of ``[R, T]`` number-token flags (``dot``: the ``'.'`` labels).
 
     A number is a run of number tokens; a ``'.'`` with a number token on both sides is its
-    decimal point (as in :func:`number_spans`; the first one counts, a later one only
-    separates). ``width`` (int64 ``[R, T]``): digits per token (``None``: 1). Returns
+    decimal point (as in :func:`number_spans`; after the first one, digits keep counting
+    decimal places across a later one: ``1.2.3`` has ``d = 1, 2``). ``width`` (int64 ``[R, T]``): digits per token (``None``: 1). Returns
     ``(place [R, T] int64, decimal [R, T] bool)`` (meaningful at number tokens): an integer
     digit's ``place`` = digits written after it before the decimal point (0: the units digit);
     a decimal digit's ``place`` = its rank ``d >= 1`` after the point. A token of several
