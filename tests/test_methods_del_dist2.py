@@ -382,3 +382,22 @@ def test_llama3_multi_digit_tokens(llama3_tok):
         got.backward()
         torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(za.grad.double(), zr.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_torch_compile_fullgraph():
+    """Under torch.compile the place weights are traced and reach the custom ops (``scale``)."""
+    x, lab = batch(4)
+
+    def f(z, m):
+        return (ntl.ntl_loss(z, lab, DIGITS, method=m, backend="torch")
+                + ntl.cross_entropy_with_ntl(z, lab, DIGITS, method=m, backend="torch"))
+
+    for m in (DEL(decimal_point_id=DOT), DIST2(tau=0.5)):
+        xa = x.clone().requires_grad_(True)
+        got = torch.compile(f, backend="aot_eager", fullgraph=True)(xa, m)
+        got.backward()
+        xr = x.clone().requires_grad_(True)
+        ref = f(xr, m)
+        ref.backward()
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(xa.grad, xr.grad)

@@ -215,12 +215,12 @@ def place_scale(method: Method, labels: torch.Tensor, vocab_or_tokenizer: Any, s
     Computed once here, the front end of every entry point; the kernels get the factor."""
     if not method.place_weighted:
         return None
-    from .number_level import decimal_point_of, place_weights  # number_level imports this module
+    from .number_level import decimal_point_of, place_weights_of  # number_level imports this module
 
     dot = method.decimal_point()
     if dot is None:
         dot = decimal_point_of(vocab_or_tokenizer)
-    pw = place_weights(labels, vocab_from_handle(spec.handle), dot, ignore_index, width)
+    pw = place_weights_of(labels, vocab_from_handle(spec.handle), dot, ignore_index, width)
     return pw.reshape(-1).contiguous()
 
 

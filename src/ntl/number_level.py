@@ -54,7 +54,7 @@ from . import _checks as C
 from .kernels.mass import number_mass_torch
 from .kernels.reference import digit_gather_torch
 from .losses import prepare_labels, use_triton
-from .vocab import NumberVocab, VocabLike, resolve_vocab
+from .vocab import NumberVocab, VocabLike, resolve_vocab, vocab_from_handle
 
 __all__ = ["NumberLevelVocab", "digit_places", "number_level_loss", "number_level_vocab", "place_weights",
            "predict_numbers"]
@@ -395,6 +395,29 @@ def place_weights(labels: torch.Tensor, vocab: NumberVocab, decimal_point_id: in
     pf = place.float()
     w = torch.where(decimal, torch.pow(1.02, -(pf + 1.0)), 2.0 * (pf + 1.0))
     return torch.where(digit, w, torch.ones((), device=labels.device)).view(shape)
+
+
+@torch.library.custom_op("ntl::place_weights", mutates_args=())
+def _place_weights_op(labels: torch.Tensor, handle: int, decimal_point_id: int, ignore_index: int,
+                      width: int) -> torch.Tensor:
+    """:func:`place_weights` as one opaque node under ``torch.compile`` (the vocab's cached
+    tensors sit behind a lock Dynamo does not trace); ``-1`` stands for ``None``."""
+    return place_weights(labels, vocab_from_handle(handle), decimal_point_id if decimal_point_id >= 0 else None,
+                         ignore_index, width if width > 0 else None)
+
+
+@_place_weights_op.register_fake
+def _(labels, handle, decimal_point_id, ignore_index, width):
+    return torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
+
+
+def place_weights_of(labels: torch.Tensor, vocab: NumberVocab, decimal_point_id: int | None,
+                     ignore_index: int, width: int | None = None) -> torch.Tensor:
+    """:func:`place_weights`, through the custom op ``ntl::place_weights`` under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ntl.place_weights(labels, vocab.handle, -1 if decimal_point_id is None
+                                           else decimal_point_id, ignore_index, width or 0)
+    return place_weights(labels, vocab, decimal_point_id, ignore_index, width)
 
 
 def decimal_point_of(vocab_or_tokenizer: Any) -> int | None:

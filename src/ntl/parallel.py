@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from .hidden import _check_head, ntl_loss_from_digit_logits
+from .losses import bind_decimal_point, resolve_method
 from .vocab import NumberVocab, VocabLike, resolve_vocab
 
 __all__ = ["vocab_parallel_ntl_loss", "vocab_parallel_ntl_loss_from_hidden"]
@@ -226,7 +227,8 @@ def vocab_parallel_ntl_loss(
     z_local = logits_shard.reshape(-1, V_local).index_select(1, cols).float()
     z = _assemble(z_local, ks, owned, vocab, group, distributed)
     return ntl_loss_from_digit_logits(
-        z.view(*labels.shape, vocab.K), labels, vocab, method=method, ignore_index=ignore_index,
+        z.view(*labels.shape, vocab.K), labels, vocab,
+        method=bind_decimal_point(resolve_method(method), vocab_or_tokenizer), ignore_index=ignore_index,
         reduction=reduction, weights=weights, target_dist=target_dist, vocab_size=V, backend=backend)
 
 
@@ -291,5 +293,6 @@ def vocab_parallel_ntl_loss_from_hidden(
         z_local = z_local / t
     z = _assemble(z_local, ks, owned, vocab, group, distributed)
     return ntl_loss_from_digit_logits(
-        z.view(*labels.shape, vocab.K), labels, vocab, method=method, ignore_index=ignore_index,
+        z.view(*labels.shape, vocab.K), labels, vocab,
+        method=bind_decimal_point(resolve_method(method), vocab_or_tokenizer), ignore_index=ignore_index,
         reduction=reduction, weights=weights, target_dist=target_dist, vocab_size=V, backend=backend)
