@@ -475,8 +475,10 @@ def cross_entropy_with_ntl(
         labels: ``[...]`` token ids; ``ignore_index`` positions take no part.
         vocab_or_tokenizer: tokenizer, ``NumberVocab``, digit id list or ``{id: value}``.
         ntl_weight: weight ``w`` of the NTL term.
-        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``)
-            or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``).
+        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``,
+            ``"del"``, ``"dist2"``) or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``,
+            ``ntl.methods.DIST2(tau=0.5)``); DEL's place weights come from ``labels`` (its last
+            axis the sequence; :class:`ntl.methods.DEL`).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         reweigh: ``ntloss``'s full-vocabulary reweighting of the NTL term.
         squash_factor: ``ntloss.NTLoss(squash_factor=...)``'s squashed W1 distances (a number

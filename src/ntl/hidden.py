@@ -116,8 +116,10 @@ def ntl_loss_from_hidden(
             (for a causal LM, the state at position ``t-1`` scores the token at ``t``).
         lm_head_weight: ``[V, H]`` LM-head weight (tied embeddings work the same way).
         labels: ``[...]`` token ids; number tokens take part.
-        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``)
-            or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``).
+        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``,
+            ``"del"``, ``"dist2"``) or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``,
+            ``ntl.methods.DIST2(tau=0.5)``); DEL's place weights come from ``labels`` (its last
+            axis the sequence; :class:`ntl.methods.DEL`).
         temperature: divides the logits, as samplers and RL log-probs do.
         bias: optional ``[V]`` LM-head bias.
         ignore_index, reduction, weights, target_dist: as in :func:`ntl.ntl_loss`.

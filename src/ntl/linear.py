@@ -323,8 +323,10 @@ def linear_cross_entropy_with_ntl(
         vocab_or_tokenizer: tokenizer, ``NumberVocab``, digit id list or ``{id: value}``.
         bias: optional ``[V]`` LM-head bias.
         ntl_weight: weight ``w`` of the NTL term.
-        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``)
-            or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``).
+        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``,
+            ``"del"``, ``"dist2"``) or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``,
+            ``ntl.methods.DIST2(tau=0.5)``); DEL's place weights come from ``labels`` (its last
+            axis the sequence; :class:`ntl.methods.DEL`).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``labels``-shaped).
         reweigh: ``ntloss``'s full-vocabulary reweighting of the NTL term.
         chunk_size: rows per chunk (default: :func:`linear_chunk_rows`); memory of the

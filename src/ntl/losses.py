@@ -254,8 +254,10 @@ def ntl_loss(
 
     Args:
         method: a registered name (``"mse"``, ``"mae"``, ``"huber"``, ``"wasserstein"`` alias
-            ``"w1"``) or an :mod:`ntl.methods` object carrying its parameters
-            (``ntl.methods.Huber(delta=2.0)``, ``ntl.methods.W1(squash_factor=3.0)``).
+            ``"w1"``, ``"del"``, ``"dist2"``) or an :mod:`ntl.methods` object carrying its
+            parameters (``ntl.methods.Huber(delta=2.0)``, ``ntl.methods.W1(squash_factor=3.0)``,
+            ``ntl.methods.DEL(place_weights=False)``). DEL's place weights come from ``labels``
+            (the last axis is the sequence; :class:`ntl.methods.DEL`).
         target_dist: soft targets, W1 only (see :func:`ntl_wasserstein_loss`).
         squash_factor: W1's squashed distances, with ``method="wasserstein"`` (the same as
             ``method=W1(squash_factor=...)``; both at once must agree).
