@@ -401,3 +401,22 @@ def test_torch_compile_fullgraph():
         ref.backward()
         torch.testing.assert_close(got, ref)
         torch.testing.assert_close(xa.grad, xr.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_del_with_a_masked_number_column(backend):
+    """A number column at -inf (a masked token) off the target: q = 0 there, DEL stays finite
+    and equals the formula over the other columns (softplus(-inf) = 0)."""
+    x = torch.randn(3, 13, generator=torch.Generator().manual_seed(8))
+    x[:, 4] = float("-inf")
+    t = torch.tensor([0, 7, 9])
+    xa = x.clone().requires_grad_(True)
+    got = ntl.ntl_loss(xa, t, DIGITS, method=DEL(place_weights=False), reduction="none", backend=backend)
+    got.sum().backward()
+    keep = [c for c in range(10) if c != 4]
+    z = x[:, keep].double()
+    q = torch.softmax(z, -1)
+    y = F.one_hot(torch.tensor([0, 6, 8]), 9).double()  # the target columns among the 9 kept
+    want = (q * (F.softplus(z) - y * z)).sum(-1) / 10
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert torch.isfinite(xa.grad).all() and (xa.grad[:, 4] == 0).all()

@@ -537,8 +537,9 @@ class DEL(Method):
 
     @staticmethod
     def _bce(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        onehot = torch.nn.functional.one_hot(k, z.shape[-1]).to(z.dtype)
-        return torch.nn.functional.softplus(z) - onehot * z, onehot
+        """``(b [N, K], [k = t] [N, K])``; ``b`` stays finite at a ``-inf`` logit off the target."""
+        hit = torch.nn.functional.one_hot(k, z.shape[-1]).bool()
+        return torch.nn.functional.softplus(z) - torch.where(hit, z, 0.0), hit.to(z.dtype)
 
     @classmethod
     def row_loss_grad(cls, row: Row, s: RowScalars) -> tuple[Tensor, Tensor]:
