@@ -9,7 +9,7 @@ digit-level tokenizer, Llama-3's 1,110 tokens ``'0'..'999'``):
 1. only the ``n`` rows with a number-token target are selected, *before* the
    ``[n, H] x [H, K]`` matmul (no fp32 copy of the other rows is made or saved);
 2. ``z = f(h_sel @ W[ids].T + b[ids])`` (:func:`ntl.digit_logits_from_hidden`, then the
-   model's :class:`~ntl.logit_transform.LogitTransform` ``f``: logit scale, soft-cap,
+   model's :class:`~ntl.rl.logit_transform.LogitTransform` ``f``: logit scale, soft-cap,
    temperature), in fp32 with autocast off, with ``W, b`` read inside the forward
    (:meth:`LMParts.head`, which makes FSDP2 reduce their gradient);
 3. ``sum_i NTL_i`` (:func:`ntl.ntl_loss_from_digit_logits`, ``reduction="sum"``) and the
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 import ntl
-from ntl.logit_transform import LogitTransform
-from ntl.targets import digit_token_mask
+from ntl.rl.logit_transform import LogitTransform
+from ntl.rl.targets import digit_token_mask
 
 from ._common import digit_metric_sums
 from ._model import LMParts, last_hidden_state

@@ -3,7 +3,7 @@
 NTL from hidden states needs the backbone's last hidden state ``h`` (what the LM head
 multiplies), the head's weight ``W`` / bias ``b`` and the elementwise map ``f`` the model
 (and TRL's fused head) applies to its logits: the digit logits are
-``f(h @ W[ids].T + b[ids])`` with ``f`` an :class:`ntl.logit_transform.LogitTransform`
+``f(h @ W[ids].T + b[ids])`` with ``f`` an :class:`ntl.rl.logit_transform.LogitTransform`
 (logit scale, soft-capping, temperature). This module only locates modules, reads the
 config and hands out the head's tensors; the math is in :mod:`ntl`.
 
@@ -22,7 +22,7 @@ from typing import Any, cast, overload
 import torch
 from torch import nn
 
-from ntl.logit_transform import LogitTransform, logit_map_of  # logit_map_of: re-exported
+from ntl.rl.logit_transform import LogitTransform, logit_map_of  # logit_map_of: re-exported
 
 __all__ = [
     "LMParts",

@@ -48,8 +48,8 @@ from typing import Any
 import torch
 
 import ntl
-from ntl.aggregation import mask_counts
-from ntl.logit_transform import LogitTransform
+from ntl.rl.logit_transform import LogitTransform
+from ntl.rl.normalization import mask_counts
 
 from ._compat import require_verl_09
 from .batch import (
@@ -451,7 +451,7 @@ class NTLEngineMixin(_EngineBase):
         """Fused kernels: compute digit logits from the decoder's last hidden state inside the
         forward (while FSDP has the LM head's weight gathered):
         ``f(h @ W[ids].T + b[ids])`` with ``f`` the model's logit map then ``/ T``
-        (:meth:`ntl.logit_transform.LogitTransform.for_config`: logit scale, final-logit
+        (:meth:`ntl.rl.logit_transform.LogitTransform.for_config`: logit scale, final-logit
         soft-cap), i.e. the digit columns of the model's own logits divided by the temperature,
         as the non-fused path reads them. A config with a logit map ``ntl`` does not know is
         refused (``ValueError``) before the forward.

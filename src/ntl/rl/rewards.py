@@ -1,9 +1,9 @@
-"""Rule-based and NTL-aware rewards for math RL (verl and TRL signatures, no framework import).
+"""Rule-based and NTL-aware reward scoring for math RL (no framework import).
 
 Notation: ``c`` = correctness, ``1`` when the extracted final answer
-(:func:`ntl.answers.extract_answer`) equals the ground truth numerically
-(:func:`ntl.answers.answers_equal`), else ``0``. ``a`` = text digit agreement in
-``[0, 1]`` (:func:`ntl.answers.digit_agreement`: fraction of matching positions on a
+(:func:`ntl.rl.answers.extract_answer`) equals the ground truth numerically
+(:func:`ntl.rl.answers.answers_equal`), else ``0``. ``a`` = text digit agreement in
+``[0, 1]`` (:func:`ntl.rl.answers.digit_agreement`: fraction of matching positions on a
 common place-value grid, plus a sign position when either number is negative).
 
 **Digit probabilities** (optional, argument ``digit_probs``): per digit ``i`` of the
@@ -15,7 +15,7 @@ covered digits (the final-answer digits for ``final_answer``, every digit token 
   ``"target_prob"`` and ``"max_prob"``, plus either ``"correct"`` or both
   ``"pred_digit"`` and ``"target_digit"``; an optional boolean ``"mask"`` selects
   entries;
-* a :class:`ntl.metrics.DigitProbs` (e.g. one row of :func:`ntl.metrics.digit_probs`;
+* a :class:`ntl.rl.metrics.DigitProbs` (e.g. one row of :func:`ntl.rl.metrics.digit_probs`;
   its ``mask`` selects the digits).
 
 Probabilities must lie in ``[0, 1]`` (``ValueError`` otherwise). With ``n = 0``
@@ -40,14 +40,18 @@ covered digits a probability bonus is ``0.0``.
 :func:`compute_score_ntl_enhanced`: ``score = 0.6 c + 0.25 a + 0.15 p`` in ``[0, 1]``
 with ``p = mean_i target_prob_i`` over the final-answer digits, or ``p = a`` without
 probabilities.
+
+The TRL reward functions (``correctness_reward``, ``proximity_reward``, ``make_ntl_reward``,
+``completion_text``, ``TRUTH_COLUMNS``) live in :mod:`ntl_trl.rewards` and verl's
+``scatter_to_last_token`` in :mod:`ntl_verl.batch`; both remain importable from here.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -62,25 +66,17 @@ from .metrics import DigitProbs
 
 __all__ = [
     "BONUS_TYPES",
-    "TRUTH_COLUMNS",
-    "completion_text",
     "compute_ntl_bonus_all",
     "compute_ntl_bonus_final_answer",
     "compute_score",
     "compute_score_ntl_enhanced",
-    "correctness_reward",
-    "make_ntl_reward",
     "ntl_bonus_from_digit_probs",
     "proximity",
-    "proximity_reward",
-    "scatter_to_last_token",
 ]
 
 logger: logging.Logger = logging.getLogger("ntl")
 
 BONUS_TYPES = ("final_answer", "all", "proximity")
-#: Dataset columns read (in this order) as the ground truth by the TRL reward functions.
-TRUTH_COLUMNS = ("ground_truth", "answer", "solution", "reward_model")
 W_ACC, W_CONF, W_PROB = 0.4, 0.3, 0.3
 W_CORRECT, W_AGREE, W_QUALITY = 0.6, 0.25, 0.15
 
@@ -110,7 +106,7 @@ def _digit_prob_table(digit_probs: Any) -> tuple[list[float], list[float], list[
     else:
         raise TypeError(
             "digit_probs must be a mapping with 'target_prob', 'max_prob' and 'correct' (or "
-            f"'pred_digit' + 'target_digit'), or an ntl.metrics.DigitProbs; got {type(digit_probs).__name__}"
+            f"'pred_digit' + 'target_digit'), or an ntl.rl.metrics.DigitProbs; got {type(digit_probs).__name__}"
         )
     missing = [k for k in ("target_prob", "max_prob") if k not in d]
     if missing:
@@ -165,7 +161,7 @@ def _pred(pred: str | Answer | None) -> Answer | None:
 def proximity(pred: str | Answer | None, ground_truth: str | int | float | Answer) -> float:
     """Text-only partial credit ``exp(-|pred - truth| / max(1, |truth|))`` in ``[0, 1]``.
 
-    ``pred``: an :class:`~ntl.answers.Answer`, a number string (its last number is
+    ``pred``: an :class:`~ntl.rl.answers.Answer`, a number string (its last number is
     used) or ``None`` (score ``0.0``). ``1.0`` iff the values are equal.
     """
     truth = parse_ground_truth(ground_truth)
@@ -331,7 +327,7 @@ def ntl_bonus_from_digit_probs(
     w2 * mean_t target_prob_bt)``, means over ``t`` with ``mask_bt`` (``0`` for a row
     with no masked position), ``g = gate`` (e.g. the response is correct, for the
     ``all`` bonus; default 1). Inputs ``[..., T]`` (``correct``/``mask`` bool), or a
-    :class:`~ntl.metrics.DigitProbs` as the first argument. Returns fp32 ``[...]``.
+    :class:`~ntl.rl.metrics.DigitProbs` as the first argument. Returns fp32 ``[...]``.
     With masks from ``build_digit_targets(mode="final_answer")`` this is the
     ``final_answer`` bonus of every response at once.
     """
@@ -363,127 +359,32 @@ def ntl_bonus_from_digit_probs(
     return bonus
 
 
-def scatter_to_last_token(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Place per-sample ``values[B]`` at each row's last real token of ``response_mask[B, T]``
-    (fp32 ``[B, T]``, zeros elsewhere; an all-padding row gets nothing). verl's token-level
-    scores carry the sequence reward at that position when the mask is verl's attention mask over
-    the response (``valid_response_length - 1``). In a multi-turn trajectory that ends in
-    tool/observation tokens verl's ``response_mask`` is 0 there, so pass the attention mask (the
-    positions that exist), not ``response_mask``, to land where verl puts the score."""
-    if response_mask.dim() != 2 or values.shape != response_mask.shape[:1]:
-        raise ValueError(
-            f"values must be [B] and response_mask [B, T]; got {tuple(values.shape)} and "
-            f"{tuple(response_mask.shape)}"
-        )
-    m = response_mask != 0
-    T = m.shape[1]
-    pos = torch.arange(T, device=m.device).expand_as(m)
-    last = torch.where(m, pos, torch.full_like(pos, -1)).amax(1)  # -1: empty row
-    out = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
-    has = last >= 0
-    out.scatter_(1, last.clamp_min(0)[:, None], torch.where(has, values.float(), 0.0)[:, None])
-    return out
+# ----------------------------------------------------------------------------- moved
+# Functions with a framework's signature live in its adapter; these names stay importable from
+# here (and from ntl.rewards, this module) and are the adapter's own objects.
+if TYPE_CHECKING:  # the moved framework signatures (handed out by ntl.rl.rewards.__getattr__)
+    from ntl_trl.rewards import TRUTH_COLUMNS as TRUTH_COLUMNS
+    from ntl_trl.rewards import completion_text as completion_text
+    from ntl_trl.rewards import correctness_reward as correctness_reward
+    from ntl_trl.rewards import make_ntl_reward as make_ntl_reward
+    from ntl_trl.rewards import proximity_reward as proximity_reward
+    from ntl_verl.batch import scatter_to_last_token as scatter_to_last_token
+
+_MOVED = {
+    "TRUTH_COLUMNS": "ntl_trl.rewards",
+    "completion_text": "ntl_trl.rewards",
+    "correctness_reward": "ntl_trl.rewards",
+    "make_ntl_reward": "ntl_trl.rewards",
+    "proximity_reward": "ntl_trl.rewards",
+    "scatter_to_last_token": "ntl_verl.batch",
+}
 
 
-# ----------------------------------------------------------------------------- TRL
-def completion_text(completion: Any) -> str:
-    """The text of a TRL completion: a string, or a conversational list of
-    ``{"role", "content"}`` messages (the contents of the assistant messages are
-    joined; all messages when none has role ``assistant``). ``content`` may be a
-    string or a list of ``{"type": "text", "text": ...}`` parts."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Mapping):
-        completion = [completion]
-    if not isinstance(completion, Sequence):
-        raise TypeError(f"a completion must be a str or a list of messages, got {type(completion).__name__}")
-    msgs = [m for m in completion if isinstance(m, Mapping)]
-    if len(msgs) != len(completion):
-        raise TypeError("a conversational completion must be a list of {'role', 'content'} dicts")
-    chosen = [m for m in msgs if m.get("role") == "assistant"] or msgs
+def __getattr__(name: str) -> Any:
+    """The moved names (``_MOVED``), imported from their adapter on first use (PEP 562)."""
+    where = _MOVED.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-    def text(c: Any) -> str:
-        if c is None:
-            return ""
-        if isinstance(c, str):
-            return c
-        if isinstance(c, Sequence):
-            return "".join(p.get("text", "") if isinstance(p, Mapping) else str(p) for p in c)
-        return str(c)
-
-    return "\n".join(text(m.get("content")) for m in chosen)
-
-
-def _truths(kwargs: Mapping[str, Any], n: int) -> list[Any]:
-    for col in TRUTH_COLUMNS:
-        if col in kwargs and kwargs[col] is not None:
-            vals = list(kwargs[col])
-            if col == "reward_model":
-                vals = [v["ground_truth"] if isinstance(v, Mapping) else v for v in vals]
-            if len(vals) != n:
-                raise ValueError(f"column {col!r} has {len(vals)} entries for {n} completions")
-            return vals
-    raise ValueError(
-        f"no ground-truth column among the reward kwargs {sorted(kwargs)}; the dataset needs one "
-        f"of {list(TRUTH_COLUMNS)} (a number, or a solution ending in '#### N')"
-    )
-
-
-def correctness_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
-    """TRL reward: ``1.0`` when a completion's final answer equals its ground truth, else ``0.0``.
-
-    The ground truth comes from the first dataset column present among
-    ``ground_truth``, ``answer`` (GSM8K's full solution ending in ``#### N`` works),
-    ``solution`` and ``reward_model`` (verl parquet: ``{"ground_truth": ...}``).
-    """
-    truths = _truths(kwargs, len(completions))
-    out = []
-    for c, t in zip(completions, truths, strict=True):
-        pred = extract_answer(completion_text(c))
-        out.append(float(pred is not None and answers_equal(pred, parse_ground_truth(t))))
-    return out
-
-
-def proximity_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
-    """TRL reward: :func:`proximity` of each completion's final answer, in ``[0, 1]``
-    (ground-truth columns as for :func:`correctness_reward`)."""
-    truths = _truths(kwargs, len(completions))
-    return [
-        proximity(extract_answer(completion_text(c)), t)
-        for c, t in zip(completions, truths, strict=True)
-    ]
-
-
-def make_ntl_reward(
-    kind: str = "score", *, name: str | None = None, **score_kwargs: Any
-) -> Callable[..., list[float]]:
-    """A TRL reward function ``fn(completions, **kwargs) -> list[float]``.
-
-    ``kind``: ``"correctness"``, ``"proximity"``, ``"score"`` (:func:`compute_score`'s
-    ``score`` with ``score_kwargs``, e.g. ``use_ntl_bonus=True, ntl_bonus_type="proximity"``)
-    or ``"enhanced"`` (:func:`compute_score_ntl_enhanced`). ``name`` sets ``__name__``
-    (TRL logs rewards under it).
-    """
-    kinds = ("correctness", "proximity", "score", "enhanced")
-    if kind not in kinds:
-        raise ValueError(f"kind must be one of {list(kinds)}, got {kind!r}")
-    if kind in ("correctness", "proximity") and score_kwargs:
-        raise ValueError(f"kind={kind!r} takes no options, got {sorted(score_kwargs)}")
-    if kind == "score":  # validate the options once, now
-        compute_score("", "", "0", **score_kwargs)
-    scorer = compute_score if kind == "score" else compute_score_ntl_enhanced
-
-    def fn(completions: Sequence[Any], **kwargs: Any) -> list[float]:
-        if kind == "correctness":
-            return correctness_reward(completions, **kwargs)
-        if kind == "proximity":
-            return proximity_reward(completions, **kwargs)
-        truths = _truths(kwargs, len(completions))
-        return [
-            float(scorer(None, completion_text(c), t, **score_kwargs)["score"])
-            for c, t in zip(completions, truths, strict=True)
-        ]
-
-    fn.__name__ = name or f"ntl_{kind}_reward"
-    fn.__qualname__ = fn.__name__
-    return fn
+    return getattr(importlib.import_module(where), name)

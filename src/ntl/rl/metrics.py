@@ -9,7 +9,7 @@ Inputs shared by :func:`digit_stats` and :func:`digit_probs`:
   gathered (so every number-token id must be ``< V``).
 * ``targets[...]``: target **token ids** aligned with the logits, ``ignore_index``
   (or any non-number token) where nothing applies — the output of
-  :func:`ntl.targets.build_digit_targets`.
+  :func:`ntl.rl.targets.build_digit_targets`.
 * ``temperature``: digit logits are divided by it before the softmax (use the
   rollout temperature, as the RL log-probs do).
 
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from . import _checks as C
-from .kernels.reference import ntl_rows_torch
-from .vocab import NumberVocab, VocabLike, resolve_vocab
+from .. import _checks as C
+from ..kernels.reference import ntl_rows_torch
+from ..vocab import NumberVocab, VocabLike, resolve_vocab
 
 __all__ = ["DigitProbs", "DigitStats", "digit_probs", "digit_stats"]
 

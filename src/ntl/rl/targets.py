@@ -18,10 +18,10 @@ Modes:
   correct targets itself (the sampled token). Works with any
   :class:`~ntl.NumberVocab`.
 * ``"final_answer"``: the number tokens of the response's final answer (see
-  :func:`ntl.answers.extract_answer`) target the ground truth's digits aligned by
+  :func:`ntl.rl.answers.extract_answer`) target the ground truth's digits aligned by
   place value (units with units, tenths with tenths; a generated digit with no
   counterpart in the truth takes ``0``; truth digits with no generated counterpart
-  are dropped; signs are ignored; see :func:`ntl.answers.place_value_targets`).
+  are dropped; signs are ignored; see :func:`ntl.rl.answers.place_value_targets`).
   A number token that writes ``w`` digits at place values ``[p, p + w)`` targets
   the token whose text is the truth's digits at those places, zero-padded (looked up
   with :meth:`ntl.NumberVocab.id_of_text`; no such token: no target there). With
@@ -53,8 +53,8 @@ from typing import Any, Literal, overload
 
 import torch
 
+from ..vocab import NumberVocab, resolve_vocab, vocab_for_tokenizer
 from .answers import Answer, answers_equal, extract_answer, parse_ground_truth, place_value_targets
-from .vocab import NumberVocab, resolve_vocab, vocab_for_tokenizer
 
 __all__ = ["TargetInfo", "build_digit_targets", "count_ascii_digits", "digit_token_mask"]
 
@@ -240,7 +240,7 @@ def build_digit_targets(
     Args:
         response_ids: ``[B, T]`` integer token ids of the responses (right-padded).
         ground_truths: ``B`` answers: number strings (``"1,234"``), numbers, or full
-            solutions ending in ``#### N`` (see :func:`ntl.answers.parse_ground_truth`).
+            solutions ending in ``#### N`` (see :func:`ntl.rl.answers.parse_ground_truth`).
         tokenizer: a Hugging Face tokenizer (decodes responses with
             ``skip_special_tokens=True`` when ``responses`` is None, and gives the
             vocabulary); a :class:`~ntl.NumberVocab` is accepted here too (then
@@ -265,7 +265,7 @@ def build_digit_targets(
         int64 ``[B, T]`` on ``response_ids.device``; with ``return_info`` a tuple.
 
     Rule (``final_answer``): with ``d`` the truth's digits aligned to the answer's
-    written digits (:func:`ntl.answers.place_value_targets`), a number token writing
+    written digits (:func:`ntl.rl.answers.place_value_targets`), a number token writing
     the answer's digits ``r .. r + w - 1`` targets the token with text
     ``d[r] ... d[r + w - 1]``.
 

@@ -145,7 +145,7 @@ def _refuse_unknown_maps(cfg: Any) -> None:
                 f"the model config sets {name}={value!r} ({why}); NTL from hidden states knows only "
                 f"the logit maps {sorted(_KNOWN_KEYS)} and would score other logits than the model's. "
                 "Compute NTL from the model's logits instead (verl: use_fused_kernels=False), or add "
-                "the map to ntl.logit_transform"
+                "the map to ntl.rl.logit_transform"
             )
 
 
