@@ -6,7 +6,9 @@
 * :mod:`ntl.rl.rewards` - correctness and NTL-aware reward scoring;
 * :mod:`ntl.rl.normalization` - verl's loss aggregation modes and the gradient-accumulation
   normaliser;
-* :mod:`ntl.rl.logit_transform` - the model's logit map (logit scale, soft-cap, temperature).
+* :mod:`ntl.rl.logit_transform` - the model's logit map (logit scale, soft-cap, temperature);
+* :mod:`ntl.rl.capture` - number-token logits from a backbone's last hidden state (the hook,
+  the causal shift, the logit map, the number rows of a plain or sharded LM head).
 
 Functions with a framework's signature live in its adapter. ``ntl.answers``, ``ntl.targets``,
 ``ntl.metrics``, ``ntl.rewards``, ``ntl.aggregation``, ``ntl.accumulation`` and
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_SUBMODULES = ("answers", "logit_transform", "metrics", "normalization", "rewards", "targets")
+_SUBMODULES = ("answers", "capture", "logit_transform", "metrics", "normalization", "rewards", "targets")
 
 
 def __getattr__(name: str) -> Any:
