@@ -32,3 +32,38 @@ def test_the_scan_sees_a_private_import(tmp_path):
     p = tmp_path / "x.py"
     p.write_text("from ntl._checks import check_method\nimport ntl.kernels._triton\n")
     assert _imports(p) == ["ntl._checks", "ntl.kernels._triton"]
+
+
+def _runtime_imports(path: Path) -> list[str]:
+    """Imports outside ``if TYPE_CHECKING:`` blocks."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for n in ast.walk(tree):
+        if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING":
+            n.body = []
+    out: list[str] = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module:
+            out.append(n.module)
+        elif isinstance(n, ast.Import):
+            out.extend(a.name for a in n.names)
+    return out
+
+
+def test_core_imports_no_adapter():
+    """The library in src/ntl never imports ntl_trl / ntl_verl at run time (ntl.rl.rewards hands
+    out the moved framework-signature functions by name, on first use). ntl.demo, an application
+    that trains with TRL, is not the library."""
+    files = sorted(f for f in (ROOT / "src" / "ntl").rglob("*.py")
+                   if "demo" not in f.relative_to(ROOT / "src" / "ntl").parts)
+    assert any(f.name == "capture.py" for f in files), files
+    bad = [(str(f.relative_to(ROOT)), m) for f in files for m in _runtime_imports(f)
+           if m.split(".")[0] in ("ntl_trl", "ntl_verl")]
+    assert bad == [], f"src/ntl imports adapters: {bad}"
+
+
+def test_the_core_scan_sees_a_runtime_import(tmp_path):
+    """Positive control: a TYPE_CHECKING import is skipped, a run-time one is seen."""
+    p = tmp_path / "x.py"
+    p.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import ntl_trl\n"
+                 "from ntl_verl.batch import has_key\n")
+    assert _runtime_imports(p) == ["typing", "ntl_verl.batch"]

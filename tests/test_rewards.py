@@ -1,4 +1,5 @@
-"""Rewards (ntl.rewards): verl compute_score, NTL bonuses, batched bonus, TRL wrappers."""
+"""Rewards (ntl.rewards = ntl.rl.rewards): verl compute_score, NTL bonuses, batched bonus; the
+moved framework signatures stay importable (their tests moved with them into the adapters)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,12 @@ from shared_data import gsm8k_file
 
 from ntl.metrics import digit_probs
 from ntl.rewards import (
-    TRUTH_COLUMNS,
-    completion_text,
     compute_ntl_bonus_all,
     compute_ntl_bonus_final_answer,
     compute_score,
     compute_score_ntl_enhanced,
-    correctness_reward,
-    make_ntl_reward,
     ntl_bonus_from_digit_probs,
     proximity,
-    proximity_reward,
-    scatter_to_last_token,
 )
 
 # Two final-answer digits: right (p .5, max .5) and wrong (p .2, max .7).
@@ -219,53 +214,50 @@ def test_bonus_from_metrics_digit_probs(qwen_tok):
     assert batched[2].item() == 0.0 and batched[0].item() > 0.0
 
 
-def test_scatter_to_last_token():
-    m = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]])
-    out = scatter_to_last_token(torch.tensor([1.0, 2.0, 3.0]), m)
-    assert out.tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 3]]
-    with pytest.raises(ValueError):
-        scatter_to_last_token(torch.tensor([1.0]), m)
+# --------------------------------------------------------------------------- moved names
+MOVED = {"TRUTH_COLUMNS": "ntl_trl.rewards", "completion_text": "ntl_trl.rewards",
+         "correctness_reward": "ntl_trl.rewards", "make_ntl_reward": "ntl_trl.rewards",
+         "proximity_reward": "ntl_trl.rewards", "scatter_to_last_token": "ntl_verl.batch"}
 
 
-# --------------------------------------------------------------------------- TRL
-def test_completion_text():
-    assert completion_text("abc") == "abc"
-    conv = [{"role": "assistant", "content": "#### 5"}]
-    assert completion_text(conv) == "#### 5"
-    parts = [{"role": "assistant", "content": [{"type": "text", "text": "#### "}, {"type": "text", "text": "6"}]}]
-    assert completion_text(parts) == "#### 6"
-    with pytest.raises(TypeError):
-        completion_text(5)
+@pytest.mark.parametrize("name", sorted(MOVED))
+def test_framework_signatures_moved_to_their_adapter_and_stay_importable(name):
+    """TRL reward functions and verl's scatter live in their adapter (tested there:
+    adapters/trl/tests/test_trl_rewards.py, adapters/verl/tests/test_batch_scatter.py);
+    ntl.rewards (= ntl.rl.rewards) still hands out the same objects."""
+    import importlib
+    import sys
+
+    import ntl.rewards
+    import ntl.rl.rewards
+
+    assert ntl.rewards is ntl.rl.rewards is sys.modules["ntl.rewards"]
+    adapter = importlib.import_module(MOVED[name])
+    assert getattr(ntl.rewards, name) is getattr(adapter, name)
+    assert name not in vars(ntl.rl.rewards)  # defined once, in the adapter
+    with pytest.raises(AttributeError, match="no attribute"):
+        _ = ntl.rewards.no_such_reward  # pyright: ignore[reportAttributeAccessIssue]
 
 
-@pytest.mark.parametrize("col", TRUTH_COLUMNS)
-def test_trl_rewards_columns(col):
-    comps = ["#### 5", [{"role": "assistant", "content": "\\boxed{6}"}], "#### 8", "nothing"]
-    raw = ["5", "6", "9", "1"]
-    if col == "answer":  # GSM8K's answer column: the full solution
-        raw = [f"It is {x}.\n#### {x}" for x in raw]
-    if col == "reward_model":  # verl parquet column
-        raw = [{"ground_truth": x, "style": "rule"} for x in raw]
-    kw = {col: raw, "prompts": ["q"] * 4, "trainer_state": None}
-    assert correctness_reward(comps, **kw) == [1.0, 1.0, 0.0, 0.0]
-    assert proximity_reward(comps, **kw) == pytest.approx([1.0, 1.0, math.exp(-1 / 9), 0.0])
+def test_old_module_paths_are_the_moved_modules():
+    """ntl.<old> is the ntl.rl module object itself, so monkeypatching either patches both."""
+    import importlib
+
+    pairs = {"answers": "answers", "targets": "targets", "metrics": "metrics", "rewards": "rewards",
+             "logit_transform": "logit_transform", "aggregation": "normalization",
+             "accumulation": "normalization"}
+    for old, new in pairs.items():
+        assert importlib.import_module(f"ntl.{old}") is importlib.import_module(f"ntl.rl.{new}"), old
 
 
-def test_trl_missing_column_and_factory():
-    with pytest.raises(ValueError, match="ground_truth"):
-        correctness_reward(["#### 5"], prompts=["q"])
-    with pytest.raises(ValueError, match="entries"):
-        correctness_reward(["#### 5", "#### 6"], ground_truth=["5"])
-    f = make_ntl_reward("score", use_ntl_bonus=True, ntl_bonus_type="proximity", ntl_bonus_weight=0.5)
-    assert f.__name__ == "ntl_score_reward"
-    assert f(["#### 4", "#### 5"], ground_truth=["5", "5"]) == pytest.approx([0.5 * math.exp(-1 / 5), 1.5])
-    g = make_ntl_reward("enhanced", name="enh")
-    assert g.__name__ == "enh" and g(["#### 17"], answer=["18"]) == pytest.approx([0.2])
-    assert make_ntl_reward("correctness")(["#### 1"], solution=["1"]) == [1.0]
-    with pytest.raises(ValueError, match="kind"):
-        make_ntl_reward("bogus")
-    with pytest.raises(ValueError, match="ntl_bonus_type"):
-        make_ntl_reward("score", ntl_bonus_type="x")
+def test_monkeypatching_the_old_path_reaches_the_new_one(monkeypatch):
+    import ntl.answers
+    import ntl.rl.answers
+
+    monkeypatch.setattr(ntl.answers, "extract_answer", lambda *a, **k: None)
+    assert ntl.rl.answers.extract_answer("#### 5") is None
+    monkeypatch.undo()
+    assert ntl.rl.answers.extract_answer("#### 5") is not None
 
 
 # --------------------------------------------------------------------------- properties

@@ -23,15 +23,16 @@ from .losses import (
     ntl_wasserstein_loss,
     shift_labels,
 )
-from .metrics import DigitStats, digit_stats
 from .module import NumberTokenLoss
 from .number_level import number_level_loss, predict_numbers
 from .parallel import vocab_parallel_ntl_loss, vocab_parallel_ntl_loss_from_hidden
+from .rl.metrics import DigitStats, digit_stats
 from .vocab import DigitVocab, NumberVocab, resolve_vocab, vocab_for_tokenizer
 
 if TYPE_CHECKING:  # the lazy submodules below, for type checkers (loaded on first use)
     from . import answers as answers
     from . import rewards as rewards
+    from . import rl as rl
     from . import targets as targets
     from . import tokenizers as tokenizers
 
@@ -77,4 +78,4 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'ntl' has no attribute {name!r}")
 
 
-_SUBMODULES = ("answers", "checks", "rewards", "targets", "tokenizers")
+_SUBMODULES = ("answers", "checks", "rewards", "rl", "targets", "tokenizers")

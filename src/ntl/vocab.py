@@ -40,7 +40,7 @@ class NumberVocab:
         texts: optional token text of each number token (ASCII digit strings, e.g.
             Llama-3's ``'123'``, ``'07'``); :meth:`from_tokenizer` records them. A token's
             *width* is the number of digits it writes (``len(text)``), which place-aligned
-            RL targets (:func:`ntl.targets.build_digit_targets`) and
+            RL targets (:func:`ntl.rl.targets.build_digit_targets`) and
             :func:`ntl.number_level_loss` need for multi-digit tokens.
 
     Tensors for a device are built once and cached (:meth:`ids`, :meth:`values_on`,

@@ -8,16 +8,18 @@ digit-level tokenizer, Llama-3's 1,110 tokens ``'0'..'999'``):
 
 1. only the ``n`` rows with a number-token target are selected, *before* the
    ``[n, H] x [H, K]`` matmul (no fp32 copy of the other rows is made or saved);
-2. ``z = f(h_sel @ W[ids].T + b[ids])`` (:func:`ntl.digit_logits_from_hidden`, then the
-   model's :class:`~ntl.logit_transform.LogitTransform` ``f``: logit scale, soft-cap,
-   temperature), in fp32 with autocast off, with ``W, b`` read inside the forward
-   (:meth:`LMParts.head`, which makes FSDP2 reduce their gradient);
+2. ``z = f(h_sel @ W[ids].T + b[ids])`` (:func:`ntl.rl.capture.digit_logits_from_head`: the
+   model's :class:`~ntl.rl.logit_transform.LogitTransform` ``f``, i.e. logit scale, soft-cap,
+   temperature), in fp32 with autocast off, with ``W, b`` read inside the forward (so FSDP2
+   reduces their gradient; a sharded head gives its number rows only);
 3. ``sum_i NTL_i`` (:func:`ntl.ntl_loss_from_digit_logits`, ``reduction="sum"``) and the
    metric sums from the *same* ``z``.
 
 :class:`HiddenNTLCapture` is a forward hook on the backbone that runs these steps while
 armed with the targets of the next forward(s); the caller divides the sum by its
-normaliser and adds it to its loss.
+normaliser and adds it to its loss. The hook, the causal shift and the digit logits are
+:mod:`ntl.rl.capture`'s (shared with verl's adapter); this module adds the arming, the row
+bookkeeping and the loss and metric sums.
 """
 
 from __future__ import annotations
@@ -29,25 +31,24 @@ from typing import Any
 import torch
 
 import ntl
-from ntl.logit_transform import LogitTransform
-from ntl.targets import digit_token_mask
+from ntl.rl.capture import causal_slice, digit_logits_from_head, hook_backbone
+from ntl.rl.logit_transform import LogitTransform
+from ntl.rl.targets import digit_token_mask
 
 from ._common import digit_metric_sums
-from ._model import LMParts, last_hidden_state
+from ._model import LMParts
 
 __all__ = ["CaptureResult", "HiddenNTLCapture", "digit_logits_for_rows", "ntl_sums_from_hidden"]
 
 
 def digit_logits_for_rows(parts: LMParts, rows: torch.Tensor, vocab: ntl.NumberVocab,
                           transform: LogitTransform) -> torch.Tensor:
-    """``f(rows @ W[ids].T + b[ids])``: ``[n, K]`` fp32 for hidden ``rows [n, H]``.
+    """``f(rows @ W[ids].T + b[ids])``: ``[n, K]`` fp32 for hidden ``rows [n, H]``
+    (:func:`ntl.rl.capture.digit_logits_from_head` on ``parts.lm_head``).
 
     Call inside the model's forward (sharded heads, see :mod:`ntl_trl._model`). Autocast
     is off, so the small matmul runs in fp32 whatever the trainer's mixed precision."""
-    weight, bias = parts.head()
-    with torch.autocast(rows.device.type, enabled=False):
-        z = ntl.digit_logits_from_hidden(rows.to(weight.device), weight, vocab, bias=bias)
-        return transform(z)
+    return digit_logits_from_head(rows, parts.lm_head, vocab, transform)
 
 
 def ntl_sums_from_hidden(parts: LMParts, hidden: torch.Tensor, targets: torch.Tensor,
@@ -109,7 +110,7 @@ class HiddenNTLCapture:
     def __init__(self, parts: LMParts, vocab: ntl.NumberVocab, *, method: str) -> None:
         self.parts, self.vocab, self.method = parts, vocab, method
         self._plan: dict[str, Any] | None = None
-        self.handle = parts.backbone.register_forward_hook(self._hook)
+        self.handle = hook_backbone(parts.backbone, self._hook)
 
     def arm(self, targets: torch.Tensor, *, start: int, transform: LogitTransform,
             grad: bool = True, seq_len: int | None = None, repeats: str = "error") -> None:
@@ -160,28 +161,22 @@ class HiddenNTLCapture:
         self._plan = None
         self.handle.remove()
 
-    def _hook(self, module: Any, args: Any, output: Any) -> None:
+    def _hook(self, hidden: torch.Tensor) -> None:
         plan = self._plan
         if plan is None:
             return
-        hidden = last_hidden_state(output)
         r0, b = plan["row"], hidden.shape[0]
         if r0 == plan["targets"].shape[0] and plan["repeats"] == "skip" and not torch.is_grad_enabled():
             return  # the trainer re-runs the scored batch without gradient (metrics, logits)
-        if plan["seq_len"] is not None and hidden.shape[1] != plan["seq_len"]:
-            raise RuntimeError(
-                f"NTL: the backbone returned {hidden.shape[1]} positions for labels of length "
-                f"{plan['seq_len']}; the forward added or removed positions (PEFT prompt learning?), "
-                "so hidden states and labels no longer line up"
-            )
+        if plan["seq_len"] is not None:
+            causal_slice(hidden, 0, 0, seq_len=plan["seq_len"])  # the length check, first
         tg = plan["targets"][r0 : r0 + b]
         if tg.shape[0] != b:
             raise RuntimeError(
                 f"NTL: a forward of {b} rows while only {tg.shape[0]} of the armed "
                 f"{plan['targets'].shape[0]} rows are left; another forward ran through the backbone"
             )
-        s, L = plan["start"], tg.shape[1]
-        h = hidden[:, s : s + L]
+        h = causal_slice(hidden, plan["start"], tg.shape[1])
         with torch.set_grad_enabled(plan["grad"] and torch.is_grad_enabled()):
             loss, sums = ntl_sums_from_hidden(self.parts, h, tg.to(hidden.device), self.vocab,
                                               method=self.method, transform=plan["transform"])

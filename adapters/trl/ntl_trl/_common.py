@@ -101,13 +101,13 @@ def check_final_answer_vocab(vocab: ntl.NumberVocab) -> None:
     """``ValueError`` unless ``final_answer`` targets can be built with ``vocab``.
 
     A final-answer token covering ``w`` digits at places ``[p, p + w)`` targets the token of
-    the ground truth's digits at those places (:func:`ntl.targets.build_digit_targets`), so
+    the ground truth's digits at those places (:func:`ntl.rl.targets.build_digit_targets`), so
     the vocabulary must tell each token's digit width: its :attr:`ntl.NumberVocab.texts`
     (``NumberVocab.from_tokenizer`` and :func:`ntl.vocab_for_tokenizer` record them), or
     values that are all single digits (every token writes one digit). The
     rule is the core's own: a one-row ``build_digit_targets`` call without any answer runs
     its vocabulary checks here, at setup, instead of at the first generation batch."""
-    from ntl.targets import build_digit_targets
+    from ntl.rl.targets import build_digit_targets
 
     try:
         build_digit_targets(torch.full((1, 1), -100, dtype=torch.long), ["0"], vocab=vocab,
@@ -150,13 +150,13 @@ def targets_for_completions(
     ``all`` without ``correct_only``: every sampled token targets itself (the losses only
     count positions whose target is a number token of ``vocab``, so text tokens drop out by
     themselves) and no answers are looked at (``None``); otherwise
-    :func:`ntl.targets.build_digit_targets` with the ground truths and ``vocab`` (for
+    :func:`ntl.rl.targets.build_digit_targets` with the ground truths and ``vocab`` (for
     ``final_answer``, each answer token covering places ``[p, p + w)`` targets the width-``w``
     token of the truth's digits there: Llama-3 ``'123' '4'`` vs 1299 -> ``'129' '9'``).
     """
     if labels_mode == "all" and not correct_only:
         return completion_ids.masked_fill(mask == 0, -100), None
-    from ntl.targets import build_digit_targets
+    from ntl.rl.targets import build_digit_targets
 
     if answers is None:
         raise ValueError(
@@ -181,10 +181,10 @@ def targets_for_completions(
 def digit_metric_sums(digit_logits: torch.Tensor, targets: torch.Tensor, vocab: ntl.NumberVocab,
                       method: str) -> torch.Tensor:
     """``[n, n*loss, n*accuracy, n*confidence, n*target_prob]`` (fp32, no host sync) from
-    :func:`ntl.metrics.digit_stats` over the ``n`` number-token targets (``digit_logits``:
+    :func:`ntl.rl.metrics.digit_stats` over the ``n`` number-token targets (``digit_logits``:
     ``[n, K]`` over the vocab's ``K`` number tokens; accuracy = argmax token == target
     token), so that batches and processes combine by summing."""
-    from ntl.metrics import digit_stats
+    from ntl.rl.metrics import digit_stats
 
     with torch.no_grad():
         s = digit_stats(digit_logits.detach(), targets, vocab, method=method)

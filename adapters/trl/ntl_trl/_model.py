@@ -1,28 +1,30 @@
 """Finding the pieces of a causal LM that NTL needs: its backbone, its LM head, its logit map.
 
 NTL from hidden states needs the backbone's last hidden state ``h`` (what the LM head
-multiplies), the head's weight ``W`` / bias ``b`` and the elementwise map ``f`` the model
-(and TRL's fused head) applies to its logits: the digit logits are
-``f(h @ W[ids].T + b[ids])`` with ``f`` an :class:`ntl.logit_transform.LogitTransform`
-(logit scale, soft-capping, temperature). This module only locates modules, reads the
-config and hands out the head's tensors; the math is in :mod:`ntl`.
+multiplies), the LM head module and the elementwise map ``f`` the model (and TRL's fused head)
+applies to its logits: the digit logits are ``f(h @ W[ids].T + b[ids])`` with ``f`` an
+:class:`ntl.rl.logit_transform.LogitTransform` (logit scale, soft-capping, temperature). This
+module only locates modules and reads the config; the capture itself (hook, causal shift,
+the head's number rows, also of a sharded head) is :mod:`ntl.rl.capture`.
 
 Sharded heads: the adapters read ``W`` inside the model's forward (a hook on the backbone),
 where FSDP2 has all-gathered the root module's parameters; the gradient then reaches the
 unsharded parameter and FSDP reduce-scatters (averages) it with the trainer's own. A head
-that is still a sharded ``DTensor`` there (its own FSDP group, never called as a module) is
-gathered with ``full_tensor(grad_placements=[Partial("avg")])``, so its gradient is the
-rank average too (what DDP gives). DeepSpeed ZeRO-3 is refused (see :func:`find_lm_parts`).
+that is still a sharded ``DTensor`` there (its own FSDP group, never called as a module)
+gives only its number rows, with a rank-averaged gradient (what DDP gives):
+:func:`ntl.rl.capture.number_rows_of_param`. DeepSpeed ZeRO-3 is refused (see
+:func:`find_lm_parts`).
 """
 
 from __future__ import annotations
 
-from typing import Any, cast, overload
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ntl.logit_transform import LogitTransform, logit_map_of  # logit_map_of: re-exported
+from ntl.rl.capture import last_hidden_state  # re-exported
+from ntl.rl.logit_transform import LogitTransform, logit_map_of  # logit_map_of: re-exported
 
 __all__ = [
     "LMParts",
@@ -31,21 +33,6 @@ __all__ = [
     "logit_map_of",
     "replace_last_hidden_state",
 ]
-
-
-@overload
-def _gathered(t: torch.Tensor) -> torch.Tensor: ...
-@overload
-def _gathered(t: torch.Tensor | None) -> torch.Tensor | None: ...
-def _gathered(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` itself, or the full tensor of a DTensor whose gradient is averaged over ranks."""
-    if t is None or not torch.distributed.is_available():
-        return t
-    from torch.distributed.tensor import DTensor, Partial
-
-    if isinstance(t, DTensor):
-        return t.full_tensor(grad_placements=[Partial("avg")] * len(t.placements))
-    return t
 
 
 class LMParts:
@@ -60,12 +47,6 @@ class LMParts:
     def vocab_size(self) -> int:
         """Rows of the LM head (a DTensor reports its global shape)."""
         return int(cast(torch.Tensor, self.lm_head.weight).shape[0])
-
-    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(W, b)`` to use *now* (inside the model's forward): plain tensors; a sharded
-        DTensor is gathered with a rank-averaged gradient (module docstring)."""
-        w = cast(torch.Tensor, self.lm_head.weight)  # nn.Module types attributes Tensor | Module
-        return _gathered(w), _gathered(getattr(self.lm_head, "bias", None))
 
     def logit_transform(self, temperature: float = 1.0) -> LogitTransform:
         """The model's elementwise logit map followed by division by ``temperature``."""
@@ -138,18 +119,6 @@ def find_lm_parts(model: nn.Module) -> LMParts:
         )
     scale, softcap = logit_map_of(getattr(lm, "config", None))
     return LMParts(lm, backbone, head, logit_scale=scale, softcap=softcap)
-
-
-def last_hidden_state(output: Any) -> torch.Tensor:
-    """The backbone's last hidden state from its forward output (ModelOutput or tuple)."""
-    h = getattr(output, "last_hidden_state", None)
-    if h is None and isinstance(output, (tuple, list)) and output:
-        h = output[0]
-    if not isinstance(h, torch.Tensor):
-        raise RuntimeError(
-            f"cannot read the last hidden state from a backbone output of type {type(output).__name__}"
-        )
-    return h
 
 
 def replace_last_hidden_state(output: Any, new: torch.Tensor) -> Any:

@@ -63,10 +63,11 @@ from transformers import TrainerCallback
 
 import ntl
 from ntl.checks import check_method, check_ntl_weight
+from ntl.rl.capture import last_hidden_state
 
 from ._capture import ntl_sums_from_hidden
 from ._common import MetricSums, resolve_model_vocab, warn_everywhere
-from ._model import LMParts, find_lm_parts, last_hidden_state, replace_last_hidden_state
+from ._model import LMParts, find_lm_parts, replace_last_hidden_state
 
 __all__ = ["NTLCallback"]
 

@@ -19,7 +19,7 @@ How it plugs in (transformers 5 ``Trainer``; TRL 1.16 ``SFTTrainer``):
   Its one forward (TRL's fused LM head, which never builds logits, or the HF model's own
   forward) yields the backbone's last hidden state, and NTL is computed from the number-token
   rows only while that forward runs: ``z = f(h_sel @ W[ids].T + b[ids])``, ``f`` the model's logit
-  scale / soft-cap (:class:`ntl.logit_transform.LogitTransform`). No second forward and no
+  scale / soft-cap (:class:`ntl.rl.logit_transform.LogitTransform`). No second forward and no
   ``[N, V]`` tensor for NTL; the CE stays the trainer's own. Forwards the trainer re-runs on
   the same batch without gradient (TRL's metrics forward after ``compute_loss_func`` or
   label smoothing, its ``return_outputs`` logits) are not scored again.
@@ -27,7 +27,7 @@ How it plugs in (transformers 5 ``Trainer``; TRL 1.16 ``SFTTrainer``):
   the ``G`` micro-batches of an optimizer step there, and counts ``num_items_in_batch``)
   also counts the window's number-token targets ``N``, summed over the ``P`` processes. Each
   micro-batch then adds ``ntl_weight * sum_{i in micro-batch} NTL_i / D`` with
-  ``D = max(N, 1) / P`` (:func:`ntl.accumulation.accumulation_normalizer`, the window being
+  ``D = max(N, 1) / P`` (:func:`ntl.rl.normalization.accumulation_normalizer`, the window being
   the "generation batch"), times ``G`` when ``training_step`` will divide the loss by ``G``
   (:func:`ntl_trl._common.trainer_scales_loss_for_ga`; SFTTrainer and HF causal LMs
   normalise by ``num_items_in_batch`` and are not divided). After accumulation and the
@@ -66,8 +66,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer
 
-from ntl.accumulation import accumulation_normalizer
-from ntl.targets import digit_token_mask
+from ntl.rl.normalization import accumulation_normalizer
+from ntl.rl.targets import digit_token_mask
 
 from ._capture import HiddenNTLCapture
 from ._common import MetricSums, resolve_model_vocab, trainer_scales_loss_for_ga, warn_everywhere

@@ -26,7 +26,7 @@ How it plugs in (TRL 1.16):
   averaged over ranks like the trainer's own.
 * **Normalisation over the accumulation window.** Each micro-batch adds
   ``ntl_weight * sum_i NTL_i / D`` with ``D = max(N, 1) / P * G / S``
-  (:func:`ntl.accumulation.accumulation_normalizer`; ``N`` = ``ntl_num_targets``, ``P``
+  (:func:`ntl.rl.normalization.accumulation_normalizer`; ``N`` = ``ntl_num_targets``, ``P``
   processes, ``G`` = ``current_gradient_accumulation_steps``, ``S`` =
   ``steps_per_generation``), TRL's ``dapo`` normaliser: after accumulation and the
   data-parallel gradient average the update is that of the mean NTL over every number-token
@@ -50,8 +50,8 @@ import torch
 from trl import GRPOTrainer, RLOOTrainer
 
 import ntl
-from ntl.accumulation import accumulation_normalizer
-from ntl.targets import digit_token_mask
+from ntl.rl.normalization import accumulation_normalizer
+from ntl.rl.targets import digit_token_mask
 
 from ._capture import HiddenNTLCapture
 from ._common import (

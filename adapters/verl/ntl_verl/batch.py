@@ -2,9 +2,10 @@
 
 Everything here works on right-padded response tensors ``[B, R]`` (response
 position ``t`` = the ``t``-th generated token) and delegates the NTL math to
-``ntl``: targets from :func:`ntl.targets.build_digit_targets`, probabilities from
-:func:`ntl.metrics.digit_probs`, the bonus from
-:func:`ntl.rewards.ntl_bonus_from_digit_probs`. No loop over tokens; the only
+``ntl``: targets from :func:`ntl.rl.targets.build_digit_targets`, probabilities from
+:func:`ntl.rl.metrics.digit_probs`, the bonus from
+:func:`ntl.rl.rewards.ntl_bonus_from_digit_probs` (placed on the last token by
+:func:`scatter_to_last_token`). No loop over tokens; the only
 per-sample Python work is ``build_digit_targets``' decode + answer regex.
 
 The vocabulary is always the model's whole number vocabulary
@@ -24,9 +25,9 @@ from typing import Any
 import torch
 
 import ntl
-from ntl.metrics import digit_probs
-from ntl.rewards import ntl_bonus_from_digit_probs, scatter_to_last_token
-from ntl.targets import build_digit_targets
+from ntl.rl.metrics import digit_probs
+from ntl.rl.rewards import ntl_bonus_from_digit_probs
+from ntl.rl.targets import build_digit_targets
 
 from .settings import IGNORE_INDEX, NTLSettings
 
@@ -39,6 +40,7 @@ __all__ = [
     "has_key",
     "pad_responses",
     "response_positions",
+    "scatter_to_last_token",
 ]
 
 logger = logging.getLogger("ntl")
@@ -49,6 +51,28 @@ TARGETS_KEY = "ntl_targets"
 CAPTURE_KEY = "ntl_capture"
 #: Model-output key of the captured digit logits (aligned like verl's ``log_probs``).
 DIGIT_LOGITS_KEY = "ntl_digit_logits"
+
+
+def scatter_to_last_token(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Place per-sample ``values[B]`` at each row's last real token of ``response_mask[B, T]``
+    (fp32 ``[B, T]``, zeros elsewhere; an all-padding row gets nothing). verl's token-level
+    scores carry the sequence reward at that position when the mask is verl's attention mask over
+    the response (``valid_response_length - 1``). In a multi-turn trajectory that ends in
+    tool/observation tokens verl's ``response_mask`` is 0 there, so pass the attention mask (the
+    positions that exist), not ``response_mask``, to land where verl puts the score."""
+    if response_mask.dim() != 2 or values.shape != response_mask.shape[:1]:
+        raise ValueError(
+            f"values must be [B] and response_mask [B, T]; got {tuple(values.shape)} and "
+            f"{tuple(response_mask.shape)}"
+        )
+    m = response_mask != 0
+    T = m.shape[1]
+    pos = torch.arange(T, device=m.device).expand_as(m)
+    last = torch.where(m, pos, torch.full_like(pos, -1)).amax(1)  # -1: empty row
+    out = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
+    has = last >= 0
+    out.scatter_(1, last.clamp_min(0)[:, None], torch.where(has, values.float(), 0.0)[:, None])
+    return out
 
 
 def has_key(data: Any, key: str) -> bool:
@@ -142,7 +166,7 @@ def digit_targets(
     mode: str,
 ) -> torch.Tensor:
     """Number-token targets ``[B, R]`` (token ids of ``vocab``, ``-100`` elsewhere) for padded
-    responses: ``ntl.targets.build_digit_targets(..., mode=mode, vocab=vocab)``. ``final_answer``:
+    responses: ``ntl.rl.targets.build_digit_targets(..., mode=mode, vocab=vocab)``. ``final_answer``:
     each number token of the final answer covering the places ``[p, p + w)`` targets the ground
     truth's digits at those places (Llama-3, ``'123' '4'`` vs 1299 -> ``'129' '9'``); ``all``:
     every number token of a correct response targets itself."""
@@ -176,7 +200,7 @@ def digit_bonus_scores(
     accuracy, confidence and target probability are over those ``K`` tokens and the
     response's number-token targets. Targets use
     ``mode = settings.ntl_bonus_type``; ``bonus_b`` is
-    :func:`ntl.rewards.ntl_bonus_from_digit_probs` over them
+    :func:`ntl.rl.rewards.ntl_bonus_from_digit_probs` over them
     (``0.4 acc + 0.3 confidence + 0.3 p(target)``; ``all`` targets exist only for correct
     responses, so wrong ones get 0). The scores carry ``ntl_bonus_weight * bonus_b`` at
     each response's last token, where verl puts the sequence reward: the last ``True`` of

@@ -10,10 +10,11 @@
   ``no_padding_2_padding`` then turns it into ``[B, R, K]`` where row ``t`` scores
   response token ``t`` (the causal shift). With ``use_fused_kernels`` (no logits exist)
   a forward hook on the decoder computes them from the last hidden state and the LM
-  head: ``ntl.digit_logits_from_hidden(h, W, vocab, temperature=T)``. An untied head that
-  FSDP2 keeps as its own unit is still sharded there: only its ``K`` number rows are gathered
-  (:func:`number_rows_of_param`). verl 0.9.1's own fused log-prob path fails with such a head
-  (verl #7520): ``initialize`` refuses that configuration with the reason
+  head with the model's logit map, ``f(h @ W[ids].T + b[ids])`` (:mod:`ntl.rl.capture`, the
+  capture the TRL adapter uses too). An untied head that FSDP2 keeps as its own unit is still
+  sharded there: only its ``K`` number rows are gathered
+  (:func:`ntl.rl.capture.number_rows_of_param`). verl 0.9.1's own fused log-prob path fails
+  with such a head (verl #7520): ``initialize`` refuses that configuration with the reason
   (:data:`UNTIED_FUSED_REFUSAL`).
 * ``forward_backward_batch`` (update): makes sure the batch carries ``ntl_targets``
   (built from ``responses`` + ``reward_model.ground_truth`` when the old-log-prob pass did
@@ -48,8 +49,11 @@ from typing import Any
 import torch
 
 import ntl
-from ntl.aggregation import mask_counts
-from ntl.logit_transform import LogitTransform
+from ntl.rl.capture import digit_logits_from_head, hook_backbone
+from ntl.rl.capture import is_dtensor as _is_dtensor
+from ntl.rl.capture import number_rows_of_param as number_rows_of_param  # re-exported
+from ntl.rl.logit_transform import LogitTransform
+from ntl.rl.normalization import mask_counts
 
 from ._compat import require_verl_09
 from .batch import (
@@ -104,89 +108,6 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else module
 
 
-def _is_dtensor(t: Any) -> bool:
-    if t is None or not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-class _ShardedRows(torch.autograd.Function):
-    """``W[ids]`` of a parameter sharded by rows (``Shard(0)`` on a 1-D mesh), all ranks alike.
-
-    Forward: each rank writes the rows of ``ids`` it holds (``torch.chunk`` layout: rank ``r``
-    holds rows ``[r c, r c + n_r)``, ``c = ceil(V / N)``) into a zero ``[K, ...]`` tensor, and one
-    ``all_reduce(SUM)`` over the mesh's group completes it (each row lives on exactly one rank).
-    Backward: ``g_r`` is rank ``r``'s gradient of the ``K`` rows; the local shard's gradient is
-    ``(1/N) sum_r g_r`` at its own rows (one ``all_reduce(SUM)`` of ``[K, ...]``, divided by ``N``),
-    zero elsewhere -- the rank average, as FSDP2's reduce-scatter gives every other parameter.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, local: torch.Tensor, ids: torch.Tensor, group: Any, n_rows: int,
-                device: torch.device) -> torch.Tensor:
-        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-        chunk = -(-n_rows // world)
-        start = rank * chunk
-        n_local = max(0, min(chunk, n_rows - start))
-        if local.shape[0] != n_local:
-            raise RuntimeError(
-                f"NTL: the LM head's local shard has {local.shape[0]} rows, expected {n_local} (rank {rank} "
-                f"of {world}, {n_rows} rows, torch.chunk layout); cannot locate the number-token rows"
-            )
-        ids = ids.to(device)
-        owned = (ids >= start) & (ids < start + n_local)
-        rel = (ids - start)[owned]
-        out = torch.zeros((ids.numel(), *local.shape[1:]), dtype=local.dtype, device=device)
-        out[owned] = local.detach().index_select(0, rel.to(local.device)).to(device, out.dtype)
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM, group=group)
-        ctx.save_for_backward(owned, rel)
-        ctx.group, ctx.world, ctx.n_local, ctx.local_device = group, world, n_local, local.device
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        (g,) = grads
-        owned, rel = ctx.saved_tensors
-        g = g.contiguous().clone()
-        torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM, group=ctx.group)
-        g = g / ctx.world
-        grad_local = torch.zeros((ctx.n_local, *g.shape[1:]), dtype=g.dtype, device=g.device)
-        grad_local.index_add_(0, rel, g[owned])
-        return grad_local.to(ctx.local_device), None, None, None, None
-
-
-def number_rows_of_param(param: torch.Tensor, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``param[ids]`` (the LM head's number-token rows, ``[K, ...]``) on ``device``, inside the forward.
-
-    A plain tensor is indexed. A DTensor -- an untied LM head that verl's FSDP2 wraps as its own
-    unit and whose forward the fused kernels never call, so it is still sharded inside the model's
-    forward -- is read without materialising the ``[V, H]`` weight:
-
-    * ``Shard(0)`` on a 1-D mesh (FSDP2's layout): only the ``K`` rows travel, one
-      ``all_reduce`` of ``[K, H]`` forward and one backward (:class:`_ShardedRows`);
-    * any other layout: ``full_tensor(grad_placements=[Partial("avg")])`` then index (all of ``W``).
-
-    The gradient that reaches the shard is the **average over the mesh's ranks** of each rank's
-    gradient, ``(1/N) sum_r dL_r/dW[ids]``. That is what FSDP2 does to every other parameter of
-    verl's engine (its reduce-scatter divides by the data-parallel size; verl sets no other divide
-    factor and scales each rank's loss for it, see ``agg_loss``'s ``dp_size``), and what the stock
-    engine does to this head when it is called as a module (non-fused path). A sum would make the
-    head's number rows ``N`` times larger than the rest of the gradient.
-    """
-    from torch.distributed.tensor import DTensor, Partial, Shard
-
-    if not isinstance(param, DTensor):
-        return param.index_select(0, ids.to(param.device)).to(device)
-    mesh = param.device_mesh
-    if mesh.ndim == 1 and tuple(param.placements) == (Shard(0),):
-        local = param.to_local()  # differentiable: the shard's gradient comes back as Shard(0)
-        return _ShardedRows.apply(local, ids, mesh.get_group(), int(param.shape[0]), device)
-    full = param.full_tensor(grad_placements=[Partial("avg")] * len(param.placements))
-    return full.index_select(0, ids.to(full.device)).to(device)
-
-
 # The class this mixin goes on (object at run time). Dynamic for type checkers: verl's
 # EngineRegistry.register types FSDPEngineWithLMHead as BaseEngine, without its methods.
 _EngineBase: Any = object
@@ -217,7 +138,7 @@ class NTLEngineMixin(_EngineBase):
         (``verl/models/transformers/dense_common.py``) never calls that module but passes
         ``self.lm_head.weight`` -- still a sharded DTensor -- to its log-prob kernel, which fails at
         the first forward (``aten.mm ... got mixed torch.Tensor and DTensor``; verl #7520). NTL's
-        own digit logits work there (:func:`number_rows_of_param`), verl's log-probs do not. The
+        own digit logits work there (:func:`ntl.rl.capture.number_rows_of_param`), verl's log-probs do not. The
         check runs verl's fused kernel (``FusedLinearForPPO``) once on a one-token zero hidden state
         with the head's weight as the forward will see it, and refuses when it fails exactly so;
         a verl that handles the sharded weight (or keeps the head in the root unit) passes.
@@ -451,7 +372,7 @@ class NTLEngineMixin(_EngineBase):
         """Fused kernels: compute digit logits from the decoder's last hidden state inside the
         forward (while FSDP has the LM head's weight gathered):
         ``f(h @ W[ids].T + b[ids])`` with ``f`` the model's logit map then ``/ T``
-        (:meth:`ntl.logit_transform.LogitTransform.for_config`: logit scale, final-logit
+        (:meth:`ntl.rl.logit_transform.LogitTransform.for_config`: logit scale, final-logit
         soft-cap), i.e. the digit columns of the model's own logits divided by the temperature,
         as the non-fused path reads them. A config with a logit map ``ntl`` does not know is
         refused (``ValueError``) before the forward.
@@ -459,8 +380,9 @@ class NTLEngineMixin(_EngineBase):
         ``W`` is read inside the forward: gathered with its parent FSDP2 unit (a tied head, or an
         untied one kept in the root unit), or -- an untied head wrapped as its own unit, never
         called by the fused path -- a sharded DTensor, of which only the ``K`` number rows are
-        gathered (:func:`number_rows_of_param`: ``K x H`` values on the wire, not ``V x H``;
-        gradient averaged over the ranks like FSDP2's reduce-scatter)."""
+        gathered (:func:`ntl.rl.capture.number_rows_of_param`: ``K x H`` values on the wire, not
+        ``V x H``; gradient averaged over the ranks like FSDP2's reduce-scatter). The hook and
+        the digit logits are :mod:`ntl.rl.capture`'s, shared with the TRL adapter."""
         model: Any = _unwrap(self.module)  # a Hugging Face model (get_decoder is not nn.Module's)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -478,21 +400,12 @@ class NTLEngineMixin(_EngineBase):
         transform = LogitTransform.for_config(config, temperature=float(temperature))
         vocab = self.ntl_vocab
 
-        def hook(_mod: Any, _args: Any, output: Any) -> None:
-            hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
-            # read now: FSDP2 swaps the parameter objects (sharded <-> gathered) around a forward
-            weight, bias = head.weight, getattr(head, "bias", None)
-            if _is_dtensor(weight) or _is_dtensor(bias):
-                # an untied head that FSDP2 wrapped as its own unit: still sharded here
-                ids = vocab.ids(hidden.device)
-                w = number_rows_of_param(weight, ids, hidden.device).to(hidden.dtype)
-                b = number_rows_of_param(bias, ids, hidden.device).to(hidden.dtype) if bias is not None else None
-                z = torch.nn.functional.linear(hidden.float(), w.float(), b.float() if b is not None else None)
-            else:
-                z = ntl.digit_logits_from_hidden(hidden, weight, vocab, bias=bias)
-            self._ntl_fused_digit_logits = transform(z)
+        def on_hidden(hidden: torch.Tensor) -> None:
+            # the head's W, b are read now: FSDP2 swaps the parameter objects (sharded <->
+            # gathered) around a forward; a head still sharded here gives its K rows only
+            self._ntl_fused_digit_logits = digit_logits_from_head(hidden, head, vocab, transform)
 
-        return decoder.register_forward_hook(hook)
+        return hook_backbone(decoder, on_hidden)
 
     def prepare_model_outputs(self, output: Any, output_args: dict, micro_batch: Any, logits_processor_func: Any) -> dict:
         model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)

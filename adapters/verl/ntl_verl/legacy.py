@@ -6,7 +6,7 @@ backpropagates ``policy_loss * loss_scale_factor`` itself. :class:`NTLActorMixin
 without copying that loop:
 
 * ``update_policy`` puts ``ntl_targets [B, R]`` (built from ``responses`` and
-  ``reward_model.ground_truth`` with ``ntl.targets.build_digit_targets`` unless the batch
+  ``reward_model.ground_truth`` with ``ntl.rl.targets.build_digit_targets`` unless the batch
   has them) and ``ntl_scale [B] = 1 / N_digits(mini-batch of the sample)`` into the batch
   and keeps both through verl's key selection, so they follow every mini/micro-batch split
   (also dynamic batch sizes, which only regroup samples).
@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import ntl
-from ntl.metrics import digit_probs
+from ntl.rl.metrics import digit_probs
 
 from ._compat import require_verl_07
 from .batch import TARGETS_KEY, digit_targets, ground_truths_from, has_key

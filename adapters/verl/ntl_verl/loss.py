@@ -13,7 +13,7 @@ that predict response token ``t`` of sequence ``b`` (``ntl.ntl_loss_from_digit_l
 as the log-probs, already divided by the sampling temperature ``T``) and ``d[b, t]`` the
 number-token target mask, ``L_NTL`` is verl's ``agg_loss`` with ``actor.loss_agg_mode`` over the
 **global mini-batch** (all micro-batches, all data-parallel ranks) with ``d`` as the loss mask and
-the counts taken on ``d`` (:mod:`ntl.aggregation`): ``N`` number-token targets, ``S`` sequences with
+the counts taken on ``d`` (:mod:`ntl.rl.normalization`): ``N`` number-token targets, ``S`` sequences with
 at least one:
 
 * ``token-mean``: ``sum d l / N``;  ``token-sum``: ``sum d l``;
@@ -43,8 +43,8 @@ from typing import Any
 import torch
 
 import ntl
-from ntl.aggregation import aggregate_loss
-from ntl.metrics import digit_probs
+from ntl.rl.metrics import digit_probs
+from ntl.rl.normalization import aggregate_loss
 
 from .batch import (
     DIGIT_LOGITS_KEY,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from ntl.aggregation import LOSS_AGG_MODES
 from ntl.checks import check_method
+from ntl.rl.normalization import LOSS_AGG_MODES
 
 __all__ = ["BONUS_TYPES", "KEY_PREFIX", "LABELS", "METHODS", "NTLConfigFields", "NTLSettings"]
 
@@ -30,7 +30,7 @@ class NTLSettings:
         ntl_enabled: add ``ntl_weight * NTL`` to the actor loss.
         ntl_method: ``"mse"`` or ``"wasserstein"`` (the per-digit loss, see ``ntl.ntl_loss``).
         ntl_weight: ``loss = policy_loss + ntl_weight * NTL`` (>= 0; 0 leaves the stock loss).
-        ntl_labels: which response digits get targets (``ntl.targets.build_digit_targets`` mode).
+        ntl_labels: which response digits get targets (``ntl.rl.targets.build_digit_targets`` mode).
         extract_digit_info: capture digit probabilities in the old-log-prob forward pass
             (needed by the digit-aware reward bonus; no extra forward).
         ntl_bonus_type: ``"none"``, ``"final_answer"`` or ``"all"``: the digit-aware bonus
@@ -38,7 +38,7 @@ class NTLSettings:
         ntl_bonus_weight: the bonus' weight (``score += ntl_bonus_weight * bonus``).
         loss_agg_mode: verl's ``actor.loss_agg_mode`` (not an NTL key): the NTL term is aggregated
             over the digit targets with the same mode as verl's policy loss
-            (:mod:`ntl.aggregation`, :mod:`ntl_verl.loss`).
+            (:mod:`ntl.rl.normalization`, :mod:`ntl_verl.loss`).
         loss_scale_factor: verl's ``actor.loss_scale_factor`` (the horizon of
             ``seq-mean-token-sum-norm``; ``None``: the micro-batch's padded response length, as verl).
     """

@@ -2,7 +2,7 @@
 
 verl wraps an untied ``lm_head`` as its own FSDP2 unit. Its fused log-prob forward never calls that
 module, so inside the forward the head's weight is still a sharded DTensor. NTL's decoder hook
-gathers only the ``K`` number rows of it (``ntl_verl.engine.number_rows_of_param``), with the
+gathers only the ``K`` number rows of it (``ntl.rl.capture.number_rows_of_param``), with the
 gradient averaged over the ranks like FSDP2's reduce-scatter. verl's own fused kernel fails on the
 sharded weight (verl #7520), so the NTL engine refuses the configuration at worker init.
 
@@ -144,7 +144,7 @@ def untied_fused(rank: int, world: int, model_path: str) -> dict:
         out["refusal"] = str(e)
     out["timing"]["refused build"] = time.perf_counter() - t0
 
-    import ntl_verl.engine as E
+    import ntl.rl.capture as E  # the hook's gather lives in the shared capture (ntl_verl.engine re-exports it)
 
     calls: list[str] = []
     gather = E.number_rows_of_param
