@@ -486,7 +486,12 @@ def test_property_matches_plain_logits(N, Hs, chunk, digit_frac, method, reducti
     got, ref, la, lb = run_both(h, W, b, y, use_bias=use_bias, up=up, method=method, reduction=reduction,
                                 reweigh=reweigh, chunk_size=chunk)
     torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-5, atol=1e-4)
-    assert_grads(la, lb, rtol=1e-4, atol=1e-4)
+    # fp32 sums over up to 30 rows of gradients up to ~D = 82 (MSE, reweigh): an absolute
+    # error ~1e-5 of the largest entry is roundoff on both sides (seen: 2e-4 at max 35)
+    for name, a, r in zip(("hidden", "weight", "bias"), la, lb, strict=False):
+        assert a.grad is not None and r.grad is not None, name
+        scale = float(r.grad.abs().max())
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=max(1e-4, 2e-5 * scale), msg=name)
 
 
 # --------------------------------------------------------------------------- bad input
