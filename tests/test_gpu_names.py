@@ -37,7 +37,7 @@ ROOT = TESTS.parent
 def gpu_test_files() -> list[Path]:
     """Test files that mark something ``gpu`` (``pytest.mark.gpu`` anywhere in them)."""
     out = []
-    for p in sorted(TESTS.glob("test_*.py")):
+    for p in sorted(TESTS.rglob("test_*.py")):
         tree = ast.parse(p.read_text())
         if any(isinstance(n, ast.Attribute) and n.attr == "gpu" and _dotted(n.value) == "pytest.mark"
                for n in ast.walk(tree)):
@@ -62,7 +62,7 @@ def _ours(obj: Any) -> bool:
     if mod.split(".")[0] == "ntl":
         return True
     f = sys.modules.get(mod)
-    return bool(f and getattr(f, "__file__", None) and Path(f.__file__).resolve().parent == TESTS)
+    return bool(f and getattr(f, "__file__", None) and Path(f.__file__).resolve().is_relative_to(TESTS))
 
 
 def _local_bindings(fn: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> set[str]:
@@ -203,8 +203,10 @@ def test_the_gpu_test_files_are_found():
     assert {"test_gpu.py", "test_linear.py", "test_launches.py"} <= names, names
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+@pytest.mark.parametrize("path", FILES, ids=[p.relative_to(TESTS).as_posix() for p in FILES])
 def test_names_resolve(path):
+    if str(path.parent) not in sys.path:  # as pytest (import mode prepend) does on collecting it
+        sys.path.insert(0, str(path.parent))
     mod = importlib.import_module(path.stem)
     errors, checked = check_source(path.read_text(), mod, path.name)
     assert not errors, "\n".join(errors)

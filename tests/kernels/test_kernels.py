@@ -303,7 +303,7 @@ def test_from_hidden_triton_vs_plain(method):
     rel_close(W1.grad, W2.grad, 1e-5)
 
 
-# ---------------------------------------------------------------- real GPU: tests/test_gpu.py
+# ---------------------------------------------------------------- real GPU: tests/kernels/test_gpu.py
 
 
 def test_masked_digit_logits_on_rows_taking_no_part():
