@@ -677,7 +677,7 @@ def test_squash_factor_matches_ntloss(qwen_tok, tokenizer, reweigh, backend):
     gradients, fp32, 1e-5 (with reweigh ntloss runs in float64: its fp32 softmax mass over
     151,936 logits is off by up to ~5e-5)."""
     import ntloss
-    from test_vocab import DIGIT_IDS, synthetic_tokenizer
+    from toy_tokenizers import DIGIT_IDS, synthetic_tokenizer
 
     if tokenizer == "qwen":
         tok, Vx, digits, text = qwen_tok, 151_936, list(range(15, 25)), [785, 4226, 151_643, 151_700]

@@ -20,6 +20,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from token_rows import IGN, pad_rows, targeted  # tests/support
 
 import ntl
 from ntl.targets import build_digit_targets
@@ -27,7 +28,6 @@ from ntl.targets import build_digit_targets
 sys.path.insert(0, str(Path(__file__).parent))
 from test_targets import FINAL_ANSWER_CASES as QWEN_CASES  # the pre-issue-25 expectations
 
-IGN = -100
 EOT = "<|end_of_text|>"
 
 
@@ -35,23 +35,7 @@ def encode(tok, texts, pad_id=0, eos=True):
     """Right-padded Llama-3 ids [B, T] (no BOS) and mask; an <|end_of_text|> closes each response.
     Llama-3 has no pad token: ``pad_id`` fills the padding (outside the mask)."""
     end = [tok.convert_tokens_to_ids(EOT)] if eos else []
-    rows = [tok.encode(t, add_special_tokens=False) + end for t in texts]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask, [len(r) for r in rows]
-
-
-def targeted(tok, ids_row, tgt_row):
-    """[(position, token text, target text)] of the targeted positions of one row."""
-    return [
-        (t, tok.decode([int(i)]), tok.decode([int(g)]))
-        for t, (i, g) in enumerate(zip(ids_row.tolist(), tgt_row.tolist(), strict=True))
-        if g != IGN
-    ]
+    return pad_rows(tok, texts, end=end, pad_id=pad_id, add_special_tokens=False)
 
 
 def is_number_text(s: str) -> bool:
