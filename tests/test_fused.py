@@ -7,8 +7,8 @@ bf16 logits to 1e-5 (math is fp32); the gradient is stored in bf16, so it matche
 bf16 rounding: ``|g - g_ref| <= 1e-2 * max|g_ref|`` (2^-8 relative per element).
 
 Triton-interpreter variants of these tests (``backend="triton"`` under
-``TRITON_INTERPRET=1``) live in tests/kernels/
-(slot names: test_fused_ce_ntl_triton_matches_reference, ..._inplace, ..._reweigh).
+``TRITON_INTERPRET=1``) live in tests/kernels/test_kernels.py
+(test_fused_kernel_matches_unfused, test_fused_kernel_reweigh_and_number_vocab).
 """
 
 from typing import Any
