@@ -198,6 +198,14 @@ def check_source(source: str, module: types.ModuleType, filename: str) -> tuple[
 FILES = gpu_test_files()
 
 
+def import_test_module(path: Path) -> Any:
+    """The test file at ``path`` as pytest imports it (import mode prepend: its folder on
+    ``sys.path``, the module named by its file name)."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    return importlib.import_module(path.stem)
+
+
 def test_the_gpu_test_files_are_found():
     names = {p.name for p in FILES}
     assert {"test_gpu.py", "test_linear.py", "test_launches.py"} <= names, names
@@ -205,9 +213,7 @@ def test_the_gpu_test_files_are_found():
 
 @pytest.mark.parametrize("path", FILES, ids=[p.relative_to(TESTS).as_posix() for p in FILES])
 def test_names_resolve(path):
-    if str(path.parent) not in sys.path:  # as pytest (import mode prepend) does on collecting it
-        sys.path.insert(0, str(path.parent))
-    mod = importlib.import_module(path.stem)
+    mod = import_test_module(path)
     errors, checked = check_source(path.read_text(), mod, path.name)
     assert not errors, "\n".join(errors)
     assert checked >= 10, checked  # the walk did look at names
@@ -215,7 +221,7 @@ def test_names_resolve(path):
 
 def test_checker_catches_a_wrong_attribute_keyword_and_arity():
     """Positive control: the typo the issue found, a wrong keyword, too many arguments."""
-    import test_gpu
+    test_gpu = import_test_module(TESTS / "kernels" / "test_gpu.py")
 
     src = '''
 import ntl

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from token_rows import IGN, pad_rows, targeted  # tests/support
 
 import ntl
+from ntl.rl.metrics import digit_probs, digit_stats
 from ntl.targets import build_digit_targets
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -285,13 +286,13 @@ def test_digit_metrics_count_number_tokens(llama3_tok):
     assert acc.item() == pytest.approx(2 / 3)
     vals = torch.tensor(nv.values, dtype=torch.float64)
     w1 = (qs * (vals[None] - vals[tcol][:, None]).abs()).sum(-1).mean()
-    stats = ntl.metrics.digit_stats(logits, tg, nv, method="wasserstein").to_dict()
+    stats = digit_stats(logits, tg, nv, method="wasserstein").to_dict()
     assert stats["ntl/total_digits"] == 3.0
     assert stats["ntl/digit_accuracy"] == pytest.approx(acc.item(), abs=1e-6)
     assert stats["ntl/target_prob"] == pytest.approx(tp.mean().item(), abs=1e-5)
     assert stats["ntl/confidence"] == pytest.approx(qs.max(-1).values.mean().item(), abs=1e-5)
     assert stats["ntl/loss"] == pytest.approx(w1.item(), rel=1e-4, abs=1e-4)
-    pr = ntl.metrics.digit_probs(logits, tg, nv)
+    pr = digit_probs(logits, tg, nv)
     assert pr.target_digit[sel].tolist() == tcol
     assert pr.correct[sel].tolist() == [True, False, True]
     assert torch.allclose(pr.target_prob[sel].double(), tp, atol=1e-5)
