@@ -2,7 +2,7 @@
 # The core suite (tests/, Triton kernels in the CPU interpreter) at the oldest supported
 # combination, pyproject.toml's lower bounds: the floor environment of requirements/floor.in
 # (Python 3.10, torch 2.8, triton 3.4, transformers 4.55; .venvs/floor, built as in
-# scripts/_env.sh). The offline GPU compile (tests/test_compile_offline.py) runs with triton
+# scripts/_env.sh). The offline GPU compile (tests/kernels/test_compile_offline.py) runs with triton
 # 3.4's own ptxas and must not skip. The demo's tests are left out: the demo is an application
 # of the core environment (its extra needs scipy and TRL >= 1.16, not part of the floor), and so
 # are the README's TRL blocks (TRL 1.16 needs Python >= 3.11; the floor is 3.10). Extra

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The offline GPU compile (tests/offline_compile.py: sm_80 + sm_90 with the wheel's own ptxas,
+# The offline GPU compile (tests/kernels/offline_compile.py: sm_80 + sm_90 with the wheel's own ptxas,
 # spills read from the cubin) of the fused CE+NTL kernels on every triton release pyproject
 # allows between the floor (3.4, scripts/test_floor.sh) and the core lock (3.9, the core suite):
 # 3.5, 3.6, 3.7, 3.8. One small environment each, .venvs/triton-X.Y.Z (torch as the core lock
@@ -28,7 +28,7 @@ ntl_triton_compile() {  # ntl_triton_compile VERSION
         || ntl_die "could not install triton==$version into $venv"
     out=$(mktemp)
     TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH="$NTL_ROOT/src" \
-        "$py" tests/offline_compile.py --arch 80 90 --only "${NTL_TRITON_KERNELS[@]}" > "$out" \
+        "$py" tests/kernels/offline_compile.py --arch 80 90 --only "${NTL_TRITON_KERNELS[@]}" > "$out" \
         || ntl_die "offline compile with triton $version failed"
     "$py" - "$out" "$version" "${NTL_TRITON_KERNELS[@]}" <<'PYEOF'
 import json, sys

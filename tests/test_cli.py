@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from toy_tokenizers import char_tokenizer  # tests/support
 
 from ntl.cli import main, vocab_report
 
@@ -63,16 +64,9 @@ def test_vocab_llama3_warns_about_multi_digit_tokens(capsys, llama3_tok):
 
 
 def _save_char_tokenizer(path, chars: str) -> int:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", *chars])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    tok = char_tokenizer(["<pad>", "<unk>"], chars, pad_token="<pad>", unk_token="<unk>")
     tok.save_pretrained(path)
-    return len(vocab)
+    return len(dict.fromkeys(["<pad>", "<unk>", *chars]))
 
 
 def test_vocab_folder_reads_the_model_vocab_size_from_config(capsys, tmp_path):

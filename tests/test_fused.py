@@ -7,8 +7,8 @@ bf16 logits to 1e-5 (math is fp32); the gradient is stored in bf16, so it matche
 bf16 rounding: ``|g - g_ref| <= 1e-2 * max|g_ref|`` (2^-8 relative per element).
 
 Triton-interpreter variants of these tests (``backend="triton"`` under
-``TRITON_INTERPRET=1``) live in the lead's tests/test_kernels*.py
-(slot names: test_fused_ce_ntl_triton_matches_reference, ..._inplace, ..._reweigh).
+``TRITON_INTERPRET=1``) live in tests/kernels/test_kernels.py
+(test_fused_kernel_matches_unfused, test_fused_kernel_reweigh_and_number_vocab).
 """
 
 from typing import Any
@@ -677,7 +677,7 @@ def test_squash_factor_matches_ntloss(qwen_tok, tokenizer, reweigh, backend):
     gradients, fp32, 1e-5 (with reweigh ntloss runs in float64: its fp32 softmax mass over
     151,936 logits is off by up to ~5e-5)."""
     import ntloss
-    from test_vocab import DIGIT_IDS, synthetic_tokenizer
+    from toy_tokenizers import DIGIT_IDS, synthetic_tokenizer
 
     if tokenizer == "qwen":
         tok, Vx, digits, text = qwen_tok, 151_936, list(range(15, 25)), [785, 4226, 151_643, 151_700]

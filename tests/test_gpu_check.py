@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_tokenizers import word_tokenizer  # tests/support
 
 from ntl.bench.harness import main, parse_args
 
@@ -67,14 +68,10 @@ def test_bench_skip_providers_and_time_budget(tmp_path, toy_tok):
 
 @pytest.fixture(scope="module")
 def toy_tok():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     words = ["<unk>", "<pad>"] + [f"w{i}" for i in range(18)] + [str(d) for d in range(10)]
     words += [f"x{i}" for i in range(10)]
-    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>")
+    return word_tokenizer({w: i for i, w in enumerate(words)}, unk="<unk>", pad="<pad>",
+                          whitespace_split=False)
 
 
 # ---------------------------------------------------------------- names the script relies on

@@ -37,7 +37,7 @@ ROOT = TESTS.parent
 def gpu_test_files() -> list[Path]:
     """Test files that mark something ``gpu`` (``pytest.mark.gpu`` anywhere in them)."""
     out = []
-    for p in sorted(TESTS.glob("test_*.py")):
+    for p in sorted(TESTS.rglob("test_*.py")):
         tree = ast.parse(p.read_text())
         if any(isinstance(n, ast.Attribute) and n.attr == "gpu" and _dotted(n.value) == "pytest.mark"
                for n in ast.walk(tree)):
@@ -62,7 +62,7 @@ def _ours(obj: Any) -> bool:
     if mod.split(".")[0] == "ntl":
         return True
     f = sys.modules.get(mod)
-    return bool(f and getattr(f, "__file__", None) and Path(f.__file__).resolve().parent == TESTS)
+    return bool(f and getattr(f, "__file__", None) and Path(f.__file__).resolve().is_relative_to(TESTS))
 
 
 def _local_bindings(fn: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> set[str]:
@@ -198,14 +198,22 @@ def check_source(source: str, module: types.ModuleType, filename: str) -> tuple[
 FILES = gpu_test_files()
 
 
+def import_test_module(path: Path) -> Any:
+    """The test file at ``path`` as pytest imports it (import mode prepend: its folder on
+    ``sys.path``, the module named by its file name)."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    return importlib.import_module(path.stem)
+
+
 def test_the_gpu_test_files_are_found():
     names = {p.name for p in FILES}
     assert {"test_gpu.py", "test_linear.py", "test_launches.py"} <= names, names
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+@pytest.mark.parametrize("path", FILES, ids=[p.relative_to(TESTS).as_posix() for p in FILES])
 def test_names_resolve(path):
-    mod = importlib.import_module(path.stem)
+    mod = import_test_module(path)
     errors, checked = check_source(path.read_text(), mod, path.name)
     assert not errors, "\n".join(errors)
     assert checked >= 10, checked  # the walk did look at names
@@ -213,7 +221,7 @@ def test_names_resolve(path):
 
 def test_checker_catches_a_wrong_attribute_keyword_and_arity():
     """Positive control: the typo the issue found, a wrong keyword, too many arguments."""
-    import test_gpu
+    test_gpu = import_test_module(TESTS / "kernels" / "test_gpu.py")
 
     src = '''
 import ntl

@@ -21,18 +21,14 @@ Notes on the oracle:
 """
 
 import functools
-import sys
-from pathlib import Path
 from typing import Any
 
 import ntloss
 import pytest
 import torch
+from toy_tokenizers import DIGIT_IDS, synthetic_tokenizer  # tests/support
 
 import ntl
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_vocab import DIGIT_IDS, synthetic_tokenizer
 
 QWEN_V = 151_936
 SYN_V = 40  # synthetic tokenizer has 32 entries; logits padded to 40

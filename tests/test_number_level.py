@@ -17,8 +17,6 @@ within 1e-6 of float64 (test_predict_numbers.py measures both).
 
 import copy
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
 import ntloss
@@ -26,36 +24,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_probe import count_syncs  # tests/support
+from toy_tokenizers import SYN_V, digit_tokenizer  # tests/support
 
 import ntl
 from ntl.number_level import NumberLevelVocab
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 QWEN_V = 151_936
 QWEN_DIGITS = list(range(15, 25))
 QWEN_DOT = 13
 TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
 EPS = torch.finfo(torch.float32).eps
-
-# digit-level word tokenizer: digits at scattered ids (not in value order), '.', '..', text
-DIG = {"0": 19, "1": 3, "2": 27, "3": 8, "4": 1, "5": 14, "6": 22, "7": 11, "8": 5, "9": 25}
-WORDS = ["[UNK]", "[PAD]", ".", "..", "the", "answer", "is", "####", ",", "x", "+", "=", "sum",
-         "of", "and", "total", "cat", "dog", "-"]  # fmt: skip
-SYN_V = 35  # the tokenizer has 29 entries; logits padded to 35
-
-
-def digit_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    free = iter(i for i in range(64) if i not in DIG.values())
-    vocab = {w: next(free) for w in WORDS} | DIG
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
-
 
 @pytest.fixture(scope="module")
 def syn_tok():
@@ -640,44 +619,6 @@ def test_number_level_vocab_is_cached_per_tokenizer(syn_tok, monkeypatch):
 
 
 # ---------------------------------------------------------------- no host sync per number
-_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
-             "unique_consecutive", "repeat_interleave"}
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts ops that read tensor data on the host (``.item()``, ``bool()``, boolean-mask
-    indexing, ``nonzero``...). ``tolist``/``numpy`` bypass dispatch: patched separately."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        bool_index = name.startswith("index") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool
-            for a in args if isinstance(a, (list, tuple)) for i in a)
-        if name in _SYNC_OPS or bool_index:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_syncs(fn, monkeypatch):
-    counter = SyncCounter()
-    for name in ("tolist", "numpy", "__array__"):
-        orig = getattr(torch.Tensor, name)
-
-        def wrapped(self, *a, _orig=orig, **k):
-            counter.n += 1
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapped)
-    with counter:
-        fn()
-    monkeypatch.undo()
-    return counter.n
-
-
 def test_sync_counter_sees_syncs(monkeypatch):
     t = torch.arange(5.0)
     assert count_syncs(lambda: t[t > 2], monkeypatch) == 1

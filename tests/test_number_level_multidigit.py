@@ -15,19 +15,15 @@ References, independent of the code under test:
 """
 
 import math
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_probe import count_syncs  # tests/support
 
 import ntl
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_number_level import count_syncs
 
 V = 128_256
 EPS = torch.finfo(torch.float32).eps

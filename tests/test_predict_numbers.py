@@ -7,8 +7,6 @@ hypothesis bounds; whole numbers with ``labels=`` on digits by hand (multi-digit
 test_number_level_multidigit.py).
 """
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import ntloss
@@ -16,11 +14,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_probe import count_syncs  # tests/support
+from toy_tokenizers import SYN_V, digit_tokenizer  # tests/support
 
 import ntl
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_number_level import SYN_V, count_syncs, digit_tokenizer
 
 QWEN_V = 151_936
 TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from toy_tokenizers import char_tokenizer  # tests/support
 
 ROOT = Path(__file__).resolve().parents[1]
 FROM_PRETRAINED = re.compile(r"AutoTokenizer\.from_pretrained\([^)]*\)")
@@ -101,16 +102,9 @@ def test_quick_start(qwen_tok):
 
 
 def _char_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     chars = "0123456789 #+-*=?.\nabcdefghijklmnopqrstuvwxyz"
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *sorted(set(chars))])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    return char_tokenizer(["<pad>", "<eos>", "<unk>"], sorted(set(chars)), pad_token="<pad>",
+                          eos_token="<eos>", unk_token="<unk>")
 
 
 def test_trl_block(tmp_path):

@@ -7,31 +7,10 @@ References are independent of ntl: the tokenizers' own ``get_vocab()`` /
 
 import pytest
 import torch
+from toy_tokenizers import DIGIT_IDS, synthetic_tokenizer  # tests/support
 
 import ntl
 from ntl.vocab import resolve_vocab
-
-# Synthetic word-level tokenizer: digits at scattered ids, NOT in value order, plus
-# traps that must not count as digits ("12", "007", "-1", "5.0", Arabic-Indic three).
-DIGIT_IDS = {"0": 21, "1": 4, "2": 30, "3": 9, "4": 2, "5": 17, "6": 13, "7": 26, "8": 6, "9": 11}
-TEXT = ["[UNK]", "[PAD]", "the", "answer", "is", "####", ",", ".", "12", "007", "-1", "5.0",
-        "\u0663", "x", "+", "=", "cat", "dog", "sum", "of", "and", "total"]  # fmt: skip
-
-
-def synthetic_tokenizer(drop=()):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {}
-    free = iter(i for i in range(32) if i not in DIGIT_IDS.values())
-    for t in TEXT:
-        vocab[t] = next(free)
-    for d, i in DIGIT_IDS.items():
-        if d not in drop:
-            vocab[d] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
 
 
 # ---------------------------------------------------------------- Qwen2.5 (real)

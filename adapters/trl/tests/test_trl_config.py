@@ -61,7 +61,7 @@ def test_find_lm_parts_on_plain_and_wrapped_models():
 
 def test_logit_map_is_read_by_the_core():
     """One reader of a model's logit map for both adapters: the TRL adapter's is the core's
-    (its cases: tests/test_logit_map_of.py)."""
+    (its cases: tests/rl/test_logit_map_of.py)."""
     from ntl_trl import _model
 
     import ntl.logit_transform

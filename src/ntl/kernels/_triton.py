@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     # ``tl.constexpr`` parameters take ints and bools, ``kernel[grid]`` is typed as the
     # kernel's own signature (no ``num_warps``), ``x[:, None]`` as a constexpr index. The
     # checker sees ``triton`` and ``tl`` as dynamic (``_tl.pyi``); the kernels are tested by
-    # running them (Triton's CPU interpreter, tests/test_gpu.py on a GPU).
+    # running them (Triton's CPU interpreter, tests/kernels/test_gpu.py on a GPU).
     from . import _tl as tl  # pyright: ignore[reportMissingModuleSource] (a stub only)
 
     triton: Any

@@ -297,7 +297,7 @@ def fwd_config(V: int, K: int, row_scale: bool = False, esize: int = 2,
     (triton 3.9); elsewhere it changes nothing that matters (sm_90, fp16 row scaling: 90 / 99
     registers for K = 10 / 1,110 without it, 97 / 117 with it, no stack either way; 3.7:
     128 either way). No register spills for sm_80/sm_90 on triton 3.5-3.9
-    (``tests/test_compile_offline.py``); triton 3.4 streams 8k-element blocks (16k: 8-64 B of
+    (``tests/kernels/test_compile_offline.py``); triton 3.4 streams 8k-element blocks (16k: 8-64 B of
     stack with gradients at V = 50,257, where 3.4 assumes no alignment). ``NTL_FUSED_BLOCK_V`` and ``NTL_FUSED_WARPS`` (powers
     of two) override the table on a GPU (launch sweeps: ``scripts/gpu_check.sh``).
     """

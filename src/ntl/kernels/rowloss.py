@@ -283,7 +283,7 @@ def row_blocks(K: int, V: int, reweigh: bool) -> tuple[int, int, int, int]:
         return bn, bk, max(16, min(next_pow2(V), (1 << 18) // bn)), 4
     bv = max(16, min(next_pow2(V), 4096))
     # K >= 1024 (Llama-3): 4 warps leave each thread the registers for its share of the
-    # BLOCK_K-wide row beside the V stream (8 warps spill 8 B on sm_90; tests/test_compile_offline.py)
+    # BLOCK_K-wide row beside the V stream (8 warps spill 8 B on sm_90; tests/kernels/test_compile_offline.py)
     return 1, bk, bv, 8 if bv >= 2048 and bk < 1024 else 4
 
 

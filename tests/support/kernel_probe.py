@@ -10,6 +10,8 @@
   Ops issued inside a launch counted by :func:`count_launches` are the Triton
   interpreter's own argument plumbing (it re-binds every tensor's storage around a
   launch) and are not recorded: use both together.
+* :class:`HostSyncs` (beside :func:`count_launches`) and :func:`count_syncs` (the number-level
+  tests: also boolean-mask indexing and ``__array__``): the host reads a call makes.
 """
 
 from __future__ import annotations
@@ -162,3 +164,43 @@ class HostSyncs(HostReadMode):
         if not _IN_LAUNCH[0] and str(func.overloadpacket.__name__) in SYNC_OPS:
             self.syncs.append(str(func.overloadpacket.__name__))
         return func(*args, **(kwargs or {}))
+
+
+#: :class:`SyncCounter`: the ops that read data on the host (boolean-mask indexing is counted too).
+_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+             "unique_consecutive", "repeat_interleave"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts ops that read tensor data on the host (``.item()``, ``bool()``, boolean-mask
+    indexing, ``nonzero``...). ``tolist``/``numpy`` bypass dispatch: patched separately."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name.startswith("index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for a in args if isinstance(a, (list, tuple)) for i in a)
+        if name in _SYNC_OPS or bool_index:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn, monkeypatch):
+    """How many host reads ``fn()`` makes (:class:`SyncCounter`); undoes ``monkeypatch`` after."""
+    counter = SyncCounter()
+    for name in ("tolist", "numpy", "__array__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, **k):
+            counter.n += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    with counter:
+        fn()
+    monkeypatch.undo()
+    return counter.n

@@ -1,7 +1,7 @@
 """Offline GPU compile of every ``@triton.jit`` kernel in ``src/ntl/kernels`` (no GPU needed).
 
-Run with ``TRITON_INTERPRET=0`` (``tests/test_compile_offline.py`` starts it in a
-subprocess): ``python tests/offline_compile.py --arch 80 90 [--jobs 2] [--only NAME]``
+Run with ``TRITON_INTERPRET=0`` (``tests/kernels/test_compile_offline.py`` starts it in a
+subprocess): ``python tests/kernels/offline_compile.py --arch 80 90 [--jobs 2] [--only NAME]``
 prints one JSON document on stdout.
 
 How: each entry of :data:`KERNELS` names a ``@triton.jit`` function (``"module.name"``

@@ -11,50 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import GRAD_TOL, big_vocab, loss_and_grad, make_batch, rel_close  # tests/support
 
 import ntl
 from ntl.kernels import digit_gather, digit_gather_torch, ntl_rows_torch
 from ntl.kernels.rowloss import ntl_rows_triton
 
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-
 DIGITS = ntl.DigitVocab([3, 9, 12, 20, 21, 30, 33, 40, 41, 49], vocab_size=50)
-
-
-def big_vocab(V: int, K: int = 130, seed: int = 0) -> ntl.NumberVocab:
-    """A NumberVocab with K > 100 tokens, tied values and uneven gaps."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randperm(V, generator=g)[:K].tolist()
-    vals = sorted(torch.randint(0, 400, (K,), generator=g).tolist())
-    vals[1] = vals[0]  # a tie: zero gap
-    return ntl.NumberVocab(ids, vals, V)
-
-
-def make_batch(N: int, V: int, vocab: ntl.NumberVocab, dtype=torch.float32, seed: int = 0,
-               digit_frac: float = 0.4, ignore_frac: float = 0.1):
-    g = torch.Generator().manual_seed(seed)
-    logits = (3 * torch.randn(N, V, generator=g)).to(dtype)
-    labels = torch.randint(0, V, (N,), generator=g)
-    ids = torch.tensor(vocab.token_ids)
-    pick = torch.rand(N, generator=g) < digit_frac
-    labels[pick] = ids[torch.randint(0, vocab.K, (int(pick.sum()),), generator=g)]
-    labels[torch.rand(N, generator=g) < ignore_frac] = -100
-    return logits, labels
-
-
-def rel_close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
-    a, b = a.float(), b.float()
-    scale = max(b.abs().max().item(), 1.0)
-    err = (a - b).abs().max().item()
-    assert err <= tol * scale, f"max abs err {err:.3g} > {tol} x scale {scale:.3g}"
-
-
-def loss_and_grad(fn, logits: torch.Tensor, seed: int = 1):
-    x = logits.detach().clone().requires_grad_()
-    out = fn(x)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)) if out.dim() else None
-    (grad,) = torch.autograd.grad(out, x, g)
-    return out.detach(), grad
 
 
 # ---------------------------------------------------------------- kernel 1: gather
@@ -303,7 +266,7 @@ def test_from_hidden_triton_vs_plain(method):
     rel_close(W1.grad, W2.grad, 1e-5)
 
 
-# ---------------------------------------------------------------- real GPU: tests/test_gpu.py
+# ---------------------------------------------------------------- real GPU: tests/kernels/test_gpu.py
 
 
 def test_masked_digit_logits_on_rows_taking_no_part():

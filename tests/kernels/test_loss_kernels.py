@@ -16,20 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import GRAD_TOL, big_vocab, rel_close  # tests/support
 
 import ntl
 from ntl.losses import ntl_rows
-
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-
-
-def big_vocab(V: int, K: int = 130, seed: int = 0) -> ntl.NumberVocab:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randperm(V, generator=g)[:K].tolist()
-    vals = sorted(torch.randint(0, 400, (K,), generator=g).tolist())
-    vals[1] = vals[0]  # a tie: zero gap
-    return ntl.NumberVocab(ids, vals, V)
-
 
 DIGITS = ntl.DigitVocab([3, 9, 12, 20, 21, 30, 33, 40, 41, 49], vocab_size=300)
 
@@ -51,13 +41,6 @@ def weights_of(kind, w):
     mask = (w > 0.6).long() + (w > 1.7).long()
     return {"none": None, "float": w, "half": w.half(), "int": mask, "bool": mask > 0,
             "uint8": mask.to(torch.uint8)}[kind]
-
-
-def rel_close(a, b, tol):
-    a, b = a.float(), b.float()
-    scale = max(b.abs().max().item(), 1.0) if b.numel() else 1.0
-    err = (a - b).abs().max().item() if a.numel() else 0.0
-    assert err <= tol * scale, f"max abs err {err:.3g} > {tol} x scale {scale:.3g}"
 
 
 def both(fn, x, up_seed=1):

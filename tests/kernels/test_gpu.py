@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import require_compiled_kernels
+from kernel_cases import GRAD_TOL, loss_and_grad, make_batch, rel_close
 from kernel_probe import BigOps, HostSyncs, count_launches
 from test_fused import flush_and_error, fp32_reference_grad, mixed_batch
-from test_kernels import GRAD_TOL, loss_and_grad, make_batch, rel_close
 
 import ntl
 from ntl.kernels import interpreting

@@ -311,7 +311,7 @@ def test_standalone_reweigh_gradient_with_logits_x10_against_ntloss_float64(back
     bound is absolute, relative to the largest entry (measured: 1.5e-8 / 1.6e-7 absolute for
     W1 / MSE, both backends alike)."""
     import ntloss
-    from test_vocab import DIGIT_IDS, synthetic_tokenizer
+    from toy_tokenizers import DIGIT_IDS, synthetic_tokenizer
 
     tok, V = synthetic_tokenizer(), 40
     ids = [DIGIT_IDS[str(d)] for d in range(10)]

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for sm_80 and sm_90 without register spills (no GPU needed).
 
-``tests/offline_compile.py`` runs in a subprocess with ``TRITON_INTERPRET=0`` (the
+``tests/kernels/offline_compile.py`` runs in a subprocess with ``TRITON_INTERPRET=0`` (the
 interpreter has no compiler): it drives each launcher at Qwen2.5's ``V = 151,936``,
 ``K = 10`` and ``K = 1,110``, fp32/bf16/fp16 and every flag (and GPT-2's odd ``V = 50,257``
 at ``K = 10``), records the real launches and compiles each with the triton wheel's ``ptxas``
@@ -55,7 +55,7 @@ def known_spills() -> dict[tuple[str, int, str, int], str]:
 @pytest.fixture(scope="module")
 def report():
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    src = str(HERE.parent / "src")
+    src = str(HERE.parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     # below this module's pytest limit (pytestmark), which would fire first and hide this error
     out = subprocess.run([sys.executable, str(HERE / "offline_compile.py"), "--arch", "80", "90"],
@@ -79,7 +79,7 @@ def test_every_jit_function_has_a_table_entry(report):
     found = set(report["jit_functions"])
     table = set(report["table"])
     assert found, "no @triton.jit function found in ntl.kernels"
-    assert not found - table, f"kernels without an entry in tests/offline_compile.py KERNELS: {sorted(found - table)}"
+    assert not found - table, f"kernels without an entry in tests/kernels/offline_compile.py KERNELS: {sorted(found - table)}"
     assert not table - found, f"KERNELS entries for kernels that no longer exist: {sorted(table - found)}"
 
 

@@ -20,14 +20,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from token_rows import IGN, pad_rows, targeted  # tests/support
 
 import ntl
+from ntl.rl.metrics import digit_probs, digit_stats
 from ntl.targets import build_digit_targets
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_targets import FINAL_ANSWER_CASES as QWEN_CASES  # the pre-issue-25 expectations
 
-IGN = -100
 EOT = "<|end_of_text|>"
 
 
@@ -35,23 +36,7 @@ def encode(tok, texts, pad_id=0, eos=True):
     """Right-padded Llama-3 ids [B, T] (no BOS) and mask; an <|end_of_text|> closes each response.
     Llama-3 has no pad token: ``pad_id`` fills the padding (outside the mask)."""
     end = [tok.convert_tokens_to_ids(EOT)] if eos else []
-    rows = [tok.encode(t, add_special_tokens=False) + end for t in texts]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask, [len(r) for r in rows]
-
-
-def targeted(tok, ids_row, tgt_row):
-    """[(position, token text, target text)] of the targeted positions of one row."""
-    return [
-        (t, tok.decode([int(i)]), tok.decode([int(g)]))
-        for t, (i, g) in enumerate(zip(ids_row.tolist(), tgt_row.tolist(), strict=True))
-        if g != IGN
-    ]
+    return pad_rows(tok, texts, end=end, pad_id=pad_id, add_special_tokens=False)
 
 
 def is_number_text(s: str) -> bool:
@@ -301,13 +286,13 @@ def test_digit_metrics_count_number_tokens(llama3_tok):
     assert acc.item() == pytest.approx(2 / 3)
     vals = torch.tensor(nv.values, dtype=torch.float64)
     w1 = (qs * (vals[None] - vals[tcol][:, None]).abs()).sum(-1).mean()
-    stats = ntl.metrics.digit_stats(logits, tg, nv, method="wasserstein").to_dict()
+    stats = digit_stats(logits, tg, nv, method="wasserstein").to_dict()
     assert stats["ntl/total_digits"] == 3.0
     assert stats["ntl/digit_accuracy"] == pytest.approx(acc.item(), abs=1e-6)
     assert stats["ntl/target_prob"] == pytest.approx(tp.mean().item(), abs=1e-5)
     assert stats["ntl/confidence"] == pytest.approx(qs.max(-1).values.mean().item(), abs=1e-5)
     assert stats["ntl/loss"] == pytest.approx(w1.item(), rel=1e-4, abs=1e-4)
-    pr = ntl.metrics.digit_probs(logits, tg, nv)
+    pr = digit_probs(logits, tg, nv)
     assert pr.target_digit[sel].tolist() == tcol
     assert pr.correct[sel].tolist() == [True, False, True]
     assert torch.allclose(pr.target_prob[sel].double(), tp, atol=1e-5)

@@ -8,33 +8,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from token_rows import IGN, pad_rows, targeted  # tests/support
 
 import ntl
 from ntl.targets import build_digit_targets, count_ascii_digits, digit_token_mask
 
-IGN = -100
-
 
 def encode(tok, texts, pad_id=None, eos=True):
     """Right-padded ids [B, T] and mask; an <|im_end|> closes each response (inside the mask)."""
-    rows = [tok.encode(t) + ([tok.convert_tokens_to_ids("<|im_end|>")] if eos else []) for t in texts]
-    T = max(len(r) for r in rows)
-    pad = tok.pad_token_id if pad_id is None else pad_id
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask, [len(r) for r in rows]
-
-
-def targeted(tok, ids_row, tgt_row):
-    """[(position, token text, target text)] of the targeted positions of one row."""
-    return [
-        (t, tok.decode([int(i)]), tok.decode([int(g)]))
-        for t, (i, g) in enumerate(zip(ids_row.tolist(), tgt_row.tolist(), strict=True))
-        if g != IGN
-    ]
+    end = [tok.convert_tokens_to_ids("<|im_end|>")] if eos else []
+    return pad_rows(tok, texts, end=end, pad_id=tok.pad_token_id if pad_id is None else pad_id)
 
 
 def test_qwen_digits_are_single_tokens(qwen_tok):
