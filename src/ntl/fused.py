@@ -129,7 +129,11 @@ def ce_ntl_rows_torch(
     s = p.sum(1)
     ce = m.squeeze(1) + s.log() - x_lab
     if rows is not None:
-        L, dz = rows
+        L, dz_given = rows
+        if dz_given is not None:
+            dz = dz_given
+        elif out is not None:
+            raise ValueError("ce_ntl_rows_torch: rows needs dL/dz when the gradient is written")
     elif out is None:
         L = ntl_rows_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)  # pyright: ignore[reportArgumentType]
     else:
