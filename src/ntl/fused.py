@@ -96,6 +96,7 @@ def ce_ntl_rows_torch(
     a: torch.Tensor, b: torch.Tensor, method: str, reweigh: bool, dmax: float,
     out: torch.Tensor | None, rinv: torch.Tensor | None = None,
     squash: tuple[float, float] | None = None, huber_delta: float = 1.0,
+    rows: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One row block: CE and NTL per row, and the scaled gradient written to ``out``.
 
@@ -106,13 +107,15 @@ def ce_ntl_rows_torch(
     the kernel) and ``rinv[i] = 1 / S_i``. A row with ``a = b = 0`` gets zeros (also
     when its logits are all ``-inf``). ``squash = (sq_a, sq_b)``: the W1 distances
     ``d > 0`` become ``sq_a + sq_b d`` (:func:`ntl.methods.squash_table`); ``huber_delta``:
-    the Huber threshold; ``method`` a name in :mod:`ntl.methods`. Returns
+    the Huber threshold; ``method`` a name in :mod:`ntl.methods`. ``rows``: the block's
+    ``(L [n], dL/dz [n, K])`` of the row formula computed beforehand (for all blocks at once:
+    :func:`fused_forward`); ``dL/dz`` may be ``None`` with ``out=None``. Returns
     ``(ce [n], ntl [n])`` fp32 (unscaled per-row losses).
     """
     V = x.shape[1]
     zero = torch.zeros((), device=x.device)
     xf = x.float()
-    z = xf.index_select(1, ids)
+    z = xf.index_select(1, ids) if rows is None else None  # read before out (maybe x) is written
     lab = labels.clamp(0, V - 1)[:, None]
     x_lab = xf.gather(1, lab).squeeze(1)
     m = xf.amax(1, keepdim=True)
@@ -125,10 +128,16 @@ def ce_ntl_rows_torch(
     p.exp_()
     s = p.sum(1)
     ce = m.squeeze(1) + s.log() - x_lab
-    if out is None:
-        L = ntl_rows_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)
+    if rows is not None:
+        L, dz_given = rows
+        if dz_given is not None:
+            dz = dz_given
+        elif out is not None:
+            raise ValueError("ce_ntl_rows_torch: rows needs dL/dz when the gradient is written")
+    elif out is None:
+        L = ntl_rows_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)  # pyright: ignore[reportArgumentType]
     else:
-        L, dz, _ = ntl_rows_grad_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)
+        L, dz, _ = ntl_rows_grad_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)  # pyright: ignore[reportArgumentType]
     s = s.clamp_min(1.0)  # no-op for a row with a finite logit; 0 -> 1 for an all -inf row
     coef = a / s
     # dz and digit are bound exactly when out is not None (which the type checker cannot follow)
@@ -207,12 +216,20 @@ def fused_forward(
         ce = torch.empty(N, device=logits.device)
         L = torch.empty(N, device=logits.device)
         step = max(1, _CHUNK_ELEMS // V)
+        # the row formula over the N x K number logits once, not per row block: on a loaded CPU
+        # every small op costs about a scheduler time slice, and the methods differ in op count
+        z = logits.index_select(1, ids).float()  # read before an in-place block overwrites them
+        if write_grad:
+            L_all, dz_all, _ = ntl_rows_grad_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)
+        else:
+            L_all, dz_all = ntl_rows_torch(z, k, values, method, squash=squash, huber_delta=huber_delta), None
         for s in range(0, N, step):
             e = min(N, s + step)
             ce[s:e], L[s:e] = ce_ntl_rows_torch(
                 logits[s:e], labels[s:e], k[s:e], ids, values, ga[s:e], gb[s:e], method, reweigh, dmax,
                 grad[s:e] if grad is not None else None, rinv[s:e] if rinv is not None else None,
-                squash=squash, huber_delta=huber_delta)
+                squash=squash, huber_delta=huber_delta,
+                rows=(L_all[s:e], dz_all[s:e] if dz_all is not None else None))
         ce = torch.where(a != 0, ce, torch.zeros((), device=ce.device))
     return (grad, rinv, *_combine(a, c, ce, L, ntl_weight, reduction))
 

@@ -31,11 +31,12 @@ from typing import Any
 import torch
 
 import ntl
+from ntl.methods import Method
 from ntl.rl.capture import causal_slice, digit_logits_from_head, hook_backbone
 from ntl.rl.logit_transform import LogitTransform
 from ntl.rl.targets import digit_token_mask
 
-from ._common import digit_metric_sums
+from ._common import ntl_sums_from_digit_logits, place_weights_of
 from ._model import LMParts
 
 __all__ = ["CaptureResult", "HiddenNTLCapture", "digit_logits_for_rows", "ntl_sums_from_hidden"]
@@ -52,7 +53,7 @@ def digit_logits_for_rows(parts: LMParts, rows: torch.Tensor, vocab: ntl.NumberV
 
 
 def ntl_sums_from_hidden(parts: LMParts, hidden: torch.Tensor, targets: torch.Tensor,
-                         vocab: ntl.NumberVocab, *, method: str,
+                         vocab: ntl.NumberVocab, *, method: str | Method,
                          transform: LogitTransform) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_i NTL_i, metric sums)`` over the positions of ``targets`` that hold a number
     token, for ``hidden [..., H]`` aligned with ``targets [...]`` (module docstring).
@@ -66,10 +67,10 @@ def ntl_sums_from_hidden(parts: LMParts, hidden: torch.Tensor, targets: torch.Te
             f"{tuple(targets.shape)}; the trainer's forward changed the sequence"
         )
     sel = digit_token_mask(targets, vocab)
+    place = place_weights_of(targets, vocab, method)  # DEL: from the whole rows, before selecting
     rows, tgt = hidden[sel], targets[sel]  # only the targeted rows (one host sync)
     z = digit_logits_for_rows(parts, rows, vocab, transform)
-    loss = ntl.ntl_loss_from_digit_logits(z, tgt, vocab, method=method, reduction="sum")
-    return loss, digit_metric_sums(z, tgt, vocab, method)
+    return ntl_sums_from_digit_logits(z, tgt, vocab, method, None if place is None else place[sel])
 
 
 @dataclass
@@ -107,7 +108,7 @@ class HiddenNTLCapture:
     ``return_outputs``). A further forward with gradient is always an error.
     """
 
-    def __init__(self, parts: LMParts, vocab: ntl.NumberVocab, *, method: str) -> None:
+    def __init__(self, parts: LMParts, vocab: ntl.NumberVocab, *, method: str | Method) -> None:
         self.parts, self.vocab, self.method = parts, vocab, method
         self._plan: dict[str, Any] | None = None
         self.handle = hook_backbone(parts.backbone, self._hook)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -10,13 +11,17 @@ from typing import Any
 import torch
 
 import ntl
+from ntl.methods import Method, resolve
 
 __all__ = [
     "METRIC_KEYS",
     "MetricSums",
+    "adapter_method",
     "check_final_answer_vocab",
     "digit_metric_sums",
     "lookup_column",
+    "ntl_sums_from_digit_logits",
+    "place_weights_of",
     "resolve_model_vocab",
     "targets_for_completions",
     "trainer_scales_loss_for_ga",
@@ -143,6 +148,7 @@ def targets_for_completions(
     correct_only: bool,
     answers: Sequence[Any] | None,
     tokenizer: Any,
+    decimal_point_id: int | None = None,
 ) -> tuple[torch.Tensor, list[bool] | None]:
     """Per-token number-token targets (token ids; ``-100`` where NTL does not apply), aligned
     with ``completion_ids`` [B, C], and whether each completion has an extracted final answer.
@@ -153,6 +159,9 @@ def targets_for_completions(
     :func:`ntl.rl.targets.build_digit_targets` with the ground truths and ``vocab`` (for
     ``final_answer``, each answer token covering places ``[p, p + w)`` targets the width-``w``
     token of the truth's digits there: Llama-3 ``'123' '4'`` vs 1299 -> ``'129' '9'``).
+    ``decimal_point_id`` (DEL's place weights): the completion's ``'.'`` between two number
+    targets is kept (:func:`ntl.rl.targets.keep_decimal_points`), so the answer's decimals count
+    as decimals.
     """
     if labels_mode == "all" and not correct_only:
         return completion_ids.masked_fill(mask == 0, -100), None
@@ -175,23 +184,80 @@ def targets_for_completions(
         vocab=vocab,
         return_info=True,
     )
+    if decimal_point_id is not None:
+        from ntl.rl.targets import keep_decimal_points
+
+        targets = keep_decimal_points(targets, completion_ids.masked_fill(mask == 0, -100), vocab,
+                                      decimal_point_id)
     return targets, [p is not None for p in info.preds]
 
 
+def adapter_method(method: str | Method, tokenizer_or_vocab: Any, vocab: ntl.NumberVocab) -> Method:
+    """The :class:`ntl.methods.Method` an adapter hands to the core losses: ``method`` (a
+    registered name or a method object) resolved, with the tokenizer's ``'.'`` as DEL's decimal
+    point (unless the object names one; none for a :class:`ntl.NumberVocab`). ``ValueError``
+    for DEL's place weights with a multi-digit vocab that does not know its tokens' widths."""
+    from ntl.losses import bind_decimal_point
+
+    tok = tokenizer_or_vocab
+    if not hasattr(tok, "get_vocab") and hasattr(tok, "tokenizer"):
+        tok = tok.tokenizer  # a processor wraps its tokenizer
+    m = bind_decimal_point(resolve(method, name="ntl_method"), tok)
+    if m.place_weighted and vocab.widths is None and not vocab.is_digit_vocab:
+        raise ValueError(
+            f"ntl_method={m.describe()}: DEL's place weights need each number token's digit width, "
+            f"and {vocab!r} was built without token texts; pass the tokenizer, or "
+            "ntl_method=ntl.methods.DEL(place_weights=False)"
+        )
+    return m
+
+
+def place_weights_of(targets: torch.Tensor, vocab: ntl.NumberVocab,
+                     method: str | Method) -> torch.Tensor | None:
+    """DEL's place weights (:func:`ntl.number_level.place_weights`) of ``targets [..., L]``
+    (token ids; the last axis the sequence, as the core reads labels), or ``None`` for a method
+    without them. Computed on the whole rows, before the number-token rows are selected."""
+    m = resolve(method)
+    if not m.place_weighted:
+        return None
+    from ntl.number_level import place_weights
+
+    return place_weights(targets, vocab, m.decimal_point(), -100, max(vocab.vocab_size, 1))
+
+
+def ntl_sums_from_digit_logits(z: torch.Tensor, targets: torch.Tensor, vocab: ntl.NumberVocab,
+                               method: str | Method,
+                               place: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_i pw_i NTL_i, metric sums)`` for number logits ``z [n, K]`` of the ``n`` selected
+    targets ``targets [n]``; ``place [n]``: DEL's place weights ``pw`` of those positions (from
+    :func:`place_weights_of` on the whole rows: the selected rows alone are no sequence).
+    ``ntl/loss`` is the mean of the same per-position terms the loss sums."""
+    m = resolve(method)
+    if m.place_weighted:
+        if place is None:
+            raise ValueError("DEL's place weights must come from the whole rows (place_weights_of)")
+        m = dataclasses.replace(m, place_weights=False)  # type: ignore[call-arg]
+    rows = ntl.ntl_loss_from_digit_logits(z, targets, vocab, method=m, reduction="none")
+    if place is not None:
+        rows = rows * place.to(rows.device)
+    return rows.sum(), digit_metric_sums(z, targets, vocab, rows)
+
+
 def digit_metric_sums(digit_logits: torch.Tensor, targets: torch.Tensor, vocab: ntl.NumberVocab,
-                      method: str) -> torch.Tensor:
-    """``[n, n*loss, n*accuracy, n*confidence, n*target_prob]`` (fp32, no host sync) from
-    :func:`ntl.rl.metrics.digit_stats` over the ``n`` number-token targets (``digit_logits``:
-    ``[n, K]`` over the vocab's ``K`` number tokens; accuracy = argmax token == target
-    token), so that batches and processes combine by summing."""
+                      loss_rows: torch.Tensor) -> torch.Tensor:
+    """``[n, n*loss, n*accuracy, n*confidence, n*target_prob]`` (fp32, no host sync) over the
+    ``n`` number-token targets: ``loss_rows [n]`` the per-position NTL terms (0 off the
+    targets), the others from :func:`ntl.rl.metrics.digit_stats` (``digit_logits``: ``[n, K]``
+    over the vocab's ``K`` number tokens; accuracy = argmax token == target token), so that
+    batches and processes combine by summing."""
     from ntl.rl.metrics import digit_stats
 
     with torch.no_grad():
-        s = digit_stats(digit_logits.detach(), targets, vocab, method=method)
+        s = digit_stats(digit_logits.detach(), targets, vocab)
         n = torch.as_tensor(s.total_digits, dtype=torch.float32, device=digit_logits.device)
         vals = [torch.as_tensor(getattr(s, f), dtype=torch.float32, device=n.device)
-                for f in ("loss", "digit_accuracy", "confidence", "target_prob")]
-        return torch.stack([n, *(n * v for v in vals)])
+                for f in ("digit_accuracy", "confidence", "target_prob")]
+        return torch.stack([n, loss_rows.detach().float().sum().to(n.device), *(n * v for v in vals)])
 
 
 class MetricSums:

@@ -63,10 +63,11 @@ from transformers import TrainerCallback
 
 import ntl
 from ntl.checks import check_method, check_ntl_weight
+from ntl.methods import Method
 from ntl.rl.capture import last_hidden_state
 
 from ._capture import ntl_sums_from_hidden
-from ._common import MetricSums, resolve_model_vocab, warn_everywhere
+from ._common import MetricSums, adapter_method, resolve_model_vocab, warn_everywhere
 from ._model import LMParts, find_lm_parts, replace_last_hidden_state
 
 __all__ = ["NTLCallback"]
@@ -117,7 +118,9 @@ class NTLCallback(TrainerCallback):
 
     Args:
         ntl_weight: weight of the NTL term (``>= 0``; ``0`` logs the metrics only).
-        ntl_method: ``"wasserstein"`` or ``"mse"``.
+        ntl_method: a registered :mod:`ntl.methods` name (``"wasserstein"``, ``"mse"``,
+            ``"del"``, ``"dist2"``, ...) or a method object with its parameters
+            (``ntl.methods.DIST2(tau=2.0)``, ``ntl.methods.DEL(place_weights=False)``).
         tokenizer_or_vocab: tokenizer (NTL then uses its whole number vocabulary,
             :func:`ntl.vocab_for_tokenizer`) or an :class:`ntl.NumberVocab` (used as is);
             default: the trainer's ``processing_class``.
@@ -125,7 +128,7 @@ class NTLCallback(TrainerCallback):
             trainer's args have none), as the trainers' log-probs do.
     """
 
-    def __init__(self, ntl_weight: float = 0.1, ntl_method: str = "wasserstein", *,
+    def __init__(self, ntl_weight: float = 0.1, ntl_method: str | Method = "wasserstein", *,
                  tokenizer_or_vocab: Any = None, temperature: float | None = None) -> None:
         ntl_weight = check_ntl_weight(ntl_weight)
         ntl_method = check_method(ntl_method, "ntl_method")
@@ -137,6 +140,7 @@ class NTLCallback(TrainerCallback):
         self.ntl_method = ntl_method
         self.tokenizer_or_vocab = tokenizer_or_vocab
         self.temperature = temperature
+        self._method: Method | str = ntl_method  # bound to the tokenizer's '.' at train begin
         self._trainer: Any = None
         self._handles: list[Any] = []
         self._parts: LMParts | None = None
@@ -186,6 +190,7 @@ class NTLCallback(TrainerCallback):
         tok = self.tokenizer_or_vocab if self.tokenizer_or_vocab is not None else (
             processing_class if processing_class is not None else kwargs.get("tokenizer"))
         self._vocab = resolve_model_vocab(tok, parts.vocab_size)
+        self._method = adapter_method(self.ntl_method, tok, self._vocab)
         t = self.temperature if self.temperature is not None else getattr(args, "temperature", 1.0)
         self._transform = parts.logit_transform(float(t))
         scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
@@ -346,7 +351,7 @@ class NTLCallback(TrainerCallback):
         grad = self.ntl_weight > 0
         with torch.set_grad_enabled(grad):
             loss_sum, sums = ntl_sums_from_hidden(parts, h, tgt.to(h.device), vocab,
-                                                  method=self.ntl_method, transform=self._transform)
+                                                  method=self._method, transform=self._transform)
         acc = getattr(self._trainer, "accelerator", None)
         reported = acc.reduce(sums, reduction="sum") if acc is not None and \
             acc.num_processes > 1 else sums

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ntl.checks import check_method, check_ntl_weight
-from ntl.methods import REGISTRY
+from ntl.methods import REGISTRY, Method
 
 __all__ = ["NTL_LABELS", "NTL_METHODS", "NTLConfig", "NTLSFTConfig"]
 
@@ -29,7 +29,13 @@ class NTLConfig:
         ntl_weight: weight of the NTL term (``>= 0``; ``0`` logs the metrics but
             leaves the update untouched).
         ntl_method: a registered :mod:`ntl.methods` name: ``"wasserstein"`` (NTL-W1, alias
-            ``"w1"``), ``"mse"`` (NTL-MSE), ``"mae"``, ``"huber"`` (delta 1).
+            ``"w1"``), ``"mse"`` (NTL-MSE), ``"mae"``, ``"huber"`` (delta 1), ``"del"`` (the
+            Digit Entropy Loss, with place weights), ``"dist2"`` (DIST², tau 1); or a method
+            object carrying its parameters: ``ntl.methods.DEL(place_weights=False)``,
+            ``ntl.methods.DIST2(tau=2.0)``, ``ntl.methods.Huber(delta=2.0)``,
+            ``ntl.methods.W1(squash_factor=3.0)``. DEL's place weights follow the numbers of
+            the scored tokens (the completion's final answer, with its ``'.'`` as the decimal
+            point: the tokenizer's ``'.'`` unless the object names one).
         ntl_labels: which completion number tokens get a target.
             ``"all"``: every number token of a completion targets itself (the sampled
             token); with ``correct_only=True`` only completions whose final answer
@@ -51,7 +57,7 @@ class NTLConfig:
     """
 
     ntl_weight: float = 0.1
-    ntl_method: str = "wasserstein"
+    ntl_method: str | Method = "wasserstein"
     ntl_labels: str = "final_answer"
     answer_column: str | None = "ground_truth"
     correct_only: bool = True
@@ -106,7 +112,13 @@ class NTLSFTConfig:
             recipe; ``0`` logs the metrics and leaves the update bit-identical to the
             plain trainer).
         ntl_method: a registered :mod:`ntl.methods` name: ``"wasserstein"`` (NTL-W1, alias
-            ``"w1"``), ``"mse"`` (NTL-MSE), ``"mae"``, ``"huber"`` (delta 1).
+            ``"w1"``), ``"mse"`` (NTL-MSE), ``"mae"``, ``"huber"`` (delta 1), ``"del"`` (the
+            Digit Entropy Loss, with place weights), ``"dist2"`` (DIST², tau 1); or a method
+            object carrying its parameters: ``ntl.methods.DEL(place_weights=False)``,
+            ``ntl.methods.DIST2(tau=2.0)``, ``ntl.methods.Huber(delta=2.0)``,
+            ``ntl.methods.W1(squash_factor=3.0)``. DEL's place weights follow the numbers of
+            the scored tokens (the labels, with its ``'.'`` as the decimal
+            point: the tokenizer's ``'.'`` unless the object names one).
 
     ``ntloss``'s ``reweigh`` (weighting each position by its number-token probability mass
     over the full vocabulary) is not offered: it needs every position's full-vocabulary
@@ -115,7 +127,7 @@ class NTLSFTConfig:
     """
 
     ntl_weight: float = 0.3
-    ntl_method: str = "wasserstein"
+    ntl_method: str | Method = "wasserstein"
 
     def __post_init__(self) -> None:
         self.ntl_weight = check_ntl_weight(self.ntl_weight, "NTLSFTConfig.ntl_weight")

@@ -70,7 +70,13 @@ from ntl.rl.normalization import accumulation_normalizer
 from ntl.rl.targets import digit_token_mask
 
 from ._capture import HiddenNTLCapture
-from ._common import MetricSums, resolve_model_vocab, trainer_scales_loss_for_ga, warn_everywhere
+from ._common import (
+    MetricSums,
+    adapter_method,
+    resolve_model_vocab,
+    trainer_scales_loss_for_ga,
+    warn_everywhere,
+)
 from ._model import find_lm_parts
 from .config import NTLConfig, NTLSFTConfig
 
@@ -156,8 +162,9 @@ class NTLSFTMixin:
         self._ntl_parts = find_lm_parts(model)
         self._ntl_check_setup(model)
         self._ntl_vocab = resolve_model_vocab(self.processing_class, self._ntl_parts.vocab_size)
-        self._ntl_capture = HiddenNTLCapture(self._ntl_parts, self._ntl_vocab,
-                                             method=ntl_config.ntl_method)
+        self._ntl_method = adapter_method(ntl_config.ntl_method, self.processing_class,
+                                          self._ntl_vocab)
+        self._ntl_capture = HiddenNTLCapture(self._ntl_parts, self._ntl_vocab, method=self._ntl_method)
         self._ntl_transform = self._ntl_parts.logit_transform(1.0)
         self._ntl_window: dict[str, Any] | None = None
         self._ntl_windows_seen = 0

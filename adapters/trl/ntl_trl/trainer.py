@@ -56,6 +56,7 @@ from ntl.rl.targets import digit_token_mask
 from ._capture import HiddenNTLCapture
 from ._common import (
     MetricSums,
+    adapter_method,
     lookup_column,
     resolve_model_vocab,
     targets_for_completions,
@@ -145,8 +146,9 @@ class NTLTrainerMixin:
             ntl_vocab if ntl_vocab is not None else self.processing_class,
             self._ntl_parts.vocab_size, ntl_labels=ntl_config.ntl_labels,
         )
-        self._ntl_capture = HiddenNTLCapture(self._ntl_parts, self._ntl_vocab,
-                                             method=ntl_config.ntl_method)
+        self._ntl_method = adapter_method(ntl_config.ntl_method, self.processing_class,
+                                          self._ntl_vocab)
+        self._ntl_capture = HiddenNTLCapture(self._ntl_parts, self._ntl_vocab, method=self._ntl_method)
         self._ntl_transform = self._ntl_parts.logit_transform(self._ntl_temperature())
         self._ntl_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self._ntl_train_rounds = 0
@@ -191,7 +193,7 @@ class NTLTrainerMixin:
         targets, has_answer = targets_for_completions(
             completion_ids, mask, self._ntl_vocab, labels_mode=cfg.ntl_labels,
             correct_only=cfg.correct_only, answers=batch.get(NTL_ANSWERS_KEY),
-            tokenizer=self._ntl_tokenizer,
+            tokenizer=self._ntl_tokenizer, decimal_point_id=self._ntl_method.decimal_point(),
         )
         n_ans = float(sum(has_answer)) if has_answer is not None else 0.0
         local = torch.stack([

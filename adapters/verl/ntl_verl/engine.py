@@ -277,7 +277,7 @@ class NTLEngineMixin(_EngineBase):
             getattr(loss_function, "func", None), "ntl_included", False
         ):
             return loss_function
-        return NTLLossFn(loss_function, s, self.ntl_vocab if s.ntl_enabled else None)
+        return NTLLossFn(loss_function, s, self.ntl_vocab if s.ntl_enabled else None, self._ntl_tokenizer())
 
     def _ntl_device(self) -> Any:
         from verl.utils.device import get_device_id

@@ -57,7 +57,7 @@ from ntl.rl.metrics import digit_probs
 
 from ._compat import require_verl_07
 from .batch import TARGETS_KEY, digit_targets, ground_truths_from, has_key
-from .loss import ntl_loss_from_digit_logits, number_vocab
+from .loss import loss_method, ntl_loss_from_digit_logits, number_vocab, with_decimal_points
 from .settings import IGNORE_INDEX, KEY_PREFIX, NTLConfigFields, NTLSettings
 
 __all__ = ["NTLActorMixin", "NTLDataParallelPPOActor", "NTLLegacyActorConfig", "install"]
@@ -148,6 +148,16 @@ class NTLActorMixin(_ActorBase):
             self._ntl_vocab_cache = v
         return v
 
+    def _ntl_method(self) -> Any:
+        """The settings' method with the tokenizer's ``'.'`` as DEL's decimal point."""
+        m = getattr(self, "_ntl_method_cache", None)
+        if m is None:
+            s = self.ntl_settings
+            assert s is not None
+            m = loss_method(s, self._ntl_get_tokenizer())
+            self._ntl_method_cache = m
+        return m
+
     def _ntl_get_tokenizer(self) -> Any:
         if self.ntl_tokenizer is None:
             from transformers import AutoTokenizer
@@ -182,6 +192,7 @@ class NTLActorMixin(_ActorBase):
                 responses, mask, gts, self._ntl_get_tokenizer(), self.ntl_vocab, s.ntl_labels
             )
         targets = data.batch[TARGETS_KEY].masked_fill(~mask, IGNORE_INDEX)
+        targets = with_decimal_points(targets, responses, self.ntl_vocab, self._ntl_method())
         data.batch[TARGETS_KEY] = targets
         # per-sample 1 / (digits in its mini-batch); verl splits mini-batches in order
         is_digit = self.ntl_vocab.digit_index(targets) >= 0
@@ -247,7 +258,7 @@ class NTLActorMixin(_ActorBase):
             z = pad_input(hidden_states=z.squeeze(0), indices=indices, batch=B, seqlen=L)
         z = z[:, -R - 1:-1]  # the causal shift, exactly as verl slices log_probs
         scale = micro_batch[SCALE_KEY].float()
-        rows = ntl_loss_from_digit_logits(z, targets, self.ntl_vocab, s.ntl_method, reduction="none")
+        rows = ntl_loss_from_digit_logits(z, targets, self.ntl_vocab, self._ntl_method(), reduction="none")
         ntl_mb = (rows * scale[:, None]).sum()
         dp = digit_probs(z.detach(), targets, self.ntl_vocab, ignore_index=IGNORE_INDEX)
         sc = scale[:, None]

@@ -9,7 +9,9 @@ NTL runs over the model's whole number vocabulary (:func:`vocab_for_model`, i.e.
 ``loss = policy_loss + ntl_weight * L_NTL``. With ``l[b, t]`` the NTL of the number-token logits
 that predict response token ``t`` of sequence ``b`` (``ntl.ntl_loss_from_digit_logits`` over the
 ``K`` columns, ``q = softmax(z / T)``; ``mse``: ``(sum_k q_k v_k - y)^2``, ``wasserstein``:
-``sum_k q_k |v_k - y|``, ``y`` the target token's value; captured by the engine in the same forward
+``sum_k q_k |v_k - y|``, ``y`` the target token's value; any registered method,
+:attr:`ntl_verl.settings.NTLSettings.method`; DEL's place weights come from the targets'
+numbers, with the response's ``'.'`` between two targets kept as the decimal point; captured by the engine in the same forward
 as the log-probs, already divided by the sampling temperature ``T``) and ``d[b, t]`` the
 number-token target mask, ``L_NTL`` is verl's ``agg_loss`` with ``actor.loss_agg_mode`` over the
 **global mini-batch** (all micro-batches, all data-parallel ranks) with ``d`` as the loss mask and
@@ -43,8 +45,11 @@ from typing import Any
 import torch
 
 import ntl
+from ntl.losses import bind_decimal_point
+from ntl.methods import Method
 from ntl.rl.metrics import digit_probs
 from ntl.rl.normalization import aggregate_loss
+from ntl.rl.targets import keep_decimal_points
 
 from .batch import (
     DIGIT_LOGITS_KEY,
@@ -58,11 +63,13 @@ from .settings import IGNORE_INDEX, NTLSettings
 
 __all__ = [
     "NTLLossFn",
+    "loss_method",
     "ntl_loss_from_digit_logits",
     "ntl_ppo_loss",
     "number_vocab",
     "target_modes",
     "vocab_for_model",
+    "with_decimal_points",
 ]
 
 logger = logging.getLogger("ntl")
@@ -125,11 +132,30 @@ def vocab_for_model(model_config: Any, settings: NTLSettings | None = None) -> n
     return number_vocab(tok, V, settings)
 
 
+def loss_method(settings: NTLSettings, tokenizer: Any) -> Method:
+    """``settings.method`` with the tokenizer's ``'.'`` as DEL's decimal point (``None``: none);
+    ``ValueError`` for DEL's place weights with a multi-digit vocab of unknown token widths
+    is the core's, at the first step."""
+    return bind_decimal_point(settings.method, tokenizer) if tokenizer is not None else settings.method
+
+
+def with_decimal_points(targets: torch.Tensor, responses: Any, vocab: ntl.NumberVocab,
+                        method: Method) -> torch.Tensor:
+    """``targets [B, R]`` with the response's ``'.'`` kept between two number targets when
+    ``method`` has place weights (:func:`ntl.rl.targets.keep_decimal_points`), so DEL's place
+    weights, read from the targets by the core, see an answer's decimals."""
+    dot = method.decimal_point() if method.place_weighted else None
+    if dot is None or responses is None:
+        return targets
+    resp = pad_responses(responses, targets.shape[1], IGNORE_INDEX).to(targets.device).long()
+    return keep_decimal_points(targets, resp, vocab, dot, IGNORE_INDEX)
+
+
 def ntl_loss_from_digit_logits(
     digit_logits: torch.Tensor,
     targets: torch.Tensor,
     vocab: ntl.NumberVocab,
-    method: str,
+    method: str | Method,
     reduction: str = "sum",
 ) -> torch.Tensor:
     """``ntl.ntl_loss_from_digit_logits`` on number-token logits ``[..., K]`` (columns in ``vocab``
@@ -153,10 +179,12 @@ class NTLLossFn:
 
     ntl_included = True
 
-    def __init__(self, base: Any, settings: NTLSettings, vocab: ntl.NumberVocab | None) -> None:
+    def __init__(self, base: Any, settings: NTLSettings, vocab: ntl.NumberVocab | None,
+                 tokenizer: Any = None) -> None:
         self.base = base
         self.settings = settings
         self.vocab = vocab
+        self.method = loss_method(settings, tokenizer)  # tokenizer: DEL's decimal point
 
     def __call__(self, model_output: dict, data: Any, dp_group: Any = None) -> tuple[torch.Tensor, dict]:
         from verl.utils.metric import AggregationType, Metric
@@ -194,7 +222,9 @@ class NTLLossFn:
         if horizon is None and s.loss_agg_mode == "seq-mean-token-sum-norm":
             # verl's default horizon: the width of the padded response_mask its ppo_loss sees
             horizon = pad_responses(data["response_mask"]).shape[1]
-        rows = ntl_loss_from_digit_logits(z, targets, self.vocab, s.ntl_method, reduction="none")  # [B, R]
+        resp = data["responses"] if has_key(data, "responses") else None
+        targets = with_decimal_points(targets, resp, self.vocab, self.method)
+        rows = ntl_loss_from_digit_logits(z, targets, self.vocab, self.method, reduction="none")  # [B, R]
         dp = digit_probs(z.detach(), targets, self.vocab, ignore_index=IGNORE_INDEX)
         ntl_mb = dp_size * aggregate_loss(rows, dp.mask, s.loss_agg_mode, num_tokens=n_digits,
                                           num_sequences=n_seqs, horizon=horizon)
@@ -239,6 +269,7 @@ def ntl_ppo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = Non
         lambda model_output, data, dp_group: ppo_loss(config, model_output, data, dp_group),
         config.ntl_settings,
         vocab_for_model(config.model_config, config.ntl_settings),
+        getattr(config.model_config, "tokenizer", None),
     )
     return fn(model_output, data, dp_group)
 

@@ -11,11 +11,16 @@ import math
 from dataclasses import dataclass, fields
 
 from ntl.checks import check_method
+from ntl.methods import REGISTRY, Method
 from ntl.rl.normalization import LOSS_AGG_MODES
 
-__all__ = ["BONUS_TYPES", "KEY_PREFIX", "LABELS", "METHODS", "NTLConfigFields", "NTLSettings"]
+__all__ = ["BONUS_TYPES", "KEY_PREFIX", "LABELS", "METHODS", "METHOD_PARAMS", "NTLConfigFields",
+           "NTLSettings"]
 
-METHODS = ("mse", "wasserstein")
+METHODS = tuple(REGISTRY)  # every registered ntl.methods name ("w1" is an alias of "wasserstein")
+#: The method parameters an actor config sets as keys: ``key -> (method name, field of its
+#: ntl.methods class)``; ``null`` (the default) keeps the method's default.
+METHOD_PARAMS = {"ntl_del_place_weights": ("del", "place_weights"), "ntl_dist2_tau": ("dist2", "tau")}
 LABELS = ("final_answer", "all")
 BONUS_TYPES = ("none", "final_answer", "all")
 KEY_PREFIX = "actor_rollout_ref.actor."
@@ -28,7 +33,15 @@ class NTLSettings:
 
     Attributes:
         ntl_enabled: add ``ntl_weight * NTL`` to the actor loss.
-        ntl_method: ``"mse"`` or ``"wasserstein"`` (the per-digit loss, see ``ntl.ntl_loss``).
+        ntl_method: any registered :mod:`ntl.methods` name (the per-position loss, see
+            ``ntl.ntl_loss``): ``"mse"``, ``"wasserstein"`` (``"w1"``), ``"mae"``, ``"huber"``,
+            ``"del"`` (the Digit Entropy Loss, place-weighted), ``"dist2"`` (DIST²).
+        ntl_del_place_weights: DEL's ``place_weights`` (``null``: its default, ``true``); only
+            with ``ntl_method: del``. DEL's place weights follow the numbers of the response
+            (its final answer for ``ntl_labels: final_answer``, the tokenizer's ``'.'`` as the
+            decimal point).
+        ntl_dist2_tau: DIST²'s ``tau`` (``null``: its default, ``1.0``); only with
+            ``ntl_method: dist2``.
         ntl_weight: ``loss = policy_loss + ntl_weight * NTL`` (>= 0; 0 leaves the stock loss).
         ntl_labels: which response digits get targets (``ntl.rl.targets.build_digit_targets`` mode).
         extract_digit_info: capture digit probabilities in the old-log-prob forward pass
@@ -50,6 +63,8 @@ class NTLSettings:
     extract_digit_info: bool = False
     ntl_bonus_type: str = "none"
     ntl_bonus_weight: float = 0.1
+    ntl_del_place_weights: bool | None = None
+    ntl_dist2_tau: float | None = None
     loss_agg_mode: str = "token-mean"
     loss_scale_factor: float | None = None
 
@@ -63,6 +78,7 @@ class NTLSettings:
             if not isinstance(v, bool):
                 raise TypeError(f"{prefix}{key} must be true or false, got {v!r}")
         object.__setattr__(self, "ntl_method", check_method(self.ntl_method, prefix + "ntl_method"))  # frozen
+        self._method(prefix)
         _choice(prefix + "ntl_labels", self.ntl_labels, LABELS)
         _choice(prefix + "ntl_bonus_type", self.ntl_bonus_type, BONUS_TYPES)
         for key in ("ntl_weight", "ntl_bonus_weight"):
@@ -79,6 +95,30 @@ class NTLSettings:
                 f"{prefix}ntl_bonus_type={self.ntl_bonus_type!r} needs the digit probabilities of the "
                 f"old-log-prob pass: set {prefix}extract_digit_info=true"
             )
+
+    @property
+    def method(self) -> Method:
+        """The :class:`ntl.methods.Method` of ``ntl_method`` with its parameter keys
+        (``ntl_dist2_tau``, ``ntl_del_place_weights``)."""
+        return self._method(KEY_PREFIX)
+
+    def _method(self, prefix: str) -> Method:
+        m = self.ntl_method
+        given = {key: getattr(self, key) for key in METHOD_PARAMS if getattr(self, key) is not None}
+        name = m.name if isinstance(m, Method) else m
+        for key in given:
+            owner = METHOD_PARAMS[key][0]
+            if isinstance(m, Method) or name != owner:
+                raise ValueError(f"{prefix}{key} applies to {prefix}ntl_method={owner} only, not "
+                                 f"ntl_method={m if isinstance(m, Method) else name!r}")
+        if isinstance(m, Method):
+            return m
+        kwargs = {METHOD_PARAMS[key][1]: v for key, v in given.items()}
+        try:
+            return REGISTRY[name](**kwargs)
+        except (TypeError, ValueError) as e:
+            key = next(iter(given))
+            raise type(e)(f"{prefix}{key}: {e}") from None
 
     @property
     def bonus_enabled(self) -> bool:
@@ -104,6 +144,8 @@ class NTLConfigFields:
     extract_digit_info: bool = False
     ntl_bonus_type: str = "none"
     ntl_bonus_weight: float = 0.1
+    ntl_del_place_weights: bool | None = None
+    ntl_dist2_tau: float | None = None
 
     @property
     def ntl_settings(self) -> NTLSettings:

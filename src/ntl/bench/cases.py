@@ -12,6 +12,8 @@ Cases (``--cases``):
   baseline "x CE" is a full LM-head forward+backward with cross-entropy.
 * ``number-level``, ``predict``, ``dot-mae``, ``dot-huber``, ``w1-squash``, ``reweigh``: the
   ntloss-parity features against ``ntloss`` (:mod:`ntl.bench.parity`).
+* ``rivals``, ``ce+rivals``: DEL and DIST² beside NTL-W1, standalone and fused
+  (:mod:`ntl.bench.rivals`).
 * ``linear``: ``CE + 0.3 * NTL-W1`` from ``hidden [N, H]`` and ``W [V, H]`` (H = 896,
   Qwen2.5-0.5B's head, by default): the logits path ``hidden @ W.T`` +
   ``ntl.cross_entropy_with_ntl`` (its baseline), ``F.linear_cross_entropy`` (CE only)
@@ -80,6 +82,7 @@ class Inputs:
     weight: torch.Tensor | None = None
     dirty: bool = False  # logits were overwritten by an in-place provider
     kind: str = "logits"
+    widths: tuple[int, ...] | None = None  # [K] digits each number token writes (None: unknown)
 
     def leaves(self) -> list[torch.Tensor]:
         return [t for t in (self.logits, self.hidden, self.weight) if t is not None]
@@ -134,7 +137,8 @@ def make_inputs(kind: str, N: int, V: int, dtype: torch.dtype, device: torch.dev
     lut = torch.full((V,), -1, dtype=torch.long, device=device)
     lut[ids] = torch.arange(len(ids), device=device)
     labels = make_labels(N, V, ids.cpu(), digit_frac=digit_frac, ignore_frac=ignore_frac, seed=seed).to(device)
-    inp = Inputs(N, V, dtype, device, seed, labels, ids, values, lut, kind=kind)
+    inp = Inputs(N, V, dtype, device, seed, labels, ids, values, lut, kind=kind,
+                 widths=getattr(vocab, "widths", None))
     if kind == "logits":
         logits = torch.empty(N, V, dtype=dtype, device=device)
         logits.normal_(generator=_gen(seed + 1, device))

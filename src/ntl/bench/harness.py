@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import parity, report  # noqa: F401  (parity registers the ntloss-parity cases in CASES)
+from . import parity, report, rivals  # noqa: F401  (parity, rivals register their cases in CASES)
 from .cases import CASES, Ctx, Inputs, Unavailable, expected_values, make_inputs, rel_err
 from .measure import (
     MODES,

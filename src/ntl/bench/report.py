@@ -353,8 +353,9 @@ def evaluate_targets(records: Sequence[dict[str, Any]], device_kind: str,
         "fwd+bwd", N, dt, val("hidden", "ntl-from-hidden", N, dt, "fwd+bwd", "ratio_to_ce"), "<=", 0.01,
         "same hidden size H, see config")
     from .parity import parity_targets  # the ntloss-parity cases (issue 12) and reweigh (18.6)
+    from .rivals import rivals_targets  # DEL and DIST² beside NTL-W1 (issue 28.6)
 
-    return out + parity_targets(records, device_kind)
+    return out + parity_targets(records, device_kind) + rivals_targets(records, device_kind)
 
 
 # --------------------------------------------------------------------------- rendering

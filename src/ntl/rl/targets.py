@@ -56,7 +56,8 @@ import torch
 from ..vocab import NumberVocab, resolve_vocab, vocab_for_tokenizer
 from .answers import Answer, answers_equal, extract_answer, parse_ground_truth, place_value_targets
 
-__all__ = ["TargetInfo", "build_digit_targets", "count_ascii_digits", "digit_token_mask"]
+__all__ = ["TargetInfo", "build_digit_targets", "count_ascii_digits", "digit_token_mask",
+           "keep_decimal_points"]
 
 logger: logging.Logger = logging.getLogger("ntl")
 
@@ -353,3 +354,21 @@ def build_digit_targets(
         return targets
     n_targets = sel.sum(1).tolist() if B else []
     return targets, TargetInfo(preds, correct, excluded, n_targets)
+
+
+def keep_decimal_points(targets: torch.Tensor, response_ids: torch.Tensor, vocab: NumberVocab,
+                        decimal_point_id: int | None, ignore_index: int = -100) -> torch.Tensor:
+    """``targets`` with the response's ``'.'`` token put back where it sits between two
+    number-token targets (``12.5`` written as ``'1' '2' '.' '5'``: the ``'.'`` position holds
+    ``decimal_point_id`` instead of ``ignore_index``), so that a loss reading numbers from its
+    labels (DEL's place weights, :func:`ntl.number_level.place_weights`) sees the answer's
+    decimal point. ``'.'`` is no number token: no per-token loss reads it. ``None``: unchanged.
+    No host sync."""
+    if decimal_point_id is None or targets.shape[-1] < 3:
+        return targets
+    num = vocab.digit_index(targets, max(vocab.vocab_size, 1)) >= 0
+    pad = torch.zeros_like(num[..., :1])
+    prev = torch.cat([pad, num[..., :-1]], -1)
+    nxt = torch.cat([num[..., 1:], pad], -1)
+    dot = (targets == ignore_index) & (response_ids == decimal_point_id) & prev & nxt
+    return torch.where(dot, torch.full_like(targets, decimal_point_id), targets)
