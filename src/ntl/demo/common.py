@@ -158,6 +158,10 @@ def print_footer(res: dict[str, Any], baseline: str, out: str, name: str) -> Non
     else:
         print("\n(no committed reference for this configuration; the README's summary uses the defaults)")
     t = res["timing"]
+    if t.get("reused_jobs"):
+        print(f"\nreused from {os.path.join(out, 'jobs')} (same settings, code and loss numerics; "
+              f"--no-reuse retrains): {', '.join(t['reused_jobs'])}; the timing below is this "
+              "run's own")
     print(f"\n{t['total_seconds']:.0f} s wall, {t['cpu_seconds']:.0f} s CPU in {t['jobs']} worker(s) "
           f"on {t['cpu_count']} cores (load {t['load_before']:.1f} -> {t['load_after']:.1f}); wrote "
           f"{os.path.join(out, name)}" + (f" and {os.path.join(out, res['plot'])}" if res.get("plot") else ""))
