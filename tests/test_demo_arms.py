@@ -299,3 +299,19 @@ def test_rl_arms_include_del_when_registered():
         assert arms["GRPO+DEL"].method == "del" and arms["GRPO+DEL"].ntl_weight == s.rl.del_weight
     else:
         assert "GRPO+DEL" not in arms
+
+
+def test_reference_command_names_the_arms():
+    from ntl.demo.common import _arms_option
+
+    def cfg(specs):
+        return {"ntl_weight": 0.3, "arms": [{"name": a.name, "ntl_weight": a.ntl_weight,
+                                             "method": a.method} for a in parse_arms(specs)]}
+
+    assert _arms_option(cfg(["ce", "mse", "w1"])) == ""
+    assert _arms_option(cfg(["ce", "mse", "w1", "huber"])) == " --arms ce mse w1 huber"
+    assert _arms_option(cfg(["w1=0.1", "ce"])) == " --arms ce w1=0.1"
+    for specs in (["ce", "mae", "w1=0.1"], ["ce", "huber=2"]):  # the command gives the arms back
+        opt = _arms_option(cfg(specs)).split()[1:]
+        assert parse_arms(opt) == parse_arms(specs)
+    assert _arms_option({"arms": [{"name": "GRPO", "ntl_weight": 0.0, "bonus": False}]}) == ""

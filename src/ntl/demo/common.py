@@ -94,6 +94,27 @@ def load_reference(stage: str, s: Any) -> dict[str, Any] | None:
     return ref if ref.get("config") == reference_config(stage, s.to_dict()) else None
 
 
+def _arms_option(config: dict[str, Any]) -> str:
+    """`` --arms ...`` that reproduces a supervised run's arms ('' for the default three)."""
+    from .config import DEFAULT_ARMS, parse_arms
+
+    arms = config.get("arms")
+    if not arms or "bonus" in arms[0]:  # the RL stage has no --arms
+        return ""
+    default = [a.name for a in parse_arms(DEFAULT_ARMS, config.get("ntl_weight", 0.3))]
+    if [a["name"] for a in arms] == default:
+        return ""
+    short = {"wasserstein": "w1"}
+    names = []
+    for a in arms:
+        if a["name"] == "CE":
+            names.append("ce")
+            continue
+        n = short.get(a["method"], a["method"])
+        names.append(f"{n}={a['ntl_weight']:g}" if "(w=" in a["name"] else n)
+    return " --arms " + " ".join(names)
+
+
 def write_reference(out: str, path: str, machine: str) -> dict[str, Any]:
     """Write the committed summary ``path`` (``src/ntl/demo/reference.json``) from the
     ``results.json`` and ``rl_results.json`` in ``out``: per stage the command, machine
@@ -108,7 +129,8 @@ def write_reference(out: str, path: str, machine: str) -> dict[str, Any]:
         with open(fn) as f:
             res = json.load(f)
         seeds = res["config"]["seeds"]
-        cmd = "ntl demo" + (" --rl" if stage == "rl" else "") + " --seeds " + " ".join(map(str, seeds))
+        cmd = "ntl demo" + (" --rl" if stage == "rl" else "") + _arms_option(res["config"]) \
+            + " --seeds " + " ".join(map(str, seeds))
         ref[stage] = {
             "command": cmd, "machine": machine, "date": res["date"][:10], "seeds": seeds,
             "versions": res["versions"], "config": reference_config(stage, res["config"]),
