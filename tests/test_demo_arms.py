@@ -14,7 +14,7 @@ import torch
 
 from ntl.demo import _parser, main, parse_settings
 from ntl.demo.common import strip_volatile
-from ntl.demo.config import ARM_WEIGHTS, DEFAULTS, QUICK, Settings, arm_label, parse_arms
+from ntl.demo.config import DEFAULTS, QUICK, Settings, arm_label, parse_arms
 from ntl.demo.sft import ce_model_paths, evaluate
 from ntl.demo.stats import mdd, t_critical, t_interval, t_quantile, verdict
 from ntl.demo.task import Problem, build_batch, demo_tokenizer
@@ -44,12 +44,13 @@ def test_arms_by_registered_name_with_default_and_explicit_weights():
     assert [a.method for a in arms[1:]] == ["mse", "wasserstein", "mae", "huber"]
     assert [a.ntl_weight for a in arms] == [0.0, 0.2, 0.2, 0.05, 0.2]
     assert arm_label("wasserstein") == arm_label("w1") == "CE+NTL-W1"
-    # every registered method is an arm (del and dist2 once registered), with its weight
+    # every registered method is an arm (del and dist2 too), at --ntl-weight by default
+    assert {"del", "dist2"} <= set(REGISTRY)
     for name in REGISTRY:
-        (ce, arm) = parse_arms(["ce", name])
-        assert ce.name == "CE" and arm.method == name
-        assert arm.ntl_weight == ARM_WEIGHTS.get(name, 0.3)
-    assert ARM_WEIGHTS["del"] == 0.01  # the DEL paper's weight
+        (ce, arm) = parse_arms(["ce", name], ntl_weight=0.25)
+        assert ce.name == "CE" and arm.method == name and arm.ntl_weight == 0.25
+    assert [a.name for a in parse_arms(["ce", "del", "dist2", "del=0.01"])] == [
+        "CE", "CE+DEL", "CE+DIST2", "CE+DEL(w=0.01)"]
 
 
 @pytest.mark.parametrize(("arms", "msg"), [

@@ -103,6 +103,10 @@ def test_tiny_rl_stage_reuses_the_ce_model_and_applies_ntl(tmp_path, capsys):
         "GRPO": (0.0, "wasserstein"), "GRPO+NTL": (0.1, "wasserstein"),
         "GRPO+bonus": (0.0, "wasserstein")}
     assert res["config"]["rl"]["sft_steps"] == 30 and res["config"]["rl_start_train"]["steps"] == 30
+    if "del" in REGISTRY:  # DEL in the policy loss: its own term, logged as ntl/loss
+        assert (arms["GRPO+DEL"]["ntl_weight"], arms["GRPO+DEL"]["method"]) == (0.1, "del")
+        assert res["ntl_log"]["GRPO+DEL"]["ntl/loss"] > 0.0
+        assert res["ntl_log"]["GRPO+DEL"]["ntl/loss"] != res["ntl_log"]["GRPO+NTL"]["ntl/loss"]
     ntl_h = run["arms"]["GRPO+NTL"]["history"]
     assert any(x for x in ntl_h["ntl/total_digits"]) and any(x for x in ntl_h["ntl/loss"])
     assert res["ntl_log"]["GRPO+NTL"]["ntl/loss"] > 0.0

@@ -73,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                         "baseline; required) and any method registered in ntl.methods (mse, mae, "
                         "huber, w1, del, dist2, ...), each CE + weight * that loss through "
                         "ntl.cross_entropy_with_ntl; 'name=weight' sets the weight (default "
-                        "--ntl-weight; del 0.01, the DEL paper's)")
+                        "--ntl-weight; the DEL paper's weight is del=0.01)")
     p.add_argument("--ntl-weight", type=float, default=0.3,
-                   help="default weight of the supervised method arms (0.3; del: 0.01)")
+                   help="default weight of the supervised method arms (0.3)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (3e-3)")
     p.add_argument("--hidden", type=int, default=None, help=f"model width (default {DEFAULTS['hidden']})")
     p.add_argument("--layers", type=int, default=None, help=f"model depth (default {DEFAULTS['layers']})")

@@ -10,7 +10,7 @@ from typing import Any
 from .task import max_answer_len, prompt_width
 from .train import Arm, ModelConfig, TrainConfig
 
-__all__ = ["ARM_WEIGHTS", "DEFAULTS", "DEFAULT_ARMS", "EVAL_SEED", "OP_NAMES", "QUICK",
+__all__ = ["DEFAULTS", "DEFAULT_ARMS", "EVAL_SEED", "OP_NAMES", "QUICK",
            "RL_SEED_OFFSET", "RLConfig", "Settings", "arm_label", "config_hash", "parse_arms"]
 
 OP_NAMES = {"add": "+", "mul": "*"}
@@ -27,10 +27,6 @@ QUICK = {"steps": 150, "batch_size": 64, "eval_size": 200, "hidden": 64, "layers
 
 
 DEFAULT_ARMS = ("ce", "mse", "w1")
-#: Default weights of the supervised arms whose method is not an NTL (expected value or
-#: Wasserstein) loss; the NTL methods take ``--ntl-weight`` (0.3). DEL: the paper's 0.01
-#: (docs/demo.md: the scale of its term on this task). Any other registered method: 0.3.
-ARM_WEIGHTS = {"del": 0.01}
 _LABELS = {"mse": "NTL-MSE", "mae": "NTL-MAE", "huber": "NTL-Huber", "wasserstein": "NTL-W1",
            "del": "DEL", "dist2": "DIST2"}
 
@@ -49,7 +45,8 @@ def parse_arms(specs: list[str] | tuple[str, ...], ntl_weight: float = 0.3) -> t
     in :mod:`ntl.methods` (name or alias), each ``CE + weight · method``, CE first (it must be
     among them: the paired differences are against it); ``name=weight``
     overrides the weight (the label then carries it: ``CE+NTL-W1(w=0.1)``). The default
-    weight is :data:`ARM_WEIGHTS`' or else ``ntl_weight``. ``ValueError`` for an unknown
+    weight is ``ntl_weight`` for every method (DEL included: on this task its gradient per
+    unit weight matches NTL-W1's, docs/demo.md). ``ValueError`` for an unknown
     name, a bad weight, a weight on ``ce`` or a repeated arm."""
     from ntl.methods import REGISTRY, canonical_name
 
@@ -78,7 +75,7 @@ def parse_arms(specs: list[str] | tuple[str, ...], ntl_weight: float = 0.3) -> t
                 raise ValueError(f"--arms: the weight in {spec!r} is not a number") from None
             label += f"(w={w:g})"
         else:
-            w = ARM_WEIGHTS.get(method, ntl_weight)
+            w = ntl_weight
         if not (w > 0 and w < float("inf")):
             raise ValueError(f"--arms: the weight of {spec!r} must be a finite number > 0, got {w}")
         arms.append(Arm(label, w, method))
