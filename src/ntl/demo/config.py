@@ -21,7 +21,7 @@ RL_SEED_OFFSET = 500_000  # RL prompts of seed s come from generator seed s + th
 # RL stage starts from a weaker CE model (rl_sft_steps supervised steps) so that GRPO has
 # room to move it.
 DEFAULTS = {"steps": 1500, "batch_size": 128, "eval_size": 1000, "hidden": 128, "layers": 2,
-            "rl_steps": 200, "rl_prompts": 8, "num_generations": 8, "rl_sft_steps": 500}
+            "rl_steps": 200, "rl_prompts": 8, "num_generations": 8, "rl_sft_steps": 1000}
 QUICK = {"steps": 150, "batch_size": 64, "eval_size": 200, "hidden": 64, "layers": 2,
          "rl_steps": 12, "rl_prompts": 4, "num_generations": 4, "rl_sft_steps": 150}
 
@@ -100,7 +100,7 @@ class RLConfig:
     temperature: float = 1.0
     ntl_weight: float = 0.1
     bonus_weight: float = 0.1
-    sft_steps: int = 500
+    sft_steps: int = 1000
     del_weight: float = 0.1
 
     def to_dict(self) -> dict[str, Any]:
