@@ -141,7 +141,8 @@ def sft_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[st
     """Train one arm for one seed and evaluate it (a :func:`ntl.demo.runner.run_jobs` job).
 
     ``payload``: ``settings``, ``seed``, ``arm`` and ``out`` (the CE arm's model is saved
-    there when ``save`` is true).
+    there when ``save`` is true); with ``cache`` (a path), the result is written there as
+    JSON when the job ends.
     """
     s: Settings = payload["settings"]
     seed: int = payload["seed"]
@@ -180,6 +181,12 @@ def sft_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[st
                        "metrics": metrics}, f, indent=1)
     res["seconds"] = time.perf_counter() - t0
     res["cpu_seconds"] = time.process_time() - c0
+    if payload.get("cache"):  # kept as soon as the job ends: an interrupted run loses only running jobs
+        os.makedirs(os.path.dirname(payload["cache"]), exist_ok=True)
+        tmp = payload["cache"] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f)
+        os.replace(tmp, payload["cache"])
     return res
 
 
@@ -191,8 +198,9 @@ def run_sft(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot
 
     With ``reuse``, a (seed, arm) job whose result is in ``<out>/jobs/`` under the same hash
     (:func:`job_cache_path`) is not trained again (the CE arm's only with its saved model);
-    every trained job's result is kept there. A run thus adds arms to a previous one without
-    retraining the others; the results record which jobs were reused."""
+    every trained job's result is kept there as soon as it ends. A run thus adds arms or seeds
+    to a previous (or interrupted) one without retraining the others; the results record which
+    jobs were reused."""
     from .common import finish_timing, load_reference, machine_info, start_timing
     from .report import (
         compare_to_reference,
@@ -219,16 +227,13 @@ def run_sft(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot
             with open(path) as f:
                 cached[i] = json.load(f)
     todo = [i for i in range(len(payloads)) if i not in cached]
+    for i in todo:
+        payloads[i]["cache"] = paths[i]
     n_jobs = jobs or default_jobs(max(1, len(todo)), len(arms))
     fresh = run_jobs(sft_job, [payloads[i] for i in todo], jobs=n_jobs,
                      labels=[f"seed {payloads[i]['seed']} {payloads[i]['arm'].name}" for i in todo],
                      totals=[s.train.steps] * len(todo), progress=progress) if todo else []
     for i, r in zip(todo, fresh, strict=True):
-        path = paths[i]
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(r, f)
         cached[i] = r
     res = [cached[i] for i in range(len(payloads))]
     timing = finish_timing(timing, fresh, n_jobs)
