@@ -441,7 +441,7 @@ def test_tiny_demo_is_deterministic_and_pairs_seeds(tmp_path):
     sd = math.sqrt(sum((x - md) ** 2 for x in ds) / 2)
     assert d["mean"] == pytest.approx(md)
     assert d["hi"] - d["mean"] == pytest.approx(4.302653 * sd / math.sqrt(3), rel=1e-5, abs=1e-12)
-    assert "CE" not in ra["paired_vs_CE"] and len(ra["verdicts"]) == 6
+    assert "CE" not in ra["paired_vs_CE"] and len(ra["verdicts"]) == 8  # 2 arms x 4 metrics
 
 
 @pytest.mark.slow

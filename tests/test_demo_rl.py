@@ -23,7 +23,7 @@ from ntl.demo.rl import make_bonus_reward
 from ntl.demo.task import demo_tokenizer, encode
 from ntl.demo.train import ModelConfig, build_model
 
-TINY_RL = ["--rl", "--steps", "30", "--batch-size", "16", "--eval-size", "24", "--hidden", "32",
+TINY_RL = ["--rl", "--rl-sft-steps", "30", "--batch-size", "16", "--eval-size", "24", "--hidden", "32",
            "--layers", "1", "--rl-steps", "3", "--rl-prompts", "2", "--num-generations", "4",
            "--no-plot", "--no-progress", "--jobs", "1"]
 
@@ -88,14 +88,25 @@ def test_tiny_rl_stage_reuses_the_ce_model_and_applies_ntl(tmp_path, capsys):
     res = json.loads((out / "rl_results.json").read_text())
     assert res["stage"] == "rl" and res["versions"]["trl"].startswith("1.16")
     run = res["runs"][0]
-    assert set(run["arms"]) == {"GRPO", "GRPO+NTL", "GRPO+bonus"}
+    from ntl.methods import REGISTRY
+
+    want = {"GRPO", "GRPO+NTL", "GRPO+bonus"} | ({"GRPO+DEL"} if "del" in REGISTRY else set())
+    assert set(run["arms"]) == want
     for name, arm in run["arms"].items():
         h = arm["history"]
         assert h["step"] == [1, 2, 3], name
         assert all(x is not None and 0.0 <= x <= 1.0 for x in h["rewards/correctness_reward/mean"])
         assert arm["metrics"]["all"]["n"] == 24
     # NTL is on (weight 0.1) in GRPO+NTL only, logged for all arms; the bonus only in GRPO+bonus
-    assert [a["ntl_weight"] for a in res["config"]["arms"]] == [0.0, 0.1, 0.0]
+    arms = {a["name"]: a for a in res["config"]["arms"]}
+    assert {n: (a["ntl_weight"], a["method"]) for n, a in arms.items() if n != "GRPO+DEL"} == {
+        "GRPO": (0.0, "wasserstein"), "GRPO+NTL": (0.1, "wasserstein"),
+        "GRPO+bonus": (0.0, "wasserstein")}
+    assert res["config"]["rl"]["sft_steps"] == 30 and res["config"]["rl_start_train"]["steps"] == 30
+    if "del" in REGISTRY:  # DEL in the policy loss: its own term, logged as ntl/loss
+        assert (arms["GRPO+DEL"]["ntl_weight"], arms["GRPO+DEL"]["method"]) == (0.1, "del")
+        assert res["ntl_log"]["GRPO+DEL"]["ntl/loss"] > 0.0
+        assert res["ntl_log"]["GRPO+DEL"]["ntl/loss"] != res["ntl_log"]["GRPO+NTL"]["ntl/loss"]
     ntl_h = run["arms"]["GRPO+NTL"]["history"]
     assert any(x for x in ntl_h["ntl/total_digits"]) and any(x for x in ntl_h["ntl/loss"])
     assert res["ntl_log"]["GRPO+NTL"]["ntl/loss"] > 0.0
@@ -112,8 +123,8 @@ def test_tiny_rl_stage_reuses_the_ce_model_and_applies_ntl(tmp_path, capsys):
     assert "reused for seeds [0]" in capsys.readouterr().out
     again = json.loads((out / "rl_results.json").read_text())
     assert strip_volatile(again["runs"]) == strip_volatile(res["runs"])
-    # ... but not after a change of the supervised configuration
-    assert main([*TINY_RL, "--steps", "31", "--out", str(out)]) == 0
+    # ... but not after a change of the starting model's supervised steps
+    assert main([*TINY_RL, "--rl-sft-steps", "31", "--out", str(out)]) == 0
     assert "trained now" in capsys.readouterr().out
 
 

@@ -68,8 +68,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="max digits of the two addition operands (default 3 3)")
     p.add_argument("--mul-digits", type=int, nargs=2, default=[3, 1], metavar=("A", "B"),
                    help="max digits of the two multiplication operands (default 3 1)")
+    p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                   help="supervised arms (default: ce mse w1): 'ce' (plain cross-entropy, the "
+                        "baseline; required) and any method registered in ntl.methods (mse, mae, "
+                        "huber, w1, del, dist2, ...), each CE + weight * that loss through "
+                        "ntl.cross_entropy_with_ntl; 'name=weight' sets the weight (default "
+                        "--ntl-weight; the DEL paper's weight is del=0.01)")
     p.add_argument("--ntl-weight", type=float, default=0.3,
-                   help="NTL weight of the supervised NTL arms (0.3)")
+                   help="default weight of the supervised method arms (0.3)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (3e-3)")
     p.add_argument("--hidden", type=int, default=None, help=f"model width (default {DEFAULTS['hidden']})")
     p.add_argument("--layers", type=int, default=None, help=f"model depth (default {DEFAULTS['layers']})")
@@ -82,10 +88,19 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"prompts per GRPO step (default {DEFAULTS['rl_prompts']})")
     g.add_argument("--num-generations", type=int, default=None,
                    help=f"completions per prompt (default {DEFAULTS['num_generations']})")
+    g.add_argument("--rl-sft-steps", type=int, default=None,
+                   help="supervised steps of the CE model GRPO starts from (default "
+                        f"{DEFAULTS['rl_sft_steps']}: a weaker model than the supervised stage's, "
+                        "so GRPO has room to move it; cached apart from the stage's models)")
     g.add_argument("--rl-lr", type=float, default=2e-5, help="GRPO learning rate (2e-5)")
     g.add_argument("--rl-ntl-weight", type=float, default=0.1, help="NTL weight of GRPO+NTL (0.1)")
+    g.add_argument("--rl-del-weight", type=float, default=0.1,
+                   help="DEL weight of GRPO+DEL (0.1; the arm runs when ntl.methods has 'del')")
     g.add_argument("--bonus-weight", type=float, default=0.1,
                    help="weight of the digit-aware reward bonus of GRPO+bonus (0.1)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="train every supervised (seed, arm) job even when <out>/jobs/ holds its "
+                        "result from an earlier run with the same settings, code and loss numerics")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -96,7 +111,7 @@ def parse_settings(args: argparse.Namespace) -> Any:
     argument when a value is out of range)."""
     import torch
 
-    from .config import DEFAULTS, OP_NAMES, QUICK, RLConfig, Settings
+    from .config import DEFAULT_ARMS, DEFAULTS, OP_NAMES, QUICK, RLConfig, Settings, parse_arms
     from .train import ModelConfig, TrainConfig
 
     size = QUICK if args.quick else DEFAULTS
@@ -108,10 +123,12 @@ def parse_settings(args: argparse.Namespace) -> Any:
     hidden, layers = pick(args.hidden, "hidden"), pick(args.layers, "layers")
     rl_steps, rl_prompts = pick(args.rl_steps, "rl_steps"), pick(args.rl_prompts, "rl_prompts")
     num_gen = pick(args.num_generations, "num_generations")
+    rl_sft_steps = pick(args.rl_sft_steps, "rl_sft_steps")
     eval_size = pick(args.eval_size, "eval_size")
     checks = [("--steps", steps, 1), ("--batch-size", batch, 1), ("--eval-size", eval_size, 1),
               ("--hidden", hidden, 4), ("--layers", layers, 1), ("--rl-steps", rl_steps, 1),
-              ("--rl-prompts", rl_prompts, 1), ("--num-generations", num_gen, 2)]
+              ("--rl-prompts", rl_prompts, 1), ("--num-generations", num_gen, 2),
+              ("--rl-sft-steps", rl_sft_steps, 1)]
     checks += [(f"--{o}-digits", d, 1) for o in ("add", "mul") for d in getattr(args, f"{o}_digits")]
     for name, v, lo in checks:
         if v < lo:
@@ -119,12 +136,17 @@ def parse_settings(args: argparse.Namespace) -> Any:
     if hidden % 4:
         raise ValueError(f"--hidden must be a multiple of 4 (the number of heads), got {hidden}")
     for name, v in (("--ntl-weight", args.ntl_weight), ("--rl-ntl-weight", args.rl_ntl_weight),
+                    ("--rl-del-weight", args.rl_del_weight),
                     ("--bonus-weight", args.bonus_weight), ("--lr", args.lr), ("--rl-lr", args.rl_lr)):
         if not v > 0:
             raise ValueError(f"{name} must be > 0, got {v}")
     if getattr(args, "rl", False) and args.backend != "auto":
         raise ValueError(f"--backend {args.backend} does not apply to --rl: ntl_trl's NTL term picks its "
                          "backend itself (Triton on CUDA, PyTorch on CPU); drop --backend")
+    if getattr(args, "rl", False) and args.arms is not None:
+        raise ValueError("--arms chooses the supervised arms and does not apply to --rl (its arms "
+                         "are GRPO, GRPO+NTL, GRPO+DEL and GRPO+bonus)")
+    arm_list = parse_arms(args.arms if args.arms is not None else DEFAULT_ARMS, args.ntl_weight)
     if args.jobs < 0:
         raise ValueError(f"--jobs must be >= 0, got {args.jobs}")
     if len(set(args.seeds)) != len(args.seeds):
@@ -145,8 +167,10 @@ def parse_settings(args: argparse.Namespace) -> Any:
                           intermediate_size=4 * hidden),
         train=TrainConfig(steps=steps, batch_size=batch, lr=args.lr, warmup=max(1, steps // 10),
                           backend=args.backend),
+        arm_list=arm_list,
         rl=RLConfig(steps=rl_steps, prompts_per_step=rl_prompts, num_generations=num_gen,
-                    lr=args.rl_lr, ntl_weight=args.rl_ntl_weight, bonus_weight=args.bonus_weight),
+                    lr=args.rl_lr, ntl_weight=args.rl_ntl_weight, bonus_weight=args.bonus_weight,
+                    sft_steps=rl_sft_steps, del_weight=args.rl_del_weight),
     )
 
 
@@ -166,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             from .sft import run_sft
 
             run_sft(settings, args.out, jobs=args.jobs, progress=not args.no_progress,
-                    plot=not args.no_plot, echo=True)
+                    plot=not args.no_plot, echo=True, reuse=not args.no_reuse)
     except ValueError as e:
         print(f"ntl demo: error: {e}", file=sys.stderr)
         return 2

@@ -94,6 +94,27 @@ def load_reference(stage: str, s: Any) -> dict[str, Any] | None:
     return ref if ref.get("config") == reference_config(stage, s.to_dict()) else None
 
 
+def _arms_option(config: dict[str, Any]) -> str:
+    """`` --arms ...`` that reproduces a supervised run's arms ('' for the default three)."""
+    from .config import DEFAULT_ARMS, parse_arms
+
+    arms = config.get("arms")
+    if not arms or "bonus" in arms[0]:  # the RL stage has no --arms
+        return ""
+    default = [a.name for a in parse_arms(DEFAULT_ARMS, config.get("ntl_weight", 0.3))]
+    if [a["name"] for a in arms] == default:
+        return ""
+    short = {"wasserstein": "w1"}
+    names = []
+    for a in arms:
+        if a["name"] == "CE":
+            names.append("ce")
+            continue
+        n = short.get(a["method"], a["method"])
+        names.append(f"{n}={a['ntl_weight']:g}" if "(w=" in a["name"] else n)
+    return " --arms " + " ".join(names)
+
+
 def write_reference(out: str, path: str, machine: str) -> dict[str, Any]:
     """Write the committed summary ``path`` (``src/ntl/demo/reference.json``) from the
     ``results.json`` and ``rl_results.json`` in ``out``: per stage the command, machine
@@ -108,7 +129,8 @@ def write_reference(out: str, path: str, machine: str) -> dict[str, Any]:
         with open(fn) as f:
             res = json.load(f)
         seeds = res["config"]["seeds"]
-        cmd = "ntl demo" + (" --rl" if stage == "rl" else "") + " --seeds " + " ".join(map(str, seeds))
+        cmd = "ntl demo" + (" --rl" if stage == "rl" else "") + _arms_option(res["config"]) \
+            + " --seeds " + " ".join(map(str, seeds))
         ref[stage] = {
             "command": cmd, "machine": machine, "date": res["date"][:10], "seeds": seeds,
             "versions": res["versions"], "config": reference_config(stage, res["config"]),
@@ -158,6 +180,10 @@ def print_footer(res: dict[str, Any], baseline: str, out: str, name: str) -> Non
     else:
         print("\n(no committed reference for this configuration; the README's summary uses the defaults)")
     t = res["timing"]
+    if t.get("reused_jobs"):
+        print(f"\nreused from {os.path.join(out, 'jobs')} (same settings, code and loss numerics; "
+              f"--no-reuse retrains): {', '.join(t['reused_jobs'])}; the timing below is this "
+              "run's own")
     print(f"\n{t['total_seconds']:.0f} s wall, {t['cpu_seconds']:.0f} s CPU in {t['jobs']} worker(s) "
           f"on {t['cpu_count']} cores (load {t['load_before']:.1f} -> {t['load_after']:.1f}); wrote "
           f"{os.path.join(out, name)}" + (f" and {os.path.join(out, res['plot'])}" if res.get("plot") else ""))

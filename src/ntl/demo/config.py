@@ -10,23 +10,88 @@ from typing import Any
 from .task import max_answer_len, prompt_width
 from .train import Arm, ModelConfig, TrainConfig
 
-__all__ = ["DEFAULTS", "EVAL_SEED", "OP_NAMES", "QUICK", "RL_SEED_OFFSET", "RLConfig", "Settings",
-           "config_hash"]
+__all__ = ["DEFAULTS", "DEFAULT_ARMS", "EVAL_SEED", "OP_NAMES", "QUICK",
+           "RL_SEED_OFFSET", "RLConfig", "Settings", "arm_label", "config_hash", "parse_arms"]
 
 OP_NAMES = {"add": "+", "mul": "*"}
 EVAL_SEED = 1_000_003  # the held-out set is the same for every training seed
 RL_SEED_OFFSET = 500_000  # RL prompts of seed s come from generator seed s + this offset
 
-# Full size: the supervised stage's CE baseline passes 50 % exact match (docs/demo.md).
+# Full size: the supervised stage's CE baseline passes 50 % exact match (docs/demo.md); the
+# RL stage starts from a weaker CE model (rl_sft_steps supervised steps) so that GRPO has
+# room to move it.
 DEFAULTS = {"steps": 1500, "batch_size": 128, "eval_size": 1000, "hidden": 128, "layers": 2,
-            "rl_steps": 200, "rl_prompts": 8, "num_generations": 8}
+            "rl_steps": 200, "rl_prompts": 8, "num_generations": 8, "rl_sft_steps": 1000}
 QUICK = {"steps": 150, "batch_size": 64, "eval_size": 200, "hidden": 64, "layers": 2,
-         "rl_steps": 12, "rl_prompts": 4, "num_generations": 4}
+         "rl_steps": 12, "rl_prompts": 4, "num_generations": 4, "rl_sft_steps": 150}
+
+
+DEFAULT_ARMS = ("ce", "mse", "w1")
+_LABELS = {"mse": "NTL-MSE", "mae": "NTL-MAE", "huber": "NTL-Huber", "wasserstein": "NTL-W1",
+           "del": "DEL", "dist2": "DIST2"}
+
+
+def arm_label(method: str) -> str:
+    """``CE+<label>`` of a registered method (``"w1"`` -> ``"CE+NTL-W1"``, ``"del"`` ->
+    ``"CE+DEL"``; an unlisted method ``m`` -> ``"CE+M"``)."""
+    from ntl.methods import canonical_name
+
+    name = canonical_name(method)
+    return "CE+" + _LABELS.get(name, name.upper())
+
+
+def parse_arms(specs: list[str] | tuple[str, ...], ntl_weight: float = 0.3) -> tuple[Arm, ...]:
+    """The supervised arms from ``--arms`` names: ``ce`` (plain CE) or any method registered
+    in :mod:`ntl.methods` (name or alias), each ``CE + weight · method``, CE first (it must be
+    among them: the paired differences are against it); ``name=weight``
+    overrides the weight (the label then carries it: ``CE+NTL-W1(w=0.1)``). The default
+    weight is ``ntl_weight`` for every method (DEL included: on this task its gradient per
+    unit weight matches NTL-W1's, docs/demo.md). ``ValueError`` for an unknown
+    name, a bad weight, a weight on ``ce`` or a repeated arm."""
+    from ntl.methods import REGISTRY, canonical_name
+
+    if not specs:
+        raise ValueError("--arms needs at least one arm")
+    arms: list[Arm] = []
+    for spec in specs:
+        name, sep, w_txt = spec.partition("=")
+        name = name.strip().lower()
+        if name == "ce":
+            if sep:
+                raise ValueError(f"--arms: 'ce' is plain cross-entropy and takes no weight, got {spec!r}")
+            arms.append(Arm("CE", 0.0, "wasserstein"))
+            continue
+        try:
+            method = canonical_name(name)
+        except ValueError:
+            raise ValueError(f"--arms: unknown arm {name!r}; choose 'ce' or a method registered in "
+                             f"ntl.methods: {', '.join(REGISTRY)} (aliases accepted, e.g. 'w1'); "
+                             "'name=weight' sets a weight") from None
+        label = arm_label(method)
+        if sep:
+            try:
+                w = float(w_txt)
+            except ValueError:
+                raise ValueError(f"--arms: the weight in {spec!r} is not a number") from None
+            label += f"(w={w:g})"
+        else:
+            w = ntl_weight
+        if not (w > 0 and w < float("inf")):
+            raise ValueError(f"--arms: the weight of {spec!r} must be a finite number > 0, got {w}")
+        arms.append(Arm(label, w, method))
+    labels = [a.name for a in arms]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"--arms: arm(s) {dup} given twice")
+    if "CE" not in labels:
+        raise ValueError(f"--arms must include 'ce', the baseline of the paired differences; got {list(specs)}")
+    return (arms[labels.index("CE")], *(a for a in arms if a.name != "CE"))  # CE first
 
 
 @dataclass(frozen=True)
 class RLConfig:
-    """GRPO settings of the RL stage (``ntl demo --rl``)."""
+    """GRPO settings of the RL stage (``ntl demo --rl``); ``sft_steps``: the supervised
+    steps of the CE model GRPO starts from (the other supervised settings are the stage's)."""
 
     steps: int = 200
     prompts_per_step: int = 8
@@ -35,6 +100,8 @@ class RLConfig:
     temperature: float = 1.0
     ntl_weight: float = 0.1
     bonus_weight: float = 0.1
+    sft_steps: int = 1000
+    del_weight: float = 0.1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +122,9 @@ class Settings:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    #: the supervised arms; ``None``: the default three (CE, CE+NTL-MSE, CE+NTL-W1 at
+    #: ``ntl_weight``)
+    arm_list: tuple[Arm, ...] | None = None
 
     @property
     def width(self) -> int:
@@ -76,9 +146,17 @@ class Settings:
         return ["all", *self.ops] if len(self.ops) > 1 else ["all"]
 
     def arms(self) -> list[Arm]:
-        w = self.ntl_weight
-        return [Arm("CE", 0.0, "wasserstein"), Arm("CE+NTL-MSE", w, "mse"),
-                Arm("CE+NTL-W1", w, "wasserstein")]
+        if self.arm_list is not None:
+            return list(self.arm_list)
+        return list(parse_arms(DEFAULT_ARMS, self.ntl_weight))
+
+    def rl_start(self) -> Settings:
+        """These settings with ``rl.sft_steps`` supervised steps (warm-up a tenth of them):
+        what the RL stage's starting CE model is trained with (and cached under)."""
+        from dataclasses import replace
+
+        steps = self.rl.sft_steps
+        return replace(self, train=replace(self.train, steps=steps, warmup=max(1, steps // 10)))
 
     def task_dict(self) -> dict[str, Any]:
         return {"ops": list(self.ops),

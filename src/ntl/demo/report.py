@@ -25,21 +25,24 @@ __all__ = [
     "verdicts",
 ]
 
-METRICS = ("exact_match", "digit_accuracy", "mae", "median_ae", "unparsable")
-#: The metrics compared between arms, and whether higher is better.
-COMPARED = {"exact_match": True, "mae": False, "digit_accuracy": True}
+METRICS = ("exact_match", "digit_accuracy", "mae", "median_ae", "unparsable", "digit_entropy")
+#: The metrics compared between arms, and whether higher is better (``None``: neither, the
+#: digit entropy is reported as higher or lower only).
+COMPARED: dict[str, bool | None] = {"exact_match": True, "mae": False, "digit_accuracy": True,
+                                    "digit_entropy": None}
 _HEAD = {
     "exact_match": "exact",
     "digit_accuracy": "digit acc",
     "mae": "MAE",
     "median_ae": "median AE",
     "unparsable": "unparsable",
+    "digit_entropy": "digit H (nats)",
 }
 Getter = Callable[[dict[str, Any], str, str, str], float | None]
 
 
 def _metric(run: dict[str, Any], arm: str, group: str, metric: str) -> float | None:
-    return run["arms"][arm]["metrics"][group][metric]
+    return run["arms"][arm]["metrics"][group].get(metric)
 
 
 def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str], groups: Sequence[str],
@@ -105,20 +108,25 @@ def format_table(summary: dict[str, Any], arms: Sequence[str], groups: Sequence[
     return _render(cols, rows)
 
 
-def format_ci(d: dict[str, Any], metric: str) -> str:
-    """``mean [lo, hi]`` of a t-interval (just the mean without an interval)."""
+def format_ci(d: dict[str, Any], metric: str, with_mdd: bool = False) -> str:
+    """``mean [lo, hi]`` of a t-interval (just the mean without an interval); with
+    ``with_mdd``, `` MDD m`` after it (the minimum detectable difference, when known)."""
     p = 2 if metric == "mae" else 3
     if d["mean"] is None:
         return "n/a"
     if d["lo"] is None:
         return f"{d['mean']:+.{p}f}"
-    return f"{d['mean']:+.{p}f} [{d['lo']:+.{p}f}, {d['hi']:+.{p}f}]"
+    s = f"{d['mean']:+.{p}f} [{d['lo']:+.{p}f}, {d['hi']:+.{p}f}]"
+    if with_mdd and d.get("mdd") is not None:
+        s += f" MDD {d['mdd']:.{p}f}"
+    return s
 
 
 def format_paired(paired: dict[str, Any], baseline: str, groups: Sequence[str]) -> str:
-    """A markdown table of the paired differences vs ``baseline``: mean [95 % t-interval]."""
+    """A markdown table of the paired differences vs ``baseline``: mean [95 % t-interval]
+    and the minimum detectable difference (MDD, 80 % power) at these seeds."""
     cols = ["problems", f"arm - {baseline}", *(f"Δ {_HEAD[m]}" for m in COMPARED)]
-    rows = [[g, a, *(format_ci(paired[a][g][m], m) for m in COMPARED)]
+    rows = [[g, a, *(format_ci(paired[a][g][m], m, with_mdd=True) for m in COMPARED)]
             for g in groups for a in paired]
     return _render(cols, rows)
 
@@ -134,7 +142,7 @@ def compare_to_reference(summary: dict[str, Any], reference: dict[str, Any] | No
         parts = []
         for m in COMPARED:
             ref = reference["summary"].get(a, {}).get(group, {}).get(m)
-            v = summary[a][group][m]["mean"]
+            v = summary[a][group].get(m, {}).get("mean")
             if ref is None or v is None:
                 continue
             pos = position_in_range(v, ref["min"], ref["max"])
@@ -279,7 +287,7 @@ def plot_rl(runs: Sequence[dict[str, Any]], arms: Sequence[str], path: str,
     colors = {a: f"C{i}" for i, a in enumerate(arms)}
     n = len(runs)
     panels = (("rewards/correctness_reward/mean", "correctness reward (mean per step)"),
-              ("ntl/loss", "ntl/loss (W1 of the final-answer digits)"),
+              ("ntl/loss", "ntl/loss of the final-answer digits (W1; DEL in GRPO+DEL)"),
               ("ntl/digit_accuracy", "ntl/digit_accuracy (final-answer digits)"))
     for ax, (key, title) in zip(axes[:3], panels, strict=True):
         for a in arms:

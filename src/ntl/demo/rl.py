@@ -1,7 +1,9 @@
-"""The RL stage: GRPO from the supervised CE model through ``ntl_trl.NTLGRPOTrainer`` (TRL).
+"""The RL stage: GRPO from a supervised CE model through ``ntl_trl.NTLGRPOTrainer`` (TRL).
 
-Per seed, every arm starts from that seed's supervised CE model (trained on the spot, or
-loaded from ``<out>/models/`` when its configuration hash matches), sees the same prompts
+Per seed, every arm starts from that seed's RL starting model: a CE model trained like the
+supervised stage's but for ``rl.sft_steps`` steps (fewer: a weaker model, so that GRPO has
+room to move it), trained on the spot or loaded from ``<out>/models/`` when its
+configuration hash matches. Every arm sees the same prompts
 (problems from a generator seeded with ``seed + RL_SEED_OFFSET``, the held-out problems
 excluded) and runs TRL's GRPO with the same ``GRPOConfig`` (same ``seed``, so the first
 generation batch is the same in every arm). The arms differ only in NTL:
@@ -10,6 +12,8 @@ generation batch is the same in every arm). The arms differ only in NTL:
   metrics, the update is TRL's own);
 * ``GRPO+NTL``:   reward = correctness; loss ``+ 0.1 NTL-W1`` over the completion's
   final-answer digits targeted at the ground truth (``ntl_labels="final_answer"``);
+* ``GRPO+DEL``:   the same with DEL (``ntl_method="del"``, weight ``rl.del_weight``), when
+  :mod:`ntl.methods` registers ``"del"``;
 * ``GRPO+bonus``: reward = correctness ``+ 0.1 b``, ``b`` the ``final_answer`` bonus of
   :mod:`ntl.rewards` from the policy's digit probabilities at rollout time:
   ``b = 0.4 mean_i correct_i + 0.3 mean_i max_prob_i + 0.3 mean_i target_prob_i`` over
@@ -50,16 +54,23 @@ HISTORY_KEYS = (
 
 @dataclass(frozen=True)
 class RLArm:
-    """One RL arm: NTL weight in the GRPO loss, and whether the digit bonus is rewarded."""
+    """One RL arm: the weight and method of the term in the GRPO loss, and whether the
+    digit bonus is rewarded."""
 
     name: str
     ntl_weight: float
     bonus: bool
+    method: str = "wasserstein"
 
 
 def rl_arms(s: Settings) -> list[RLArm]:
-    return [RLArm("GRPO", 0.0, False), RLArm("GRPO+NTL", s.rl.ntl_weight, False),
-            RLArm("GRPO+bonus", 0.0, True)]
+    """GRPO, GRPO+NTL (W1), GRPO+DEL (when ``"del"`` is a registered method) and GRPO+bonus."""
+    from ntl.methods import REGISTRY
+
+    arms = [RLArm("GRPO", 0.0, False), RLArm("GRPO+NTL", s.rl.ntl_weight, False)]
+    if "del" in REGISTRY:
+        arms.append(RLArm("GRPO+DEL", s.rl.del_weight, False, "del"))
+    return [*arms, RLArm("GRPO+bonus", 0.0, True)]
 
 
 def make_bonus_reward(tok: Any, weight: float, temperature: float) -> tuple[Callable[..., list[float]], dict[str, Any]]:
@@ -120,8 +131,9 @@ def _progress_callback(progress: Callable[[int], None]) -> Any:
 
 
 def rl_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[str, Any]:
-    """GRPO for one arm and one seed from the CE model at ``payload["ce_path"]``, then the
-    held-out evaluation (a :func:`ntl.demo.runner.run_jobs` job)."""
+    """GRPO for one arm and one seed from the seed's RL starting model (``<out>/models/``,
+    :meth:`Settings.rl_start`), then the held-out evaluation (a
+    :func:`ntl.demo.runner.run_jobs` job)."""
     s: Settings = payload["settings"]
     seed: int = payload["seed"]
     arm: RLArm = payload["arm"]
@@ -137,9 +149,10 @@ def rl_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[str
 
     transformers.logging.set_verbosity_error()
     device = torch.device(s.device)
-    loaded = load_ce_model(payload["out"], s, seed, device)
+    loaded = load_ce_model(payload["out"], s.rl_start(), seed, device)
     if loaded is None:
-        raise FileNotFoundError(f"no CE model for seed {seed} under {payload['out']}/models")
+        raise FileNotFoundError(f"no RL starting model ({s.rl.sft_steps} supervised steps) for "
+                                f"seed {seed} under {payload['out']}/models")
     model, _ = loaded
     tok = demo_tokenizer()
     held = eval_problems(s)
@@ -169,7 +182,7 @@ def rl_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[str
         trainer = NTLGRPOTrainer(
             model=model, processing_class=tok, args=args, train_dataset=ds, reward_funcs=rewards,
             callbacks=[_progress_callback(progress)],
-            ntl_config=NTLConfig(ntl_weight=arm.ntl_weight, ntl_method="wasserstein",
+            ntl_config=NTLConfig(ntl_weight=arm.ntl_weight, ntl_method=arm.method,
                                  ntl_labels="final_answer", answer_column="ground_truth"),
         )
     finally:
@@ -232,11 +245,12 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
 
     os.makedirs(out, exist_ok=True)
     timing = start_timing()
-    # 1. the CE models: reuse what this configuration already trained, train the rest
+    # 1. the starting CE models: reuse what this configuration already trained, train the rest
+    s0 = s.rl_start()
     before: dict[int, dict[str, Any]] = {}
     reused = []
     for seed in s.seeds:
-        pt, js = ce_model_paths(out, s, seed)
+        pt, js = ce_model_paths(out, s0, seed)
         if os.path.exists(pt) and os.path.exists(js):
             with open(js) as f:
                 before[seed] = json.load(f)["metrics"]
@@ -245,10 +259,10 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
     sft_res: list[dict[str, Any]] = []
     if missing:
         ce = Arm("CE", 0.0, "wasserstein")
-        payloads = [{"settings": s, "seed": seed, "arm": ce, "out": out, "save": True} for seed in missing]
+        payloads = [{"settings": s0, "seed": seed, "arm": ce, "out": out, "save": True} for seed in missing]
         sft_res = run_jobs(sft_job, payloads, jobs=jobs or default_jobs(len(payloads), 1),
                            labels=[f"seed {seed} CE (supervised)" for seed in missing],
-                           totals=[s.train.steps] * len(missing), progress=progress)
+                           totals=[s0.train.steps] * len(missing), progress=progress)
         for r in sft_res:
             before[r["seed"]] = r["metrics"]
     # 2. GRPO, every (seed, arm)
@@ -266,12 +280,13 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
     groups = s.groups
     summary = summarize(runs, names, groups)
     summary_before = summarize(runs, ["SFT CE"], groups,
-                               get=lambda r, a, g, m: r["before"][g][m])
+                               get=lambda r, a, g, m: r["before"][g].get(m))
     paired = paired_table(runs, names, groups, "GRPO")
     change = {a: {g: {m: t_interval([r["arms"][a]["metrics"][g][m] - r["before"][g][m]
-                                     if r["arms"][a]["metrics"][g][m] is not None
-                                     and r["before"][g][m] is not None else None for r in runs])
-                      for m in ("exact_match", "mae", "digit_accuracy")} for g in groups} for a in names}
+                                     if r["arms"][a]["metrics"][g].get(m) is not None
+                                     and r["before"][g].get(m) is not None else None for r in runs])
+                      for m in ("exact_match", "mae", "digit_accuracy", "digit_entropy")}
+                  for g in groups} for a in names}
     ntl_log = {a: {k: _mean([x for r in runs for x in r["arms"][a]["history"][k]])
                    for k in ("ntl/loss", "ntl/total_digits", "ntl/digit_accuracy",
                              "rewards/correctness_reward/mean", "rewards/ntl_bonus/mean")}
@@ -280,6 +295,7 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
     results: dict[str, Any] = {
         "stage": "rl",
         "config": {**s.to_dict(), "arms": [a.__dict__ for a in arms], "jobs": n_jobs,
+                   "rl_start_train": s0.train.to_dict(),
                    "trainer": "ntl_trl.NTLGRPOTrainer (TRL GRPOTrainer)",
                    "grpo": {"loss_type": "dapo (TRL default)", "scale_rewards": "group (TRL default)",
                             "beta": 0.0, "lr_scheduler": "constant"}},
@@ -318,23 +334,28 @@ def _print_rl(res: dict[str, Any], out: str) -> None:
     c = res["config"]
     rl = c["rl"]
     reused = res["timing"]["ce_models_reused_for_seeds"]
-    print(f"\nntl demo --rl: GRPO via ntl_trl.NTLGRPOTrainer (TRL {res['versions']['trl']}) from the "
-          f"supervised CE model of each seed ({'reused for seeds ' + str(reused) if reused else 'trained now'}); "
+    print(f"\nntl demo --rl: GRPO via ntl_trl.NTLGRPOTrainer (TRL {res['versions']['trl']}) from a "
+          f"CE model of each seed trained for {rl['sft_steps']} supervised steps "
+          f"({'reused for seeds ' + str(reused) if reused else 'trained now'}); "
           f"{rl['steps']} steps x {rl['prompts_per_step']} prompts x {rl['num_generations']} completions, "
           f"lr {rl['lr']}, seeds {c['seeds']}")
-    print("held-out metrics, before (the SFT CE model) and after GRPO:")
+    print(f"held-out metrics, before (the {rl['sft_steps']}-step SFT CE model) and after GRPO:")
     print(res["table"])
     n = len(c["seeds"])
-    print("\nchange after - before GRPO, all problems (mean" + (f" [95% t-interval, {n} seeds]):" if n > 1 else "):"))
+    print("\nchange after - before GRPO, all problems (mean" + (
+        f" [95% t-interval, {n} seeds] MDD = minimum detectable difference, 80% power):" if n > 1 else "):"))
     for a, by_g in res["change"].items():
         ch = by_g["all"]
-        print(f"  {a:<11} exact {format_ci(ch['exact_match'], 'exact_match')}, MAE {format_ci(ch['mae'], 'mae')}, "
-              f"digit acc {format_ci(ch['digit_accuracy'], 'digit_accuracy')}")
+        print(f"  {a:<11} exact {format_ci(ch['exact_match'], 'exact_match', True)}, "
+              f"MAE {format_ci(ch['mae'], 'mae', True)}, "
+              f"digit acc {format_ci(ch['digit_accuracy'], 'digit_accuracy', True)}, "
+              f"digit H {format_ci(ch['digit_entropy'], 'digit_entropy', True)}")
     print("\nduring GRPO (means over steps and seeds):")
     for a, d in res["ntl_log"].items():
         arm = next(x for x in c["arms"] if x["name"] == a)
         bonus = d.get("rewards/ntl_bonus/mean")
-        print(f"  {a:<11} ntl/loss {d['ntl/loss'] or 0:.4f} over {d['ntl/total_digits'] or 0:.0f} "
+        method = arm.get("method", "wasserstein")
+        print(f"  {a:<11} ntl/loss ({method}) {d['ntl/loss'] or 0:.4f} over {d['ntl/total_digits'] or 0:.0f} "
               f"final-answer digits per step ({'in the loss, weight ' + str(arm['ntl_weight']) if arm['ntl_weight'] else 'logged only'}), "
               f"correctness reward {d['rewards/correctness_reward/mean'] or 0:.3f}"
               + (f", bonus reward {bonus:.4f}" if bonus is not None else ""))

@@ -11,6 +11,7 @@ it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -23,21 +24,35 @@ import ntl
 
 from .config import EVAL_SEED, OP_NAMES, Settings, config_hash
 from .task import Problem, answer_metrics, build_batch, demo_tokenizer, make_problems
-from .train import Arm, build_model, greedy_answers, train_arm
+from .train import Arm, build_model, digit_distribution, greedy_answers, train_arm
 
-__all__ = ["ce_model_paths", "evaluate", "load_ce_model", "sft_job"]
+__all__ = ["ce_model_paths", "evaluate", "job_cache_path", "load_ce_model", "sft_job"]
 
 
 def evaluate(model: Any, problems: list[Problem], tok: Any, s: Settings,
              device: torch.device) -> tuple[dict[str, Any], list[str]]:
-    """Greedy completions of ``problems``; metrics for ``all`` and each operation."""
+    """Greedy completions of ``problems``; metrics for ``all`` and each operation: the answer
+    metrics of :func:`ntl.demo.task.answer_metrics` plus ``digit_entropy`` (mean entropy in
+    nats of the predicted digit distribution over the answers' digit positions,
+    teacher-forced: :func:`ntl.demo.train.digit_distribution`), ``digit_target_prob`` (mean
+    probability of the target digit there) and ``digit_positions`` (how many)."""
     texts = greedy_answers(model, problems, tok, s.width, s.max_new_tokens, device)
+    dist = digit_distribution(model, problems, tok, s.width, s.seq_len, device)
     truths = [p.answer for p in problems]
-    metrics = {"all": answer_metrics(texts, truths)}
+    groups = {"all": list(range(len(problems)))}
     for name in s.ops if len(s.ops) > 1 else ():
         idx = [i for i, p in enumerate(problems) if p.op == OP_NAMES[name]]
         if idx:
-            metrics[name] = answer_metrics([texts[i] for i in idx], [truths[i] for i in idx])
+            groups[name] = idx
+    metrics = {}
+    for g, idx in groups.items():
+        metrics[g] = answer_metrics([texts[i] for i in idx], [truths[i] for i in idx])
+        keep = set(idx)
+        pos = [k for k, i in enumerate(dist["problem"]) if i in keep]
+        metrics[g]["digit_entropy"] = sum(dist["entropy"][k] for k in pos) / len(pos) if pos else None
+        metrics[g]["digit_target_prob"] = (sum(dist["target_prob"][k] for k in pos) / len(pos)
+                                           if pos else None)
+        metrics[g]["digit_positions"] = len(pos)
     return metrics, texts
 
 
@@ -60,6 +75,54 @@ def _versions() -> dict[str, str]:
             "ntl": ntl.__version__}
 
 
+def _code_fingerprint() -> str:
+    """SHA-256 of the code a job's result depends on besides ``ntl``'s losses: the task and
+    training modules and the evaluation."""
+    import inspect
+
+    from . import task, train
+
+    src = inspect.getsource(task) + inspect.getsource(train) + inspect.getsource(evaluate)
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def _loss_fingerprint(arm: Arm, backend: str) -> str:
+    """SHA-256 of ``arm``'s loss and its gradient on a fixed random batch (the demo's
+    vocabulary, float32, CPU): a change in the loss's numerics changes it."""
+    tok = demo_tokenizer()
+    vocab = ntl.DigitVocab.from_tokenizer(tok)
+    g = torch.Generator().manual_seed(12345)
+    logits = (3.0 * torch.randn(2, 7, len(tok), generator=g)).requires_grad_(True)
+    digits = torch.tensor([tok.get_vocab()[d] for d in "0123456789"])
+    labels = digits[torch.randint(0, 10, (2, 7), generator=g)]
+    labels[0, :2] = -100
+    labels[1, 5] = tok.eos_token_id
+    loss, ce, part = ntl.cross_entropy_with_ntl(logits, labels, vocab, ntl_weight=arm.ntl_weight,
+                                                method=arm.method, return_parts=True,
+                                                backend="torch" if backend == "auto" else backend)
+    loss.backward()
+    assert logits.grad is not None
+    h = hashlib.sha256()
+    for t in (loss.detach(), ce.detach(), part.detach(), logits.grad):
+        h.update(t.double().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def job_cache_path(out: str, s: Settings, seed: int, arm: Arm) -> str | None:
+    """``<out>/jobs/<arm>-seed<seed>-<hash>.json``: where a supervised job's result is kept
+    for reuse (``None`` on a GPU: no reuse there). The hash covers the supervised settings,
+    the seed, the arm, the torch / transformers / ntl versions, the demo's task, training and
+    evaluation code, and the arm's loss and gradient on a fixed batch (so a change in the
+    numerics of ``ntl``'s loss retrains)."""
+    if torch.device(s.device).type != "cpu":
+        return None
+    h = config_hash({**s.sft_dict(), "seed": seed, "versions": _versions(),
+                     "arm": {"name": arm.name, "ntl_weight": arm.ntl_weight, "method": arm.method},
+                     "code": _code_fingerprint(), "loss": _loss_fingerprint(arm, s.train.backend)})
+    safe = "".join(c if c.isalnum() or c in "+-_.=" else "_" for c in arm.name)
+    return os.path.join(out, "jobs", f"{safe}-seed{seed}-{h}.json")
+
+
 def load_ce_model(out: str, s: Settings, seed: int, device: torch.device) -> tuple[Any, dict[str, Any]] | None:
     """The cached CE model of ``seed`` and its info (metrics), or ``None`` if there is none
     for this exact configuration."""
@@ -78,7 +141,8 @@ def sft_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[st
     """Train one arm for one seed and evaluate it (a :func:`ntl.demo.runner.run_jobs` job).
 
     ``payload``: ``settings``, ``seed``, ``arm`` and ``out`` (the CE arm's model is saved
-    there when ``save`` is true).
+    there when ``save`` is true); with ``cache`` (a path), the result is written there as
+    JSON when the job ends.
     """
     s: Settings = payload["settings"]
     seed: int = payload["seed"]
@@ -117,14 +181,26 @@ def sft_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[st
                        "metrics": metrics}, f, indent=1)
     res["seconds"] = time.perf_counter() - t0
     res["cpu_seconds"] = time.process_time() - c0
+    if payload.get("cache"):  # kept as soon as the job ends: an interrupted run loses only running jobs
+        os.makedirs(os.path.dirname(payload["cache"]), exist_ok=True)
+        tmp = payload["cache"] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f)
+        os.replace(tmp, payload["cache"])
     return res
 
 
 # ----------------------------------------------------------------------------- the stage
 def run_sft(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot: bool = True,
-            echo: bool = False) -> dict[str, Any]:
+            echo: bool = False, reuse: bool = True) -> dict[str, Any]:
     """Run every seed and arm of the supervised stage; write ``<out>/results.json`` (and
-    ``results.png``); return the results. ``echo`` prints the report."""
+    ``results.png``); return the results. ``echo`` prints the report.
+
+    With ``reuse``, a (seed, arm) job whose result is in ``<out>/jobs/`` under the same hash
+    (:func:`job_cache_path`) is not trained again (the CE arm's only with its saved model);
+    every trained job's result is kept there as soon as it ends. A run thus adds arms or seeds
+    to a previous (or interrupted) one without retraining the others; the results record which
+    jobs were reused."""
     from .common import finish_timing, load_reference, machine_info, start_timing
     from .report import (
         compare_to_reference,
@@ -141,13 +217,29 @@ def run_sft(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot
     names = [a.name for a in arms]
     payloads = [{"settings": s, "seed": seed, "arm": arm, "out": out, "save": arm.name == "CE"}
                 for seed in s.seeds for arm in arms]
-    n_jobs = jobs or default_jobs(len(payloads), len(arms))
     os.makedirs(out, exist_ok=True)
     timing = start_timing()
-    res = run_jobs(sft_job, payloads, jobs=n_jobs,
-                   labels=[f"seed {p['seed']} {p['arm'].name}" for p in payloads],
-                   totals=[s.train.steps] * len(payloads), progress=progress)
-    timing = finish_timing(timing, res, n_jobs)
+    cached: dict[int, dict[str, Any]] = {}
+    paths = [job_cache_path(out, s, p["seed"], p["arm"]) for p in payloads]
+    for i, (p, path) in enumerate(zip(payloads, paths, strict=True)):
+        if reuse and path and os.path.exists(path) and (
+                not p["save"] or all(os.path.exists(f) for f in ce_model_paths(out, s, p["seed"]))):
+            with open(path) as f:
+                cached[i] = json.load(f)
+    todo = [i for i in range(len(payloads)) if i not in cached]
+    for i in todo:
+        payloads[i]["cache"] = paths[i]
+    n_jobs = jobs or default_jobs(max(1, len(todo)), len(arms))
+    fresh = run_jobs(sft_job, [payloads[i] for i in todo], jobs=n_jobs,
+                     labels=[f"seed {payloads[i]['seed']} {payloads[i]['arm'].name}" for i in todo],
+                     totals=[s.train.steps] * len(todo), progress=progress) if todo else []
+    for i, r in zip(todo, fresh, strict=True):
+        cached[i] = r
+    res = [cached[i] for i in range(len(payloads))]
+    timing = finish_timing(timing, fresh, n_jobs)
+    timing["reused_jobs"] = [f"seed {payloads[i]['seed']} {payloads[i]['arm'].name}"
+                             for i in range(len(payloads)) if i not in todo]
+    timing["reused_jobs_seconds"] = [res[i]["seconds"] for i in range(len(payloads)) if i not in todo]
     runs = []
     for seed in s.seeds:
         runs.append({"seed": seed, "arms": {r["arm"]: r for r in res if r["seed"] == seed}})
@@ -192,7 +284,7 @@ def _print_sft(res: dict[str, Any], out: str) -> None:
           f"seeds {c['seeds']}, device {c['device']}")
     print("first-step losses (same init, same batch; the CE parts agree):")
     for name, fs in res["first_step"].items():
-        print(f"  {name:<11} total {fs['loss']:.4f} = CE {fs['ce']:.4f} + w * NTL {fs['ntl']:.4f}")
+        print(f"  {name:<16} total {fs['loss']:.4f} = CE {fs['ce']:.4f} + w * NTL {fs['ntl']:.4f}")
     print()
     print(res["table"])
     print_footer(res, "CE", out, "results.json")

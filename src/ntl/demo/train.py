@@ -14,11 +14,12 @@ import torch
 
 import ntl
 
-from .task import Problem, encode
+from .task import Problem, build_batch, encode
 
 log: logging.Logger = logging.getLogger("ntl")
 
-__all__ = ["Arm", "ModelConfig", "TrainConfig", "build_model", "greedy_answers", "train_arm"]
+__all__ = ["Arm", "ModelConfig", "TrainConfig", "build_model", "digit_distribution", "greedy_answers",
+           "train_arm"]
 
 
 def _cache_arg() -> str:
@@ -196,5 +197,41 @@ def greedy_answers(model: Any, problems: Sequence[Problem], tok: Any, width: int
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id)]
             out.append(tok.decode(row))
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def digit_distribution(model: Any, problems: Sequence[Problem], tok: Any, width: int, seq_len: int,
+                       device: torch.device, batch_size: int = 500) -> dict[str, list[Any]]:
+    """The predicted digit distribution at the digit positions of the answers, teacher-forced.
+
+    Each problem's full sequence (``<bos>`` prompt ``####`` answer ``<eos>``,
+    :func:`ntl.demo.task.build_batch`) goes through the model once; at every position ``t``
+    whose next token (the target) is a digit, ``q = softmax(logits[t, digit columns])`` over
+    the ten digit tokens ``'0'..'9'`` (renormalised over them: the other columns are left
+    out) and its entropy ``H = -Σ_k q_k ln q_k`` in nats (0: one digit certain; ln 10 =
+    2.303: uniform). Returns per such position: ``entropy``, ``target_prob`` (``q`` of the
+    target digit) and ``problem`` (the index into ``problems``).
+    """
+    vocab = tok.get_vocab()
+    digit_ids = torch.tensor([vocab[d] for d in "0123456789"], device=device)
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[Any]] = {"entropy": [], "target_prob": [], "problem": []}
+    for s in range(0, len(problems), batch_size):
+        ids, labels = build_batch(problems[s : s + batch_size], tok, width, seq_len)
+        ids, labels = ids.to(device), labels.to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        tgt = labels[:, 1:]
+        is_digit = (tgt[..., None] == digit_ids).any(-1)
+        rows, cols = is_digit.nonzero(as_tuple=True)
+        logq = torch.log_softmax(logits[rows, cols][:, digit_ids], -1)
+        q = logq.exp()
+        h = -(q * logq).sum(-1)
+        y = (tgt[rows, cols][:, None] == digit_ids).float().argmax(-1)
+        out["entropy"] += h.cpu().tolist()
+        out["target_prob"] += q.gather(-1, y[:, None])[:, 0].cpu().tolist()
+        out["problem"] += (rows + s).cpu().tolist()
     model.train(was_training)
     return out
