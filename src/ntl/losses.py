@@ -52,7 +52,7 @@ def use_triton(backend: str, *tensors: torch.Tensor, method: Method | None = Non
         return kernel and _triton.HAS_TRITON and all(t.is_cuda for t in tensors)
     if not kernel:
         raise ValueError(f"method {method!r} has no Triton kernel (no branch in "
-                         "ntl.kernels.rowloss.ntl_row_math); use backend='torch' or 'auto'")
+                         "ntl.kernels.ntl_loss.ntl_row_math); use backend='torch' or 'auto'")
     _triton.require_triton(*tensors)
     return True
 

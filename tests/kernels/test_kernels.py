@@ -15,7 +15,7 @@ from kernel_cases import GRAD_TOL, big_vocab, loss_and_grad, make_batch, rel_clo
 
 import ntl
 from ntl.kernels import digit_gather, digit_gather_torch, ntl_rows_torch
-from ntl.kernels.rowloss import ntl_rows_triton
+from ntl.kernels.ntl_loss import ntl_rows_triton
 
 DIGITS = ntl.DigitVocab([3, 9, 12, 20, 21, 30, 33, 40, 41, 49], vocab_size=50)
 

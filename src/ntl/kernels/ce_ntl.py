@@ -11,7 +11,7 @@ carry the reduction, so backward is a multiply):
 * Otherwise read the label logit and, for number rows, the ``K`` number logits first,
   then pass 1 streams the row for an online softmax (running max ``m`` and sum ``s``,
   ``lse = m + log s`` for the CE value); the NTL loss and ``dL/dz`` come from the ``K``
-  logits (:func:`rowloss.ntl_row_math`; W1 distances ``d > 0`` squashed to
+  logits (:func:`ntl_loss.ntl_row_math`; W1 distances ``d > 0`` squashed to
   ``sq_a + sq_b d``, ``(0, 1)`` without ``squash_factor``). Pass 2 (``WRITE_GRAD``)
   streams the row again and writes ``coef * p`` with ``p = exp(x - m) * (1 / s)`` (Liger's
   form: ``exp(x - lse)`` with ``lse`` rounded to fp32 is ``~|lse| eps`` off in every ``p``,
@@ -51,7 +51,7 @@ import torch
 
 from ..methods import kernel_code
 from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, triton_before
-from .rowloss import ntl_row_math
+from .ntl_loss import ntl_row_math
 
 __all__ = ["ce_ntl_fwd_triton", "fwd_config", "scale_config", "scale_rows_triton"]
 

@@ -21,7 +21,7 @@ import torch
 
 from ..methods import kernel_code
 from ._triton import HAS_TRITON, interpreting, next_pow2, no_double_backward, tl, triton
-from .gather import scatter_rows, tiles
+from .number_columns import scatter_rows, tiles
 
 __all__ = ["ntl_loss_bwd_triton", "ntl_loss_fwd_triton", "ntl_rows_triton"]
 

@@ -5,7 +5,7 @@ runs :class:`NTLLossFunction` (no custom-op dispatch cost); under ``torch.compil
 it calls the custom op ``ntl::loss_fwd``, which ``register_fake`` gives shapes and
 ``register_autograd`` a backward (``ntl::loss_bwd``), so Dynamo sees one opaque,
 traceable node and the compiled graph runs the same code as eager. Either way the
-forward is :func:`ntl.kernels.rowloss.ntl_loss_fwd_triton` (CUDA, or the interpreter)
+forward is :func:`ntl.kernels.ntl_loss.ntl_loss_fwd_triton` (CUDA, or the interpreter)
 or its twin :func:`ntl.kernels.reference.ntl_loss_fwd_torch`, and the data-dependent
 checks run inside (so with strict checks on they cannot break a compiled graph).
 
@@ -68,7 +68,7 @@ def _forward(x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | N
     args = (x, labels, weights, soft, ids, values, lut, cfg.ignore_index, cfg.method, cfg.reduction,
             cfg.reweigh, cfg.dmax, squash, cfg.delta)
     if cfg.use_triton:
-        from .rowloss import ntl_loss_fwd_triton
+        from .ntl_loss import ntl_loss_fwd_triton
 
         if weights is not None and weights.dtype == torch.bool:
             weights = weights.view(torch.uint8)
@@ -84,7 +84,7 @@ def _backward_x(g: Tensor, x: Tensor | None, size: tuple[int, int], dtype: torch
     ids = None if cfg.digit_cols else vocab_from_handle(cfg.handle).ids(dz.device)
     args = (g, x, size, dtype, dz, rw, den, L, mass, lse, ids, cfg.reweigh, cfg.dmax)
     if cfg.use_triton:
-        from .rowloss import ntl_loss_bwd_triton
+        from .ntl_loss import ntl_loss_bwd_triton
 
         return ntl_loss_bwd_triton(*args)
     return ntl_loss_bwd_torch(*args)

@@ -110,7 +110,7 @@ def ntl_loss_fwd_torch(
     reduction: str, reweigh: bool, dmax: float, squash: tuple[float, float] | None, huber_delta: float,
     need_dz: bool = True, scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Twin of ``rowloss._ntl_loss_fwd`` + ``_ntl_finalize``: the whole standalone forward.
+    """Twin of ``ntl_loss._ntl_loss_fwd`` + ``_ntl_finalize``: the whole standalone forward.
 
     ``scale [N]`` (optional, fp32): a per-row factor of the row loss and its ``dL/dz``
     (DEL's place weights), applied straight after the row formula; not in the mean's divisor.
@@ -175,7 +175,7 @@ def ntl_loss_bwd_torch(
     dz: torch.Tensor, rw: torch.Tensor, den: torch.Tensor, L: torch.Tensor, mass: torch.Tensor,
     lse: torch.Tensor, ids: torch.Tensor | None, reweigh: bool, dmax: float,
 ) -> torch.Tensor:
-    """Twin of ``rowloss._ntl_loss_bwd`` / ``_ntl_loss_bwd_reweigh``: ``dOut/dx [N, Vx]`` (x's dtype).
+    """Twin of ``ntl_loss._ntl_loss_bwd`` / ``_ntl_loss_bwd_reweigh``: ``dOut/dx [N, Vx]`` (x's dtype).
 
     Row scale ``s = rw g / den`` (``s = rw g`` with ``g`` per row for ``reduction="none"``). Without reweigh the
     gradient is ``s dL/dz`` at the number columns, 0 elsewhere. With it, for ``j`` in ids
