@@ -28,9 +28,12 @@ import torch
 
 from . import _checks as C
 from .kernels import _triton
-from .kernels.ops import LossConfig, ntl_loss_apply
+from .kernels.ntl_loss import LossConfig, ntl_loss_apply, set_front_end
 from .methods import MSE, W1, Huber, Method, resolve
 from .vocab import NumberVocab, VocabLike, resolve_vocab, vocab_from_handle
+
+# the standalone loss op reaches the vocab by its handle and runs the strict checks through these
+set_front_end(vocab=vocab_from_handle, check_values=C.check_values)
 
 __all__ = ["gaussian_targets", "ntl_dot_loss", "ntl_loss", "ntl_mse_loss", "ntl_wasserstein_loss",
            "shift_labels"]

@@ -51,8 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
-from .kernels.number_mass import number_mass_torch
-from .kernels.reference import digit_gather_torch
+from .kernels.reference import digit_gather_torch, number_mass_torch
 from .losses import prepare_labels, use_triton
 from .vocab import NumberVocab, VocabLike, resolve_vocab, vocab_from_handle
 

@@ -1,4 +1,5 @@
-"""Kernel 1 — digit-gather: ``logits[N, V]`` (any row stride) + ``ids[K]`` -> ``[N, K]``.
+"""The number-token columns of the logits (digit-gather): ``logits[N, V]`` (any row stride) +
+``ids[K]`` -> ``[N, K]``.
 
 Forward reads the ``K`` number-token columns of a tile of rows; backward
 scatters ``grad[N, K]`` (optionally scaled per row) into a zero ``[N, V]``
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, no_double_backward, require_triton, tl, triton
+from ._triton import BACKENDS, HAS_TRITON, next_pow2, no_double_backward, require_triton, tl, triton
 from .reference import digit_gather_torch
 
 __all__ = ["digit_gather", "scatter_rows"]
@@ -112,10 +113,13 @@ def digit_gather(logits: torch.Tensor, ids: torch.Tensor, *, backend: str = "aut
     copied first). ``ids`` must be unique integer ids in ``[0, V)``, as a
     :class:`ntl.NumberVocab` provides (``vocab.ids(device)``).
     """
-    from .._checks import BACKENDS, check_choice, check_logits
-
-    check_logits(logits)
-    check_choice("backend", backend, BACKENDS)
+    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError("logits must be a floating-point tensor (fp32/bf16/fp16), got "
+                        + (str(logits.dtype) if isinstance(logits, torch.Tensor) else type(logits).__name__))
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 1:
         raise TypeError("ids must be a 1-D int64/int32 tensor of token ids, got "
                         + (f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor)
