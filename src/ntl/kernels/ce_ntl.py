@@ -1,4 +1,4 @@
-"""Kernel 4 — fused cross-entropy + NTL, one program per row; and its backward scale.
+"""Cross-entropy + NTL fused in one kernel, one program per row; and its backward scale.
 
 One program per row on a GPU (``BLOCK_N = 1``); the interpreter, whose cost is per
 program, tiles up to 16 rows (every per-row decision below is then a mask).
@@ -344,7 +344,7 @@ def ce_ntl_fwd_triton(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tenso
                       reweigh: bool, dmax: float, inplace: bool, write_grad: bool = True, *,
                       squash: tuple[float, float] | None = None, huber_delta: float = 1.0,
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Run kernel 4: ``(grad [N, V] logits dtype, rinv [N] fp32 | None, ce [N], ntl [N])``.
+    """Run the fused forward ``_ce_ntl_fwd``: ``(grad [N, V] logits dtype, rinv [N] fp32 | None, ce [N], ntl [N])``.
 
     ``write_grad=False``: one read-only pass, ``grad`` is ``None``. ``rinv`` (the
     inverse per-row scale of the stored gradient) is returned for fp16 gradients only.
