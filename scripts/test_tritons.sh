@@ -11,7 +11,7 @@ set -uo pipefail
 source "$(dirname "$0")/_env.sh"
 cd "$NTL_ROOT"
 NTL_TRITONS=(3.5.1 3.6.0 3.7.1 3.8.0)
-NTL_TRITON_KERNELS=(fused_ce._ce_ntl_fwd fused_ce._scale_rows)
+NTL_TRITON_KERNELS=(ce_ntl._ce_ntl_fwd ce_ntl._scale_rows)
 
 ntl_triton_compile() {  # ntl_triton_compile VERSION
     local version=$1 venv py out numpy deps

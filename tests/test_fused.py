@@ -577,7 +577,7 @@ def test_training_forward_is_one_launch_and_no_NxV_op():
 def test_gpu_tiling_one_row_per_program_in_the_interpreter(dtype, monkeypatch):
     """The GPU launches one row per program (``BLOCK_N = 1``); the interpreter tiles 16 rows.
     Both tilings give the same loss and gradient (and the GPU one equals the reference)."""
-    from ntl.kernels import fused_ce
+    from ntl.kernels import ce_ntl
 
     Vx = 700
     vocab = ntl.DigitVocab(IDS, vocab_size=Vx)
@@ -592,11 +592,11 @@ def test_gpu_tiling_one_row_per_program_in_the_interpreter(dtype, monkeypatch):
 
     tiled = run("triton")
     for cfg in ("fwd_config", "scale_config"):
-        orig = getattr(fused_ce, cfg)
-        monkeypatch.setattr(fused_ce, cfg, lambda *a, orig=orig: {**orig(*a), "BLOCK_N": 1})
+        orig = getattr(ce_ntl, cfg)
+        monkeypatch.setattr(ce_ntl, cfg, lambda *a, orig=orig: {**orig(*a), "BLOCK_N": 1})
     per_row = run("triton")
     torch_path = run("torch")
-    assert fused_ce.fwd_config(Vx, 10)["BLOCK_N"] == 1
+    assert ce_ntl.fwd_config(Vx, 10)["BLOCK_N"] == 1
     torch.testing.assert_close(per_row[0], tiled[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(per_row[1], tiled[1], rtol=0, atol=0)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]

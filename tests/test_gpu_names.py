@@ -1,6 +1,6 @@
 """The ``gpu``-marked tests resolve their names on CPU (issue 29.1).
 
-A ``gpu`` test only runs on a CUDA machine, so a wrong name in one (``rowloss._ntl_rows_fwd``
+A ``gpu`` test only runs on a CUDA machine, so a wrong name in one (``ntl_loss._ntl_rows_fwd``
 for ``_ntl_loss_fwd``) would first fail there. Every test file holding a ``gpu`` marker is
 imported and its source walked (the whole file: helpers too):
 
@@ -228,12 +228,12 @@ import ntl
 from ntl import DigitVocab
 
 def f(x, y, v):
-    from ntl.kernels import rowloss
-    assert rowloss._ntl_rows_fwd and rowloss._ntl_loss_fwd
+    from ntl.kernels import ntl_loss
+    assert ntl_loss._ntl_rows_fwd and ntl_loss._ntl_loss_fwd
     ntl.cross_entropy_with_ntl(x, y, v, ntl_wieght=0.3)
     ntl.cross_entropy_with_ntl(x, y, v, ntl_weight=0.3)
     DigitVocab([1, 2], vocab_size=5, bogus=1)
-    rowloss = None  # a later rebinding does not hide the import above
+    ntl_loss = None  # a later rebinding does not hide the import above
     make_batch(1, 2, 3, 4, 5, 6, 7, 8)
     ntl.no_such_function(x)
     x.whatever(bogus=1)  # a runtime value: not checked

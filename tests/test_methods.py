@@ -44,10 +44,10 @@ def test_registry_names_codes_and_aliases():
     assert REGISTRY["wasserstein"].aliases == ("w1",)
     assert ntl.methods is __import__("ntl.methods").methods
     # the kernels read the codes from the registry: no table of their own
-    import ntl.kernels.fused_ce as fused_ce
-    import ntl.kernels.rowloss as rowloss
+    import ntl.kernels.ce_ntl as ce_ntl
+    import ntl.kernels.ntl_loss as ntl_loss
 
-    assert not hasattr(rowloss, "_METHOD") and not hasattr(fused_ce, "_METHOD")
+    assert not hasattr(ntl_loss, "_METHOD") and not hasattr(ce_ntl, "_METHOD")
     assert ntl.methods.kernel_code("w1") == 1 and ntl.methods.kernel_code("huber") == 3
 
 

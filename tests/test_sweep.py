@@ -14,7 +14,8 @@ import torch
 
 import ntl
 from ntl.bench import sweep
-from ntl.kernels import fused_ce, interpreting
+from ntl.kernels import ce_ntl as fused_ce
+from ntl.kernels import interpreting
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="the smoke sweep runs in Triton's interpreter")
 

@@ -202,7 +202,7 @@ def fused_forward(
     b = c * ntl_weight
     ga, gb = (a, b) if grad_scale is None else (a * grad_scale, b * grad_scale)
     if use_kernel:
-        from .kernels.fused_ce import ce_ntl_fwd_triton
+        from .kernels.ce_ntl import ce_ntl_fwd_triton
 
         grad, rinv, ce, L = ce_ntl_fwd_triton(logits, labels, k, ids, values, ga, gb, method, reweigh,
                                               dmax, inplace, write_grad, squash=squash,
@@ -247,7 +247,7 @@ def fused_backward(grad: torch.Tensor, rinv: torch.Tensor | None, grad_out: torc
     # scale of 2^16 into inf
     f = grad_out.float() if grad_scale is None else grad_out.float() / grad_scale
     if use_kernel:
-        from .kernels.fused_ce import scale_rows_triton
+        from .kernels.ce_ntl import scale_rows_triton
 
         scale_rows_triton(grad, f, rinv)
         return grad

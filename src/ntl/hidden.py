@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
-from .kernels.ops import LossConfig, ntl_loss_apply, number_rows
+from .kernels.ntl_loss import LossConfig, ntl_loss_apply
 from .losses import (
     LossSpec,
     MethodLike,
@@ -27,9 +27,52 @@ from .losses import (
     use_triton,
 )
 from .methods import W1, Method
-from .vocab import VocabLike
+from .vocab import VocabLike, vocab_from_handle
 
 __all__ = ["digit_logits_from_hidden", "ntl_loss_from_digit_logits", "ntl_loss_from_hidden"]
+
+
+# ------------------------------------------------------------------ number rows of the LM head
+@torch.library.custom_op("ntl::number_rows", mutates_args=())
+def _number_rows_op(weight: torch.Tensor, handle: int) -> torch.Tensor:
+    return weight.index_select(0, vocab_from_handle(handle).ids(weight.device))
+
+
+@_number_rows_op.register_fake
+def _(weight, handle):
+    K = vocab_from_handle(handle).K
+    return weight.new_empty((K, *weight.shape[1:]))
+
+
+@torch.library.custom_op("ntl::number_rows_bwd", mutates_args=())
+def _number_rows_bwd_op(g: torch.Tensor, weight: torch.Tensor, handle: int) -> torch.Tensor:
+    ids = vocab_from_handle(handle).ids(weight.device)
+    return torch.zeros_like(weight).index_add_(0, ids, g.to(weight.dtype))
+
+
+@_number_rows_bwd_op.register_fake
+def _(g, weight, handle):
+    return torch.empty_like(weight)
+
+
+def _rows_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[0])
+    ctx.handle = inputs[1]
+
+
+def _rows_backward(ctx: Any, g: torch.Tensor):
+    (weight,) = ctx.saved_tensors
+    return torch.ops.ntl.number_rows_bwd(g, weight, ctx.handle), None
+
+
+_number_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+def number_rows(weight: torch.Tensor, handle: int) -> torch.Tensor:
+    """``weight[ids]`` (rows of an LM-head weight or entries of its bias), differentiable."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ntl.number_rows(weight, handle)
+    return weight.index_select(0, vocab_from_handle(handle).ids(weight.device))
 
 
 def _check_head(hidden: Any, weight: Any, bias: Any, temperature: Any) -> tuple[int, float]:

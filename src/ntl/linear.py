@@ -4,7 +4,7 @@
 (Liger-Kernel's fused-linear-cross-entropy scheme). For a chunk ``c`` of rows the
 logits ``x_c = h_c W^T + b`` (``[r, V]``, one buffer reused by every chunk) are
 overwritten in place by their gradient ``G_c = dLoss/dx_c`` -- :func:`ntl.fused.ce_ntl_rows_torch`
-on the PyTorch path, Triton kernel 4 (:mod:`ntl.kernels.fused_ce`) on CUDA::
+on the PyTorch path, the fused CE + NTL Triton kernel (:mod:`ntl.kernels.ce_ntl`) on CUDA::
 
     G_c = a (softmax(x_c) - e_y) + b scatter_ids(dNTL/dz),   z = x_c[:, ids]   ([r, K])
 
@@ -75,10 +75,10 @@ def _grad_rows(x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torc
                huber_delta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Overwrite the logits chunk ``x [r, V]`` with ``dLoss/dx``; return ``(ce [r], ntl [r])``.
 
-    The one place that calls the fused CE + NTL row math (:mod:`ntl.fused`, kernel 4).
+    The one place that calls the fused CE + NTL row math (:mod:`ntl.fused`, :mod:`ntl.kernels.ce_ntl`).
     """
     if use_kernel:
-        from .kernels.fused_ce import ce_ntl_fwd_triton
+        from .kernels.ce_ntl import ce_ntl_fwd_triton
 
         out = ce_ntl_fwd_triton(x, labels, k, ids, values, a, b, method, reweigh, dmax, True, squash=squash,
                                 huber_delta=huber_delta)
@@ -231,7 +231,7 @@ def _scale(g: torch.Tensor, f: torch.Tensor, in_place: bool, use_kernel: bool) -
     if not in_place:
         return g * f
     if use_kernel:
-        from .kernels.fused_ce import scale_rows_triton
+        from .kernels.ce_ntl import scale_rows_triton
 
         scale_rows_triton(g.view(-1, g.shape[-1]) if g.dim() > 1 else g.view(1, -1), f, None)
         return g
@@ -332,7 +332,7 @@ def linear_cross_entropy_with_ntl(
         chunk_size: rows per chunk (default: :func:`linear_chunk_rows`); memory of the
             logits buffer is ``chunk_size x V`` elements.
         return_parts: also return the detached CE and NTL parts (for logging).
-        backend: ``"auto"`` (Triton kernel 4 on CUDA), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (the fused CE + NTL Triton kernel on CUDA), ``"torch"`` or ``"triton"``.
         squash_factor: ``ntloss.NTLoss(squash_factor=...)``'s squashed W1 distances (a number
             ``> 1``; W1 only), as in :func:`ntl.cross_entropy_with_ntl`.
         huber_delta: the Huber threshold with ``method="huber"`` (``None``: 1.0).

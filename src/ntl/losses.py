@@ -28,9 +28,12 @@ import torch
 
 from . import _checks as C
 from .kernels import _triton
-from .kernels.ops import LossConfig, ntl_loss_apply
+from .kernels.ntl_loss import LossConfig, ntl_loss_apply, set_front_end
 from .methods import MSE, W1, Huber, Method, resolve
 from .vocab import NumberVocab, VocabLike, resolve_vocab, vocab_from_handle
+
+# the standalone loss op reaches the vocab by its handle and runs the strict checks through these
+set_front_end(vocab=vocab_from_handle, check_values=C.check_values)
 
 __all__ = ["gaussian_targets", "ntl_dot_loss", "ntl_loss", "ntl_mse_loss", "ntl_wasserstein_loss",
            "shift_labels"]
@@ -52,7 +55,7 @@ def use_triton(backend: str, *tensors: torch.Tensor, method: Method | None = Non
         return kernel and _triton.HAS_TRITON and all(t.is_cuda for t in tensors)
     if not kernel:
         raise ValueError(f"method {method!r} has no Triton kernel (no branch in "
-                         "ntl.kernels.rowloss.ntl_row_math); use backend='torch' or 'auto'")
+                         "ntl.kernels.ntl_loss.ntl_row_math); use backend='torch' or 'auto'")
     _triton.require_triton(*tensors)
     return True
 

@@ -8,7 +8,7 @@ Every method is a frozen (hashable) dataclass of :class:`Method`, registered und
   ``"wasserstein"`` alias ``"w1"``); an instance (``Huber(delta=2.0)``, ``W1(squash_factor=3.0)``)
   carries its parameters.
 * ``code``: the Triton constexpr that selects its branch in the one row helper,
-  ``ntl.kernels.rowloss.ntl_row_math`` (``None``: no Triton branch, PyTorch backend only).
+  ``ntl.kernels.ntl_loss.ntl_row_math`` (``None``: no Triton branch, PyTorch backend only).
 * :meth:`Method.kernel_scalars`: its runtime scalars for the kernels (squashed-W1 ``a``/``b``,
   Huber ``delta``) for a given vocab.
 * :meth:`Method.row_loss_grad` / :meth:`Method.row_loss`: its row formula over the ``K``
@@ -239,7 +239,7 @@ def kernel_code(method: str) -> int:
     code = method_class(method).code
     if code is None:
         raise ValueError(f"method {method!r} has no Triton kernel (no branch in "
-                         "ntl.kernels.rowloss.ntl_row_math); use backend='torch'")
+                         "ntl.kernels.ntl_loss.ntl_row_math); use backend='torch'")
     return code
 
 

@@ -33,8 +33,8 @@ Llama-3's ``'123' '4'`` (1234): ``p = 1, 0``, ``yhat = 10 e_0 + e_1``; ``'12' '3
 ``reweigh=True``: ``L' = m L + 1.01 (1 - m)`` with ``m`` the full-softmax mass on the
 number tokens at the number's first token (``ntloss``'s ``reweigh_fn``, ``D = 1``).
 
-Kernels: on CUDA the digit-gather (:mod:`ntl.kernels.gather`) and, for ``reweigh``
-and :func:`predict_numbers`, the number-mass kernel (:mod:`ntl.kernels.mass`, one
+Kernels: on CUDA the digit-gather (:mod:`ntl.kernels.number_columns`) and, for ``reweigh``
+and :func:`predict_numbers`, the number-mass kernel (:mod:`ntl.kernels.number_mass`, one
 streaming pass per row, no ``[N, V]`` buffer kept for backward); elsewhere their
 PyTorch twins. The ``[N]``-sized segment math runs on autograd.
 """
@@ -51,8 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
-from .kernels.mass import number_mass_torch
-from .kernels.reference import digit_gather_torch
+from .kernels.reference import digit_gather_torch, number_mass_torch
 from .losses import prepare_labels, use_triton
 from .vocab import NumberVocab, VocabLike, resolve_vocab, vocab_from_handle
 
@@ -206,7 +205,7 @@ def _int_weights_as_float(weights: Any) -> Any:
 def _gather(x2d: torch.Tensor, ids: torch.Tensor, backend: str) -> torch.Tensor:
     """``[N, V] -> [N, K]`` number logits: the Triton digit-gather on CUDA, ``index_select`` else."""
     if use_triton(backend, x2d):
-        from .kernels.gather import DigitGather
+        from .kernels.number_columns import DigitGather
 
         return DigitGather.apply(x2d if x2d.stride(-1) == 1 else x2d.contiguous(), ids)
     return digit_gather_torch(x2d, ids)
@@ -221,13 +220,13 @@ def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str, with_ma
 def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str, with_mass: bool,
                      rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Number logits ``z [N, K]`` fp32 and, if asked, the full-softmax number mass ``[N]``
-    (:mod:`ntl.kernels.mass`: sums relative to the row max; one fp32 gradient cast once).
+    (:mod:`ntl.kernels.number_mass`: sums relative to the row max; one fp32 gradient cast once).
     ``rows`` (bool ``[N]``): where the mass is needed; the PyTorch path computes it only there
     (0 elsewhere), the Triton kernel on every row."""
     if not with_mass:
         return _gather(x2d, ids, backend).float(), None
     if use_triton(backend, x2d):
-        from .kernels.mass import number_mass_triton
+        from .kernels.number_mass import number_mass_triton
 
         return number_mass_triton(x2d, ids)
     return number_mass_torch(x2d, ids, rows)

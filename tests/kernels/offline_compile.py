@@ -76,7 +76,7 @@ class Case:
 
 # --------------------------------------------------------------------------- drivers
 def _fused_fwd(c: Case) -> None:
-    from ntl.kernels.fused_ce import ce_ntl_fwd_triton
+    from ntl.kernels.ce_ntl import ce_ntl_fwd_triton
 
     for method, reweigh, write_grad, inplace in itertools.product(
             ("mse", "wasserstein"), (False, True), (True, False), (False, True)):
@@ -98,7 +98,7 @@ def _fused_fwd(c: Case) -> None:
 
 
 def _fused_scale(c: Case) -> None:
-    from ntl.kernels.fused_ce import scale_rows_triton
+    from ntl.kernels.ce_ntl import scale_rows_triton
 
     rinv = torch.ones(c.N) if c.dtype == torch.float16 else None  # fp16 gradients carry rinv
     for go in (torch.tensor(2.0), torch.full((c.N,), 2.0)):  # mean/sum; reduction="none"
@@ -114,7 +114,7 @@ def _loss_args(c: Case, x: torch.Tensor, ids: torch.Tensor | None) -> tuple[torc
 
 
 def _loss_fwd(c: Case) -> None:
-    from ntl.kernels.rowloss import ntl_loss_fwd_triton
+    from ntl.kernels.ntl_loss import ntl_loss_fwd_triton
 
     # every METHOD x REWEIGH x PARTIAL at each K and dtype; the rarer flags (SOFT, squash,
     # weights, digit-logit input, no dz) once per K, at bf16
@@ -148,7 +148,7 @@ def _loss_fwd(c: Case) -> None:
 
 
 def _loss_bwd(c: Case) -> None:
-    from ntl.kernels.rowloss import ntl_loss_bwd_triton
+    from ntl.kernels.ntl_loss import ntl_loss_bwd_triton
 
     N, V, K = c.N, c.V, c.K
     f = torch.rand(N)
@@ -162,20 +162,20 @@ def _loss_bwd(c: Case) -> None:
 
 
 def _gather_fwd(c: Case) -> None:
-    from ntl.kernels.gather import gather_triton
+    from ntl.kernels.number_columns import gather_triton
 
     gather_triton(c.logits, c.ids)
 
 
 def _scatter_bwd(c: Case) -> None:
-    from ntl.kernels.gather import scatter_rows
+    from ntl.kernels.number_columns import scatter_rows
 
     for scale in (None, torch.ones(c.N)):
         scatter_rows(c.dz.to(c.dtype) if scale is None else c.dz, c.ids, c.V, c.dtype, scale=scale)
 
 
 def _mass(c: Case) -> None:
-    from ntl.kernels.mass import number_mass_triton
+    from ntl.kernels.number_mass import number_mass_triton
 
     x = c.logits.clone().requires_grad_(True)
     z, m = number_mass_triton(x, c.ids)
@@ -184,22 +184,22 @@ def _mass(c: Case) -> None:
 
 #: Every ``@triton.jit`` function of ``ntl.kernels`` -> its driver (or INLINED).
 KERNELS: dict[str, Callable[[Case], None] | str] = {
-    "fused_ce._ce_ntl_fwd": _fused_fwd,
-    "fused_ce._scale_rows": _fused_scale,
-    "fused_ce._lse_step": INLINED,
-    "fused_ce._grad_step": INLINED,
-    "fused_ce._row_layout": INLINED,
-    "fused_ce._edge_offsets": INLINED,
-    "rowloss._ntl_loss_fwd": _loss_fwd,
-    "rowloss._ntl_finalize": _loss_fwd,
-    "rowloss._ntl_loss_bwd": _loss_bwd,
-    "rowloss._ntl_loss_bwd_reweigh": _loss_bwd,
-    "rowloss.ntl_row_math": INLINED,
-    "rowloss._bwd_row_scale": INLINED,
-    "gather._gather_fwd": _gather_fwd,
-    "gather._scatter_bwd": _scatter_bwd,
-    "mass._mass_fwd": _mass,
-    "mass._mass_bwd": _mass,
+    "ce_ntl._ce_ntl_fwd": _fused_fwd,
+    "ce_ntl._scale_rows": _fused_scale,
+    "ce_ntl._lse_step": INLINED,
+    "ce_ntl._grad_step": INLINED,
+    "ce_ntl._row_layout": INLINED,
+    "ce_ntl._edge_offsets": INLINED,
+    "ntl_loss._ntl_loss_fwd": _loss_fwd,
+    "ntl_loss._ntl_finalize": _loss_fwd,
+    "ntl_loss._ntl_loss_bwd": _loss_bwd,
+    "ntl_loss._ntl_loss_bwd_reweigh": _loss_bwd,
+    "ntl_loss.ntl_row_math": INLINED,
+    "ntl_loss._bwd_row_scale": INLINED,
+    "number_columns._gather_fwd": _gather_fwd,
+    "number_columns._scatter_bwd": _scatter_bwd,
+    "number_mass._mass_fwd": _mass,
+    "number_mass._mass_bwd": _mass,
 }
 
 
@@ -220,6 +220,8 @@ def jit_functions() -> dict[str, Any]:
     found = {}
     for info in pkgutil.iter_modules(pkg.__path__):
         mod = importlib.import_module(f"ntl.kernels.{info.name}")
+        if mod.__name__ != f"ntl.kernels.{info.name}":  # an alias (a former name): counted once
+            continue
         for name, obj in vars(mod).items():
             if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__:
                 found[f"{info.name}.{name}"] = obj

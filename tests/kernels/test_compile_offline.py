@@ -7,7 +7,7 @@ at ``K = 10``), records the real launches and compiles each with the triton whee
 (see its docstring). Cost: 730 compiles (DEL and DIST² at bf16 only), 2.3-2.9 min cold on 2
 quiet cores for the 670 before them (triton 3.4 / 3.9), ~2 s a compile with both cores busy
 (hence the 20-min limit; Triton's cache makes a rerun take seconds). Spill-free on triton 3.5-3.9 (3.5-3.8
-checked from throwaway venvs with ``--only fused_ce._ce_ntl_fwd fused_ce._scale_rows``); on 3.4 (the floor environment) one listed 8 B
+checked from throwaway venvs with ``--only ce_ntl._ce_ntl_fwd ce_ntl._scale_rows``); on 3.4 (the floor environment) one listed 8 B
 spill (:data:`KNOWN_SPILLS_BY_TRITON`).
 Skipped only where the triton wheel has no ``ptxas``/``cuobjdump`` (a failure instead with
 ``NTL_REQUIRE_OFFLINE_COMPILE=1``, as scripts/test_floor.sh sets it for triton 3.4).
@@ -36,7 +36,7 @@ KNOWN_SPILLS: dict[tuple[str, int, str, int], str] = {
 #: Spills of one triton release only (``(major, minor)``), same form: the floor of pyproject.
 KNOWN_SPILLS_BY_TRITON: dict[tuple[int, int], dict[tuple[str, int, str, int], str]] = {
     (3, 4): {
-        ("rowloss._ntl_loss_fwd", 80, "*fp32", 16):
+        ("ntl_loss._ntl_loss_fwd", 80, "*fp32", 16):
             "triton 3.4's code for the reweighed standalone forward (W1, fp32, sm_80, 8 warps over "
             "4k elements) keeps 8 B on the stack; 4 warps or 2k-element blocks move the 8 B to "
             "other variants. 3.5-3.9: none. Cost not measured (no GPU).",
@@ -84,7 +84,7 @@ def test_every_jit_function_has_a_table_entry(report):
 
 
 #: Kernels whose pointer dtypes never follow the logits' dtype (one signature is right).
-DTYPE_FREE = {"rowloss._ntl_finalize": "reduces the fp32 per-tile partial sums"}
+DTYPE_FREE = {"ntl_loss._ntl_finalize": "reduces the fp32 per-tile partial sums"}
 
 
 def test_every_kernel_was_launched_at_every_width(report):
@@ -123,18 +123,18 @@ def test_no_register_spills(report):
 
 def test_the_launches_use_the_gpu_configs(report):
     """The launches were recorded with the GPU block sizes (not the interpreter's)."""
-    from ntl.kernels import fused_ce  # (imported under the interpreter: names only)
+    from ntl.kernels import ce_ntl  # (imported under the interpreter: names only)
 
-    fwd = [r for r in report["records"] if r["kernel"] == "fused_ce._ce_ntl_fwd"]
+    fwd = [r for r in report["records"] if r["kernel"] == "ce_ntl._ce_ntl_fwd"]
     cfg = {(r["signature"]["x_ptr"], r["constexprs"]["BLOCK_K"], r["constexprs"]["ROW_SCALE"],
             r["constexprs"]["REWEIGH"]): (r["constexprs"]["BLOCK_V"], r["options"]["num_warps"])
            for r in fwd}
     # 64 KB blocks over 32 warps; fp16 row scaling, reweigh and K > 512: 16k elements over 16
     # warps; triton < 3.9: 16k elements over 16 warps throughout (its 32-warp code spills);
     # triton 3.4 (no alignment assumed): 8k elements (16k spill 8-64 B at V = 50,257)
-    if fused_ce._BEFORE_3_5:
+    if ce_ntl._BEFORE_3_5:
         assert set(cfg.values()) == {(8192, 16)}
-    elif fused_ce._BEFORE_3_9:
+    elif ce_ntl._BEFORE_3_9:
         assert set(cfg.values()) == {(16384, 16)}
     else:
         wide = {key: (16384, 16) for key in cfg if key[1] > 512 or key[2] or key[3]}
@@ -148,18 +148,18 @@ def test_the_launches_use_the_gpu_configs(report):
             for r in fwd} == ({(m, rw, w) for m in (0, 1) for rw in (False, True) for w in (False, True)}
                               | {(m, False, w) for m in (4, 5) for w in (False, True)})  # DEL, DIST2
     assert any(r["constexprs"]["ROW_SCALE"] for r in fwd)
-    assert fused_ce._ce_ntl_fwd.arg_names == list(fwd[0]["signature"])
+    assert ce_ntl._ce_ntl_fwd.arg_names == list(fwd[0]["signature"])
 
 
 def test_odd_vocab_streams_with_128_bit_loads(report):
     """GPT-2's V = 50,257 (rows at every alignment): the streaming kernels' aligned body still
     compiles to 128-bit loads (``ld.global.v4.b32``), with no stack (test_no_register_spills).
     Triton 3.4 streams such rows unhinted (scalar loads: with the hints it spills 368-520 B)."""
-    from ntl.kernels import fused_ce
+    from ntl.kernels import ce_ntl
 
-    if fused_ce._BEFORE_3_5:
+    if ce_ntl._BEFORE_3_5:
         pytest.skip("triton 3.4: rows of odd V are streamed without alignment hints")
-    for key in ("fused_ce._ce_ntl_fwd", "fused_ce._scale_rows"):
+    for key in ("ce_ntl._ce_ntl_fwd", "ce_ntl._scale_rows"):
         recs = [r for r in report["records"] if r["kernel"] == key and r.get("V") == 50_257]
         assert recs, key
         for r in recs:

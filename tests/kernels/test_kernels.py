@@ -15,12 +15,12 @@ from kernel_cases import GRAD_TOL, big_vocab, loss_and_grad, make_batch, rel_clo
 
 import ntl
 from ntl.kernels import digit_gather, digit_gather_torch, ntl_rows_torch
-from ntl.kernels.rowloss import ntl_rows_triton
+from ntl.kernels.ntl_loss import ntl_rows_triton
 
 DIGITS = ntl.DigitVocab([3, 9, 12, 20, 21, 30, 33, 40, 41, 49], vocab_size=50)
 
 
-# ---------------------------------------------------------------- kernel 1: gather
+# ---------------------------------------------------------------- number columns (digit gather)
 @pytest.mark.parametrize("V", [50, 257, 4000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_digit_gather_matches_torch(V, dtype):
@@ -59,7 +59,7 @@ def test_digit_gather_bad_input():
         digit_gather(torch.ones(4, 20, dtype=torch.long), torch.tensor([1]), backend="triton")
 
 
-# ---------------------------------------------------------------- kernels 2, 3: rows
+# ---------------------------------------------------------------- standalone loss rows (ntl_loss)
 @pytest.mark.parametrize("method,soft", [("mse", False), ("wasserstein", False), ("wasserstein", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab_kind", ["digits", "big"])
@@ -191,7 +191,7 @@ def test_rows_bad_input():
         ntl.ntl_mse_loss(x, labels, list(range(10)), backend="cuda")
 
 
-# ---------------------------------------------------------------- kernel 4: fused CE + NTL
+# ---------------------------------------------------------------- fused CE + NTL (ce_ntl)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("method", ["mse", "wasserstein"])
 @pytest.mark.parametrize("inplace", [False, True])

@@ -18,7 +18,7 @@ import torch
 from kernel_probe import HostReadMode
 
 import ntl
-from ntl.kernels import rowloss
+from ntl.kernels import ntl_loss
 
 KERNELS = ("_ntl_loss_fwd", "_ntl_finalize", "_ntl_loss_bwd", "_ntl_loss_bwd_reweigh")
 NO_LAUNCH = {"empty.memory_format", "empty_strided.default", "new_empty.default",
@@ -70,7 +70,7 @@ class KernelStub:
 def stubbed(monkeypatch):
     log: list[str] = []
     for name in KERNELS:
-        monkeypatch.setattr(rowloss, name, KernelStub(name, log))
+        monkeypatch.setattr(ntl_loss, name, KernelStub(name, log))
     ntl.set_strict_checks(False)
     yield log
     ntl.set_strict_checks(True)
@@ -235,11 +235,11 @@ FUSED_KERNELS = ("_ce_ntl_fwd", "_scale_rows")
 
 @pytest.fixture
 def fused_stubbed(monkeypatch):
-    from ntl.kernels import fused_ce
+    from ntl.kernels import ce_ntl
 
     log: list[str] = []
     for name in FUSED_KERNELS:
-        monkeypatch.setattr(fused_ce, name, KernelStub(name, log))
+        monkeypatch.setattr(ce_ntl, name, KernelStub(name, log))
     ntl.set_strict_checks(False)
     yield log
     ntl.set_strict_checks(True)

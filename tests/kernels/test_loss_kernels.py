@@ -236,14 +236,14 @@ def test_weights_gradient():
 def test_gpu_launch_configuration_in_the_interpreter(monkeypatch, reweigh):
     """The tiles a GPU launch uses (reweigh: one row per program, BLOCK_V = 4096, 8 warps),
     run in the interpreter: the result must not depend on the tiling."""
-    from ntl.kernels import rowloss
+    from ntl.kernels import ntl_loss
 
     V = 5000  # two BLOCK_V blocks, the second partial
     vocab = big_vocab(V, K=10, seed=17)
     x, y, w = batch(21, V, vocab, seed=18)
     want = both(lambda xl, be: ntl.ntl_mse_loss(xl, y, vocab, weights=w, reweigh=reweigh, backend=be), x)
-    monkeypatch.setattr(rowloss, "interpreting", lambda: False)
-    bn, _, bv, warps = rowloss.row_blocks(10, V, reweigh)
+    monkeypatch.setattr(ntl_loss, "interpreting", lambda: False)
+    bn, _, bv, warps = ntl_loss.row_blocks(10, V, reweigh)
     assert (bn, bv, warps) == ((1, 4096, 8) if reweigh else (64, 16, 4))
     (a, ga), _ = both(lambda xl, be: ntl.ntl_mse_loss(xl, y, vocab, weights=w, reweigh=reweigh,
                                                        backend=be), x)

@@ -1,4 +1,4 @@
-"""Number-mass kernel (``ntl.kernels.mass``) under TRITON_INTERPRET=1 against its twin and float64.
+"""Number-mass kernel (``ntl.kernels.number_mass``) under TRITON_INTERPRET=1 against its twin and float64.
 
 Reference: the float64 softmax by hand (``softmax(x)[ids].sum()``) and its autograd
 gradient; the plain-PyTorch twin ``number_mass_torch`` is checked against the same.
@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from ntl.kernels.mass import number_mass_torch, number_mass_triton
+from ntl.kernels.number_mass import number_mass_triton
+from ntl.kernels.reference import number_mass_torch
 
 TOL32: dict[str, Any] = {"rtol": 2e-6, "atol": 1e-7}
 
@@ -149,13 +150,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ntl.kernels import mass
+from ntl.kernels import number_mass
 
 common = {"ids_ptr": "*i64", "mass_ptr": "*fp32", "top_ptr": "*fp32", "sum_ptr": "*fp32",
           "V": "i32", "K": "i32", "stride_x": "i32", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr"}
 fwd = dict(common, x_ptr="*bf16", z_ptr="*fp32")
 bwd = dict(common, x_ptr="*bf16", gz_ptr="*fp32", gm_ptr="*fp32", g_ptr="*bf16", stride_g="i32")
-for fn, sig in ((mass._mass_fwd, fwd), (mass._mass_bwd, bwd)):
+for fn, sig in ((number_mass._mass_fwd, fwd), (number_mass._mass_bwd, bwd)):
     order = [a for a in fn.arg_names]
     src = ASTSource(fn=fn, signature={a: sig[a] for a in order}, constexprs={"BLOCK_V": 8192, "BLOCK_K": 16})
     for cc in (80, 90):

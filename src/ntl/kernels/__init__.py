@@ -1,15 +1,24 @@
-"""Triton kernels for NTL, their plain-PyTorch twins, and dispatch.
+"""Triton kernels for NTL, one op per file, and their plain-PyTorch twins.
 
-* :func:`digit_gather` — ``[..., V] -> [..., K]`` number-token logits (kernel 1).
-* :mod:`.rowloss` — the standalone losses (expected-value MSE/MAE/Huber, W1) + dL/dz, the
-  label lookup, weights and reduction in one pass + a finalize (kernels 2, 3).
-* :mod:`.ops` — their autograd Function (eager) and ``torch.library`` custom ops (compile).
-* :mod:`.fused_ce` — cross-entropy + NTL, online softmax over ``V`` (kernel 4).
-* :mod:`.reference` — the plain-PyTorch twins (CPU path and test reference).
+* :mod:`.number_columns` — :func:`digit_gather`: the number-token columns of the logits,
+  ``[..., V] -> [..., K]`` (gather forward, scatter backward).
+* :mod:`.ntl_loss` — the standalone losses (every method of :mod:`ntl.methods` with a
+  Triton branch) + dL/dz, the label lookup, weights and reduction in one pass + a finalize;
+  their autograd Function (eager) and ``torch.library`` custom ops (``torch.compile``).
+* :mod:`.ce_ntl` — cross-entropy + NTL fused, online softmax over ``V`` (its autograd
+  Function and custom op: :mod:`ntl.fused`).
+* :mod:`.number_mass` — the full-softmax number-token mass with the number logits.
+* :mod:`.reference` — the plain-PyTorch twins (the CPU path and the test reference; the
+  fused CE + NTL twin is still ``ntl.fused.ce_ntl_rows_torch``).
+
+The kernel files import nothing from the front end (only the torch-only method registry
+:mod:`ntl.methods`); the standalone loss op gets its vocab lookup by handle and its strict
+checks from the front end at import (:func:`.ntl_loss.set_front_end`). The former module names ``gather``,
+``rowloss``, ``ops``, ``mass`` and ``fused_ce`` are aliases of these modules.
 """
 
 from ._triton import HAS_TRITON, interpreting
-from .gather import digit_gather
+from .number_columns import digit_gather
 from .reference import digit_gather_torch, ntl_rows_grad_torch, ntl_rows_torch
 
 __all__ = [

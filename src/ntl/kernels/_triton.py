@@ -28,7 +28,11 @@ else:
         tl = None
         HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "interpreting", "next_pow2", "no_double_backward", "require_triton", "tl", "triton"]
+#: ``backend=`` of every entry point: Triton on CUDA (``"auto"``), or forced.
+BACKENDS = ("auto", "torch", "triton")
+
+__all__ = ["BACKENDS", "HAS_TRITON", "interpreting", "next_pow2", "no_double_backward", "require_triton",
+           "tl", "triton"]
 
 
 def interpreting() -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..methods import Row, RowScalars, method_class
+from ._triton import backward_once
 
 __all__ = [
     "digit_gather_torch",
@@ -26,6 +27,7 @@ __all__ = [
     "ntl_rows_grad_torch",
     "ntl_rows_torch",
     "number_index_torch",
+    "number_mass_torch",
 ]
 
 _EPS = torch.finfo(torch.float32).eps
@@ -110,7 +112,7 @@ def ntl_loss_fwd_torch(
     reduction: str, reweigh: bool, dmax: float, squash: tuple[float, float] | None, huber_delta: float,
     need_dz: bool = True, scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Twin of ``rowloss._ntl_loss_fwd`` + ``_ntl_finalize``: the whole standalone forward.
+    """Twin of ``ntl_loss._ntl_loss_fwd`` + ``_ntl_finalize``: the whole standalone forward.
 
     ``scale [N]`` (optional, fp32): a per-row factor of the row loss and its ``dL/dz``
     (DEL's place weights), applied straight after the row formula; not in the mean's divisor.
@@ -175,7 +177,7 @@ def ntl_loss_bwd_torch(
     dz: torch.Tensor, rw: torch.Tensor, den: torch.Tensor, L: torch.Tensor, mass: torch.Tensor,
     lse: torch.Tensor, ids: torch.Tensor | None, reweigh: bool, dmax: float,
 ) -> torch.Tensor:
-    """Twin of ``rowloss._ntl_loss_bwd`` / ``_ntl_loss_bwd_reweigh``: ``dOut/dx [N, Vx]`` (x's dtype).
+    """Twin of ``ntl_loss._ntl_loss_bwd`` / ``_ntl_loss_bwd_reweigh``: ``dOut/dx [N, Vx]`` (x's dtype).
 
     Row scale ``s = rw g / den`` (``s = rw g`` with ``g`` per row for ``reduction="none"``). Without reweigh the
     gradient is ``s dL/dz`` at the number columns, 0 elsewhere. With it, for ``j`` in ids
@@ -206,3 +208,104 @@ def ntl_loss_bwd_torch(
     p.index_copy_(1, cols, num)
     out.index_copy_(0, idx, p.to(dtype))
     return out
+
+
+# ------------------------------------------------------------------ number mass (number_mass.py)
+_CHUNK_ELEMS = 1 << 20  # fp32 elements per row block (4 MB): max, shift, exp and sum while in cache
+
+
+def _exp_rows(x: torch.Tensor, idx: torch.Tensor | None = None, out: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e = exp(x - M) [n, V] fp32, s = sum_j e_j [n])`` for the rows ``idx`` of ``x`` (all
+    rows if ``None``), ``M`` the row max (0 for an all ``-inf`` row, whose ``e`` is then 0). A
+    block of rows at a time, each written once into ``out`` (gathered straight into it) and
+    then shifted, exponentiated and summed in place while in cache."""
+    V = x.shape[1]
+    n = x.shape[0] if idx is None else idx.numel()
+    e = torch.empty((n, V), device=x.device) if out is None else out
+    s = torch.empty(n, device=x.device)
+    step = max(1, _CHUNK_ELEMS // max(V, 1))
+    for a in range(0, n, step):
+        eb = e[a:a + step]
+        if idx is None:
+            xb = x[a:a + step]
+            top = xb.amax(1, keepdim=True).float()
+            top.masked_fill_(top == float("-inf"), 0.0)
+            if xb.dtype == torch.float32:
+                torch.sub(xb, top, out=eb)
+            else:
+                eb.copy_(xb).sub_(top)
+        else:
+            sel = idx[a:a + step]
+            if x.dtype == torch.float32:
+                torch.index_select(x, 0, sel, out=eb)
+            else:
+                eb.copy_(x.index_select(0, sel))
+            top = eb.amax(1, keepdim=True)
+            eb.sub_(top.masked_fill_(top == float("-inf"), 0.0))
+        s[a:a + step] = eb.exp_().sum(1)
+    return e, s
+
+
+class _NumberMassTorch(torch.autograd.Function):
+    """The twin with the kernels' shape of work: forward ``e = exp(x - M)`` (one fp32 buffer,
+    over the rows that need the mass only), backward turns ``e`` into the gradient in place
+    (no second ``[n, V]`` buffer); rows outside ``rows`` get only ``g_z``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor | None):  # type: ignore[override]
+        N = x.shape[0]
+        z = x.index_select(1, ids).float()
+        idx = None if rows is None else rows.nonzero().squeeze(1)  # a host sync; free on a CPU
+        e, s = _exp_rows(x, idx)
+        m = e.index_select(1, ids).sum(1) / s
+        if idx is not None:
+            m = torch.zeros(N, device=x.device).index_copy_(0, idx, m)
+        ctx.e, ctx.idx, ctx.shape = e, idx, (tuple(x.shape), x.dtype)
+        ctx.save_for_backward(ids, m, s)
+        return z, m
+
+    @staticmethod
+    def backward(ctx, gz: torch.Tensor, gm: torch.Tensor):  # type: ignore[override]
+        backward_once(ctx, "the number-mass twin", "its exp buffer becomes the gradient in place",
+                      label="number mass")
+        ids, m, s = ctx.saved_tensors
+        e, idx = ctx.e, ctx.idx
+        ctx.e = None
+        (N, V), dtype = ctx.shape
+        gz, gm = gz.float(), gm.float()  # (autograd materialises unused outputs' grads as zeros)
+        if idx is not None:
+            gm, m = gm.index_select(0, idx), m.index_select(0, idx)
+        pd = e.index_select(1, ids) / s[:, None]  # p at the number columns
+        e.mul_((-gm * m / s)[:, None])  # -g_m m p_j everywhere
+        digits = e.index_select(1, ids).add_(gm[:, None] * pd)  # + g_m p_j at the number columns
+        if idx is None:
+            e.index_copy_(1, ids, digits.add_(gz))
+            return (e if dtype == torch.float32 else e.to(dtype)), None, None
+        grad = torch.zeros((N, V), dtype=dtype, device=e.device)
+        grad.index_copy_(0, idx, e if dtype == torch.float32 else e.to(dtype))
+        grad.index_copy_(1, ids, gz.index_add(0, idx, digits).to(dtype))  # out of place: gz is autograd's
+        return grad, None, None
+
+
+def number_mass_torch(x2d: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z [N, K] fp32, m [N] fp32)`` with PyTorch ops; ``rows`` (bool ``[N]``): the mass only
+    there (0 elsewhere; those rows are read at their ``K`` number logits only).
+
+    With grad: :class:`_NumberMassTorch` (one backward, no second derivative); its fp32 exp
+    buffer covers the selected rows. Without grad: blocks of rows, no ``[N, V]`` buffer.
+    """
+    if torch.is_grad_enabled() and x2d.requires_grad:
+        return _NumberMassTorch.apply(x2d, ids, rows)
+    N, V = x2d.shape
+    z = x2d.index_select(1, ids).float()
+    m = torch.zeros(N, device=x2d.device)
+    idx = torch.arange(N, device=x2d.device) if rows is None else rows.nonzero().squeeze(1)
+    step = max(1, _CHUNK_ELEMS // max(V, 1))
+    buf = torch.empty((min(step, idx.numel()), V), device=x2d.device)
+    for a in range(0, idx.numel(), step):
+        sel = idx[a:a + step]
+        e, s = _exp_rows(x2d, sel, buf[:sel.numel()])
+        m.index_copy_(0, sel, e.index_select(1, ids).sum(1) / s)
+    return z, m
