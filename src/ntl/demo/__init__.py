@@ -9,15 +9,19 @@ loss, each computed by :func:`ntl.cross_entropy_with_ntl`:
 * ``CE+NTL-MSE``:  ``CE + 0.3 NTL-MSE``
 * ``CE+NTL-W1``:   ``CE + 0.3 NTL-W1``
 
-Same initial weights, same batches in the same order, per seed. Each arm is evaluated on
+``--arms ce mse w1 del dist2`` picks other arms: ``ce`` and any method registered in
+:mod:`ntl.methods` (``CE + w · method``, ``w`` = ``--ntl-weight`` or ``name=w``). Same initial
+weights, same batches in the same order, per seed. Each arm is evaluated on
 the same held-out problems with greedy decoding (exact match, MAE, digit accuracy,
-unparsable fraction); with several ``--seeds`` the paired differences vs CE get 95 %
-t-intervals and a plain-words verdict. Writes ``<out>/results.json`` and ``results.png``.
+unparsable fraction) and the mean entropy of its predicted digit distribution at the
+answers' digit positions; with several ``--seeds`` the paired differences vs CE get 95 %
+t-intervals, the minimum detectable difference and a plain-words verdict. Writes ``<out>/results.json`` and ``results.png``.
 
-**RL stage** (``ntl demo --rl``): from each seed's supervised CE model, GRPO through
-``ntl_trl.NTLGRPOTrainer`` (TRL) with a correctness reward, in three arms that differ
-only in NTL: ``GRPO``, ``GRPO+NTL`` (final-answer NTL-W1 vs the ground truth, weight 0.1)
-and ``GRPO+bonus`` (the digit-aware ``final_answer`` reward bonus of :mod:`ntl.rewards`).
+**RL stage** (``ntl demo --rl``): from each seed's CE model trained for ``--rl-sft-steps``
+(1000) supervised steps, GRPO through ``ntl_trl.NTLGRPOTrainer`` (TRL) with a correctness
+reward, in arms that differ only in NTL: ``GRPO``, ``GRPO+NTL`` (final-answer NTL-W1 vs the
+ground truth, weight 0.1), ``GRPO+DEL`` (the same with DEL) and ``GRPO+bonus`` (the
+digit-aware ``final_answer`` reward bonus of :mod:`ntl.rewards`).
 Writes ``<out>/rl_results.json`` and ``rl_results.png``. See ``docs/demo.md``.
 """
 
