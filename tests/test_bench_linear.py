@@ -7,26 +7,20 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from toy_tokenizers import bench_tokenizer
 
 from ntl.bench import report
 from ntl.bench.cases import CASES, expected_values, make_inputs
 from ntl.bench.harness import main
 
-DIGITS = [str(d) for d in range(10)]
 TOY = ["--device", "cpu", "--n", "48", "--vocab-size", "64", "--hidden-size", "8", "--cases", "linear",
        "--repeats", "2", "--no-plot", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def toy_tok():
-    """A 40-token word-level HF tokenizer whose digits '0'..'9' are ids 20..29."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<pad>"] + [f"w{i}" for i in range(18)] + DIGITS + [f"x{i}" for i in range(10)]
-    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>")
+    """The bench tests' tokenizer (tests/support/toy_tokenizers.py): digits '0'..'9' at ids 20..29."""
+    return bench_tokenizer()
 
 
 def test_linear_expected_values_are_float64_cross_entropy(toy_tok):

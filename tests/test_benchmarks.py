@@ -6,24 +6,17 @@ import json
 
 import pytest
 import torch
+from toy_tokenizers import bench_tokenizer
 
 from ntl.bench.cases import expected_values, make_inputs, make_labels
 from ntl.bench.harness import main
 from ntl.bench.measure import cpu_measure, peak_from_events, summarize
 
-DIGITS = [str(d) for d in range(10)]
-
 
 @pytest.fixture(scope="module")
 def toy_tok():
-    """A 40-token word-level HF tokenizer whose digits '0'..'9' are ids 20..29 (builds in ms)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<pad>"] + [f"w{i}" for i in range(18)] + DIGITS + [f"x{i}" for i in range(10)]
-    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>")
+    """The bench tests' tokenizer (tests/support/toy_tokenizers.py): digits '0'..'9' at ids 20..29."""
+    return bench_tokenizer()
 
 
 def test_summarize_quartiles_by_hand():

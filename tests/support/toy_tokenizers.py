@@ -34,6 +34,15 @@ def word_tokenizer(vocab: dict[str, int], *, unk: str = "[UNK]", pad: str = "[PA
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad)
 
 
+def bench_tokenizer(extra: Iterable[str] = ()):
+    """The 40-token word-level tokenizer of the bench tests: ``<unk> <pad> w0..w17`` (0-19),
+    the digits ``'0'..'9'`` at ids 20..29, ``x0..x9`` (30-39), then ``extra`` (from 40)."""
+    words = ["<unk>", "<pad>"] + [f"w{i}" for i in range(18)] + [str(d) for d in range(10)]
+    words += [f"x{i}" for i in range(10)] + list(extra)
+    return word_tokenizer({w: i for i, w in enumerate(words)}, unk="<unk>", pad="<pad>",
+                          whitespace_split=False)
+
+
 def char_tokenizer(specials: Iterable[str], chars: Iterable[str], **special_tokens: str):
     """One token per character: ids 0.. for ``specials`` then ``chars`` (in the order given);
     ``special_tokens`` (``pad_token="<pad>"``, ...) go to ``PreTrainedTokenizerFast``."""
