@@ -59,12 +59,14 @@ PARAMS: dict[str, str] = {
         GradScaler's scale): a non-zero number or a 0-d float tensor on the input's device
         (``None``: 1). It is folded into the stored gradient; the returned loss is not
         scaled (:func:`ntl.cross_entropy_with_ntl`).""",
-    "float_level": """read a decimal point inside a number (``12.5``), as ``ntloss``'s
-        ``NumberLevelLoss(float_level=True)``.""",
-    "decimal_point_id": """the decimal point's token id with ``float_level=True`` (``None``:
-        the tokenizer's ``"."``).""",
-    "max_number_length": """the longest number in digits (longer runs raise); ``None``: no
-        limit.""",
+    "float_level": """a single ``'.'`` label between two number tokens joins them into one
+        number (``12.34`` -> ``1234``; ``False``: ``12`` and ``34``).""",
+    "decimal_point_id": """the ``'.'`` token id (default: the tokenizer's ``'.'``; pass it
+        with a ``NumberVocab``).""",
+    "max_number_length": """counted in digits (characters), not tokens: a token's place is
+        clamped so that its leading digit sits at most at place ``max_number_length - 1``
+        (``p_t <= max(max_number_length - w_t, 0)`` for a token of ``w_t`` digits; with
+        digits, ``ntloss``'s clamp); at most 38 (fp32).""",
     "vocab_start": "the global id of this shard's first column.",
     "group": """the tensor-parallel process group (``None``: the default group when
         ``torch.distributed`` is initialised, else a single rank).""",
