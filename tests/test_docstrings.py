@@ -1,5 +1,5 @@
 """Every public function and class of ``ntl``, ``ntl.methods`` and ``ntl.rl.*`` documents
-exactly its signature's parameters (``Args:``), has ``Returns:`` (functions) and a runnable
+exactly its signature's parameters (``Args:``; a class may say ``Attributes:``), has ``Returns:`` (functions) and a runnable
 ``Example:``, and every example runs under ``doctest`` (so the docs cannot rot)."""
 
 from __future__ import annotations
@@ -47,8 +47,11 @@ def _section(doc: str, title: str) -> list[str] | None:
     return None
 
 
-def _documented_args(doc: str) -> list[str]:
-    body = _section(doc, "Args") or []
+def _documented_args(doc: str, is_class: bool) -> list[str]:
+    body = _section(doc, "Args")
+    if body is None and is_class:  # a dataclass documents its fields as Attributes
+        body = _section(doc, "Attributes")
+    body = body or []
     indent = min((len(b) - len(b.lstrip()) for b in body if b.strip()), default=0)
     names = []
     for b in body:
@@ -75,7 +78,7 @@ def test_args_match_signature(qualname: str) -> None:
     doc = inspect.getdoc(obj) or ""
     assert doc.splitlines() and doc.splitlines()[0].strip(), f"{qualname}: no one-line summary"
     assert "{" + "vocab_or_tokenizer}" not in doc, f"{qualname}: an unfilled shared placeholder"
-    documented = _documented_args(doc)
+    documented = _documented_args(doc, inspect.isclass(obj))
     assert len(documented) == len(set(documented)), f"{qualname}: an argument documented twice"
     assert sorted(documented) == sorted(_params(obj)), (
         f"{qualname}: Args {documented} != signature {_params(obj)}")

@@ -27,9 +27,9 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _checks as C
+from ._docs import shared_docs
 from .kernels import _triton
 from .kernels.ntl_loss import LossConfig, ntl_loss_apply, set_front_end
-from ._docs import shared_docs
 from .methods import MSE, W1, Huber, Method, resolve
 from .vocab import NumberVocab, VocabLike, resolve_vocab, vocab_from_handle
 
