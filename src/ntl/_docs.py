@@ -74,6 +74,17 @@ PARAMS: dict[str, str] = {
     "targets": """``[...]`` token ids of the targets (number-token ids take part; others and
         ``ignore_index`` do not).""",
     "vocab": "the number vocab (a tokenizer, ``NumberVocab``, digit ids or ``{id: value}``).",
+    # RL loss aggregation (ntl.rl.normalization)
+    "mask": "``[B, T]`` bool (or 0/1) mask, True where a token takes part.",
+    "mode": """one of :data:`ntl.rl.normalization.LOSS_AGG_MODES` (verl's ``loss_agg_mode``:
+        ``"token-mean"``, ``"token-sum"``, ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``,
+        ``"seq-mean-token-sum-norm"``).""",
+    "num_tokens": """``N``, the participating tokens of the whole batch (a number or a 0-dim
+        tensor; default: counted on ``mask``).""",
+    "num_sequences": """``S``, the participating sequences of the whole batch (default:
+        counted on ``mask``).""",
+    "horizon": """``H`` of ``seq-mean-token-sum-norm`` (``> 0``; default ``T``, verl's when
+        ``loss_scale_factor`` is unset); ignored by the other modes.""",
 }
 
 _PLACEHOLDER = re.compile(r"^(?P<indent>[ \t]*)\{(?P<name>\w+)\}(?P<extra>.*)$", re.MULTILINE)
