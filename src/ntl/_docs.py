@@ -85,6 +85,19 @@ PARAMS: dict[str, str] = {
         counted on ``mask``).""",
     "horizon": """``H`` of ``seq-mean-token-sum-norm`` (``> 0``; default ``T``, verl's when
         ``loss_scale_factor`` is unset); ignored by the other modes.""",
+    # RL rewards (ntl.rl.rewards)
+    "digit_probs": """the policy's digit probabilities over the covered digits: a mapping
+        (``target_prob``, ``max_prob``, and ``correct`` or ``pred_digit`` + ``target_digit``,
+        optional ``mask``) or a :class:`ntl.rl.metrics.DigitProbs` (:mod:`ntl.rl.rewards`);
+        ``None``: the text fallback.""",
+    "data_source": "verl's data source name (accepted, unused).",
+    "solution_str": "the decoded response.",
+    "ground_truth": """the reference: a number string, an ``int``/``float``, or a solution with
+        its final answer after ``####`` or in ``\\boxed{}``.""",
+    "extra_info": "verl's extra info (accepted, unused).",
+    "flexible": """fall back to the response's last number when it has no ``####`` or
+        ``\\boxed{}`` answer (:func:`ntl.rl.answers.extract_answer`).""",
+    "kwargs": "other keyword arguments (from verl's ``reward_kwargs``): ignored.",
 }
 
 _PLACEHOLDER = re.compile(r"^(?P<indent>[ \t]*)\{(?P<name>\w+)\}(?P<extra>.*)$", re.MULTILINE)
