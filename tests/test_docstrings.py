@@ -1,6 +1,7 @@
 """Every public function and class of ``ntl``, ``ntl.methods`` and ``ntl.rl.*`` documents
-exactly its signature's parameters (``Args:``; a class may say ``Attributes:``), has ``Returns:`` (functions) and a runnable
-``Example:``, and every example runs under ``doctest`` (so the docs cannot rot)."""
+exactly its signature's parameters (``Args:``; a class may say ``Attributes:``), has
+``Returns:`` (functions) and a runnable ``Example:``, and every example runs under ``doctest``
+(so the docs cannot rot)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ typo cannot ship. Only whole-line placeholders are touched: other braces in a do
 from __future__ import annotations
 
 import re
+import textwrap
 from typing import TypeVar
 
 __all__ = ["PARAMS", "fill", "shared_docs"]
@@ -25,8 +26,8 @@ PARAMS: dict[str, str] = {
     "vocab_or_tokenizer": """the number tokens: a Hugging Face tokenizer, a
         :class:`ntl.NumberVocab` / :class:`ntl.DigitVocab`, a list of the ten digit ids, or an
         ``{id: value}`` dict.""",
-    "vocab_size": """the model's vocabulary width ``V`` when ``vocab_or_tokenizer`` does not
-        carry it (``None``: taken from the vocab, the tokenizer or the logits).""",
+    "vocab_size": """the model's (padded) vocabulary size ``V`` (``None``: the vocab's own, the
+        tokenizer's length, or ``max(id) + 1`` for an id list or dict).""",
     "ignore_index": "label value that never takes part (``F.cross_entropy``'s).",
     "reduction": """``"mean"`` (weighted mean over taking-part positions), ``"sum"`` or
         ``"none"`` (shaped like ``labels``).""",
@@ -42,8 +43,7 @@ PARAMS: dict[str, str] = {
         ``method=Huber(delta=...)``).""",
     "weights": """optional ``[...]`` non-negative per-position weights of the NTL term: bool,
         integer (e.g. an attention mask) or float; the mean is
-        ``sum_i w_i L_i / max(sum_i w_i, eps)`` over number positions. No gradient flows
-        into them (a ``weights`` tensor that requires grad is refused).""",
+        ``sum_i w_i L_i / max(sum_i w_i, eps)`` over number positions.""",
     "ntl_weight": "weight ``w`` of the NTL term (``CE + w NTL``).",
     "target_dist": """optional soft targets ``labels.shape + (K,)`` (rows summing to 1, in the
         vocab's value order; e.g. :func:`ntl.gaussian_targets`), W1 only, not with
@@ -100,6 +100,7 @@ PARAMS: dict[str, str] = {
     "kwargs": "other keyword arguments (from verl's ``reward_kwargs``): ignored.",
 }
 
+_WIDTH = 88  # text columns of a continuation line (4 + 8 + 88 = 100 in the source view)
 _PLACEHOLDER = re.compile(r"^(?P<indent>[ \t]*)\{(?P<name>\w+)\}(?P<extra>.*)$", re.MULTILINE)
 
 
@@ -112,7 +113,7 @@ def fill(doc: str, params: dict[str, str] | None = None) -> str:
         if name not in table:
             raise KeyError(f"ntl._docs: no shared text for parameter {name!r}")
         lines = [line.strip() for line in table[name].strip().splitlines()]
-        lines[-1] += extra
+        lines[-1:] = textwrap.wrap(lines[-1] + extra, _WIDTH)  # a local addition, rewrapped
         cont = "".join(f"\n{indent}    {line}" for line in lines[1:])
         return f"{indent}{name}: {lines[0]}{cont}"
 
@@ -120,7 +121,7 @@ def fill(doc: str, params: dict[str, str] | None = None) -> str:
 
 
 def shared_docs(obj: T) -> T:
-    """Decorator: fill the shared-parameter placeholders of ``obj``'s docstring (returns ``obj``)."""
+    """Decorator: fill the shared placeholders of ``obj``'s docstring; returns ``obj``."""
     doc = getattr(obj, "__doc__", None)
     if doc:  # None under python -OO
         obj.__doc__ = fill(doc)

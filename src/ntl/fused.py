@@ -501,7 +501,8 @@ def cross_entropy_with_ntl(
         {reweigh}
         {squash_factor}
         {huber_delta}
-        {weights} CE is unweighted.
+        {weights} CE is unweighted; they get no gradient
+            (a ``weights`` tensor that requires grad is refused).
         inplace: write the gradient over ``logits`` (no extra ``N x V`` memory); see above.
         return_parts: also return the detached CE and NTL parts (for logging).
         {backend}

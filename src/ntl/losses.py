@@ -286,7 +286,8 @@ def ntl_loss(
         >>> labels = torch.tensor([[3, 11, -100]])  # a digit, a text token, ignored
         >>> ntl.ntl_loss(logits, labels, vocab)  # W1: mean_k |k - 3|
         tensor(2.7000)
-        >>> ntl.ntl_loss(logits, labels, vocab, method=ntl.methods.Huber(delta=2.0))  # r = 4.5 - 3: r^2 / 2
+        >>> huber = ntl.methods.Huber(delta=2.0)
+        >>> ntl.ntl_loss(logits, labels, vocab, method=huber)  # r = 4.5 - 3 < delta: r^2 / 2
         tensor(1.1250)
     """
     m = resolve_method(method, squash_factor, huber_delta)

@@ -577,7 +577,8 @@ def squash_table(vocab: VocabValues, squash_factor: float) -> tuple[float, float
         b = (squash_factor - 1) / (d_max - d_min),   a = 1 - b d_min   (d_min the smallest d > 0)
 
     Args:
-        vocab: anything with ``values`` (ascending) and ``max_distance`` (a :class:`ntl.NumberVocab`).
+        vocab: anything with ``values`` (ascending) and ``max_distance`` (a
+            :class:`ntl.NumberVocab`).
         squash_factor: the cost of the farthest distinct value (``> 1``).
 
     Returns:

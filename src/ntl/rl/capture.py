@@ -302,7 +302,8 @@ def digit_logits_from_head(hidden: torch.Tensor, head: nn.Module, vocab: NumberV
         >>> from ntl.rl.logit_transform import LogitTransform
         >>> head = torch.nn.Linear(8, 12, bias=False)
         >>> h = torch.randn(3, 8)
-        >>> z = digit_logits_from_head(h, head, ntl.DigitVocab(range(10), 12), LogitTransform(temperature=2.0))
+        >>> vocab = ntl.DigitVocab(range(10), 12)
+        >>> z = digit_logits_from_head(h, head, vocab, LogitTransform(temperature=2.0))
         >>> z.shape, torch.allclose(z, head(h)[:, :10] / 2.0, atol=1e-5)
         (torch.Size([3, 10]), True)
     """

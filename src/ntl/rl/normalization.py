@@ -217,8 +217,10 @@ def aggregate_loss(
         >>> from ntl.rl.normalization import aggregate_loss
         >>> loss = torch.tensor([[1.0, 3.0, 9.0], [4.0, 0.0, 0.0]])
         >>> mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-        >>> aggregate_loss(loss, mask, "token-mean"), aggregate_loss(loss, mask, "seq-mean-token-mean")
-        (tensor(2.6667), tensor(3.))
+        >>> aggregate_loss(loss, mask, "token-mean")
+        tensor(2.6667)
+        >>> aggregate_loss(loss, mask, "seq-mean-token-mean")
+        tensor(3.)
     """
     if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
         raise TypeError(f"loss must be a float tensor, got {getattr(loss, 'dtype', type(loss).__name__)}")
@@ -266,7 +268,8 @@ def accumulation_normalizer(
 
     Example:
         >>> from ntl.rl.normalization import accumulation_normalizer
-        >>> accumulation_normalizer(120, num_processes=4, accumulation_steps=2, steps_per_generation=2)
+        >>> accumulation_normalizer(120, num_processes=4, accumulation_steps=2,
+        ...                         steps_per_generation=2)  # 120 / 4 * 2 / 2
         tensor(30.)
     """
     P = _positive_int("num_processes", num_processes)

@@ -176,8 +176,10 @@ def proximity(pred: str | Answer | None, ground_truth: str | int | float | Answe
 
     Example:
         >>> from ntl.rl.rewards import proximity
-        >>> proximity("The answer is 42", "42"), round(proximity("40", "42"), 4), proximity(None, 42)
-        (1.0, 0.9535, 0.0)
+        >>> proximity("The answer is 42", "42"), round(proximity("40", "42"), 4)
+        (1.0, 0.9535)
+        >>> proximity(None, 42)
+        0.0
     """
     truth = parse_ground_truth(ground_truth)
     p = _pred(pred)

@@ -124,7 +124,8 @@ class TargetInfo:
     Example:
         >>> import torch, ntl
         >>> from ntl.rl.targets import build_digit_targets
-        >>> _, info = build_digit_targets(torch.tensor([[10, 4, 2]]), ["42"], ntl.DigitVocab(range(10), 12),
+        >>> vocab = ntl.DigitVocab(range(10), 12)
+        >>> _, info = build_digit_targets(torch.tensor([[10, 4, 2]]), ["42"], vocab,
         ...                               responses=["#### 42"], return_info=True)
         >>> info
         TargetInfo(preds=['42'], correct=[True], excluded=[], n_targets=[2])
@@ -325,7 +326,8 @@ def build_digit_targets(
         >>> import torch, ntl
         >>> from ntl.rl.targets import build_digit_targets
         >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)  # '0'..'9' = ids 0..9, '####' = 10
-        >>> build_digit_targets(torch.tensor([[10, 1, 2, 3]]), ["45"], vocab, responses=["#### 123"])
+        >>> ids = torch.tensor([[10, 1, 2, 3]])
+        >>> build_digit_targets(ids, ["45"], vocab, responses=["#### 123"])
         tensor([[-100,    0,    4,    5]])
     """
     ids, mask = _check_inputs(response_ids, ground_truths, response_mask, responses, mode, ignore_index)
