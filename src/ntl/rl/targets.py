@@ -318,9 +318,9 @@ def build_digit_targets(
     Raises:
         TypeError: ``response_ids`` not an integer tensor, ``ground_truths``/``responses`` not
             lists, a ground truth that is not a str or a number.
-        ValueError: shapes or lengths that do not match, an unknown ``mode``, no tokenizer and
-            no vocab, a ground truth that is not a number, a vocab without digit widths for
-            ``final_answer``.
+        ValueError: shapes or lengths that do not match, an unknown ``mode``, neither a
+            tokenizer nor ``responses`` + ``vocab``, a ground truth that is not a number, a
+            vocab without digit widths for ``final_answer``.
 
     Example:
         >>> import torch, ntl
