@@ -31,6 +31,23 @@ def set_strict_checks(enabled: bool) -> None:
     Off, no loss reads anything back to the host: the CUDA forward is sync-free and can be
     captured in a CUDA graph, on every device. Out-of-range labels then take no part
     (as text tokens do) instead of raising.
+
+    Args:
+        enabled: ``True`` to check (the default state), ``False`` to skip the checks.
+
+    Returns:
+        None (a process-wide setting).
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> ntl.set_strict_checks(False)
+        >>> ntl.ntl_loss(torch.zeros(2, 12), torch.tensor([3, 99]), vocab)  # 99 >= V: no part
+        tensor(2.7000)
+        >>> ntl.set_strict_checks(True)
     """
     global _STRICT
     if not isinstance(enabled, bool):

@@ -42,6 +42,7 @@ from typing import Any, Literal, NamedTuple, overload
 import torch
 
 from . import _checks as C
+from ._docs import shared_docs
 from .kernels._triton import backward_once
 from .kernels.reference import ntl_rows_grad_torch, ntl_rows_torch, number_index_torch
 from .losses import MethodLike, loss_spec, place_scale, resolve_method, use_triton
@@ -426,6 +427,7 @@ def cross_entropy_with_ntl(
     weights: torch.Tensor | None = ..., inplace: bool = ..., return_parts: bool = ...,
     backend: str = ..., grad_scale: float | torch.Tensor | None = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+@shared_docs
 def cross_entropy_with_ntl(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -488,32 +490,45 @@ def cross_entropy_with_ntl(
     logits as a functional value, so the gradient would land in a copy, not over them.
 
     Args:
-        logits: ``[..., V]`` float logits aligned with ``labels`` (shift for causal LMs).
-        labels: ``[...]`` token ids; ``ignore_index`` positions take no part.
-        vocab_or_tokenizer: tokenizer, ``NumberVocab``, digit id list or ``{id: value}``.
-        ntl_weight: weight ``w`` of the NTL term.
-        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``,
-            ``"del"``, ``"dist2"``) or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``,
-            ``ntl.methods.DIST2(tau=0.5)``); DEL's place weights come from ``labels`` (its last
-            axis the sequence; :class:`ntl.methods.DEL`).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        reweigh: ``ntloss``'s full-vocabulary reweighting of the NTL term.
-        squash_factor: ``ntloss.NTLoss(squash_factor=...)``'s squashed W1 distances (a number
-            > 1, ``method="wasserstein"`` only; :func:`ntl.ntl_wasserstein_loss`); with
-            ``reweigh`` the ceiling is then ``D = 1.01 squash_factor``.
-        huber_delta: the Huber threshold with ``method="huber"`` (``None``: 1.0).
-        weights: optional ``[...]`` non-negative per-position weights of the NTL term, exactly
-            as :func:`ntl.ntl_loss` takes them (bool, integer or float; the NTL mean is
-            ``sum_i w_i L_i / max(sum_i w_i, eps)`` over number positions); CE is unweighted.
-            They get no gradient (a ``weights`` tensor that requires grad is refused).
-        inplace: write the gradient over ``logits`` (no extra ``N x V`` memory).
+        {logits}
+        labels: ``[...]`` token ids; ``ignore_index`` positions take no part in CE, and
+            only number-token labels in NTL.
+        {vocab_or_tokenizer}
+        {ntl_weight}
+        {method}
+        {ignore_index}
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``labels``-shaped).
+        {reweigh}
+        {squash_factor}
+        {huber_delta}
+        {weights} CE is unweighted; they get no gradient
+            (a ``weights`` tensor that requires grad is refused).
+        inplace: write the gradient over ``logits`` (no extra ``N x V`` memory); see above.
         return_parts: also return the detached CE and NTL parts (for logging).
-        backend: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
+        {backend}
         grad_scale: the incoming gradient backward will get (a non-zero number or a 0-d
             float tensor on the logits' device; ``None``: 1); see above.
 
     Returns:
         fp32 loss, or ``(loss, ce, ntl)`` with ``return_parts=True``.
+
+    Raises:
+        ValueError: shapes, options or labels out of range (strict checks); ``inplace=True``
+            inside a compiled graph that builds a gradient.
+        TypeError: non-float logits, non-integer labels, a vocab of the wrong kind.
+
+    Example:
+        >>> import torch, ntl
+        >>> import torch.nn.functional as F
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits = torch.zeros(2, 12, requires_grad=True)
+        >>> labels = torch.tensor([3, 11])
+        >>> loss, ce, nt = ntl.cross_entropy_with_ntl(logits, labels, vocab, ntl_weight=0.5,
+        ...                                           return_parts=True)
+        >>> torch.allclose(ce, F.cross_entropy(logits, labels)), round(nt.item(), 2)
+        (True, 2.7)
+        >>> loss.backward(); logits.grad.shape
+        torch.Size([2, 12])
     """
     m = resolve_method(method, squash_factor, huber_delta)
     C.check_ntl_weight(ntl_weight)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from ._docs import shared_docs
 from .kernels.ntl_loss import LossConfig, ntl_loss_apply
 from .losses import (
     LossSpec,
@@ -90,6 +91,7 @@ def _digit_logits(hidden: torch.Tensor, weight: torch.Tensor, handle: int,
     return z / temperature if temperature != 1.0 else z
 
 
+@shared_docs
 def digit_logits_from_hidden(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -100,8 +102,29 @@ def digit_logits_from_hidden(
 ) -> torch.Tensor:
     """Number-token logits ``(hidden @ W[ids].T + bias[ids]) / temperature``: ``[..., K]`` fp32.
 
-    ``lm_head_weight`` is the LM head's ``[V, H]`` weight; ``ids`` the vocab's
-    number tokens in value order. Gradients reach ``hidden`` and the ``K`` rows of ``W``.
+    ``ids`` are the vocab's number tokens in value order. Gradients reach ``hidden`` and the
+    ``K`` rows of ``W``; the ``[N, V]`` logits are never formed.
+
+    Args:
+        {hidden}
+        {lm_head_weight}
+        {vocab_or_tokenizer}
+        {temperature}
+        {bias}
+
+    Returns:
+        ``[..., K]`` fp32 number-token logits, in the vocab's value order.
+
+    Raises:
+        ValueError: shapes that do not match, ``temperature <= 0``, number ids ``>= V``.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> hidden, w = torch.randn(2, 5, 8), torch.randn(12, 8)
+        >>> z = ntl.digit_logits_from_hidden(hidden, w, vocab, temperature=2.0)
+        >>> z.shape, torch.allclose(z, (hidden @ w.T)[..., :10] / 2.0, atol=1e-5)
+        (torch.Size([2, 5, 10]), True)
     """
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
     spec = loss_spec(vocab_or_tokenizer, None, V, W1())
@@ -130,6 +153,7 @@ def _from_digit_logits(z: torch.Tensor, labels: torch.Tensor, spec: LossSpec, me
     return out.view(labels.shape) if reduction == "none" else out
 
 
+@shared_docs
 def ntl_loss_from_hidden(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -158,20 +182,34 @@ def ntl_loss_from_hidden(
         hidden: ``[..., H]`` hidden states (any float dtype), aligned with ``labels``
             (for a causal LM, the state at position ``t-1`` scores the token at ``t``).
         lm_head_weight: ``[V, H]`` LM-head weight (tied embeddings work the same way).
-        labels: ``[...]`` token ids; number tokens take part.
-        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``,
-            ``"del"``, ``"dist2"``) or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``,
-            ``ntl.methods.DIST2(tau=0.5)``); DEL's place weights come from ``labels`` (its last
-            axis the sequence; :class:`ntl.methods.DEL`).
-        temperature: divides the logits, as samplers and RL log-probs do.
-        bias: optional ``[V]`` LM-head bias.
-        ignore_index, reduction, weights, target_dist: as in :func:`ntl.ntl_loss`.
-        squash_factor: W1's squashed distances (``method="wasserstein"``).
-        huber_delta: the Huber threshold (``method="huber"``; ``None``: 1.0).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        {labels}
+        {vocab_or_tokenizer}
+        {method}
+        {temperature}
+        {bias}
+        {ignore_index}
+        {reduction}
+        {weights}
+        {target_dist}
+        {squash_factor}
+        {huber_delta}
+        {backend}
 
     Returns:
         fp32 loss (scalar, or ``labels``-shaped for ``reduction="none"``).
+
+    Raises:
+        ValueError: shapes that do not match, ``temperature <= 0``, options as in
+            :func:`ntl.ntl_loss`.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> hidden, w = torch.randn(2, 8), torch.randn(12, 8)
+        >>> labels = torch.tensor([3, 7])
+        >>> loss = ntl.ntl_loss_from_hidden(hidden, w, labels, vocab, method="mse")
+        >>> torch.allclose(loss, ntl.ntl_loss(hidden @ w.T, labels, vocab, method="mse"), atol=1e-4)
+        True
     """
     m = resolve_method(method, squash_factor, huber_delta)
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
@@ -185,6 +223,7 @@ def ntl_loss_from_hidden(
                               V, V, "lm_head_weight.shape[0]", backend, vocab_or_tokenizer)
 
 
+@shared_docs
 def ntl_loss_from_digit_logits(
     digit_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -211,10 +250,36 @@ def ntl_loss_from_digit_logits(
     (the model's ``V``) makes labels ``>= V`` an error; without it the bound is the vocab's
     ``vocab_size`` for a tokenizer or ``NumberVocab``, and none for a plain id list or dict
     (whose size would only be ``max(id) + 1``).
+    No ``reweigh`` (it needs the full row).
 
-    ``method`` is a registered name or an :mod:`ntl.methods` object (every method; with
-    ``squash_factor`` / ``huber_delta`` as in :func:`ntl.ntl_loss`); no ``reweigh`` (it
-    needs the full row).
+    Args:
+        {digit_logits}
+        {labels}
+        {vocab_or_tokenizer}
+        {method}
+        {ignore_index}
+        {reduction}
+        {weights}
+        {target_dist}
+        vocab_size: the model's ``V``; labels ``>= V`` are then an error (see above).
+        {squash_factor}
+        {huber_delta}
+        {backend}
+
+    Returns:
+        fp32 loss (scalar, or ``labels``-shaped for ``reduction="none"``).
+
+    Raises:
+        ValueError: ``digit_logits``' last axis is not ``K``, shapes that do not match, a bad
+            ``vocab_size``, options as in :func:`ntl.ntl_loss`.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits, labels = torch.randn(4, 12), torch.tensor([3, 7, 11, 0])
+        >>> loss = ntl.ntl_loss_from_digit_logits(logits[:, :10], labels, vocab)
+        >>> torch.allclose(loss, ntl.ntl_loss(logits, labels, vocab))
+        True
     """
     m = resolve_method(method, squash_factor, huber_delta)
     C.check_logits(digit_logits, "digit_logits", dim="K")

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
+from ._docs import shared_docs
 from .fused import ce_ntl_rows_torch, row_scales
 from .kernels._triton import backward_once, next_pow2
 from .losses import (
@@ -280,6 +281,7 @@ def linear_cross_entropy_with_ntl(
     huber_delta: float | None = ...,
     grad_scale: float | torch.Tensor | None = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+@shared_docs
 def linear_cross_entropy_with_ntl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -320,22 +322,20 @@ def linear_cross_entropy_with_ntl(
             (for a causal LM, the state at position ``t-1`` scores the token at ``t``).
         weight: ``[V, H]`` LM-head weight (tied embeddings work the same way), same dtype.
         labels: ``[...]`` token ids (``hidden.shape[:-1]``); ``ignore_index`` takes no part.
-        vocab_or_tokenizer: tokenizer, ``NumberVocab``, digit id list or ``{id: value}``.
-        bias: optional ``[V]`` LM-head bias.
-        ntl_weight: weight ``w`` of the NTL term.
-        method: a registered name (``"wasserstein"``/``"w1"``, ``"mse"``, ``"mae"``, ``"huber"``,
-            ``"del"``, ``"dist2"``) or an :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``,
-            ``ntl.methods.DIST2(tau=0.5)``); DEL's place weights come from ``labels`` (its last
-            axis the sequence; :class:`ntl.methods.DEL`).
+        {vocab_or_tokenizer}
+        {bias}
+        {ntl_weight}
+        {method}
+        {ignore_index}
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``labels``-shaped).
-        reweigh: ``ntloss``'s full-vocabulary reweighting of the NTL term.
+        {reweigh}
         chunk_size: rows per chunk (default: :func:`linear_chunk_rows`); memory of the
             logits buffer is ``chunk_size x V`` elements.
         return_parts: also return the detached CE and NTL parts (for logging).
-        backend: ``"auto"`` (the fused CE + NTL Triton kernel on CUDA), ``"torch"`` or ``"triton"``.
-        squash_factor: ``ntloss.NTLoss(squash_factor=...)``'s squashed W1 distances (a number
-            ``> 1``; W1 only), as in :func:`ntl.cross_entropy_with_ntl`.
-        huber_delta: the Huber threshold with ``method="huber"`` (``None``: 1.0).
+        backend: ``"auto"`` (the fused CE + NTL Triton kernel on CUDA), ``"torch"`` or
+            ``"triton"``.
+        {squash_factor}
+        {huber_delta}
         grad_scale: the incoming gradient backward will get (a non-zero number or a 0-d float
             tensor on ``hidden``'s device; ``None``: 1), as in :func:`ntl.cross_entropy_with_ntl`:
             folded into the row scales, so the stored gradients are ``grad_scale`` times the
@@ -347,6 +347,21 @@ def linear_cross_entropy_with_ntl(
 
     Returns:
         fp32 loss, or ``(loss, ce, ntl)`` with ``return_parts=True``.
+
+    Raises:
+        ValueError: shapes or dtypes that do not match, a bad ``chunk_size``/``ntl_weight``,
+            options as in :func:`ntl.cross_entropy_with_ntl`.
+
+    Example:
+        >>> import torch, ntl
+        >>> import torch.nn.functional as F
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> hidden, w = torch.randn(2, 3, 8), torch.randn(12, 8)
+        >>> labels = torch.tensor([[3, 11, -100], [7, 0, 5]])
+        >>> loss = ntl.linear_cross_entropy_with_ntl(hidden, w, labels, vocab, chunk_size=2)
+        >>> ref = ntl.cross_entropy_with_ntl(F.linear(hidden, w), labels, vocab)
+        >>> torch.allclose(loss, ref, atol=1e-5)
+        True
     """
     m = resolve_method(method, squash_factor, huber_delta)
     _check_options(ntl_weight, chunk_size, reweigh=reweigh, return_parts=return_parts)
@@ -376,11 +391,37 @@ def linear_cross_entropy_with_ntl(
     return (loss, ce, ntl) if return_parts else loss
 
 
+@shared_docs
 class LinearCrossEntropyWithNTL(nn.Module):
     """:func:`linear_cross_entropy_with_ntl` as a module: ``crit(hidden, weight, labels, bias=None)``.
 
     The LM head stays with the model (pass ``model.lm_head.weight``, tied or not); the
-    vocabulary is resolved once at construction.
+    vocabulary and the method are resolved once at construction.
+
+    Args:
+        {vocab_or_tokenizer}
+        {ntl_weight}
+        {method}
+        {ignore_index}
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``labels``-shaped).
+        {reweigh}
+        chunk_size: rows per chunk (default: :func:`linear_chunk_rows`).
+        backend: ``"auto"`` (the fused CE + NTL Triton kernel on CUDA), ``"torch"`` or
+            ``"triton"``.
+        {vocab_size}
+        {squash_factor}
+        {huber_delta}
+
+    Raises:
+        ValueError: an option out of range, a method the vocab cannot take.
+
+    Example:
+        >>> import torch, ntl
+        >>> crit = ntl.LinearCrossEntropyWithNTL(ntl.DigitVocab(range(10), 12), ntl_weight=0.5)
+        >>> hidden = torch.randn(4, 8, requires_grad=True)
+        >>> loss = crit(hidden, torch.randn(12, 8), torch.tensor([3, 11, 7, -100]))
+        >>> loss.backward(); hidden.grad.shape
+        torch.Size([4, 8])
     """
 
     vocab: NumberVocab
@@ -420,8 +461,20 @@ class LinearCrossEntropyWithNTL(nn.Module):
         self.reweigh = reweigh
         self.chunk_size = chunk_size
 
+    @shared_docs
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of ``hidden @ weight.T + bias`` against ``labels``.
+
+        Args:
+            hidden: ``[..., H]`` hidden states.
+            weight: ``[V, H]`` LM-head weight.
+            labels: ``[...]`` token ids (``hidden.shape[:-1]``).
+            {bias}
+
+        Returns:
+            fp32 loss (``labels``-shaped for ``reduction="none"``).
+        """
         return linear_cross_entropy_with_ntl(  # type: ignore[return-value]
             hidden, weight, labels, self.vocab, bias=bias, ntl_weight=self.ntl_weight, method=self.method,
             ignore_index=self.ignore_index, reduction=self.reduction, reweigh=self.reweigh,

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _checks as C
+from ._docs import shared_docs
 from .kernels import _triton
 from .kernels.ntl_loss import LossConfig, ntl_loss_apply, set_front_end
 from .methods import MSE, W1, Huber, Method, resolve
@@ -236,6 +237,7 @@ def soft_targets(target_dist: Any, labels: torch.Tensor, K: int, method: Method)
     return check_target_dist(target_dist, labels, K).contiguous()
 
 
+@shared_docs
 def ntl_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -253,24 +255,40 @@ def ntl_loss(
 ) -> torch.Tensor:
     """NTL with any registered method (:mod:`ntl.methods`): the front end of
     :func:`ntl_mse_loss`, :func:`ntl_dot_loss` and :func:`ntl_wasserstein_loss`, whose
-    formulas, reductions and arguments apply.
+    formulas and reductions apply.
 
     Args:
-        method: a registered name (``"mse"``, ``"mae"``, ``"huber"``, ``"wasserstein"`` alias
-            ``"w1"``, ``"del"``, ``"dist2"``) or an :mod:`ntl.methods` object carrying its
-            parameters (``ntl.methods.Huber(delta=2.0)``, ``ntl.methods.W1(squash_factor=3.0)``,
-            ``ntl.methods.DEL(place_weights=False)``). DEL's place weights come from ``labels``
-            (the last axis is the sequence; :class:`ntl.methods.DEL`).
-        target_dist: soft targets, W1 only (see :func:`ntl_wasserstein_loss`).
-        squash_factor: W1's squashed distances, with ``method="wasserstein"`` (the same as
-            ``method=W1(squash_factor=...)``; both at once must agree).
-        huber_delta: the Huber threshold with ``method="huber"`` (default 1.0; the same as
-            ``method=Huber(delta=...)``).
-        The other arguments as in :func:`ntl_mse_loss`.
+        {logits}
+        {labels}
+        {vocab_or_tokenizer}
+        {method}
+        {ignore_index}
+        {reduction}
+        {weights}
+        {reweigh}
+        {target_dist}
+        {squash_factor}
+        {huber_delta}
+        {backend}
 
-    Example::
+    Returns:
+        fp32 scalar, or a ``labels``-shaped tensor for ``reduction="none"``.
 
-        loss = ntl.ntl_loss(logits, labels, tokenizer, method=ntl.methods.Huber(delta=2.0))
+    Raises:
+        ValueError: an unknown ``method``/``reduction``/``backend``, shapes that do not match, a
+            ``squash_factor``/``huber_delta``/``target_dist`` its method does not take.
+        TypeError: non-float logits, non-integer labels, a vocab of the wrong kind.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)  # '0'..'9' are ids 0..9
+        >>> logits = torch.zeros(1, 3, 12)  # uniform over the ten digits
+        >>> labels = torch.tensor([[3, 11, -100]])  # a digit, a text token, ignored
+        >>> ntl.ntl_loss(logits, labels, vocab)  # W1: mean_k |k - 3|
+        tensor(2.7000)
+        >>> huber = ntl.methods.Huber(delta=2.0)
+        >>> ntl.ntl_loss(logits, labels, vocab, method=huber)  # r = 4.5 - 3 < delta: r^2 / 2
+        tensor(1.1250)
     """
     m = resolve_method(method, squash_factor, huber_delta)
     return _standalone(logits, labels, vocab_or_tokenizer, m, ignore_index, reduction, weights,
@@ -305,6 +323,7 @@ def check_target_dist(target_dist: Any, labels: torch.Tensor, vocab_or_K: Number
     return flat
 
 
+@shared_docs
 def ntl_mse_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -325,26 +344,34 @@ def ntl_mse_loss(
         yhat = sum_k q_k v_k,   L = (yhat - y)^2,   dL/dz_j = 2 (yhat - y) q_j (v_j - yhat)
 
     Args:
-        logits: ``[..., V]`` float logits (fp32/bf16/fp16), aligned with ``labels``
-            (shift them yourself for causal LMs).
-        labels: ``[...]`` integer token ids; only number-token labels take part.
-        vocab_or_tokenizer: a Hugging Face tokenizer, a ``NumberVocab``/``DigitVocab``,
-            a list of the ten digit ids, or an ``{id: value}`` dict.
-        ignore_index: label value that never takes part.
-        reduction: ``"mean"`` (weighted mean over taking-part positions), ``"sum"``
-            or ``"none"`` (shaped like ``labels``).
-        weights: optional ``[...]`` non-negative per-position weights: bool, integer (e.g. an
-            attention mask) or float.
-        reweigh: ``ntloss``'s full-vocabulary reweighting (off, as in the paper).
-        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``.
+        {logits}
+        {labels}
+        {vocab_or_tokenizer}
+        {ignore_index}
+        {reduction}
+        {weights}
+        {reweigh}
+        {backend}
 
     Returns:
-        fp32 scalar, or ``labels``-shaped tensor for ``reduction="none"``.
+        fp32 scalar, or a ``labels``-shaped tensor for ``reduction="none"``.
+
+    Raises:
+        ValueError: an unknown ``reduction``/``backend``, shapes that do not match.
+        TypeError: non-float logits, non-integer labels, a vocab of the wrong kind.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits = torch.zeros(2, 12)  # uniform: yhat = 4.5
+        >>> ntl.ntl_mse_loss(logits, torch.tensor([3, 5]), vocab, reduction="none")
+        tensor([2.2500, 0.2500])
     """
     return _standalone(logits, labels, vocab_or_tokenizer, MSE(), ignore_index, reduction, weights,
                        reweigh, None, backend)
 
 
+@shared_docs
 def ntl_dot_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -372,10 +399,35 @@ def ntl_dot_loss(
                                                                     e' = clamp(r, -delta, delta)
 
     (``F.mse_loss``, ``F.l1_loss``, ``F.huber_loss(delta=huber_delta)``). ``reweigh=True``
-    uses ``D = 1.01 e(v_max - v_min)``. ``error`` (``"mse"``, ``"mae"``, ``"huber"`` or the
-    object :class:`ntl.methods.MSE` / ``MAE`` / ``Huber``) and ``huber_delta`` (``None``: 1.0;
-    applies to ``"huber"``, validated and ignored with the other errors) are keyword-only,
-    the other arguments as in :func:`ntl_mse_loss`; ``ntl_loss(method=...)`` is the same loss.
+    uses ``D = 1.01 e(v_max - v_min)``; ``ntl_loss(method=...)`` is the same loss.
+
+    Args:
+        {logits}
+        {labels}
+        {vocab_or_tokenizer}
+        error: ``"mse"``, ``"mae"``, ``"huber"`` or the object :class:`ntl.methods.MSE` /
+            ``MAE`` / ``Huber``.
+        huber_delta: the Huber threshold (``None``: 1.0); applies to ``"huber"``, validated
+            and ignored with the other errors.
+        {ignore_index}
+        {reduction}
+        {weights}
+        {reweigh}
+        {backend}
+
+    Returns:
+        fp32 scalar, or a ``labels``-shaped tensor for ``reduction="none"``.
+
+    Raises:
+        ValueError: an ``error`` other than the three, a bad ``huber_delta``, shapes that do not
+            match.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits = torch.zeros(1, 12)  # yhat = 4.5
+        >>> ntl.ntl_dot_loss(logits, torch.tensor([8]), vocab, error="mae")
+        tensor(3.5000)
     """
     dot = ("mse", "mae", "huber")
     if isinstance(error, Method):
@@ -390,6 +442,7 @@ def ntl_dot_loss(
                        reweigh, None, backend)
 
 
+@shared_docs
 def ntl_wasserstein_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -411,27 +464,73 @@ def ntl_wasserstein_loss(
         L = sum_{k<K-1} |Q_k - T_k| g_k          (= sum_k q_k |v_k - y| for a one-hot target y)
         dL/dz_j = q_j (d_j - L),   d_j = |v_j - y|       (one-hot target)
 
-    ``squash_factor`` (``ntloss.NTLoss(squash_factor=...)``, a number > 1) reshapes the
-    distance table so that the closest distinct value costs 1 and the farthest
-    ``squash_factor``: ``d_j = 1 + (|v_j - y| - d_min) (squash_factor - 1) / (d_max - d_min)``
-    for ``v_j != y`` (0 for ``v_j = y``); with ``reweigh`` then ``D = 1.01 squash_factor``.
+    ``squash_factor`` reshapes the distance table so that the closest distinct value costs 1
+    and the farthest ``squash_factor``:
+    ``d_j = 1 + (|v_j - y| - d_min) (squash_factor - 1) / (d_max - d_min)`` for ``v_j != y``
+    (0 for ``v_j = y``). ``target_dist`` replaces the one-hot target at taking-part positions.
 
-    ``target_dist`` (``labels.shape + (K,)``, rows summing to 1, in the vocab's
-    value order) replaces the one-hot target at taking-part positions, e.g. a
-    Gaussian smoothing over digits (:func:`ntl.gaussian_targets`); not with ``squash_factor``.
-    Other arguments as in :func:`ntl_mse_loss`.
+    Args:
+        {logits}
+        {labels}
+        {vocab_or_tokenizer}
+        {ignore_index}
+        {reduction}
+        {weights}
+        {reweigh}
+        {target_dist}
+        {squash_factor}
+        {backend}
+
+    Returns:
+        fp32 scalar, or a ``labels``-shaped tensor for ``reduction="none"``.
+
+    Raises:
+        ValueError: a bad ``squash_factor``, a ``target_dist`` of the wrong shape or not summing
+            to 1, both at once.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits = torch.zeros(1, 12)
+        >>> labels = torch.tensor([3])
+        >>> ntl.ntl_wasserstein_loss(logits, labels, vocab)
+        tensor(2.7000)
+        >>> soft = ntl.gaussian_targets(labels, vocab, sigma=1.0)
+        >>> ntl.ntl_wasserstein_loss(logits, labels, vocab, target_dist=soft).round(decimals=2)
+        tensor(1.9700)
     """
     return _standalone(logits, labels, vocab_or_tokenizer, W1(squash_factor), ignore_index, reduction,
                        weights, reweigh, target_dist, backend)
 
 
+@shared_docs
 def gaussian_targets(
     labels: torch.Tensor, vocab_or_tokenizer: VocabLike, sigma: float = 1.0, *, vocab_size: int | None = None
 ) -> torch.Tensor:
     """Gaussian label smoothing over number values: ``T_k ∝ exp(-(v_k - y)^2 / (2 sigma^2))``.
 
-    Returns ``labels.shape + (K,)`` fp32 rows summing to 1 (where the label is not a
-    number token the row is centred on the smallest value; those rows never take part).
+    Where the label is not a number token the row is centred on the smallest value; those
+    rows never take part in a loss.
+
+    Args:
+        {labels}
+        {vocab_or_tokenizer}
+        sigma: the standard deviation, in value units (``> 0``).
+        {vocab_size}
+
+    Returns:
+        ``labels.shape + (K,)`` fp32 rows summing to 1, in the vocab's value order (a
+        ``target_dist`` for :func:`ntl_wasserstein_loss`).
+
+    Raises:
+        ValueError: ``sigma`` not a positive number.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> t = ntl.gaussian_targets(torch.tensor([[0, 5]]), vocab, sigma=0.5)
+        >>> t.shape, t[0, 1].argmax().item(), round(t[0, 1, 5].item(), 3)
+        (torch.Size([1, 2, 10]), 5, 0.787)
     """
     if not (isinstance(sigma, (int, float)) and sigma > 0):
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")
@@ -449,6 +548,21 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     ``loss(logits, shift_labels(ids))`` scores the same pairs as
     ``loss(logits[:, :-1], ids[:, 1:])`` but keeps ``logits`` contiguous, so
     nothing copies the ``[B, T, V]`` tensor (a sliced view cannot be flattened).
+
+    Args:
+        labels: ``[..., T]`` integer token ids, the sequence last.
+        ignore_index: the value put at the last position.
+
+    Returns:
+        A tensor shaped and typed like ``labels``.
+
+    Raises:
+        TypeError: ``labels`` not an integer tensor with a sequence dimension.
+
+    Example:
+        >>> import torch, ntl
+        >>> ntl.shift_labels(torch.tensor([[5, 6, 7]]))
+        tensor([[   6,    7, -100]])
     """
     if not isinstance(labels, torch.Tensor) or labels.dim() < 1:
         raise TypeError("labels must be a tensor with a sequence dimension last")

@@ -70,7 +70,25 @@ class Row(NamedTuple):
     ``values [K]`` (ascending), ``y [N, 1]`` the target values, ``k [N]`` the target
     indices (the target's column, clamped to ``>= 0``), ``soft [N, K]`` the target
     distribution (``soft_targets`` methods with ``target_dist``; else ``None``). Most
-    methods read ``q`` and ``y`` only; DEL reads the raw ``z`` and ``k``."""
+    methods read ``q`` and ``y`` only; DEL reads the raw ``z`` and ``k``.
+
+    Attributes:
+        z: ``[N, K]`` raw number logits.
+        q: ``[N, K]`` ``softmax(z)``.
+        values: ``[K]`` the vocab's values, ascending.
+        y: ``[N, 1]`` target values.
+        k: ``[N]`` target columns (clamped to ``>= 0``).
+        soft: ``[N, K]`` target distribution, or ``None``.
+
+    Example:
+        >>> import torch
+        >>> from ntl.methods import MSE, Row, RowScalars
+        >>> z = torch.zeros(1, 10)
+        >>> row = Row(z, z.softmax(-1), torch.arange(10.0), torch.tensor([[3.0]]),
+        ...           torch.tensor([3]), None)
+        >>> MSE.row_loss(row, RowScalars())  # (4.5 - 3)^2
+        tensor([2.2500])
+    """
 
     z: Tensor
     q: Tensor
@@ -85,7 +103,18 @@ class RowScalars(NamedTuple):
 
     ``sq_a``, ``sq_b``: squashed W1 distances ``a + b d`` (``(0, 1)`` keeps ``d``);
     ``delta``: the method's own scalar parameter: the Huber threshold, DIST²'s ``tau``
-    (the kernels carry one such scalar)."""
+    (the kernels carry one such scalar).
+
+    Attributes:
+        sq_a: squashed-W1 offset ``a``.
+        sq_b: squashed-W1 slope ``b``.
+        delta: the method's scalar parameter (Huber's ``delta``, DIST²'s ``tau``).
+
+    Example:
+        >>> import ntl
+        >>> ntl.methods.W1(squash_factor=2.0).kernel_scalars(ntl.DigitVocab(range(10), 12))
+        RowScalars(sq_a=0.875, sq_b=0.125, delta=1.0)
+    """
 
     sq_a: float = 0.0
     sq_b: float = 1.0
@@ -101,6 +130,13 @@ class Method:
     The formulas are class methods of ``(q, values, y, soft, s)``: the twin looks the
     class up by ``name`` and passes the scalars the kernels get, so the registry, not
     the instance, travels through the ops.
+
+    Example:
+        >>> from ntl import methods
+        >>> issubclass(methods.Huber, methods.Method), methods.Huber(delta=2.0).describe()
+        (True, 'Huber(delta=2.0)')
+        >>> methods.W1.name, methods.W1.aliases, methods.W1.code
+        ('wasserstein', ('w1',), 1)
     """
 
     name: ClassVar[str] = ""
@@ -185,7 +221,31 @@ M = TypeVar("M", bound=type[Method])
 
 
 def register(cls: M) -> M:
-    """Class decorator: register ``cls`` under ``cls.name`` and ``cls.aliases``."""
+    """Class decorator: register ``cls`` under ``cls.name`` and ``cls.aliases``.
+
+    Args:
+        cls: a :class:`Method` subclass (a frozen dataclass) with a ``name``.
+
+    Returns:
+        ``cls`` itself.
+
+    Raises:
+        TypeError: ``cls`` is not a named :class:`Method` subclass.
+        ValueError: its name, an alias or its ``code`` is taken.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> from typing import ClassVar
+        >>> from ntl import methods
+        >>> @methods.register
+        ... @dataclass(frozen=True)
+        ... class Plain(methods.MSE):
+        ...     name: ClassVar[str] = "plain_mse"
+        ...     code: ClassVar[int | None] = None  # PyTorch backend only
+        >>> methods.canonical_name("plain_mse")
+        'plain_mse'
+        >>> methods.unregister("plain_mse")
+    """
     if not (isinstance(cls, type) and issubclass(cls, Method)) or not cls.name:
         raise TypeError("register takes a Method subclass with a name")
     for n in (cls.name, *cls.aliases):
@@ -202,7 +262,30 @@ def register(cls: M) -> M:
 
 
 def unregister(name: str) -> None:
-    """Remove a registered method (and its aliases); for tests and plugins."""
+    """Remove a registered method (and its aliases); for tests and plugins.
+
+    Args:
+        name: the method's registered (canonical) name.
+
+    Returns:
+        None.
+
+    Raises:
+        KeyError: no method is registered under ``name``.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> from typing import ClassVar
+        >>> from ntl import methods
+        >>> @methods.register
+        ... @dataclass(frozen=True)
+        ... class Tmp(methods.MAE):
+        ...     name: ClassVar[str] = "tmp_mae"
+        ...     code: ClassVar[int | None] = None
+        >>> methods.unregister("tmp_mae")
+        >>> "tmp_mae" in methods.REGISTRY
+        False
+    """
     cls = REGISTRY.pop(name)
     for a in cls.aliases:
         _ALIASES.pop(a, None)
@@ -214,7 +297,23 @@ def _choices() -> str:
 
 
 def canonical_name(method: object, name: str = "method") -> str:
-    """The registered name of a method name or alias (``"w1"`` -> ``"wasserstein"``)."""
+    """The registered name of a method name or alias (``"w1"`` -> ``"wasserstein"``).
+
+    Args:
+        method: a method name or alias.
+        name: the argument's name in the error message.
+
+    Returns:
+        The canonical name.
+
+    Raises:
+        ValueError: ``method`` is not a registered name or alias.
+
+    Example:
+        >>> from ntl import methods
+        >>> methods.canonical_name("w1"), methods.canonical_name("mse")
+        ('wasserstein', 'mse')
+    """
     if isinstance(method, str):
         if method in REGISTRY:
             return method
@@ -226,7 +325,23 @@ def canonical_name(method: object, name: str = "method") -> str:
 
 def method_class(method: str) -> type[Method]:
     """The class registered under a method name or alias (what the ops and twins carry: an
-    object's parameters reach them as runtime scalars, :meth:`Method.kernel_scalars`)."""
+    object's parameters reach them as runtime scalars, :meth:`Method.kernel_scalars`).
+
+    Args:
+        method: a method name or alias.
+
+    Returns:
+        The registered :class:`Method` subclass.
+
+    Raises:
+        TypeError: a :class:`Method` object (pass its ``name``).
+        ValueError: an unknown name.
+
+    Example:
+        >>> from ntl import methods
+        >>> methods.method_class("w1")
+        <class 'ntl.methods.W1'>
+    """
     if isinstance(method, Method):
         raise TypeError(f"the kernels and their twins take a method name, got the object {method!r}: "
                         "pass method.name and its kernel_scalars(vocab)")
@@ -235,7 +350,22 @@ def method_class(method: str) -> type[Method]:
 
 def kernel_code(method: str) -> int:
     """The Triton constexpr ``METHOD`` of a registered method; a ``ValueError`` for a method
-    without a Triton branch."""
+    without a Triton branch.
+
+    Args:
+        method: a method name or alias.
+
+    Returns:
+        The int code of its branch in ``ntl.kernels.ntl_loss.ntl_row_math``.
+
+    Raises:
+        ValueError: an unknown name, or a method with no Triton branch.
+
+    Example:
+        >>> from ntl import methods
+        >>> methods.kernel_code("mse"), methods.kernel_code("wasserstein")
+        (0, 1)
+    """
     code = method_class(method).code
     if code is None:
         raise ValueError(f"method {method!r} has no Triton kernel (no branch in "
@@ -256,6 +386,27 @@ def resolve(method: object, *, squash_factor: Any = None, huber_delta: Any = Non
     with a name they build the object (``resolve("huber", huber_delta=2.0) == Huber(2.0)``);
     with an object they must be ``None`` or equal to its parameter (else ``ValueError``:
     the object already says which). A keyword for another method is a ``ValueError``.
+
+    Args:
+        method: a registered name or alias, or a :class:`Method` object.
+        squash_factor: W1's squash factor (``None``: unset).
+        huber_delta: Huber's threshold (``None``: unset).
+        name: the argument's name in error messages.
+
+    Returns:
+        The :class:`Method` instance.
+
+    Raises:
+        ValueError: an unknown name, an unregistered class, a keyword for another method, or
+            one that conflicts with the object's parameter.
+        TypeError: a keyword that is not a number.
+
+    Example:
+        >>> from ntl import methods
+        >>> methods.resolve("huber", huber_delta=2.0)
+        Huber(delta=2.0)
+        >>> methods.resolve(methods.W1(squash_factor=3.0), squash_factor=3.0)
+        W1(squash_factor=3.0)
     """
     if isinstance(method, Method):
         if type(method).name not in REGISTRY or REGISTRY[type(method).name] is not type(method):
@@ -328,7 +479,15 @@ class _ExpectedValue(Method):
 @register
 @dataclass(frozen=True)
 class MSE(_ExpectedValue):
-    """NTL-MSE: ``e(r) = r^2``, ``e'(r) = 2 r``; largest loss ``(v_max - v_min)^2``."""
+    """NTL-MSE: ``e(r) = r^2``, ``e'(r) = 2 r``; largest loss ``(v_max - v_min)^2``.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits, labels = torch.zeros(1, 12), torch.tensor([3])  # uniform q: yhat = 4.5
+        >>> ntl.ntl_loss(logits, labels, vocab, method=ntl.methods.MSE())
+        tensor(2.2500)
+    """
 
     name: ClassVar[str] = "mse"
     code: ClassVar[int | None] = 0
@@ -345,7 +504,15 @@ class MSE(_ExpectedValue):
 @register
 @dataclass(frozen=True)
 class MAE(_ExpectedValue):
-    """NTL-MAE: ``e(r) = |r|``, ``e'(r) = sign(r)`` (0 at 0); largest loss ``v_max - v_min``."""
+    """NTL-MAE: ``e(r) = |r|``, ``e'(r) = sign(r)`` (0 at 0); largest loss ``v_max - v_min``.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits, labels = torch.zeros(1, 12), torch.tensor([3])  # uniform q: yhat = 4.5
+        >>> ntl.ntl_loss(logits, labels, vocab, method=ntl.methods.MAE())
+        tensor(1.5000)
+    """
 
     name: ClassVar[str] = "mae"
     code: ClassVar[int | None] = 2
@@ -363,7 +530,21 @@ class MAE(_ExpectedValue):
 @dataclass(frozen=True)
 class Huber(_ExpectedValue):
     """NTL-Huber (``F.huber_loss(delta=delta)`` of ``r``): ``e(r) = r^2/2`` for ``|r| < delta``,
-    else ``delta (|r| - delta/2)``; ``e'(r) = clamp(r, -delta, delta)``."""
+    else ``delta (|r| - delta/2)``; ``e'(r) = clamp(r, -delta, delta)``.
+
+    Args:
+        delta: the threshold (a positive finite number).
+
+    Raises:
+        ValueError: ``delta`` not a positive finite number.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits, labels = torch.zeros(1, 12), torch.tensor([3])  # uniform q: yhat = 4.5
+        >>> ntl.ntl_loss(logits, labels, vocab, method=ntl.methods.Huber(delta=1.0))  # 1.5 - 0.5
+        tensor(1.)
+    """
 
     delta: float = 1.0
     name: ClassVar[str] = "huber"
@@ -394,6 +575,22 @@ def squash_table(vocab: VocabValues, squash_factor: float) -> tuple[float, float
     (0 for ``d = 0``), so that the closest distinct values cost 1 and the farthest ``squash_factor``::
 
         b = (squash_factor - 1) / (d_max - d_min),   a = 1 - b d_min   (d_min the smallest d > 0)
+
+    Args:
+        vocab: anything with ``values`` (ascending) and ``max_distance`` (a
+            :class:`ntl.NumberVocab`).
+        squash_factor: the cost of the farthest distinct value (``> 1``).
+
+    Returns:
+        ``(a, b)`` as Python floats.
+
+    Raises:
+        ValueError: the values have fewer than two different nonzero distances.
+
+    Example:
+        >>> import ntl
+        >>> ntl.methods.squash_table(ntl.DigitVocab(range(10), 12), 2.0)  # d_min = 1, d_max = 9
+        (0.875, 0.125)
     """
     vals = list(vocab.values)
     gaps = [b - a for a, b in itertools.pairwise(vals) if b > a]
@@ -420,6 +617,21 @@ class W1(Method):
     ``L = sum_{k<K-1} |Q_k - T_k| g_k`` (CDFs ``Q``, ``T``, gaps ``g_k = v_{k+1} - v_k``),
     ``dL/dz_j = q_j (G_j - sum_i q_i G_i)``, ``G_i = sum_{k>=i, k<K-1} sign(Q_k - T_k) g_k``.
     Largest loss: ``v_max - v_min`` (``squash_factor`` when squashed).
+
+    Args:
+        squash_factor: ``None`` (plain distances) or a finite number ``> 1``.
+
+    Raises:
+        ValueError: ``squash_factor`` not a finite number ``> 1``.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits, labels = torch.zeros(1, 12), torch.tensor([3])  # uniform q: yhat = 4.5
+        >>> ntl.ntl_loss(logits, labels, vocab, method=ntl.methods.W1())  # mean_k |k - 3|
+        tensor(2.7000)
+        >>> ntl.ntl_loss(logits, labels, vocab, method=ntl.methods.W1(squash_factor=2.0))
+        tensor(1.1250)
     """
 
     squash_factor: float | None = None
@@ -511,6 +723,24 @@ class DEL(Method):
     the position's loss, not the mean's denominator (``mean = sum w_i pw_i L_i / sum w_i``).
 
     Unbounded (no ``reweigh``); no ``target_dist``.
+
+    Args:
+        place_weights: multiply each position's loss by its place weight ``w`` (``False``:
+            ``w = 1``).
+        decimal_point_id: the ``'.'`` token id (``None``: the tokenizer's, or none).
+
+    Raises:
+        TypeError: ``decimal_point_id`` not a non-negative int or ``None``.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits, labels = torch.zeros(1, 12), torch.tensor([3])  # uniform q: yhat = 4.5
+        >>> plain = ntl.ntl_loss(logits, labels, vocab, method=ntl.methods.DEL(place_weights=False))
+        >>> # b_k = softplus(0) = ln 2 for every k: L = ln 2 / 10
+        >>> weighted = ntl.ntl_loss(logits, labels, vocab, method="del")  # a units digit: w = 2
+        >>> round(plain.item(), 4), torch.allclose(weighted, 2 * plain)
+        (0.0693, True)
     """
 
     place_weights: bool = True
@@ -569,6 +799,21 @@ class DIST2(Method):
     (``log q = z - logsumexp(z)``, ``log t`` formed from its exponent, whose largest value is
     0 at ``v_k = y``: no ``0 log 0`` arises). ``tau`` a finite number > 0 (default 1.0).
     Unbounded (no ``reweigh``); no ``target_dist`` (the target is ``t``).
+
+    Args:
+        tau: the temperature of the target's smoothing (a positive finite number).
+
+    Raises:
+        TypeError: ``tau`` not a number.
+        ValueError: ``tau`` not positive and finite.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits, labels = torch.zeros(1, 12), torch.tensor([3])  # uniform q: yhat = 4.5
+        >>> loss = ntl.ntl_loss(logits, labels, vocab, method=ntl.methods.DIST2(tau=0.5))
+        >>> round(loss.item(), 3)
+        1.632
     """
 
     tau: float = 1.0

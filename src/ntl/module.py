@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
+from ._docs import shared_docs
 from .losses import MethodLike, bind_decimal_point, ntl_loss, resolve_method
 from .methods import W1, Method
 from .number_level import (
@@ -20,19 +21,42 @@ from .vocab import NumberVocab, VocabLike, resolve_vocab
 __all__ = ["NumberTokenLoss"]
 
 
+@shared_docs
 class NumberTokenLoss(nn.Module):
     """Number Token Loss as a module: ``NumberTokenLoss(tokenizer)(logits, labels)``.
 
-    Wraps :func:`ntl.ntl_loss` for every method of :mod:`ntl.methods` (``method`` a
-    registered name -- ``"mse"``, ``"mae"``, ``"huber"`` with ``huber_delta``,
-    ``"wasserstein"``/``"w1"`` with ``squash_factor`` -- or a method object such as
-    ``ntl.methods.Huber(delta=2.0)``) and :func:`ntl.number_level_loss` (``method="number"``,
-    which alone takes ``float_level``, ``decimal_point_id`` and ``max_number_length``); the
-    vocabulary and the method are resolved once at construction. Logits and labels are
-    aligned position by position (shift them for causal LMs).
+    Wraps :func:`ntl.ntl_loss` for every method of :mod:`ntl.methods` and
+    :func:`ntl.number_level_loss` (``method="number"``, which alone takes ``float_level``,
+    ``decimal_point_id`` and ``max_number_length``); the vocabulary and the method are
+    resolved once at construction. Logits and labels are aligned position by position
+    (shift them for causal LMs). ``forward(logits, labels, weights=None, target_dist=None)``.
 
     Attributes: ``method`` the canonical name (``"number"`` for the number-level loss),
     ``loss_method`` the :class:`ntl.methods.Method` (``None`` for ``"number"``).
+
+    Args:
+        {vocab_or_tokenizer}
+        method: as in :func:`ntl.ntl_loss` (a registered name or an :mod:`ntl.methods`
+            object), or ``"number"`` for :func:`ntl.number_level_loss`.
+        {ignore_index}
+        {reduction}
+        {reweigh}
+        {backend}
+        {vocab_size}
+        {float_level} ``method="number"`` only.
+        {decimal_point_id} ``method="number"`` only.
+        {max_number_length} ``method="number"`` only.
+        {squash_factor}
+        {huber_delta}
+
+    Raises:
+        ValueError: options that do not apply to ``method``, options out of range.
+
+    Example:
+        >>> import torch, ntl
+        >>> crit = ntl.NumberTokenLoss(ntl.DigitVocab(range(10), 12), method="mse")
+        >>> crit(torch.zeros(2, 12), torch.tensor([3, 5]))  # yhat = 4.5
+        tensor(1.2500)
     """
 
     number_level: NumberLevelVocab | None
@@ -93,6 +117,7 @@ class NumberTokenLoss(nn.Module):
         lm = self.loss_method
         self.squash_factor = lm.squash_factor if isinstance(lm, W1) else None
 
+    @shared_docs
     def forward(
         self,
         logits: torch.Tensor,
@@ -100,6 +125,17 @@ class NumberTokenLoss(nn.Module):
         weights: torch.Tensor | None = None,
         target_dist: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The loss of ``logits`` against ``labels`` with the settings of construction.
+
+        Args:
+            {logits}
+            {labels}
+            {weights}
+            {target_dist} Not with ``method="number"``.
+
+        Returns:
+            fp32 scalar, or a ``labels``-shaped tensor for ``reduction="none"``.
+        """
         if self.number_level is not None:
             if target_dist is not None:
                 raise ValueError("target_dist is not supported with method='number'")

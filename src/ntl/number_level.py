@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from ._docs import shared_docs
 from .kernels.reference import digit_gather_torch, number_mass_torch
 from .losses import prepare_labels, use_triton
 from .vocab import NumberVocab, VocabLike, resolve_vocab, vocab_from_handle
@@ -232,6 +233,7 @@ def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str, with_ma
     return number_mass_torch(x2d, ids, rows)
 
 
+@shared_docs
 def predict_numbers(
     logits: torch.Tensor, vocab_or_tokenizer: VocabLike | NumberLevelVocab, *,
     labels: torch.Tensor | None = None, float_level: bool = False, decimal_point_id: int | None = None,
@@ -262,14 +264,27 @@ def predict_numbers(
             or ``{id: value}``; with ``labels`` as in :func:`number_level_loss` (the ten
             digits or a ``NumberVocab`` with texts).
         labels: optional ``[..., T]`` token ids that delimit the numbers.
-        float_level, decimal_point_id, max_number_length, ignore_index: as in
-            :func:`number_level_loss` (only with ``labels``; ``max_number_length``, default
-            20, counts digits).
+        {float_level} Only with ``labels``.
+        {decimal_point_id} Only with ``labels``.
+        {max_number_length} Only with ``labels``.
+        {ignore_index} Only with ``labels``.
         backend: ``"auto"`` (the Triton number-mass kernel on CUDA), ``"torch"`` or ``"triton"``.
 
     Returns:
         ``(yhat, mass)``, both fp32 of shape ``logits.shape[:-1]``, differentiable;
         ``mass`` is per position in both modes.
+
+    Raises:
+        ValueError: number-level options without ``labels``, shapes that do not match.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits = torch.zeros(2, 12)
+        >>> logits[1, 7] = 50.0  # the second position is sure of '7'
+        >>> yhat, mass = ntl.predict_numbers(logits, vocab)
+        >>> yhat, mass.round(decimals=3)
+        (tensor([4.5000, 7.0000]), tensor([0.8330, 1.0000]))
     """
     logits = C.check_logits(logits)
     C.check_choice("backend", backend, C.BACKENDS)
@@ -488,6 +503,7 @@ def _number_values(z: torch.Tensor, seg: _Segments) -> tuple[torch.Tensor, torch
     return yhat, y
 
 
+@shared_docs
 def number_level_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -530,17 +546,12 @@ def number_level_loss(
             Llama-3's 1,110 tokens ``'0'..'999'``), or a :class:`NumberLevelVocab`. A tokenizer
             means its ten digits (as in ``ntloss``): labels that are its multi-digit number
             tokens then raise ``ValueError`` (pass ``ntl.vocab_for_tokenizer(tok)`` instead).
-        float_level: a single ``'.'`` label between two number tokens joins them into one
-            number (``12.34`` -> ``1234``; ``False``: ``12`` and ``34``).
-        decimal_point_id: the ``'.'`` token id (default: the tokenizer's ``'.'``; pass it
-            with a ``NumberVocab``).
-        max_number_length: counted in digits (characters), not tokens: a token's place
-            is clamped so that its leading digit sits at most at place
-            ``max_number_length - 1`` (``p_t <= max(max_number_length - w_t, 0)`` for a
-            token of ``w_t`` digits; with digits, ``ntloss``'s clamp); at most 38 (fp32).
+        {float_level}
+        {decimal_point_id}
+        {max_number_length}
         reweigh: ``L' = m L + 1.01 (1 - m)``, ``m`` the full-softmax number-token mass at
             the number's first token (``ntloss``'s ``reweigh``; off by default).
-        ignore_index: label value that never takes part.
+        {ignore_index}
         reduction: ``"mean"`` (weighted mean over numbers), ``"sum"``, or ``"none"``
             (shaped like ``labels``: each number's ``w L`` at its first token, 0 elsewhere).
         weights: optional non-negative ``[..., T]`` weights (bool/int/float); a number
@@ -551,6 +562,19 @@ def number_level_loss(
     Returns:
         fp32 scalar, or a ``labels``-shaped tensor for ``reduction="none"``; ``0.0``
         (attached to the graph) when there is no number.
+
+    Raises:
+        ValueError: a vocab that is not the ten digits (nor a ``NumberVocab`` with texts),
+            multi-digit labels the vocab does not hold, options out of range.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits = torch.full((1, 3, 12), -30.0)
+        >>> logits[0, 0, 4] = logits[0, 1, 2] = 30.0  # predicts "4 2" with certainty
+        >>> labels = torch.tensor([[4, 0, 11]])  # the number 40, then a text token
+        >>> ntl.number_level_loss(logits, labels, vocab).round(decimals=4)  # |42 - 40| / 82
+        tensor(0.0244)
     """
     check_options(float_level, max_number_length, reweigh, decimal_point_id)
     C.check_choice("backend", backend, C.BACKENDS)

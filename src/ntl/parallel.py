@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from ._docs import shared_docs
 from .hidden import _check_head, ntl_loss_from_digit_logits
 from .losses import bind_decimal_point, resolve_method
 from .vocab import NumberVocab, VocabLike, resolve_vocab
@@ -163,6 +164,7 @@ def _assemble(z_local: torch.Tensor, ks: torch.Tensor, owned: torch.Tensor, voca
     return full[:N]
 
 
+@shared_docs
 def vocab_parallel_ntl_loss(
     logits_shard: torch.Tensor,
     labels: torch.Tensor,
@@ -197,24 +199,38 @@ def vocab_parallel_ntl_loss(
         logits_shard: ``[..., V_local]`` this rank's logit columns (fp32/bf16/fp16).
         labels: ``[...]`` global token ids, the same on every rank (as Megatron has them).
         vocab_or_tokenizer: the number vocab (global ids), as for :func:`ntl.ntl_loss`.
-        vocab_start: the global id of this shard's first column.
+        {vocab_start}
         group: the tensor-parallel process group; ``None``: the default group when
             ``torch.distributed`` is initialised, else a world of one (the shard is then the
             whole vocabulary).
         vocab_size: the global width ``V`` (sum of the shard widths). ``None``: equal shards
             (Megatron's), ``V = V_local * world`` and ``vocab_start`` must be
             ``rank * V_local``.
-        method, ignore_index, reduction, weights, target_dist, backend: as for
-            :func:`ntl.ntl_loss_from_digit_logits`. Every rank must call with the same labels,
-            weights and arguments (every rank computes the same loss).
-
-    Only local checks raise before the collective (a rank that raises there leaves its peers
-    waiting in the all_reduce, as any collective does): ``vocab_start`` negative or not
-    ``rank * V_local`` for equal shards, a shard ending beyond ``vocab_size``, number ids
-    ``>= V``, a world of one without the whole vocabulary.
+        {method} The same on every rank (as every argument).
+        {ignore_index}
+        {reduction}
+        {weights}
+        {target_dist}
+        {backend}
 
     Returns:
         fp32 loss (scalar, or ``labels``-shaped for ``reduction="none"``), the same on every rank.
+
+    Raises:
+        ValueError: only local checks raise before the collective (a rank that raises there
+            leaves its peers waiting in the all_reduce, as any collective does):
+            ``vocab_start`` negative or not ``rank * V_local`` for equal shards, a shard ending
+            beyond ``vocab_size``, number ids ``>= V``, a world of one without the whole
+            vocabulary; after it, on every rank, a number token held by no shard or by several
+            (strict checks).
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits, labels = torch.randn(4, 12), torch.tensor([3, 7, 11, 0])
+        >>> loss = ntl.vocab_parallel_ntl_loss(logits, labels, vocab, vocab_start=0)  # one rank
+        >>> torch.allclose(loss, ntl.ntl_loss(logits, labels, vocab))
+        True
     """
     C.check_logits(logits_shard, "logits_shard", dim="V_local")
     labels = C.check_labels(labels, logits_shard.shape[:-1], logits_shard.device,
@@ -232,6 +248,7 @@ def vocab_parallel_ntl_loss(
         reduction=reduction, weights=weights, target_dist=target_dist, vocab_size=V, backend=backend)
 
 
+@shared_docs
 def vocab_parallel_ntl_loss_from_hidden(
     hidden: torch.Tensor,
     lm_head_weight_shard: torch.Tensor,
@@ -270,15 +287,38 @@ def vocab_parallel_ntl_loss_from_hidden(
     only the local part.
 
     Args:
-        hidden: ``[..., H]`` hidden states, the same on every rank.
-        lm_head_weight_shard: ``[V_local, H]`` this rank's rows ``[vocab_start, vocab_start + V_local)``.
+        {hidden} The same on every rank.
+        lm_head_weight_shard: ``[V_local, H]`` this rank's rows
+            ``[vocab_start, vocab_start + V_local)``.
+        {labels} Global ids, the same on every rank.
+        vocab_or_tokenizer: the number vocab (global ids), as for :func:`ntl.ntl_loss`.
+        {vocab_start}
+        {group}
+        vocab_size: the global width ``V``, as for :func:`vocab_parallel_ntl_loss`.
         bias_shard: optional ``[V_local]`` bias of those rows.
-        temperature: divides the logits (``> 0``).
-        labels, vocab_or_tokenizer, vocab_start, group, vocab_size, method, ignore_index,
-            reduction, weights, target_dist, backend: as for :func:`vocab_parallel_ntl_loss`.
+        {temperature}
+        {method}
+        {ignore_index}
+        {reduction}
+        {weights}
+        {target_dist}
+        {backend}
 
     Returns:
         fp32 loss (scalar, or ``labels``-shaped for ``reduction="none"``), the same on every rank.
+
+    Raises:
+        ValueError: as :func:`vocab_parallel_ntl_loss`, and shapes of ``hidden`` and the shard
+            that do not match.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> hidden, w = torch.randn(4, 8), torch.randn(12, 8)
+        >>> labels = torch.tensor([3, 7, 11, 0])
+        >>> loss = ntl.vocab_parallel_ntl_loss_from_hidden(hidden, w, labels, vocab, vocab_start=0)
+        >>> torch.allclose(loss, ntl.ntl_loss_from_hidden(hidden, w, labels, vocab), atol=1e-5)
+        True
     """
     V_local, t = _check_head(hidden, lm_head_weight_shard, bias_shard, temperature)
     labels = C.check_labels(labels, hidden.shape[:-1], hidden.device, what="hidden.shape[:-1]")

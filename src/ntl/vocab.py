@@ -16,6 +16,8 @@ from typing import Any, Union
 
 import torch
 
+from ._docs import shared_docs
+
 __all__ = [
     "DigitVocab",
     "NumberVocab",
@@ -45,6 +47,16 @@ class NumberVocab:
 
     Tensors for a device are built once and cached (:meth:`ids`, :meth:`values_on`,
     :meth:`lookup`).
+
+    Raises:
+        ValueError: empty, duplicate or out-of-range ids, lengths that differ, values that
+            are not finite, texts that do not write their values.
+
+    Example:
+        >>> import ntl
+        >>> v = ntl.NumberVocab([7, 5, 6], [10.0, 0.0, 5.0], vocab_size=8)
+        >>> v.token_ids, v.values, v.K
+        ((5, 6, 7), (0.0, 5.0, 10.0), 3)
     """
 
     def __init__(
@@ -280,7 +292,24 @@ class NumberVocab:
 
 
 class DigitVocab(NumberVocab):
-    """The ten single-character ASCII digit tokens ``'0'..'9'`` with values ``0..9``."""
+    """The ten single-character ASCII digit tokens ``'0'..'9'`` with values ``0..9``.
+
+    Build it from a tokenizer with :meth:`DigitVocab.from_tokenizer` (or pass the tokenizer
+    itself to a loss).
+
+    Args:
+        token_ids: the ids of ``'0'..'9'``, in that order.
+        vocab_size: the model's vocabulary size ``V`` (number of logits).
+
+    Raises:
+        ValueError: not exactly ten ids, or ids as :class:`NumberVocab` refuses them.
+
+    Example:
+        >>> import ntl
+        >>> v = ntl.DigitVocab([20, 21, 22, 23, 24, 25, 26, 27, 28, 29], vocab_size=40)
+        >>> v.K, v.is_digit_vocab, v.token_ids[3]
+        (10, True, 23)
+    """
 
     def __init__(self, token_ids: Sequence[int], vocab_size: int) -> None:
         ids = [int(i) for i in token_ids]
@@ -370,6 +399,7 @@ def _from_tokenizer_cached(cls: type[NumberVocab], tokenizer: Any, vocab_size: i
     return built
 
 
+@shared_docs
 def resolve_vocab(vocab_or_tokenizer: VocabLike, vocab_size: int | None = None, *,
                   default_size: int | None = None) -> NumberVocab:
     """Turn what the losses accept into a :class:`NumberVocab`.
@@ -377,9 +407,26 @@ def resolve_vocab(vocab_or_tokenizer: VocabLike, vocab_size: int | None = None, 
     Accepts a ``NumberVocab``/``DigitVocab`` (returned as is), a Hugging Face
     tokenizer (its :class:`DigitVocab`, cached), a sequence/tensor of 10 digit ids
     for ``'0'..'9'`` in order, or a mapping ``{token_id: value}``.
-    ``vocab_size`` is the model's vocabulary size when known (default: the
-    tokenizer's length); ``default_size`` (the logits' width) sizes id lists and
-    dicts when ``vocab_size`` is not given.
+
+    Args:
+        {vocab_or_tokenizer}
+        vocab_size: the model's vocabulary size when known (default: the tokenizer's
+            length).
+        default_size: sizes id lists and dicts when ``vocab_size`` is not given (the
+            logits' width).
+
+    Returns:
+        The :class:`NumberVocab` (cached for tokenizers, id lists and dicts).
+
+    Raises:
+        TypeError: anything else (a string, a number, ``None``, a float tensor).
+        ValueError: an empty list or dict, ids as :class:`NumberVocab` refuses them.
+
+    Example:
+        >>> import ntl
+        >>> v = ntl.resolve_vocab({3: 100.0, 4: 20.0}, default_size=8)
+        >>> v.token_ids, v.values, v.vocab_size
+        ((4, 3), (20.0, 100.0), 8)
     """
     if vocab_size is None and not hasattr(vocab_or_tokenizer, "get_vocab"):
         vocab_size = default_size
@@ -413,6 +460,7 @@ def resolve_vocab(vocab_or_tokenizer: VocabLike, vocab_size: int | None = None, 
     return DigitVocab.from_tokenizer(v, vocab_size)
 
 
+@shared_docs
 def vocab_for_tokenizer(tokenizer: Any, vocab_size: int | None = None) -> NumberVocab:
     """The model's whole number vocabulary: what RL targets and the adapters use.
 
@@ -425,6 +473,29 @@ def vocab_for_tokenizer(tokenizer: Any, vocab_size: int | None = None) -> Number
 
     (The losses' ``vocab_or_tokenizer=tokenizer`` still means the DigitVocab, as in the
     NTL paper; pass this function's result to score every number token.)
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (anything with ``get_vocab()``; a processor's
+            ``.tokenizer`` is used), or a :class:`NumberVocab`.
+        {vocab_size}
+
+    Returns:
+        A :class:`DigitVocab` or a multi-digit :class:`NumberVocab` with texts.
+
+    Raises:
+        ValueError: the tokenizer has no digit-string token; ``vocab_size`` too small.
+        TypeError: an object with no ``get_vocab()``.
+
+    Example:
+        >>> import ntl
+        >>> class Tok:  # stands in for a Hugging Face tokenizer
+        ...     def get_vocab(self):
+        ...         return {"a": 0, **{str(d): d + 1 for d in range(10)}, "12": 11}
+        ...     def __len__(self):
+        ...         return 12
+        >>> v = ntl.vocab_for_tokenizer(Tok())
+        >>> v.K, v.texts[-1], v.is_multi_digit
+        (11, '12', True)
     """
     if isinstance(tokenizer, NumberVocab):
         return tokenizer

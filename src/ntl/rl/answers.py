@@ -74,6 +74,12 @@ class Answer:
             (``-$5``) and group separators.
         digits_span: ``(start, end)`` from the first to just after the last digit.
         source: which rule found it: ``"####"``, ``"boxed"`` or ``"flexible"``.
+
+    Example:
+        >>> from ntl.rl.answers import extract_answer
+        >>> a = extract_answer("So she pays #### -$1,234.")
+        >>> a.text, a.value, a.source, a.span
+        ('-1234', Decimal('-1234'), '####', (17, 24))
     """
 
     text: str
@@ -101,7 +107,21 @@ def _make(m: re.Match[str], source: str) -> Answer:
 
 
 def find_numbers(text: str, start: int = 0, end: int | None = None) -> list[Answer]:
-    """Every number in ``text[start:end]`` (in order), spans relative to ``text``."""
+    """Every number in ``text[start:end]`` (in order), spans relative to ``text``.
+
+    Args:
+        text: the text to scan.
+        start: where the scan starts.
+        end: where it stops (``None``: the end of ``text``).
+
+    Returns:
+        A list of :class:`Answer` (``source="flexible"``).
+
+    Example:
+        >>> from ntl.rl.answers import find_numbers
+        >>> [a.text for a in find_numbers("3 apples, 1,200 pears and .5 kg")]
+        ['3', '1200', '0.5']
+    """
     end = len(text) if end is None else end
     return [_make(m, "flexible") for m in _NUMBER_RE.finditer(text, start, end)]
 
@@ -141,9 +161,26 @@ def _from_boxed(text: str) -> Answer | None:
 
 
 def extract_answer(text: str, *, flexible: bool = False) -> Answer | None:
-    """The final numeric answer of a response, or ``None`` (see the module docstring).
+    r"""The final numeric answer of a response, or ``None`` (see the module docstring).
 
-    Example: ``extract_answer("... #### $1,234.").text == "1234"``.
+    Args:
+        text: a model response.
+        flexible: fall back to the last number anywhere in the text (rule 3).
+
+    Returns:
+        The :class:`Answer`, or ``None`` when no rule applies.
+
+    Raises:
+        TypeError: ``text`` is not a str.
+
+    Example:
+        >>> from ntl.rl.answers import extract_answer
+        >>> extract_answer("... #### $1,234.").text
+        '1234'
+        >>> extract_answer(r"so \boxed{42\%}").value
+        Decimal('42')
+        >>> extract_answer("it is 7") is None, extract_answer("it is 7", flexible=True).text
+        (True, '7')
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -158,7 +195,22 @@ def extract_answer(text: str, *, flexible: bool = False) -> Answer | None:
 
 def parse_number(s: str) -> Answer | None:
     """``s`` as one number, or ``None``: the stripped string must be exactly one number,
-    optionally with a leading ``$`` and a trailing ``.`` or ``%`` (``"$1,234."`` -> 1234)."""
+    optionally with a leading ``$`` and a trailing ``.`` or ``%`` (``"$1,234."`` -> 1234).
+
+    Args:
+        s: the string to read.
+
+    Returns:
+        The :class:`Answer` (``source="number"``), or ``None``.
+
+    Raises:
+        TypeError: ``s`` is not a str.
+
+    Example:
+        >>> from ntl.rl.answers import parse_number
+        >>> parse_number("$1,234.").value, parse_number("12 apples")
+        (Decimal('1234'), None)
+    """
     if not isinstance(s, str):
         raise TypeError(f"expected a str, got {type(s).__name__}")
     st = s.strip()
@@ -173,12 +225,30 @@ def parse_number(s: str) -> Answer | None:
 
 
 def parse_ground_truth(ground_truth: str | int | float | Answer) -> Answer:
-    """A ground truth as an :class:`Answer`.
+    r"""A ground truth as an :class:`Answer`.
 
     Accepts a number string (``"18"``, ``"1,234"``, ``"$5."``; see :func:`parse_number`),
     an ``int``/``float``, or a full reference solution whose final answer follows
-    ``####`` or sits in ``\\boxed{}`` (the GSM8K ``answer`` column). Raises ``ValueError``
+    ``####`` or sits in ``\boxed{}`` (the GSM8K ``answer`` column). Raises ``ValueError``
     naming the value when none of these applies (no silent zero).
+
+    Args:
+        ground_truth: a number string, an ``int``/``float``, a reference solution, or an
+            :class:`Answer` (returned as is).
+
+    Returns:
+        The :class:`Answer`.
+
+    Raises:
+        TypeError: not a str, a number or an :class:`Answer`.
+        ValueError: a non-finite float, or a string with no final answer.
+
+    Example:
+        >>> from ntl.rl.answers import parse_ground_truth
+        >>> parse_ground_truth("He has 3 + 4 = 7 apples.\n#### 7").text
+        '7'
+        >>> parse_ground_truth(2.5).text
+        '2.5'
     """
     if isinstance(ground_truth, Answer):
         return ground_truth
@@ -207,6 +277,21 @@ def answers_equal(a: str | Answer, b: str | Answer, *, tol: float = 0.0) -> bool
     Each side is an :class:`Answer` or a string read by :func:`parse_number`
     (``"18" == "18.0" == "$18."``, ``"1,234" == "1234"``, ``"-0" == "0"``). A string that
     is not exactly one number is never equal to anything (returns ``False``).
+
+    Args:
+        a: an :class:`Answer` or a number string.
+        b: an :class:`Answer` or a number string.
+        tol: the absolute tolerance (``0.0``: exact).
+
+    Returns:
+        ``True`` when both are numbers within ``tol``.
+
+    Example:
+        >>> from ntl.rl.answers import answers_equal
+        >>> answers_equal("18", "$18."), answers_equal("1,234", "1234.5", tol=0.5)
+        (True, True)
+        >>> answers_equal("x", "x")  # not numbers
+        False
     """
     x, y = (v if isinstance(v, Answer) else parse_number(v) for v in (a, b))
     if x is None or y is None:
@@ -234,7 +319,21 @@ def place_value_targets(pred: Answer, truth: Answer, source_text: str | None = N
     ``pred`` digits are those written in ``source_text[pred.digits_span]`` when given
     (so a leading-dot ``.5`` has one digit), else those of ``pred.text``.
 
-    Example: pred ``123.45``, truth ``23.4`` -> ``[0, 2, 3, 4, 0]``.
+    Args:
+        pred: the predicted :class:`Answer`.
+        truth: the true :class:`Answer`.
+        source_text: the text ``pred`` was read from (``None``: use ``pred.text``).
+
+    Returns:
+        One target digit (0..9) per digit of ``pred``.
+
+    Raises:
+        ValueError: ``truth`` is not a number.
+
+    Example:
+        >>> from ntl.rl.answers import parse_number, place_value_targets
+        >>> place_value_targets(parse_number("123.45"), parse_number("23.4"))
+        [0, 2, 3, 4, 0]
     """
     if source_text is not None:
         written = source_text[pred.span[0] : pred.span[1]]
@@ -261,7 +360,22 @@ def digit_agreement(pred: str | Answer | None, truth: str | Answer) -> float:
     grid positions (plus one sign position when either number is negative) and ``M``
     positions where the two agree, agreement = ``M / P``. ``1.0`` iff the numbers are
     equal as written on the grid (``"18"`` vs ``"18.0"``: 1.0); ``0.0`` when ``pred`` is
-    ``None`` or not a number. Example: ``"5"`` vs ``"15"`` -> grid ``05``/``15`` -> 0.5.
+    ``None`` or not a number (``"5"`` vs ``"15"``: grid ``05``/``15``, 0.5).
+
+    Args:
+        pred: the predicted answer (an :class:`Answer`, a number string or ``None``).
+        truth: the true answer (an :class:`Answer` or a number string).
+
+    Returns:
+        The agreement in ``[0, 1]``.
+
+    Raises:
+        ValueError: ``truth`` is not a number.
+
+    Example:
+        >>> from ntl.rl.answers import digit_agreement
+        >>> digit_agreement("5", "15"), digit_agreement("18", "18.0"), digit_agreement(None, "3")
+        (0.5, 1.0, 0.0)
     """
     p = pred if isinstance(pred, Answer) or pred is None else parse_number(pred)
     t = truth if isinstance(truth, Answer) else parse_number(truth)

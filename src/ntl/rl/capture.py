@@ -49,7 +49,25 @@ __all__ = [
 
 
 def last_hidden_state(output: Any) -> torch.Tensor:
-    """The backbone's last hidden state from its forward output (ModelOutput or tuple)."""
+    """The backbone's last hidden state from its forward output (ModelOutput or tuple).
+
+    Args:
+        output: the backbone's forward output: a ``ModelOutput`` with ``last_hidden_state``,
+            or a tuple whose first item is it.
+
+    Returns:
+        The ``[B, T, H]`` tensor.
+
+    Raises:
+        RuntimeError: no tensor found there.
+
+    Example:
+        >>> import torch
+        >>> from ntl.rl.capture import last_hidden_state
+        >>> h = torch.zeros(1, 4, 8)
+        >>> last_hidden_state((h, None)) is h
+        True
+    """
     h = getattr(output, "last_hidden_state", None)
     if h is None and isinstance(output, (tuple, list)) and output:
         h = output[0]
@@ -62,7 +80,31 @@ def last_hidden_state(output: Any) -> torch.Tensor:
 
 def hook_backbone(backbone: nn.Module, on_hidden: Callable[[torch.Tensor], None]) -> Any:
     """Register a forward hook on ``backbone`` calling ``on_hidden(last hidden state)`` after
-    each forward (the output is left as it is). Returns the handle (``.remove()``)."""
+    each forward (the output is left as it is).
+
+    Args:
+        backbone: the model's backbone module (what the LM head follows).
+        on_hidden: called with the last hidden state (:func:`last_hidden_state`).
+
+    Returns:
+        The hook's handle (``.remove()`` it when done).
+
+    Raises:
+        TypeError: ``backbone`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from ntl.rl.capture import hook_backbone
+        >>> class Backbone(nn.Module):
+        ...     def forward(self, x):
+        ...         return (x * 2,)
+        >>> backbone, seen = Backbone(), []
+        >>> handle = hook_backbone(backbone, seen.append)
+        >>> _ = backbone(torch.ones(1, 3, 4))
+        >>> handle.remove(); seen[0].shape
+        torch.Size([1, 3, 4])
+    """
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
 
@@ -82,6 +124,25 @@ def causal_slice(hidden: torch.Tensor, start: int, length: int, *,
     forward that added or removed positions, e.g. PEFT prompt tuning's virtual tokens, would
     shift the alignment); ``RuntimeError`` otherwise, and when fewer than
     ``start + length`` positions exist.
+
+    Args:
+        hidden: ``[B, T, H]`` hidden states.
+        start: the position of the state that scores the first target.
+        length: ``L``, the number of targets.
+        seq_len: the number of positions ``hidden`` must have (``None``: not checked).
+
+    Returns:
+        The ``[B, L, H]`` view.
+
+    Raises:
+        RuntimeError: a ``hidden`` of the wrong length (see above).
+
+    Example:
+        >>> import torch
+        >>> from ntl.rl.capture import causal_slice
+        >>> h = torch.arange(6.0).view(1, 6, 1)  # prompt of 4 tokens, completion of 2
+        >>> causal_slice(h, start=3, length=2, seq_len=6).flatten()
+        tensor([3., 4.])
     """
     if seq_len is not None and hidden.shape[1] != seq_len:
         raise RuntimeError(
@@ -98,7 +159,20 @@ def causal_slice(hidden: torch.Tensor, start: int, length: int, *,
 
 
 def is_dtensor(t: Any) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (a sharded parameter)."""
+    """True for a ``torch.distributed.tensor.DTensor`` (a sharded parameter).
+
+    Args:
+        t: any object.
+
+    Returns:
+        ``True`` for a ``DTensor``.
+
+    Example:
+        >>> import torch
+        >>> from ntl.rl.capture import is_dtensor
+        >>> is_dtensor(torch.zeros(2)), is_dtensor(None)
+        (False, False)
+    """
     if t is None or not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
@@ -166,6 +240,25 @@ def number_rows_of_param(param: torch.Tensor, ids: torch.Tensor, device: torch.d
     gradient, ``(1/N) sum_r dL_r/dW[ids]``: what FSDP2's reduce-scatter does to every other
     parameter (and what the head gets when it is called as a module). A sum would make the
     head's number rows ``N`` times larger than the rest of the gradient.
+
+    Args:
+        param: the LM head's ``[V, ...]`` weight or bias (a tensor or a ``DTensor``).
+        ids: ``[K]`` the number-token ids.
+        device: where the rows go.
+
+    Returns:
+        ``[K, ...]`` rows, differentiable into ``param``.
+
+    Raises:
+        RuntimeError: a row-sharded local shard whose size does not fit ``torch.chunk``'s layout.
+
+    Example:
+        >>> import torch
+        >>> from ntl.rl.capture import number_rows_of_param
+        >>> w = torch.arange(12.0).view(6, 2)
+        >>> number_rows_of_param(w, torch.tensor([4, 1]), torch.device("cpu"))
+        tensor([[8., 9.],
+                [2., 3.]])
     """
     if not is_dtensor(param):
         return param.index_select(0, ids.to(param.device)).to(device)
@@ -190,6 +283,29 @@ def digit_logits_from_head(hidden: torch.Tensor, head: nn.Module, vocab: NumberV
     fp32 whatever the trainer's mixed precision; ``f`` is ``transform``
     (:meth:`LogitTransform.for_config` gives the model's own map). Gradients reach
     ``hidden`` and the ``K`` rows of ``W`` (and ``b``).
+
+    Args:
+        hidden: ``[..., H]`` selected hidden states.
+        head: the LM head module (with ``weight`` and maybe ``bias``).
+        vocab: the :class:`ntl.NumberVocab` of the number tokens.
+        transform: the logit map ``f`` (:class:`ntl.rl.logit_transform.LogitTransform`).
+
+    Returns:
+        ``[..., K]`` fp32 number-token logits.
+
+    Raises:
+        TypeError: a head without a weight tensor.
+
+    Example:
+        >>> import torch, ntl
+        >>> from ntl.rl.capture import digit_logits_from_head
+        >>> from ntl.rl.logit_transform import LogitTransform
+        >>> head = torch.nn.Linear(8, 12, bias=False)
+        >>> h = torch.randn(3, 8)
+        >>> vocab = ntl.DigitVocab(range(10), 12)
+        >>> z = digit_logits_from_head(h, head, vocab, LogitTransform(temperature=2.0))
+        >>> z.shape, torch.allclose(z, head(h)[:, :10] / 2.0, atol=1e-5)
+        (torch.Size([3, 10]), True)
     """
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor):

@@ -69,6 +69,17 @@ class LogitTransform:
             as given (it makes every logit 0, as it would in the model).
         softcap: soft-capping constant ``c > 0``, or ``None`` for no capping.
         temperature: ``T > 0`` dividing the result (the RL sampling temperature).
+
+    Raises:
+        ValueError: a ``scale``, ``softcap`` or ``temperature`` that is not finite, or a
+            non-positive ``softcap``/``temperature``.
+
+    Example:
+        >>> import torch
+        >>> from ntl.rl.logit_transform import LogitTransform
+        >>> f = LogitTransform(scale=2.0, softcap=10.0, temperature=0.5)
+        >>> f(torch.tensor([0.0, 1.0, 100.0])).round(decimals=3)  # 10 tanh(2 z / 10) / 0.5
+        tensor([ 0.0000,  3.9480, 20.0000])
     """
 
     scale: float = 1.0
@@ -161,11 +172,25 @@ def logit_map_of(config: Any) -> tuple[float, float | None]:
     The model's logits are then ``c tanh(s (h W^T + b) / c)`` (``s (h W^T + b)`` without
     ``c``). ``config=None`` reads as no map.
 
+    Args:
+        config: a Hugging Face model config (or any object with those attributes), or ``None``.
+
+    Returns:
+        ``(s, c)``: the scale (a float) and the soft-cap (a float or ``None``).
+
     Raises:
         ValueError: the config sets a final-logit map not listed above (RecurrentGemma's
             ``logits_soft_cap``, xLSTM's ``output_logit_soft_cap``, MiniCPM's
             ``dim_model_base``, or another field named like one): applying only the maps above
             would score NTL on other logits than the model's.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from ntl.rl.logit_transform import logit_map_of
+        >>> logit_map_of(SimpleNamespace(final_logit_softcapping=30.0, logits_scaling=4.0))
+        (0.25, 30.0)
+        >>> logit_map_of(None)
+        (1.0, None)
     """
     if config is None:
         return 1.0, None

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .. import _checks as C
+from .._docs import shared_docs
 from ..kernels.reference import ntl_rows_torch
 from ..vocab import NumberVocab, VocabLike, resolve_vocab
 
@@ -48,6 +49,21 @@ class DigitStats:
     ``digit_accuracy = (1/N) sum_i [argmax q_i == k*_i]``,
     ``total_digits = N``, ``confidence = (1/N) sum_i max_k q_ik``,
     ``target_prob = (1/N) sum_i q_{i k*_i}``. With ``N = 0`` every field is ``0.0``.
+
+    Attributes:
+        loss: the NTL mean of ``method``.
+        digit_accuracy: the share of positions whose argmax is the target.
+        total_digits: ``N``, the positions with a number-token target.
+        confidence: the mean top probability.
+        target_prob: the mean target probability.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> s = ntl.digit_stats(torch.zeros(2, 12), torch.tensor([3, 11]), vocab)
+        >>> {k: round(v, 2) for k, v in s.to_dict().items()}  # one host sync
+        {'ntl/loss': 2.7, 'ntl/digit_accuracy': 0.0, 'ntl/total_digits': 1.0, 'ntl/confidence': 0.1,
+         'ntl/target_prob': 0.1}
     """
 
     loss: torch.Tensor
@@ -75,6 +91,16 @@ class DigitProbs:
         target_digit: int64 ``k*``, -1 where ``mask`` is False.
         correct: bool ``pred_digit == target_digit`` (False where ``mask`` is False).
         mask: bool, True where the target is a number token.
+
+    Example:
+        >>> import torch
+        >>> from ntl.rl.metrics import digit_probs
+        >>> import ntl
+        >>> logits = torch.zeros(1, 2, 12)
+        >>> logits[0, 0, 3] = 50.0
+        >>> p = digit_probs(logits, torch.tensor([[3, -100]]), ntl.DigitVocab(range(10), 12))
+        >>> p.correct, p.pred_digit, p.target_prob
+        (tensor([[ True, False]]), tensor([[ 3, -1]]), tensor([[1., 0.]]))
     """
 
     target_prob: torch.Tensor
@@ -117,6 +143,7 @@ def _prepare(
     return z, k, vocab
 
 
+@shared_docs
 @torch.no_grad()
 def digit_probs(
     logits_or_digit_logits: torch.Tensor,
@@ -128,7 +155,28 @@ def digit_probs(
 ) -> DigitProbs:
     """Per-position target probability, confidence and argmax digit (see :class:`DigitProbs`).
 
-    Inputs as in the module docstring. No host sync (on CUDA).
+    No host sync (on CUDA); no gradient.
+
+    Args:
+        logits_or_digit_logits: full logits ``[..., V]`` or digit logits ``[..., K]`` (a last
+            dimension equal to ``vocab.K`` means digit logits; see the module docstring).
+        {targets}
+        {vocab}
+        {ignore_index}
+        {temperature}
+
+    Returns:
+        A :class:`DigitProbs` of ``targets``-shaped tensors.
+
+    Raises:
+        ValueError: shapes that do not match, ``temperature <= 0``, negative target ids.
+
+    Example:
+        >>> import torch, ntl
+        >>> from ntl.rl.metrics import digit_probs
+        >>> p = digit_probs(torch.zeros(3, 10), torch.tensor([2, 5, -100]), [*range(10)])
+        >>> p.target_prob, p.mask
+        (tensor([0.1000, 0.1000, 0.0000]), tensor([ True,  True, False]))
     """
     z, k, _ = _prepare(logits_or_digit_logits, targets, vocab, ignore_index, temperature)
     shape = targets.shape
@@ -148,6 +196,7 @@ def digit_probs(
     )
 
 
+@shared_docs
 @torch.no_grad()
 def digit_stats(
     logits_or_digit_logits: torch.Tensor,
@@ -163,6 +212,30 @@ def digit_stats(
     ``loss`` is the NTL mean of ``method`` (``"wasserstein"``: ``sum_k q_k |v_k - y|``;
     ``"mse"``: ``(sum_k q_k v_k - y)^2``), detached; for a loss to backpropagate use
     :func:`ntl.ntl_loss`. No host sync (on CUDA) until ``.to_dict()``.
+
+    Args:
+        logits_or_digit_logits: full logits ``[..., V]`` or digit logits ``[..., K]`` (a last
+            dimension equal to ``vocab.K`` means digit logits; see the module docstring).
+        {targets}
+        {vocab}
+        method: ``"wasserstein"`` or ``"mse"``.
+        {ignore_index}
+        {temperature}
+
+    Returns:
+        A :class:`DigitStats` of 0-dim fp32 tensors.
+
+    Raises:
+        ValueError: an unknown ``method``, shapes that do not match, ``temperature <= 0``.
+
+    Example:
+        >>> import torch, ntl
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)
+        >>> logits = torch.zeros(2, 12)
+        >>> logits[0, 3] = 50.0  # sure of '3'
+        >>> s = ntl.digit_stats(logits, torch.tensor([3, 8]), vocab)
+        >>> s.digit_accuracy, s.total_digits, s.confidence
+        (tensor(0.5000), tensor(2.), tensor(0.5500))
     """
     method = C.check_method(method)
     z, k, vocab = _prepare(logits_or_digit_logits, targets, vocab, ignore_index, temperature)

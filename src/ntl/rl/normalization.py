@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import torch
 
+from .._docs import shared_docs
+
 __all__ = [
     "LOSS_AGG_MODES",
     "accumulation_normalizer",
@@ -98,17 +100,35 @@ def _count(value: Count | None, fallback: torch.Tensor, name: str) -> torch.Tens
     return t.reshape(())
 
 
+@shared_docs
 def mask_counts(mask: torch.Tensor) -> torch.Tensor:
     """``[N, S]`` (fp32): participating tokens and participating sequences of ``mask [B, T]``.
 
     Sum it over the chunks (e.g. ``torch.distributed.all_reduce``) to get the whole batch's
     counts for :func:`aggregate_loss`.
+
+    Args:
+        {mask}
+
+    Returns:
+        ``tensor([N, S])``, fp32.
+
+    Raises:
+        TypeError: ``mask`` is not a tensor.
+        ValueError: ``mask`` is not 2-D.
+
+    Example:
+        >>> import torch
+        >>> from ntl.rl.normalization import mask_counts
+        >>> mask_counts(torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]]))
+        tensor([3., 2.])
     """
     m = _check_mask(mask)
     per_seq = m.sum(-1)
     return torch.stack([per_seq.sum(), (per_seq > 0).sum()]).float()
 
 
+@shared_docs
 def aggregation_weights(
     mask: torch.Tensor,
     mode: str,
@@ -120,9 +140,27 @@ def aggregation_weights(
     """Per-token weights ``w [B, T]`` (fp32, 0 where ``mask`` is False) with
     ``aggregate_loss(loss, mask, mode, ...) == (w * loss).sum()`` (module docstring, Aggregation).
 
-    ``num_tokens`` / ``num_sequences``: ``N`` / ``S`` of the whole batch (default: counted on
-    ``mask``). ``horizon``: ``H`` of ``seq-mean-token-sum-norm`` (default ``T``, verl's default
-    when ``loss_scale_factor`` is unset); ignored by the other modes.
+    Args:
+        {mask}
+        {mode}
+        {num_tokens}
+        {num_sequences}
+        {horizon}
+
+    Returns:
+        ``[B, T]`` fp32 weights.
+
+    Raises:
+        ValueError: an unknown ``mode``, a mask that is not 2-D, a count that is not a scalar,
+            ``horizon <= 0``.
+        TypeError: a count that is not a number or a tensor.
+
+    Example:
+        >>> import torch
+        >>> from ntl.rl.normalization import aggregation_weights
+        >>> aggregation_weights(torch.tensor([[1, 1, 0], [1, 0, 0]]), "seq-mean-token-mean")
+        tensor([[0.2500, 0.2500, 0.0000],
+                [0.5000, 0.0000, 0.0000]])
     """
     mode = _check_mode(mode)
     m = _check_mask(mask)
@@ -146,6 +184,7 @@ def aggregation_weights(
     return w  # seq-mean-token-sum
 
 
+@shared_docs
 def aggregate_loss(
     loss: torch.Tensor,
     mask: torch.Tensor,
@@ -158,7 +197,30 @@ def aggregate_loss(
     """``L`` of ``mode`` (module docstring, Aggregation) for ``loss [B, T]`` over ``mask [B, T]``: a 0-dim
     fp32 tensor; entries of ``loss`` outside ``mask`` are ignored (also NaN/inf ones).
 
-    Arguments as in :func:`aggregation_weights`.
+    Args:
+        loss: ``[B, T]`` float per-token loss.
+        {mask}
+        {mode}
+        {num_tokens}
+        {num_sequences}
+        {horizon}
+
+    Returns:
+        A 0-dim fp32 tensor, connected to ``loss``'s graph.
+
+    Raises:
+        TypeError: a ``loss`` that is not a float tensor.
+        ValueError: ``loss`` and ``mask`` shapes differ, and as :func:`aggregation_weights`.
+
+    Example:
+        >>> import torch
+        >>> from ntl.rl.normalization import aggregate_loss
+        >>> loss = torch.tensor([[1.0, 3.0, 9.0], [4.0, 0.0, 0.0]])
+        >>> mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+        >>> aggregate_loss(loss, mask, "token-mean")
+        tensor(2.6667)
+        >>> aggregate_loss(loss, mask, "seq-mean-token-mean")
+        tensor(3.)
     """
     if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
         raise TypeError(f"loss must be a float tensor, got {getattr(loss, 'dtype', type(loss).__name__)}")
@@ -195,6 +257,20 @@ def accumulation_normalizer(
         num_processes: ``P``, data-parallel processes whose gradients are averaged.
         accumulation_steps: ``G``, micro-batches in this accumulation window.
         steps_per_generation: ``S``, micro-batches the generation batch is split into.
+
+    Returns:
+        ``D``, a 0-dim fp32 tensor (on ``total_targets``' device).
+
+    Raises:
+        ValueError: a count that is not a positive int, a non-scalar or negative
+            ``total_targets``.
+        TypeError: ``total_targets`` not a number or a tensor.
+
+    Example:
+        >>> from ntl.rl.normalization import accumulation_normalizer
+        >>> accumulation_normalizer(120, num_processes=4, accumulation_steps=2,
+        ...                         steps_per_generation=2)  # 120 / 4 * 2 / 2
+        tensor(30.)
     """
     P = _positive_int("num_processes", num_processes)
     G = _positive_int("accumulation_steps", accumulation_steps)

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._docs import shared_docs
 from .answers import (
     Answer,
     answers_equal,
@@ -158,11 +159,27 @@ def _pred(pred: str | Answer | None) -> Answer | None:
 
 
 # ----------------------------------------------------------------------------- bonuses
+@shared_docs
 def proximity(pred: str | Answer | None, ground_truth: str | int | float | Answer) -> float:
     """Text-only partial credit ``exp(-|pred - truth| / max(1, |truth|))`` in ``[0, 1]``.
 
-    ``pred``: an :class:`~ntl.rl.answers.Answer`, a number string (its last number is
-    used) or ``None`` (score ``0.0``). ``1.0`` iff the values are equal.
+    Args:
+        pred: the prediction (see above).
+        {ground_truth}
+
+    Returns:
+        The credit in ``[0, 1]``.
+
+    Raises:
+        TypeError: a ``pred`` that is not a str, an :class:`~ntl.rl.answers.Answer` or ``None``.
+        ValueError: a ground truth that is not a number.
+
+    Example:
+        >>> from ntl.rl.rewards import proximity
+        >>> proximity("The answer is 42", "42"), round(proximity("40", "42"), 4)
+        (1.0, 0.9535)
+        >>> proximity(None, 42)
+        0.0
     """
     truth = parse_ground_truth(ground_truth)
     p = _pred(pred)
@@ -175,6 +192,7 @@ def proximity(pred: str | Answer | None, ground_truth: str | int | float | Answe
     return math.exp(-diff / max(1.0, abs(t)))
 
 
+@shared_docs
 def compute_ntl_bonus_final_answer(
     digit_probs: Any = None,
     *,
@@ -188,6 +206,26 @@ def compute_ntl_bonus_final_answer(
     (``0.0`` for zero digits). Without: the text digit agreement
     ``a = digit_agreement(pred, ground_truth)`` (``0.0`` when ``pred`` is None), which
     needs ``ground_truth``.
+
+    Args:
+        {digit_probs}
+        pred: the prediction (an :class:`~ntl.rl.answers.Answer`, a response whose last number is
+            read, or ``None``), for the text fallback.
+        {ground_truth} Needed for the text fallback.
+
+    Returns:
+        The bonus in ``[0, 1]``.
+
+    Raises:
+        ValueError: neither ``digit_probs`` nor ``ground_truth``; malformed ``digit_probs``.
+
+    Example:
+        >>> from ntl.rl.rewards import compute_ntl_bonus_final_answer
+        >>> probs = {"target_prob": [0.9, 0.5], "max_prob": [0.9, 0.7], "correct": [True, False]}
+        >>> round(compute_ntl_bonus_final_answer(probs), 4)  # 0.4 * 0.5 + 0.3 * 0.8 + 0.3 * 0.7
+        0.65
+        >>> compute_ntl_bonus_final_answer(pred="15", ground_truth="5")  # grid 15 / 05
+        0.5
     """
     if digit_probs is not None:
         return _prob_bonus(digit_probs)
@@ -199,6 +237,7 @@ def compute_ntl_bonus_final_answer(
     return digit_agreement(_pred(pred), parse_ground_truth(ground_truth))
 
 
+@shared_docs
 def compute_ntl_bonus_all(digit_probs: Any = None, *, correct: bool | None = None) -> float:
     """All-digit NTL bonus in ``[0, 1]``.
 
@@ -206,6 +245,22 @@ def compute_ntl_bonus_all(digit_probs: Any = None, *, correct: bool | None = Non
     ``g * (0.4 * mean correct_i + 0.3 * mean max_prob_i + 0.3 * mean target_prob_i)``
     with ``g = correct`` (the response's answer is right; ``g = 1`` when ``correct`` is
     None). Without ``digit_probs``: ``float(correct)``, which is then required.
+
+    Args:
+        {digit_probs}
+        correct: whether the response's answer is right (the gate ``g``).
+
+    Returns:
+        The bonus in ``[0, 1]``.
+
+    Raises:
+        ValueError: neither ``digit_probs`` nor ``correct``; malformed ``digit_probs``.
+
+    Example:
+        >>> from ntl.rl.rewards import compute_ntl_bonus_all
+        >>> probs = {"target_prob": [1.0], "max_prob": [1.0], "correct": [True]}
+        >>> compute_ntl_bonus_all(probs, correct=True), compute_ntl_bonus_all(probs, correct=False)
+        (1.0, 0.0)
     """
     if digit_probs is None:
         if correct is None:
@@ -222,6 +277,7 @@ def _check_weight(w: Any) -> float:
 
 
 # ----------------------------------------------------------------------------- verl
+@shared_docs
 def compute_score(
     data_source: Any,
     solution_str: str,
@@ -237,14 +293,41 @@ def compute_score(
 ) -> dict[str, Any]:
     """verl reward function: ``score = c + ntl_bonus_weight * bonus`` (module docstring).
 
-    Returns ``{"score": float, "acc": bool, "pred": str ("" when no answer),
-    "ntl_bonus": float}`` (``ntl_bonus`` is ``0.0`` unless ``use_ntl_bonus``).
     ``data_source``/``extra_info`` are accepted for verl and unused; other keyword
     arguments are ignored. A ground truth that is not a number raises ``ValueError``.
     Use with verl: point ``custom_reward_function.path`` at a file containing
     ``from ntl.rewards import compute_score`` (verl loads that file by path, so this
     package module itself cannot be the path), ``custom_reward_function.name=compute_score``,
     options under ``custom_reward_function.reward_kwargs``.
+
+    Args:
+        {data_source}
+        {solution_str}
+        {ground_truth}
+        {extra_info}
+        use_ntl_bonus: add the bonus.
+        ntl_bonus_type: one of :data:`BONUS_TYPES` (``"final_answer"``, ``"all"``,
+            ``"proximity"``).
+        ntl_bonus_weight: ``w >= 0``.
+        {digit_probs}
+        {flexible}
+        {kwargs}
+
+    Returns:
+        ``{"score": float, "acc": bool, "pred": str ("" when no answer), "ntl_bonus": float}``
+        (``ntl_bonus`` is ``0.0`` unless ``use_ntl_bonus``).
+
+    Raises:
+        ValueError: a ground truth that is not a number, an unknown ``ntl_bonus_type``, a
+            negative or non-finite ``ntl_bonus_weight``.
+        TypeError: ``solution_str`` not a str.
+
+    Example:
+        >>> from ntl.rl.rewards import compute_score
+        >>> compute_score("gsm8k", "3 + 4 = 7. #### 7", "7")
+        {'score': 1.0, 'acc': True, 'pred': '7', 'ntl_bonus': 0.0}
+        >>> compute_score("gsm8k", "#### 15", "5", use_ntl_bonus=True, ntl_bonus_weight=0.2)
+        {'score': 0.1, 'acc': False, 'pred': '15', 'ntl_bonus': 0.5}
     """
     if not isinstance(solution_str, str):
         raise TypeError(f"solution_str must be a str, got {type(solution_str).__name__}")
@@ -272,6 +355,7 @@ def compute_score(
     }
 
 
+@shared_docs
 def compute_score_ntl_enhanced(
     data_source: Any,
     solution_str: str,
@@ -286,8 +370,28 @@ def compute_score_ntl_enhanced(
 
     ``c`` correctness, ``a`` text digit agreement, ``p`` probability quality: mean
     ``target_prob`` over the final-answer digits in ``digit_probs`` (``0.0`` for zero
-    digits), or ``p = a`` without ``digit_probs``. Returns ``score``, ``acc``,
-    ``pred``, ``ntl_bonus`` (``0.25 a + 0.15 p``), ``digit_agreement``, ``prob_quality``.
+
+    Args:
+        {data_source}
+        {solution_str}
+        {ground_truth}
+        {extra_info}
+        {digit_probs}
+        {flexible}
+        {kwargs}
+
+    Returns:
+        ``{"score", "acc", "pred", "ntl_bonus", "digit_agreement", "prob_quality"}``.
+
+    Raises:
+        ValueError: a ground truth that is not a number; malformed ``digit_probs``.
+        TypeError: ``solution_str`` not a str.
+
+    Example:
+        >>> from ntl.rl.rewards import compute_score_ntl_enhanced
+        >>> r = compute_score_ntl_enhanced(None, "#### 15", "5")  # c = 0, a = p = 0.5
+        >>> r["score"], r["digit_agreement"]
+        (0.2, 0.5)
     """
     if not isinstance(solution_str, str):
         raise TypeError(f"solution_str must be a str, got {type(solution_str).__name__}")
@@ -326,10 +430,33 @@ def ntl_bonus_from_digit_probs(
     ``bonus_b = g_b * (w0 * mean_t correct_bt + w1 * mean_t max_prob_bt +
     w2 * mean_t target_prob_bt)``, means over ``t`` with ``mask_bt`` (``0`` for a row
     with no masked position), ``g = gate`` (e.g. the response is correct, for the
-    ``all`` bonus; default 1). Inputs ``[..., T]`` (``correct``/``mask`` bool), or a
-    :class:`~ntl.rl.metrics.DigitProbs` as the first argument. Returns fp32 ``[...]``.
+    ``all`` bonus; default 1).
     With masks from ``build_digit_targets(mode="final_answer")`` this is the
     ``final_answer`` bonus of every response at once.
+
+    Args:
+        target_prob: ``[..., T]`` fp32 target probabilities, or a
+            :class:`~ntl.rl.metrics.DigitProbs` (then leave the next three ``None``).
+        max_prob: ``[..., T]`` top probabilities.
+        correct: ``[..., T]`` bool, argmax equals the target.
+        mask: ``[..., T]`` bool, the covered digits.
+        gate: optional ``[...]`` per-sample gate ``g``.
+        weights: ``(w0, w1, w2)`` of accuracy, confidence and target probability.
+
+    Returns:
+        fp32 ``[...]`` bonuses.
+
+    Raises:
+        ValueError: a missing input, shapes that differ, a ``gate`` of the wrong shape.
+        TypeError: an input that is not a tensor.
+
+    Example:
+        >>> import torch
+        >>> from ntl.rl.rewards import ntl_bonus_from_digit_probs
+        >>> tp = torch.tensor([[0.9, 0.5], [1.0, 0.0]])
+        >>> mask = torch.tensor([[True, True], [True, False]])
+        >>> ntl_bonus_from_digit_probs(tp, tp, tp > 0.8, mask)
+        tensor([0.6200, 1.0000])
     """
     if isinstance(target_prob, DigitProbs):
         dp = target_prob

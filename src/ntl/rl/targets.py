@@ -53,6 +53,7 @@ from typing import Any, Literal, overload
 
 import torch
 
+from .._docs import shared_docs
 from ..vocab import NumberVocab, resolve_vocab, vocab_for_tokenizer
 from .answers import Answer, answers_equal, extract_answer, parse_ground_truth, place_value_targets
 
@@ -65,7 +66,19 @@ MODES = ("final_answer", "all")
 
 
 def count_ascii_digits(text: str) -> int:
-    """Number of ASCII digit characters ``0-9`` in ``text``."""
+    r"""Number of ASCII digit characters ``0-9`` in ``text``.
+
+    Args:
+        text: any string.
+
+    Returns:
+        The count.
+
+    Example:
+        >>> from ntl.rl.targets import count_ascii_digits
+        >>> count_ascii_digits("x = 1,234.5 (\u0663)")  # the Arabic-Indic three is no ASCII digit
+        5
+    """
     return sum(text.count(d) for d in "0123456789")
 
 
@@ -73,7 +86,23 @@ def digit_token_mask(
     ids: torch.Tensor, vocab: NumberVocab, response_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Bool tensor shaped like ``ids``: True at number tokens of ``vocab`` (and inside
-    ``response_mask`` when given). No host sync."""
+    ``response_mask`` when given). No host sync.
+
+    Args:
+        ids: integer token ids.
+        vocab: the :class:`~ntl.NumberVocab` whose tokens count.
+        response_mask: optional mask shaped like ``ids`` (nonzero: inside the response).
+
+    Returns:
+        The bool mask.
+
+    Example:
+        >>> import torch, ntl
+        >>> from ntl.rl.targets import digit_token_mask
+        >>> ids = torch.tensor([[10, 1, 2, 11]])
+        >>> digit_token_mask(ids, ntl.DigitVocab(range(10), 12), torch.tensor([[1, 1, 0, 1]]))
+        tensor([[False,  True, False, False]])
+    """
     m = vocab.digit_index(ids, max(vocab.vocab_size, 1)) >= 0
     if response_mask is not None:
         m = m & response_mask.bool()
@@ -91,6 +120,15 @@ class TargetInfo:
             count differs from the digits written by the row's number tokens
             (``final_answer`` only).
         n_targets: number of targeted positions per sample.
+
+    Example:
+        >>> import torch, ntl
+        >>> from ntl.rl.targets import build_digit_targets
+        >>> vocab = ntl.DigitVocab(range(10), 12)
+        >>> _, info = build_digit_targets(torch.tensor([[10, 4, 2]]), ["42"], vocab,
+        ...                               responses=["#### 42"], return_info=True)
+        >>> info
+        TargetInfo(preds=['42'], correct=[True], excluded=[], n_targets=[2])
     """
 
     preds: list[str | None]
@@ -223,6 +261,7 @@ def build_digit_targets(
     ignore_index: int = ..., vocab: NumberVocab | None = ..., flexible: bool = ...,
     return_info: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TargetInfo]: ...
+@shared_docs
 def build_digit_targets(
     response_ids: torch.Tensor,
     ground_truths: Sequence[str | int | float],
@@ -237,6 +276,17 @@ def build_digit_targets(
     return_info: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TargetInfo]:
     """Number-token targets ``[B, T]`` (token ids, ``ignore_index`` elsewhere) for RL responses.
+
+    Rule (``final_answer``): with ``d`` the truth's digits aligned to the answer's
+    written digits (:func:`ntl.rl.answers.place_value_targets`), a number token writing
+    the answer's digits ``r .. r + w - 1`` targets the token with text
+    ``d[r] ... d[r + w - 1]``.
+
+    Examples: Qwen2.5 (digit-level), response ``"... #### 123"`` with truth ``"45"``
+    gives the tokens ``1 2 3`` the targets ``'0' '4' '5'`` (hundreds has no
+    counterpart). Llama-3: ``#### 1234`` (``'123' '4'``) vs 1299 -> ``'129' '9'``;
+    ``#### 999`` vs 1234 -> ``'234'``; ``#### 12345`` (``'123' '45'``) vs 12399 ->
+    ``'123' '99'``; ``#### 42`` vs 7 -> ``'07'``.
 
     Args:
         response_ids: ``[B, T]`` integer token ids of the responses (right-padded).
@@ -253,28 +303,32 @@ def build_digit_targets(
             tokens. Saves the decode; a text whose ASCII digit count differs from the
             digits the row's number tokens write is excluded (``final_answer``) with a
             warning.
-        ignore_index: value at non-target positions.
+        ignore_index: the value at non-target positions.
         vocab: number vocabulary (default: ``ntl.vocab_for_tokenizer(tokenizer)``, the
             model's whole number vocabulary: the DigitVocab of a digit-level tokenizer,
             all 1,110 number tokens of Llama-3). ``final_answer`` needs each token's digit
             width: a vocab with :attr:`~ntl.NumberVocab.texts`, or one whose values are
             all single digits; ``ValueError`` otherwise.
-        flexible: answer extraction falls back to the last number in the text.
+        {flexible}
         return_info: also return a :class:`TargetInfo`.
 
     Returns:
         int64 ``[B, T]`` on ``response_ids.device``; with ``return_info`` a tuple.
 
-    Rule (``final_answer``): with ``d`` the truth's digits aligned to the answer's
-    written digits (:func:`ntl.rl.answers.place_value_targets`), a number token writing
-    the answer's digits ``r .. r + w - 1`` targets the token with text
-    ``d[r] ... d[r + w - 1]``.
+    Raises:
+        TypeError: ``response_ids`` not an integer tensor, ``ground_truths``/``responses`` not
+            lists, a ground truth that is not a str or a number.
+        ValueError: shapes or lengths that do not match, an unknown ``mode``, neither a
+            tokenizer nor ``responses`` + ``vocab``, a ground truth that is not a number, a
+            vocab without digit widths for ``final_answer``.
 
-    Examples: Qwen2.5 (digit-level), response ``"... #### 123"`` with truth ``"45"``
-    gives the tokens ``1 2 3`` the targets ``'0' '4' '5'`` (hundreds has no
-    counterpart). Llama-3: ``#### 1234`` (``'123' '4'``) vs 1299 -> ``'129' '9'``;
-    ``#### 999`` vs 1234 -> ``'234'``; ``#### 12345`` (``'123' '45'``) vs 12399 ->
-    ``'123' '99'``; ``#### 42`` vs 7 -> ``'07'``.
+    Example:
+        >>> import torch, ntl
+        >>> from ntl.rl.targets import build_digit_targets
+        >>> vocab = ntl.DigitVocab(range(10), vocab_size=12)  # '0'..'9' = ids 0..9, '####' = 10
+        >>> ids = torch.tensor([[10, 1, 2, 3]])
+        >>> build_digit_targets(ids, ["45"], vocab, responses=["#### 123"])
+        tensor([[-100,    0,    4,    5]])
     """
     ids, mask = _check_inputs(response_ids, ground_truths, response_mask, responses, mode, ignore_index)
     tokenizer, vocab = _resolve(tokenizer, vocab, responses)
@@ -363,7 +417,26 @@ def keep_decimal_points(targets: torch.Tensor, response_ids: torch.Tensor, vocab
     ``decimal_point_id`` instead of ``ignore_index``), so that a loss reading numbers from its
     labels (DEL's place weights, :func:`ntl.number_level.place_weights`) sees the answer's
     decimal point. ``'.'`` is no number token: no per-token loss reads it. ``None``: unchanged.
-    No host sync."""
+    No host sync.
+
+    Args:
+        targets: ``[..., T]`` target token ids (:func:`build_digit_targets`).
+        response_ids: the response tokens, shaped like ``targets``.
+        vocab: the :class:`~ntl.NumberVocab` of the targets.
+        decimal_point_id: the ``'.'`` token id, or ``None``.
+        ignore_index: the value at non-target positions.
+
+    Returns:
+        A new tensor (or ``targets`` itself when unchanged).
+
+    Example:
+        >>> import torch, ntl
+        >>> from ntl.rl.targets import keep_decimal_points
+        >>> ids = torch.tensor([[1, 2, 11, 5]])  # '1' '2' '.' '5', '.' = id 11
+        >>> targets = torch.tensor([[1, 2, -100, 5]])
+        >>> keep_decimal_points(targets, ids, ntl.DigitVocab(range(10), 12), decimal_point_id=11)
+        tensor([[ 1,  2, 11,  5]])
+    """
     if decimal_point_id is None or targets.shape[-1] < 3:
         return targets
     num = vocab.digit_index(targets, max(vocab.vocab_size, 1)) >= 0
