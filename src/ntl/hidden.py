@@ -15,16 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
-from .kernels.ntl_loss import LossConfig, ntl_loss_apply
+from .kernels._triton import resolve_backend
+from .kernels.ntl_loss import ntl_loss_apply
 from .losses import (
     LossSpec,
     MethodLike,
     loss_spec,
     need_grad,
+    op_settings,
     place_scale,
     resolve_method,
     soft_targets,
-    use_triton,
+    vocab_tensors,
 )
 from .methods import W1, Method
 from .vocab import VocabLike, vocab_from_handle
@@ -116,17 +118,15 @@ def _from_digit_logits(z: torch.Tensor, labels: torch.Tensor, spec: LossSpec, me
     w = C.check_weights(weights, labels)
     soft = soft_targets(target_dist, labels, spec.K, method)
     scale = place_scale(method, labels, vocab_or_tokenizer, spec, ignore_index, W)
-    kernel = use_triton(backend, z, method=method)
+    kernel = resolve_backend(backend, z, method=method)
     if kernel and z.stride(-1) != 1:
         z = z.contiguous()
-    cfg = LossConfig(handle=spec.handle, W=W, digit_cols=True, pre_indexed=False, method=spec.method,
-                     reduction=reduction, ignore_index=ignore_index, reweigh=False,
-                     dmax=spec.dmax, squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b,
-                     delta=spec.delta,
-                     use_triton=kernel, check=C.strict_checks(), hi=hi, hi_what=hi_what,
-                     need_dz=need_grad(z))
+    cfg = op_settings(spec, reduction=reduction, ignore_index=ignore_index, use_triton=kernel,
+                      check=C.strict_checks(), hi=hi, hi_what=hi_what, need_dz=need_grad(z))
+    _, values, table = vocab_tensors(spec.handle, z.device, W)  # z: the K number logits, no ids
     out = ntl_loss_apply(z, labels.reshape(-1).contiguous(),
-                         w.reshape(-1).contiguous() if w is not None else None, soft, cfg, scale)
+                         w.reshape(-1).contiguous() if w is not None else None, soft, None, values, table,
+                         cfg, scale)
     return out.view(labels.shape) if reduction == "none" else out
 
 
