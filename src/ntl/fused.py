@@ -44,8 +44,8 @@ import torch
 from . import _checks as C
 from .kernels._triton import resolve_backend
 
-# the op moved beside its kernels (ntl.kernels.ce_ntl), its twin to ntl.kernels.reference: the
-# former names stay importable from here
+# ``name as name``: the former names here of the op (moved beside its kernels, ntl.kernels.ce_ntl)
+# and of its twin (moved to ntl.kernels.reference)
 from .kernels.ce_ntl import _CHUNK_ELEMS as _CHUNK_ELEMS
 from .kernels.ce_ntl import ce_ntl_apply
 from .kernels.ce_ntl import fused_backward as fused_backward
@@ -55,9 +55,9 @@ from .kernels.reference import ce_ntl_rows_torch as ce_ntl_rows_torch
 from .kernels.reference import pow2_row_scale as pow2_row_scale
 from .losses import (
     MethodLike,
-    loss_spec,
     op_settings,
     place_scale,
+    resolve_call,
     resolve_method,
     vocab_tensors,
 )
@@ -187,15 +187,12 @@ def cross_entropy_with_ntl(
     m.check_reweigh(reweigh)
     logits = C.check_logits(logits)
     V = logits.shape[-1]
-    labels = C.check_labels(labels, logits.shape[:-1], logits.device)
-    ignore_index = C.check_ignore_index(ignore_index)
-    C.check_choice("reduction", reduction, C.REDUCTIONS)
+    labels, ignore_index, spec = resolve_call(labels, logits.shape[:-1], logits.device, V,
+                                              vocab_or_tokenizer, m, ignore_index, reduction)
     w = C.check_weights(weights, labels)
     if w is not None and w.requires_grad and torch.is_grad_enabled():
         raise ValueError("cross_entropy_with_ntl does not differentiate weights; pass weights.detach() "
                          "(or use ntl.ntl_loss, whose weights get a gradient)")
-    spec = loss_spec(vocab_or_tokenizer, None, V, m)
-    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
     logits2d = logits.reshape(-1, V)
     if inplace and not torch.compiler.is_compiling() and (
             logits2d.data_ptr() != logits.data_ptr() or logits2d.stride(-1) != 1):

@@ -24,6 +24,7 @@ from .losses import (
     need_grad,
     op_settings,
     place_scale,
+    resolve_call,
     resolve_method,
     soft_targets,
     vocab_tensors,
@@ -175,11 +176,9 @@ def ntl_loss_from_hidden(
     """
     m = resolve_method(method, squash_factor, huber_delta)
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
-    labels = C.check_labels(labels, hidden.shape[:-1], hidden.device, what="hidden.shape[:-1]")
-    ignore_index = C.check_ignore_index(ignore_index)
-    C.check_choice("reduction", reduction, C.REDUCTIONS)
-    spec = loss_spec(vocab_or_tokenizer, None, V, m)
-    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
+    labels, ignore_index, spec = resolve_call(labels, hidden.shape[:-1], hidden.device, V,
+                                              vocab_or_tokenizer, m, ignore_index, reduction,
+                                              what="hidden.shape[:-1]")
     z = _digit_logits(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, spec.handle, t, bias)
     return _from_digit_logits(z, labels, spec, m, ignore_index, reduction, weights, target_dist,
                               V, V, "lm_head_weight.shape[0]", backend, vocab_or_tokenizer)

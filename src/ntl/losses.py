@@ -126,6 +126,29 @@ _loss_spec._dynamo_marked_constant = True  # type: ignore[attr-defined]
 _loss_spec_of_object._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+class Call(NamedTuple):
+    """What :func:`resolve_call` returns: the checked labels and ``ignore_index``, and the
+    vocab's and method's constants."""
+
+    labels: torch.Tensor
+    ignore_index: int
+    spec: LossSpec
+
+
+def resolve_call(labels: Any, shape: torch.Size, device: torch.device, V: int,
+                 vocab_or_tokenizer: VocabLike, method: Method, ignore_index: Any, reduction: Any,
+                 what: str = "logits.shape[:-1]") -> Call:
+    """The arguments every ``V``-wide entry point shares: ``labels`` shaped ``shape`` on
+    ``device`` (``what`` names that shape in errors), ``ignore_index``, ``reduction``, and the
+    vocab (with ``method``: :func:`loss_spec`), which must fit ``V`` columns."""
+    labels = C.check_labels(labels, shape, device, what=what)
+    ignore_index = C.check_ignore_index(ignore_index)
+    C.check_choice("reduction", reduction, C.REDUCTIONS)
+    spec = loss_spec(vocab_or_tokenizer, None, V, method)
+    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
+    return Call(labels, ignore_index, spec)
+
+
 def op_settings(spec: LossSpec, **fields: Any) -> OpSettings:
     """The ops' :class:`~ntl.kernels.settings.OpSettings`: the method's constants from ``spec``,
     the rest by keyword."""
@@ -167,13 +190,10 @@ def _standalone(
     """The front end of every logits-level loss: checks, the vocab's constants, one op."""
     logits = C.check_logits(logits)
     V = logits.shape[-1]
-    labels = C.check_labels(labels, logits.shape[:-1], logits.device)
-    ignore_index = C.check_ignore_index(ignore_index)
-    C.check_choice("reduction", reduction, C.REDUCTIONS)
     C.check_bool("reweigh", reweigh)
     method.check_reweigh(reweigh)
-    spec = loss_spec(vocab_or_tokenizer, None, V, method)
-    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
+    labels, ignore_index, spec = resolve_call(labels, logits.shape[:-1], logits.device, V,
+                                              vocab_or_tokenizer, method, ignore_index, reduction)
     w = C.check_weights(weights, labels)
     soft = soft_targets(target_dist, labels, spec.K, method)
     scale = place_scale(method, labels, vocab_or_tokenizer, spec, ignore_index, V)
