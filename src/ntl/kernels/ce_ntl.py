@@ -562,7 +562,7 @@ class CENTLFunction(torch.autograd.Function):
         return loss, ce_part, ntl_part
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any):  # pyright: ignore[reportIncompatibleMethodOverride]
+    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:  # pyright: ignore[reportIncompatibleMethodOverride]
         backward_once(ctx, "cross_entropy_with_ntl", "its gradient buffer is scaled in place")
         grad, rinv = ctx.saved_tensors
         return ((fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel, ctx.grad_scale),)
