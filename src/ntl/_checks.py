@@ -15,13 +15,16 @@ from typing import overload
 import torch
 
 from . import methods as _methods
+from .kernels._triton import BACKENDS as _BACKENDS
+from .kernels._triton import check_backend as check_backend
+from .kernels.settings import check_label_values
 from .vocab import NumberVocab
 
 __all__ = ["set_strict_checks"]
 
 _STRICT = True
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = _BACKENDS  # backend= of every entry point (defined once, beside the kernels)
 METHODS = _methods.REGISTRY  # the registered loss methods (name -> ntl.methods.Method class)
 
 
@@ -211,28 +214,9 @@ def check_values(labels: torch.Tensor, V: int | None, ignore_index: int,
     ``V`` is the upper bound of the token ids (``None``: unknown, only negatives are errors);
     ``where`` says where ``V`` came from, for the message.
     """
-    if labels.numel() == 0 or not _STRICT:
+    if not _STRICT:
         return
-    inside = labels.clamp(0, V - 1) if V is not None else labels.clamp_min(0)
-    bad_label = ((inside != labels) & (labels != ignore_index)).any()
-    if weights is not None and weights.dtype != torch.bool:
-        bad_label, negw = torch.stack([bad_label, (~(weights >= 0)).any()]).tolist()  # NaN too
-    else:
-        bad_label, negw = bool(bad_label), False
-    if bad_label:  # report the range of the offending labels only
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V if V is not None else False))
-        lo, hi = (int(t) for t in torch.aminmax(labels[bad]))
-        if V is None:
-            raise ValueError(
-                f"labels must be token ids >= 0 or ignore_index={ignore_index}; got values in "
-                f"[{lo}, {hi}] outside that"
-            )
-        raise ValueError(
-            f"labels must be token ids in [0, V={V}) or ignore_index={ignore_index}; "
-            f"got values in [{lo}, {hi}] outside that (V is {where})"
-        )
-    if negw:
-        raise ValueError("weights must be >= 0 (and not NaN)")
+    check_label_values(labels, V, ignore_index, weights, where)
 
 
 def check_grad_scale(grad_scale: object, device: torch.device) -> float | torch.Tensor | None:

@@ -16,16 +16,19 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from ._docs import shared_docs
-from .kernels.ntl_loss import LossConfig, ntl_loss_apply
+from .kernels._triton import resolve_backend
+from .kernels.ntl_loss import ntl_loss_apply
 from .losses import (
     LossSpec,
     MethodLike,
     loss_spec,
     need_grad,
+    op_settings,
     place_scale,
+    resolve_call,
     resolve_method,
     soft_targets,
-    use_triton,
+    vocab_tensors,
 )
 from .methods import W1, Method
 from .vocab import VocabLike, vocab_from_handle
@@ -139,17 +142,15 @@ def _from_digit_logits(z: torch.Tensor, labels: torch.Tensor, spec: LossSpec, me
     w = C.check_weights(weights, labels)
     soft = soft_targets(target_dist, labels, spec.K, method)
     scale = place_scale(method, labels, vocab_or_tokenizer, spec, ignore_index, W)
-    kernel = use_triton(backend, z, method=method)
+    kernel = resolve_backend(backend, z, method=method)
     if kernel and z.stride(-1) != 1:
         z = z.contiguous()
-    cfg = LossConfig(handle=spec.handle, W=W, digit_cols=True, pre_indexed=False, method=spec.method,
-                     reduction=reduction, ignore_index=ignore_index, reweigh=False,
-                     dmax=spec.dmax, squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b,
-                     delta=spec.delta,
-                     use_triton=kernel, check=C.strict_checks(), hi=hi, hi_what=hi_what,
-                     need_dz=need_grad(z))
+    cfg = op_settings(spec, reduction=reduction, ignore_index=ignore_index, use_triton=kernel,
+                      check=C.strict_checks(), hi=hi, hi_what=hi_what, need_dz=need_grad(z))
+    _, values, table = vocab_tensors(spec.handle, z.device, W)  # z: the K number logits, no ids
     out = ntl_loss_apply(z, labels.reshape(-1).contiguous(),
-                         w.reshape(-1).contiguous() if w is not None else None, soft, cfg, scale)
+                         w.reshape(-1).contiguous() if w is not None else None, soft, None, values, table,
+                         cfg, scale)
     return out.view(labels.shape) if reduction == "none" else out
 
 
@@ -213,11 +214,9 @@ def ntl_loss_from_hidden(
     """
     m = resolve_method(method, squash_factor, huber_delta)
     V, t = _check_head(hidden, lm_head_weight, bias, temperature)
-    labels = C.check_labels(labels, hidden.shape[:-1], hidden.device, what="hidden.shape[:-1]")
-    ignore_index = C.check_ignore_index(ignore_index)
-    C.check_choice("reduction", reduction, C.REDUCTIONS)
-    spec = loss_spec(vocab_or_tokenizer, None, V, m)
-    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
+    labels, ignore_index, spec = resolve_call(labels, hidden.shape[:-1], hidden.device, V,
+                                              vocab_or_tokenizer, m, ignore_index, reduction,
+                                              what="hidden.shape[:-1]")
     z = _digit_logits(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, spec.handle, t, bias)
     return _from_digit_logits(z, labels, spec, m, ignore_index, reduction, weights, target_dist,
                               V, V, "lm_head_weight.shape[0]", backend, vocab_or_tokenizer)

@@ -36,8 +36,9 @@ from torch import nn
 
 from . import _checks as C
 from ._docs import shared_docs
-from .fused import ce_ntl_rows_torch, row_scales
-from .kernels._triton import backward_once, next_pow2
+from .kernels._triton import backward_once, next_pow2, resolve_backend
+from .kernels.ce_ntl import row_scales
+from .kernels.reference import ce_ntl_rows_torch
 from .losses import (
     MethodLike,
     bind_decimal_point,
@@ -45,7 +46,6 @@ from .losses import (
     place_scale,
     prepare_labels,
     resolve_method,
-    use_triton,
 )
 from .methods import Method
 from .vocab import NumberVocab, VocabLike, resolve_vocab
@@ -370,7 +370,7 @@ def linear_cross_entropy_with_ntl(
     labels1d, vocab, k, _ = prepare_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]",
                                            V, vocab_or_tokenizer, ignore_index, None, reduction)
     tensors = [hidden, weight] + ([bias] if bias is not None else [])
-    use_kernel = use_triton(backend, *tensors, method=m)
+    use_kernel = resolve_backend(backend, *tensors, method=m)
     H = hidden.shape[-1]
     h2d = hidden.reshape(-1, H)
     rows = linear_chunk_rows(h2d.shape[0], H, V, hidden.device, chunk_size)
@@ -457,7 +457,7 @@ class LinearCrossEntropyWithNTL(nn.Module):
         self.ntl_weight = float(ntl_weight)
         self.ignore_index = C.check_ignore_index(ignore_index)
         self.reduction = C.check_choice("reduction", reduction, C.REDUCTIONS)
-        self.backend = C.check_choice("backend", backend, C.BACKENDS)
+        self.backend = C.check_backend(backend)
         self.reweigh = reweigh
         self.chunk_size = chunk_size
 

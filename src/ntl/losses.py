@@ -28,13 +28,11 @@ import torch
 
 from . import _checks as C
 from ._docs import shared_docs
-from .kernels import _triton
-from .kernels.ntl_loss import LossConfig, ntl_loss_apply, set_front_end
+from .kernels._triton import resolve_backend
+from .kernels.ntl_loss import ntl_loss_apply
+from .kernels.settings import OpSettings
 from .methods import MSE, W1, Huber, Method, resolve
 from .vocab import NumberVocab, VocabLike, resolve_vocab, vocab_from_handle
-
-# the standalone loss op reaches the vocab by its handle and runs the strict checks through these
-set_front_end(vocab=vocab_from_handle, check_values=C.check_values)
 
 __all__ = ["gaussian_targets", "ntl_dot_loss", "ntl_loss", "ntl_mse_loss", "ntl_wasserstein_loss",
            "shift_labels"]
@@ -42,23 +40,6 @@ __all__ = ["gaussian_targets", "ntl_dot_loss", "ntl_loss", "ntl_mse_loss", "ntl_
 MethodLike = str | Method
 """What ``method=`` takes: a registered name or alias (:data:`ntl.methods.REGISTRY`) or an
 :mod:`ntl.methods` object (``ntl.methods.Huber(delta=2.0)``)."""
-
-
-def use_triton(backend: str, *tensors: torch.Tensor, method: Method | None = None) -> bool:
-    """Resolve ``backend`` for these tensors (auto: Triton on CUDA, else PyTorch). A ``method``
-    without a Triton branch (``code is None``) runs on PyTorch under ``"auto"`` and is a
-    ``ValueError`` with ``"triton"``."""
-    C.check_choice("backend", backend, C.BACKENDS)
-    if backend == "torch":
-        return False
-    kernel = method is None or type(method).code is not None
-    if backend == "auto":
-        return kernel and _triton.HAS_TRITON and all(t.is_cuda for t in tensors)
-    if not kernel:
-        raise ValueError(f"method {method!r} has no Triton kernel (no branch in "
-                         "ntl.kernels.ntl_loss.ntl_row_math); use backend='torch' or 'auto'")
-    _triton.require_triton(*tensors)
-    return True
 
 
 def resolve_method(method: Any, squash_factor: Any = None, huber_delta: Any = None) -> Method:
@@ -146,27 +127,61 @@ _loss_spec._dynamo_marked_constant = True  # type: ignore[attr-defined]
 _loss_spec_of_object._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+class Call(NamedTuple):
+    """What :func:`resolve_call` returns: the checked labels and ``ignore_index``, and the
+    vocab's and method's constants."""
+
+    labels: torch.Tensor
+    ignore_index: int
+    spec: LossSpec
+
+
+def resolve_call(labels: Any, shape: torch.Size, device: torch.device, V: int,
+                 vocab_or_tokenizer: VocabLike, method: Method, ignore_index: Any, reduction: Any,
+                 what: str = "logits.shape[:-1]") -> Call:
+    """The arguments every ``V``-wide entry point shares: ``labels`` shaped ``shape`` on
+    ``device`` (``what`` names that shape in errors), ``ignore_index``, ``reduction``, and the
+    vocab (with ``method``: :func:`loss_spec`), which must fit ``V`` columns."""
+    labels = C.check_labels(labels, shape, device, what=what)
+    ignore_index = C.check_ignore_index(ignore_index)
+    C.check_choice("reduction", reduction, C.REDUCTIONS)
+    spec = loss_spec(vocab_or_tokenizer, None, V, method)
+    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
+    return Call(labels, ignore_index, spec)
+
+
+def op_settings(spec: LossSpec, **fields: Any) -> OpSettings:
+    """The ops' :class:`~ntl.kernels.settings.OpSettings`: the method's constants from ``spec``,
+    the rest by keyword."""
+    return OpSettings(method=spec.method, dmax=spec.dmax, sq_a=spec.sq_a, sq_b=spec.sq_b,
+                      delta=spec.delta, **fields)
+
+
+def vocab_tensors(handle: int, device: torch.device, width: int | None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the ops take of the vocab, from its cache: ``(ids [K], values [K], table [width + 1])``
+    (:meth:`NumberVocab.index_table`; ``width=None``: labels are number indices already)."""
+    if torch.compiler.is_compiling():  # fill the cache at trace time: Dynamo then reads it only
+        _fill_vocab_cache(handle, device, width)
+    vocab = vocab_from_handle(handle)
+    return vocab.ids(device), vocab.values_on(device), vocab.index_table(width, device)
+
+
+def _fill_vocab_cache(handle: int, device: torch.device, width: int | None) -> int:
+    """Build the vocab's device tensors that :func:`vocab_tensors` reads (Dynamo calls this
+    eagerly while tracing: building them takes a lock, which it cannot trace)."""
+    vocab = vocab_from_handle(handle)
+    vocab.ids(device)
+    vocab.values_on(device)
+    vocab.index_table(width, device)
+    return handle
+
+
+_fill_vocab_cache._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def need_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def ntl_rows(
-    logits2d: torch.Tensor, k: torch.Tensor, vocab: NumberVocab, method: MethodLike,
-    soft: torch.Tensor | None = None, reweigh: bool = False, backend: str = "auto",
-) -> torch.Tensor:
-    """Per-row NTL ``[N]`` fp32 (0 where ``k < 0``) through the chosen backend, for a precomputed
-    number index ``k``; differentiable. ``reweigh`` reads full rows only where ``k >= 0``."""
-    m = resolve(method)
-    kernel = use_triton(backend, logits2d, method=m)
-    spec = loss_spec(vocab, None, logits2d.shape[1], m)
-    x = logits2d.contiguous() if kernel and logits2d.stride(-1) != 1 else logits2d
-    cfg = LossConfig(handle=spec.handle, W=vocab.K, digit_cols=False, pre_indexed=True,
-                     method=spec.method, reduction="none", ignore_index=-1, reweigh=reweigh,
-                     dmax=spec.dmax, squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b,
-                     delta=spec.delta,
-                     use_triton=kernel, check=False, hi=-1, hi_what="",
-                     need_dz=need_grad(logits2d))
-    return ntl_loss_apply(x, k.contiguous(), None, soft.contiguous() if soft is not None else None, cfg)
 
 
 def _standalone(
@@ -176,27 +191,24 @@ def _standalone(
     """The front end of every logits-level loss: checks, the vocab's constants, one op."""
     logits = C.check_logits(logits)
     V = logits.shape[-1]
-    labels = C.check_labels(labels, logits.shape[:-1], logits.device)
-    ignore_index = C.check_ignore_index(ignore_index)
-    C.check_choice("reduction", reduction, C.REDUCTIONS)
     C.check_bool("reweigh", reweigh)
     method.check_reweigh(reweigh)
-    spec = loss_spec(vocab_or_tokenizer, None, V, method)
-    C.check_ids_fit(spec.max_id, spec.vocab_size, V)
+    labels, ignore_index, spec = resolve_call(labels, logits.shape[:-1], logits.device, V,
+                                              vocab_or_tokenizer, method, ignore_index, reduction)
     w = C.check_weights(weights, labels)
     soft = soft_targets(target_dist, labels, spec.K, method)
     scale = place_scale(method, labels, vocab_or_tokenizer, spec, ignore_index, V)
-    kernel = use_triton(backend, logits, method=method)
+    kernel = resolve_backend(backend, logits, method=method)
     x = logits.reshape(-1, V)
     if kernel and x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = LossConfig(handle=spec.handle, W=V, digit_cols=False, pre_indexed=False, method=spec.method,
-                     reduction=reduction, ignore_index=ignore_index, reweigh=reweigh,
-                     dmax=spec.dmax, squash=spec.squash, sq_a=spec.sq_a, sq_b=spec.sq_b,
-                     delta=spec.delta, use_triton=kernel, check=C.strict_checks(), hi=V,
-                     hi_what="logits.shape[-1]", need_dz=need_grad(logits))
+    cfg = op_settings(spec, reduction=reduction, ignore_index=ignore_index, reweigh=reweigh,
+                      use_triton=kernel, check=C.strict_checks(), hi=V, hi_what="logits.shape[-1]",
+                      need_dz=need_grad(logits))
+    ids, values, table = vocab_tensors(spec.handle, x.device, V)
     out = ntl_loss_apply(x, labels.reshape(-1).contiguous(),
-                         w.reshape(-1).contiguous() if w is not None else None, soft, cfg, scale)
+                         w.reshape(-1).contiguous() if w is not None else None, soft, ids, values, table,
+                         cfg, scale)
     return out.view(labels.shape) if reduction == "none" else out
 
 

@@ -108,7 +108,7 @@ class NumberTokenLoss(nn.Module):
             self.loss_method.kernel_scalars(self.vocab)  # a vocab the method cannot use fails here
         self.ignore_index = C.check_ignore_index(ignore_index)
         self.reduction = C.check_choice("reduction", reduction, C.REDUCTIONS)
-        self.backend = C.check_choice("backend", backend, C.BACKENDS)
+        self.backend = C.check_backend(backend)
         self.reweigh = C.check_bool("reweigh", reweigh)
         if self.loss_method is not None:
             self.loss_method.check_reweigh(reweigh)

@@ -52,8 +52,9 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from ._docs import shared_docs
+from .kernels._triton import resolve_backend
 from .kernels.reference import digit_gather_torch, number_mass_torch
-from .losses import prepare_labels, use_triton
+from .losses import prepare_labels
 from .vocab import NumberVocab, VocabLike, resolve_vocab, vocab_from_handle
 
 __all__ = ["NumberLevelVocab", "digit_places", "number_level_loss", "number_level_vocab", "place_weights",
@@ -205,7 +206,7 @@ def _int_weights_as_float(weights: Any) -> Any:
 
 def _gather(x2d: torch.Tensor, ids: torch.Tensor, backend: str) -> torch.Tensor:
     """``[N, V] -> [N, K]`` number logits: the Triton digit-gather on CUDA, ``index_select`` else."""
-    if use_triton(backend, x2d):
+    if resolve_backend(backend, x2d):
         from .kernels.number_columns import DigitGather
 
         return DigitGather.apply(x2d if x2d.stride(-1) == 1 else x2d.contiguous(), ids)
@@ -226,7 +227,7 @@ def _logits_and_mass(x2d: torch.Tensor, ids: torch.Tensor, backend: str, with_ma
     (0 elsewhere), the Triton kernel on every row."""
     if not with_mass:
         return _gather(x2d, ids, backend).float(), None
-    if use_triton(backend, x2d):
+    if resolve_backend(backend, x2d):
         from .kernels.number_mass import number_mass_triton
 
         return number_mass_triton(x2d, ids)
@@ -287,7 +288,7 @@ def predict_numbers(
         (tensor([4.5000, 7.0000]), tensor([0.8330, 1.0000]))
     """
     logits = C.check_logits(logits)
-    C.check_choice("backend", backend, C.BACKENDS)
+    C.check_backend(backend)
     V = logits.shape[-1]
     if labels is None:
         if float_level or decimal_point_id is not None or max_number_length is not None:
@@ -577,7 +578,7 @@ def number_level_loss(
         tensor(0.0244)
     """
     check_options(float_level, max_number_length, reweigh, decimal_point_id)
-    C.check_choice("backend", backend, C.BACKENDS)
+    C.check_backend(backend)
     logits = C.check_logits(logits)
     seg = _segment(logits, labels, vocab_or_tokenizer, float_level, decimal_point_id, max_number_length,
                    ignore_index, weights, reduction)

@@ -15,7 +15,6 @@ from kernel_cases import GRAD_TOL, big_vocab, loss_and_grad, make_batch, rel_clo
 
 import ntl
 from ntl.kernels import digit_gather, digit_gather_torch, ntl_rows_torch
-from ntl.kernels.ntl_loss import ntl_rows_triton
 
 DIGITS = ntl.DigitVocab([3, 9, 12, 20, 21, 30, 33, 40, 41, 49], vocab_size=50)
 
@@ -71,7 +70,9 @@ def test_rows_kernel_matches_twin(method, soft, dtype, vocab_kind):
     k = vocab.digit_index(labels, V)
     ids, vals = vocab.ids(), vocab.values_on()
     S = torch.softmax(torch.randn(N, vocab.K), -1) if soft else None
-    a, ga = loss_and_grad(lambda x: ntl_rows_triton(x, k, ids, vals, method, S), logits)
+    # the per-row loss through the public entry point (the Triton op; its rows, reduction="none")
+    a, ga = loss_and_grad(lambda x: ntl.ntl_loss(x, labels, vocab, method=method, reduction="none",
+                                                 target_dist=S, backend="triton"), logits)
     b, gb = loss_and_grad(lambda x: ntl_rows_torch(digit_gather_torch(x, ids), k, vals, method, S), logits)
     assert a.dtype == torch.float32
     rel_close(a, b, 1e-5)

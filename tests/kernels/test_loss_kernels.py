@@ -19,7 +19,7 @@ import torch
 from kernel_cases import GRAD_TOL, big_vocab, rel_close  # tests/support
 
 import ntl
-from ntl.losses import ntl_rows
+from ntl.kernels import ntl_rows_torch
 
 DIGITS = ntl.DigitVocab([3, 9, 12, 20, 21, 30, 33, 40, 41, 49], vocab_size=300)
 
@@ -189,8 +189,8 @@ def test_kernel_extreme_logits(dtype, big):
             rel_close(ga, gb, GRAD_TOL[dtype])
 
 
-def test_kernel_forward_without_grad_and_ntl_rows():
-    """No grad: the kernel skips dL/dz; ntl_rows (given k, the fused path's eval) on both backends."""
+def test_kernel_forward_without_grad_and_rows():
+    """No grad: the kernel skips dL/dz; the per-row losses (reduction="none") on both backends."""
     V = 300
     vocab = big_vocab(V, K=10, seed=12)
     x, y, _ = batch(50, V, vocab, seed=13)
@@ -201,12 +201,19 @@ def test_kernel_forward_without_grad_and_ntl_rows():
     k = vocab.digit_index(y).masked_fill(y == -100, -1)
     for method in ("mse", "wasserstein"):
         for reweigh in (False, True):
-            (ra, ga), (rb, gb) = both(lambda xl, be, m=method, rw=reweigh: ntl_rows(
-                xl, k, vocab, m, reweigh=rw, backend=be), x)
+            (ra, ga), (rb, gb) = both(lambda xl, be, m=method, rw=reweigh: ntl.ntl_loss(
+                xl, y, vocab, method=m, reweigh=rw, reduction="none", backend=be), x)
             rel_close(ra, rb, 1e-5)
             rel_close(ga, gb, 1e-5)
-            rel_close(ra, ntl.ntl_loss(x, y, vocab, method=method, reweigh=reweigh, reduction="none",
-                                       backend="torch"), 1e-5)
+            # against the twin's rows over the number columns (independent of the op)
+            ref = ntl_rows_torch(x[:, vocab.ids()].float(), k, vocab.values_on(), method)
+            if reweigh:
+                p = torch.softmax(x.float(), -1)
+                m = p[:, vocab.ids()].sum(-1)
+                D = (vocab.values_on().max() - vocab.values_on().min()).item()
+                D = 1.01 * (D * D if method == "mse" else D)
+                ref = torch.where(k >= 0, m * ref + D * (1 - m), 0.0)
+            rel_close(ra, ref, 1e-5)
 
 
 def test_weights_gradient():

@@ -5,15 +5,17 @@
 * :mod:`.ntl_loss` — the standalone losses (every method of :mod:`ntl.methods` with a
   Triton branch) + dL/dz, the label lookup, weights and reduction in one pass + a finalize;
   their autograd Function (eager) and ``torch.library`` custom ops (``torch.compile``).
-* :mod:`.ce_ntl` — cross-entropy + NTL fused, online softmax over ``V`` (its autograd
-  Function and custom op: :mod:`ntl.fused`).
+* :mod:`.ce_ntl` — cross-entropy + NTL fused, online softmax over ``V``; its autograd
+  Function and custom op (the front end: :mod:`ntl.fused`).
 * :mod:`.number_mass` — the full-softmax number-token mass with the number logits.
-* :mod:`.reference` — the plain-PyTorch twins (the CPU path and the test reference; the
-  fused CE + NTL twin is still ``ntl.fused.ce_ntl_rows_torch``).
+* :mod:`.reference` — the plain-PyTorch twins (the CPU path and the test reference).
+* :mod:`.settings` — :class:`~.settings.OpSettings`, the one record of an op call's constants,
+  and the strict data checks the ops run inside.
 
 The kernel files import nothing from the front end (only the torch-only method registry
-:mod:`ntl.methods`); the standalone loss op gets its vocab lookup by handle and its strict
-checks from the front end at import (:func:`.ntl_loss.set_front_end`). The former module names ``gather``,
+:mod:`ntl.methods`): they take the vocab as tensors (ids, values, label -> index table) and
+one :class:`~.settings.OpSettings`; the backend choice of every entry point is
+:func:`._triton.resolve_backend`. The former module names ``gather``,
 ``rowloss``, ``ops``, ``mass`` and ``fused_ce`` are aliases of these modules.
 """
 

@@ -31,8 +31,8 @@ else:
 #: ``backend=`` of every entry point: Triton on CUDA (``"auto"``), or forced.
 BACKENDS = ("auto", "torch", "triton")
 
-__all__ = ["BACKENDS", "HAS_TRITON", "interpreting", "next_pow2", "no_double_backward", "require_triton",
-           "tl", "triton"]
+__all__ = ["BACKENDS", "HAS_TRITON", "check_backend", "interpreting", "next_pow2", "no_double_backward",
+           "require_triton", "resolve_backend", "tl", "triton"]
 
 
 def interpreting() -> bool:
@@ -72,6 +72,32 @@ def require_triton(*tensors: torch.Tensor) -> None:
             f"backend='triton' needs CUDA tensors (got {devs}); on CPU set TRITON_INTERPRET=1 "
             "before importing ntl, or use backend='torch'"
         )
+
+
+def check_backend(backend: object) -> str:
+    """``backend`` is one of :data:`BACKENDS` (else a ``ValueError`` naming them)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: object, *tensors: torch.Tensor, method: Any = None) -> bool:
+    """The one backend choice of every entry point: whether the Triton kernels run on these
+    tensors. ``"auto"``: Triton on CUDA, else PyTorch; ``"torch"``: PyTorch; ``"triton"``: Triton
+    (a clear ``RuntimeError`` where it cannot run). A ``method`` (:mod:`ntl.methods`) without a
+    Triton branch (``code is None``) runs on PyTorch under ``"auto"`` and is a ``ValueError``
+    with ``"triton"``."""
+    check_backend(backend)
+    if backend == "torch":
+        return False
+    kernel = method is None or type(method).code is not None
+    if backend == "auto":
+        return kernel and HAS_TRITON and all(t.is_cuda for t in tensors)
+    if not kernel:
+        raise ValueError(f"method {method!r} has no Triton kernel (no branch in "
+                         "ntl.kernels.ntl_loss.ntl_row_math); use backend='torch' or 'auto'")
+    require_triton(*tensors)
+    return True
 
 
 def no_double_backward(name: str) -> None:

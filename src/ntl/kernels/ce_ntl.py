@@ -40,20 +40,29 @@ with ``f_i == 1`` is neither read nor written, so an incoming gradient equal to
 ``grad_scale`` (1 by default) in bf16/fp32 costs one launch and no ``N x V`` traffic,
 decided on the device. Same aligned body and masked ends.
 
-Plain-PyTorch twin: :func:`ntl.fused.ce_ntl_rows_torch`.
+Plain-PyTorch twin: :func:`.reference.ce_ntl_rows_torch`.
+
+The op around them: :func:`row_scales` (the reduction as per-row CE and NTL scales),
+:func:`fused_forward` / :func:`fused_backward` (kernel or twin), the eager
+:class:`CENTLFunction` and the custom op ``ntl::ce_ntl_fwd`` (``torch.compile``), both reached
+through :func:`ce_ntl_apply`; the front end is :func:`ntl.cross_entropy_with_ntl`.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
 from ..methods import kernel_code
-from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton, triton_before
+from ._triton import HAS_TRITON, backward_once, interpreting, next_pow2, tl, triton, triton_before
 from .ntl_loss import ntl_row_math
+from .reference import ce_ntl_rows_torch, ntl_rows_grad_torch, ntl_rows_torch, number_index_torch
+from .settings import OpSettings, check_label_values
 
-__all__ = ["ce_ntl_fwd_triton", "fwd_config", "scale_config", "scale_rows_triton"]
+__all__ = ["CENTLFunction", "ce_ntl_apply", "ce_ntl_fwd_triton", "fused_backward", "fused_forward",
+           "fwd_config", "row_scales", "scale_config", "scale_rows_triton"]
 
 
 if HAS_TRITON:
@@ -394,3 +403,257 @@ def scale_rows_triton(grad: torch.Tensor, grad_out: torch.Tensor, rinv: torch.Te
     _scale_rows[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         grad, go, rinv if rinv is not None else go, N, V, grad.stride(0), 0 if go.numel() == 1 else 1,
         mod0, HAS_RINV=rinv is not None, VEC=vec, **cfg)
+
+
+# ------------------------------------------------------------------ the op: row scales, forward, backward
+_CHUNK_ELEMS = 1 << 22  # fp32 elements per row block on the CPU path (16 MB): few, large parallel regions
+
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def row_scales(labels: torch.Tensor, k: torch.Tensor, ignore_index: int,
+               reduction: str, V: int, weights: torch.Tensor | None = None,
+               place: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row reduction scales of CE (``a``) and NTL (``c``), fp32, no host sync.
+
+    mean: ``a_i = 1[label_i valid] / n_valid``, ``c_i = 1[label_i number] / n_number``;
+    sum/none: the indicators themselves. Valid: in ``[0, V)`` and not ``ignore_index`` (a
+    label outside ``[0, V)`` takes no part, as with strict checks off; ``k`` is then -1).
+    With per-position NTL ``weights`` (as :func:`ntl.ntl_loss` takes them):
+    ``c_i = w_i 1[label_i number]``, over ``max(sum_i c_i, eps)`` for the mean. ``place [N]``
+    (DEL's place weights): ``c_i`` times ``place_i`` after the mean's divisor is formed.
+    """
+    valid = labels.clamp(0, V - 1) == labels  # in [0, V) (ignore_index outside it: not valid)
+    if 0 <= ignore_index < V:
+        valid &= labels != ignore_index
+    valid = valid.float()
+    if weights is None:
+        active = (k >= 0).float()
+        den = active.sum().clamp_min(1.0)
+    else:
+        active = torch.where(k >= 0, weights.float(), torch.zeros((), device=k.device))
+        den = active.sum().clamp_min(_EPS)
+    c = active / den if reduction == "mean" else active
+    if place is not None:
+        c = c * place
+    return (valid / valid.sum().clamp_min(1.0) if reduction == "mean" else valid), c
+
+
+def _combine(a: torch.Tensor, c: torch.Tensor, ce: torch.Tensor, L: torch.Tensor, ntl_weight: float,
+             reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ce_part, ntl_part)`` from per-row losses (rows ``[N]`` for ``"none"``)."""
+    if reduction == "none":
+        ce_part, ntl_part = ce, c * L  # c: the weights (1 without) on number rows, L: 0 elsewhere
+    else:
+        ce_part, ntl_part = (a * ce).sum(), (c * L).sum()
+    return ce_part + ntl_weight * ntl_part, ce_part, ntl_part
+
+
+def fused_forward(
+    logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor,
+    values: torch.Tensor, ntl_weight: float, method: str, reduction: str, reweigh: bool, dmax: float,
+    ignore_index: int, inplace: bool, use_kernel: bool, write_grad: bool = True,
+    squash: tuple[float, float] | None = None, grad_scale: float | torch.Tensor | None = None,
+    huber_delta: float = 1.0, weights: torch.Tensor | None = None, place: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of ``CE + w NTL`` on ``logits [N, V]`` and, with ``write_grad``, its gradient.
+
+    Returns ``(grad, rinv, loss, ce_part, ntl_part)``: ``grad [N, V]`` in the logits'
+    dtype (the logits themselves with ``inplace``; ``None`` without ``write_grad``), times
+    ``grad_scale`` when given (the loss is not scaled),
+    ``rinv [N]`` (fp16 gradients only: row ``i`` of ``grad`` is stored times
+    ``1 / rinv[i]``; else ``None``). On the Triton path this is one kernel launch
+    (plus the ``[N]``-sized scales and sums), with no host sync; without ``write_grad``
+    it only reads the logits. ``weights [N]``: per-position NTL weights, ``place [N]`` the
+    per-row loss factor (DEL's place weights; :func:`row_scales`).
+    """
+    N, V = logits.shape
+    a, c = row_scales(labels, k, ignore_index, reduction, V, weights, place)
+    b = c * ntl_weight
+    ga, gb = (a, b) if grad_scale is None else (a * grad_scale, b * grad_scale)
+    if use_kernel:
+        grad, rinv, ce, L = ce_ntl_fwd_triton(logits, labels, k, ids, values, ga, gb, method, reweigh,
+                                              dmax, inplace, write_grad, squash=squash,
+                                              huber_delta=huber_delta)
+    else:
+        grad = rinv = None
+        if write_grad:
+            grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+            if grad.dtype == torch.float16:
+                rinv = torch.empty(N, device=logits.device)
+        ce = torch.empty(N, device=logits.device)
+        L = torch.empty(N, device=logits.device)
+        step = max(1, _CHUNK_ELEMS // V)
+        # the row formula over the N x K number logits once, not per row block: on a loaded CPU
+        # every small op costs about a scheduler time slice, and the methods differ in op count
+        z = logits.index_select(1, ids).float()  # read before an in-place block overwrites them
+        if write_grad:
+            L_all, dz_all, _ = ntl_rows_grad_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)
+        else:
+            L_all, dz_all = ntl_rows_torch(z, k, values, method, squash=squash, huber_delta=huber_delta), None
+        for s in range(0, N, step):
+            e = min(N, s + step)
+            ce[s:e], L[s:e] = ce_ntl_rows_torch(
+                logits[s:e], labels[s:e], k[s:e], ids, values, ga[s:e], gb[s:e], method, reweigh, dmax,
+                grad[s:e] if grad is not None else None, rinv[s:e] if rinv is not None else None,
+                squash=squash, huber_delta=huber_delta,
+                rows=(L_all[s:e], dz_all[s:e] if dz_all is not None else None))
+        ce = torch.where(a != 0, ce, torch.zeros((), device=ce.device))
+    return (grad, rinv, *_combine(a, c, ce, L, ntl_weight, reduction))
+
+
+def fused_backward(grad: torch.Tensor, rinv: torch.Tensor | None, grad_out: torch.Tensor,
+                   reduction: str, use_kernel: bool,
+                   grad_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Scale the stored gradient in place by ``grad_out / grad_scale`` (and ``rinv``), in fp32.
+
+    Triton: one launch; rows whose factor is exactly 1 are not touched, so an incoming
+    gradient equal to ``grad_scale`` (1 without it) costs no ``N x V`` traffic and no host
+    sync. PyTorch: skipped on a CPU when the factor is 1; on CUDA always one multiply.
+    """
+    # the fp32 incoming gradient as is: casting it to fp16 first would turn a GradScaler
+    # scale of 2^16 into inf
+    f = grad_out.float() if grad_scale is None else grad_out.float() / grad_scale
+    if use_kernel:
+        scale_rows_triton(grad, f, rinv)
+        return grad
+    go = f.reshape(-1, 1) if reduction == "none" else f
+    if rinv is not None:
+        grad.mul_(go * rinv[:, None])
+    elif f.is_cuda or not bool((f == 1.0).all()):
+        grad.mul_(go)
+    return grad
+
+
+def _fused_call(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                ids: torch.Tensor, values: torch.Tensor, table: torch.Tensor, cfg: OpSettings,
+                write_grad: bool, inplace: bool, grad_scale: float | torch.Tensor | None = None,
+                place: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor,
+                           torch.Tensor]:
+    """The label (and weight) checks, label -> number index, and :func:`fused_forward`; what both
+    the eager Function and the custom op run (so the compiled graph runs the same code as eager)."""
+    if cfg.check:
+        check_label_values(labels, cfg.hi, cfg.ignore_index, weights, cfg.hi_what)
+    k = number_index_torch(labels, table, cfg.ignore_index)
+    return fused_forward(logits, labels, k, ids, values, cfg.ntl_weight, cfg.method, cfg.reduction,
+                         cfg.reweigh, cfg.dmax, cfg.ignore_index, inplace, cfg.use_triton, write_grad,
+                         cfg.squash, grad_scale, cfg.delta, weights, place)
+
+
+class CENTLFunction(torch.autograd.Function):
+    """Eager path: gradient computed in forward (:func:`fused_forward`), scaled in place in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                ids: torch.Tensor, values: torch.Tensor, table: torch.Tensor, cfg: OpSettings,
+                inplace: bool, grad_scale: float | torch.Tensor | None, place: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grad, rinv, loss, ce_part, ntl_part = _fused_call(logits, labels, weights, ids, values, table, cfg,
+                                                          True, inplace, grad_scale, place)
+        if inplace and cfg.use_triton:  # the kernel wrote over the logits: let autograd see it
+            torch.autograd.graph.increment_version(logits)
+        ctx.save_for_backward(grad.detach(), rinv)  # type: ignore[union-attr]
+        ctx.reduction = cfg.reduction
+        ctx.use_kernel = cfg.use_triton
+        ctx.grad_scale = grad_scale
+        ctx.mark_non_differentiable(ce_part, ntl_part)
+        return loss, ce_part, ntl_part
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:  # pyright: ignore[reportIncompatibleMethodOverride]
+        backward_once(ctx, "cross_entropy_with_ntl", "its gradient buffer is scaled in place")
+        grad, rinv = ctx.saved_tensors
+        return ((fused_backward(grad, rinv, grad_out, ctx.reduction, ctx.use_kernel, ctx.grad_scale),)
+                + (None,) * 9)
+
+
+# ------------------------------------------------------------------ custom op (torch.compile)
+_N_FIELDS = len(OpSettings._fields)
+_N_HEAD = 6  # logits, labels, weights, ids, values, table: then the settings, then the call's own
+
+
+@torch.library.custom_op("ntl::ce_ntl_fwd", mutates_args=())
+def _ce_ntl_fwd_op(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, ids: torch.Tensor,
+    values: torch.Tensor, table: torch.Tensor, method: str, reduction: str, ignore_index: int,
+    reweigh: bool, dmax: float, sq_a: float, sq_b: float, delta: float, ntl_weight: float,
+    use_triton: bool, check: bool, hi: int, hi_what: str, need_dz: bool,
+    write_grad: bool, inplace: bool, gscale: float, gscale_t: torch.Tensor | None,
+    place: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad [N, V] | [0], rinv [N] | [0], loss, ce, ntl)``: :func:`fused_forward` out of place
+    (empty tensors stand for ``None``), the gradient times ``gscale_t`` (a tensor
+    ``grad_scale``) or else ``gscale`` (1: none). ``inplace`` (asked for in a compiled graph) raises when
+    the graph runs: with or without ``fullgraph`` the graph holds the logits as a functional
+    value, so writing the gradient "over" them would write into a copy."""
+    if inplace:
+        raise ValueError(
+            "cross_entropy_with_ntl: inplace=True is not supported under torch.compile (the "
+            "compiled graph would write the gradient into a copy of the logits, not over them); "
+            "pass inplace=False in compiled code, or call it eagerly")
+    cfg = OpSettings(method=method, reduction=reduction, ignore_index=ignore_index, reweigh=reweigh,
+                     dmax=dmax, sq_a=sq_a, sq_b=sq_b, delta=delta, ntl_weight=ntl_weight,
+                     use_triton=use_triton, check=check, hi=hi, hi_what=hi_what, need_dz=need_dz)
+    gs = gscale_t if gscale_t is not None else (None if gscale == 1.0 else gscale)
+    grad, rinv, loss, ce, ntl = _fused_call(logits, labels, weights, ids, values, table, cfg, write_grad,
+                                            False, gs, place)
+    return (grad if grad is not None else logits.new_empty(0),
+            rinv if rinv is not None else logits.new_empty(0, dtype=torch.float32), loss, ce, ntl)
+
+
+@_ce_ntl_fwd_op.register_fake
+def _(logits, labels, weights, ids, values, table, method, reduction, ignore_index, reweigh, dmax, sq_a,
+      sq_b, delta, ntl_weight, use_triton, check, hi, hi_what, need_dz, write_grad, inplace, gscale,
+      gscale_t, place):
+    N = logits.shape[0]
+    grad = (logits.new_empty(logits.shape) if write_grad
+            else logits.new_empty(0))
+    rinv = logits.new_empty(N if write_grad and logits.dtype == torch.float16 else 0, dtype=torch.float32)
+    shape = (N,) if reduction == "none" else ()
+    return (grad, rinv, *(logits.new_empty(shape, dtype=torch.float32) for _ in range(3)))
+
+
+def _op_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    grad, rinv, _loss, ce, ntl = output
+    ctx.mark_non_differentiable(grad, rinv, ce, ntl)
+    cfg = OpSettings._make(inputs[_N_HEAD:_N_HEAD + _N_FIELDS])
+    _write_grad, _inplace, gscale, gscale_t, _place = inputs[_N_HEAD + _N_FIELDS:]
+    ctx.save_for_backward(grad, rinv, gscale_t if gscale_t is not None else rinv.new_empty(0))
+    ctx.reduction = cfg.reduction
+    ctx.gscale = gscale
+
+
+def _op_backward(ctx: Any, _g_grad: Any, _g_rinv: Any, g: torch.Tensor, *_parts: Any):
+    """``grad x g / grad_scale`` (``x rinv`` for fp16) in fp32, traceable: under inductor a
+    pointwise kernel that may write into the saved buffer (AOTAutograd donates it to the
+    backward)."""
+    grad, rinv, gscale_t = ctx.saved_tensors
+    f = g.float().reshape(-1, 1) if ctx.reduction == "none" else g.float()
+    f = f / (gscale_t.reshape(()) if gscale_t.numel() else ctx.gscale)
+    if rinv.numel():
+        f = f * rinv[:, None]
+    return ((grad.float() * f).to(grad.dtype),) + (None,) * (_N_HEAD - 1 + _N_FIELDS + 5)
+
+
+_ce_ntl_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+def ce_ntl_apply(logits2d: torch.Tensor, labels1d: torch.Tensor, weights: torch.Tensor | None,
+                 ids: torch.Tensor, values: torch.Tensor, table: torch.Tensor, cfg: OpSettings,
+                 grad: bool, inplace: bool, grad_scale: float | torch.Tensor | None = None,
+                 place: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ce, ntl)`` of ``logits2d [N, V]``: the eager Function (``grad``) or no-grad call,
+    or under ``torch.compile`` the custom op. The vocab as tensors: ``ids [K]``, ``values [K]``,
+    ``table [V + 1]`` (:meth:`ntl.NumberVocab.index_table`)."""
+    if torch.compiler.is_compiling():
+        gs_t = grad_scale if isinstance(grad_scale, torch.Tensor) else None
+        gs = grad_scale if isinstance(grad_scale, float) else 1.0
+        return torch.ops.ntl.ce_ntl_fwd(logits2d, labels1d, weights, ids, values, table, *cfg, grad,
+                                        inplace and grad, gs, gs_t, place)[2:]
+    if grad:
+        return CENTLFunction.apply(logits2d, labels1d, weights, ids, values, table, cfg, inplace,
+                                   grad_scale, place)
+    return _fused_call(logits2d, labels1d, weights, ids, values, table, cfg, False, False, None, place)[2:]

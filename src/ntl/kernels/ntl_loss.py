@@ -25,27 +25,25 @@ node and the compiled graph runs the same code as eager. Either way the forward 
 :func:`.reference.ntl_loss_fwd_torch`, and the strict data checks run inside (so they
 cannot break a compiled graph).
 
-The vocab travels as its integer handle (a Python scalar: Dynamo sees no object); the vocab
-behind it (its cached device tensors: ids, values, the dense label -> index table) and the
-data checks come from the front end, which registers them with :func:`set_front_end` (at
-``import ntl``): this file imports nothing from it.
+The vocab travels as tensors (its number-token ids, values and label -> index table, which
+the front end takes from the vocab's cache) and the call's constants as one
+:class:`.settings.OpSettings`: this file imports nothing from the front end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from ..methods import kernel_code
 from ._triton import HAS_TRITON, interpreting, next_pow2, no_double_backward, tl, triton
-from .number_columns import scatter_rows, tiles
+from .number_columns import tiles
 from .reference import ntl_loss_bwd_torch, ntl_loss_fwd_torch, number_index_torch
+from .settings import OpSettings, check_label_values
 
-__all__ = ["LossConfig", "ntl_loss_apply", "ntl_loss_bwd_triton", "ntl_loss_fwd_triton",
-           "ntl_rows_triton", "set_front_end"]
+__all__ = ["OpSettings", "ntl_loss_apply", "ntl_loss_bwd_triton", "ntl_loss_fwd_triton"]
 
 _FINAL_BLOCK = 1024
 
@@ -380,98 +378,14 @@ def ntl_loss_bwd_triton(
     return out
 
 
-class NTLRows(torch.autograd.Function):
-    """Per-row NTL ``[N]`` for a given target index ``k`` (the pre-0.2 entry point, kept for
-    callers that already hold ``k``): the forward kernel with an identity label table."""
-
-    @staticmethod
-    def forward(ctx, x, k, ids, values, method, soft):  # type: ignore[override]
-        table = torch.arange(values.numel() + 1, device=x.device)  # only [0, K) is read
-        _, rows, dz, *_ = ntl_loss_fwd_triton(x, k, None, soft, ids, values, table, -1, method, "none",
-                                              False, 0.0, None, 1.0, True)
-        ctx.save_for_backward(dz, ids)
-        ctx.shape = (x.shape[1], x.dtype)
-        return rows
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        no_double_backward("the Triton NTL kernel")
-        dz, ids = ctx.saved_tensors
-        V, dtype = ctx.shape
-        return scatter_rows(dz, ids, V, dtype, scale=g.float().contiguous()), None, None, None, None, None
-
-
-def ntl_rows_triton(x: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
-                    method: str, soft: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row NTL ``[N]`` fp32 (0 where ``k < 0``) for ``x [N, V]``, differentiable."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return NTLRows.apply(x, k.contiguous(), ids, values, method,
-                         soft.contiguous() if soft is not None else None)
-
-
-# ------------------------------------------------------------------ what the front end supplies
-class _FrontEnd:
-    """Registered by :func:`set_front_end`: ``vocab(handle)`` -> the vocab (``K``, ``ids(device)``,
-    ``values_on(device)``, ``index_table(width, device)``); ``check_values(labels, hi,
-    ignore_index, weights, what)``: the strict data checks (raise on a bad label or weight)."""
-
-    vocab: Callable[[int], Any] | None = None
-    check_values: Callable[..., None] | None = None
-
-
-def set_front_end(vocab: Callable[[int], Any], check_values: Callable[..., None]) -> None:
-    """Register the vocab lookup by handle and the data checks (``ntl.losses`` does, at import)."""
-    _FrontEnd.vocab = vocab
-    _FrontEnd.check_values = check_values
-
-
-def _vocab(handle: int) -> Any:
-    if _FrontEnd.vocab is None:
-        raise RuntimeError("ntl.kernels.ntl_loss: no vocab lookup registered (import ntl first)")
-    return _FrontEnd.vocab(handle)
-
-
-class LossConfig(NamedTuple):
-    """Everything but the tensors: constants of one call (hashable, Python scalars only)."""
-
-    handle: int  # the vocab
-    W: int  # width of the label -> number-index table (labels >= W are text)
-    digit_cols: bool  # x holds the K number logits themselves (else: [N, V] logits)
-    pre_indexed: bool  # labels are already number indices k (-1: no part)
-    method: str  # a name registered in ntl.methods (the twin's formula, the kernel's code)
-    reduction: str  # none | sum | mean
-    ignore_index: int
-    reweigh: bool
-    dmax: float  # reweigh ceiling D
-    squash: bool
-    sq_a: float
-    sq_b: float
-    delta: float  # Huber delta
-    use_triton: bool
-    check: bool  # data-dependent checks (strict)
-    hi: int  # labels must be < hi (-1: no upper bound)
-    hi_what: str  # where hi came from (error message)
-    need_dz: bool
-
-
-def _vocab_tensors(cfg: LossConfig, device: torch.device) -> tuple[Tensor | None, Tensor, Tensor]:
-    """``(ids or None, values, index table [W + 1])`` from the vocab's cache."""
-    vocab = _vocab(cfg.handle)
-    ids = None if cfg.digit_cols else vocab.ids(device)
-    table = vocab.index_table(None if cfg.pre_indexed else cfg.W, device)
-    return ids, vocab.values_on(device), table
-
-
+# ------------------------------------------------------------------ the op (eager Function)
 def _forward(x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | None,
-             cfg: LossConfig, scale: Tensor | None = None) -> tuple[Tensor, ...]:
+             ids: Tensor | None, values: Tensor, table: Tensor, cfg: OpSettings,
+             scale: Tensor | None = None) -> tuple[Tensor, ...]:
     if cfg.check:
-        assert _FrontEnd.check_values is not None, "import ntl first"
-        _FrontEnd.check_values(labels, cfg.hi if cfg.hi >= 0 else None, cfg.ignore_index, weights, cfg.hi_what)
-    ids, values, lut = _vocab_tensors(cfg, x.device)
-    squash = (cfg.sq_a, cfg.sq_b) if cfg.squash else None
-    args = (x, labels, weights, soft, ids, values, lut, cfg.ignore_index, cfg.method, cfg.reduction,
-            cfg.reweigh, cfg.dmax, squash, cfg.delta)
+        check_label_values(labels, cfg.hi if cfg.hi >= 0 else None, cfg.ignore_index, weights, cfg.hi_what)
+    args = (x, labels, weights, soft, ids, values, table, cfg.ignore_index, cfg.method, cfg.reduction,
+            cfg.reweigh, cfg.dmax, cfg.squash, cfg.delta)
     if cfg.use_triton:
         if weights is not None and weights.dtype == torch.bool:
             weights = weights.view(torch.uint8)
@@ -481,24 +395,20 @@ def _forward(x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | N
 
 
 def _backward_x(g: Tensor, x: Tensor | None, size: tuple[int, int], dtype: torch.dtype,
-                saved: tuple[Tensor, ...], cfg: LossConfig) -> Tensor:
+                saved: tuple[Tensor, ...], ids: Tensor | None, reweigh: bool, dmax: float,
+                use_triton: bool) -> Tensor:
     """``dOut/dx``; ``x`` itself is read only with reweigh."""
     dz, rw, den, L, mass, lse = saved
-    ids = None if cfg.digit_cols else _vocab(cfg.handle).ids(dz.device)
-    args = (g, x, size, dtype, dz, rw, den, L, mass, lse, ids, cfg.reweigh, cfg.dmax)
-    if cfg.use_triton:
+    args = (g, x, size, dtype, dz, rw, den, L, mass, lse, ids, reweigh, dmax)
+    if use_triton:
         return ntl_loss_bwd_triton(*args)
     return ntl_loss_bwd_torch(*args)
 
 
-def _active(labels: Tensor, cfg: LossConfig) -> Tensor:
-    _, _, lut = _vocab_tensors(cfg, labels.device)
-    return number_index_torch(labels, lut, cfg.ignore_index) >= 0
-
-
-def _backward_w(g: Tensor, out: Tensor, rows: Tensor, rw: Tensor, den: Tensor, active: Tensor,
-                cfg: LossConfig) -> Tensor:
+def _backward_w(g: Tensor, out: Tensor, rows: Tensor, rw: Tensor, den: Tensor, labels: Tensor,
+                table: Tensor, cfg: OpSettings) -> Tensor:
     """``dOut/dw``: ``g rows`` (none, sum), ``g (rows - out) / den`` (mean), 0 off the number rows."""
+    active = number_index_torch(labels, table, cfg.ignore_index) >= 0
     gw = g * (rows - out) / den if cfg.reduction == "mean" else g * rows
     return torch.where(active, gw, torch.zeros((), device=gw.device))
 
@@ -508,53 +418,54 @@ class NTLLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | None,
-                cfg: LossConfig, scale: Tensor | None) -> Tensor:  # type: ignore[override]
-        out, rows, dz, rw, den, L, mass, lse = _forward(x, labels, weights, soft, cfg, scale)
+                ids: Tensor | None, values: Tensor, table: Tensor, cfg: OpSettings,
+                scale: Tensor | None) -> Tensor:  # type: ignore[override]
+        out, rows, dz, rw, den, L, mass, lse = _forward(x, labels, weights, soft, ids, values, table,
+                                                        cfg, scale)
         ctx.cfg = cfg
         ctx.shape = (tuple(x.shape), x.dtype)
-        ctx.save_for_backward(x if cfg.reweigh else None, labels, dz, rw, den, L, mass, lse, out, rows)
+        ctx.save_for_backward(x if cfg.reweigh else None, labels, dz, rw, den, L, mass, lse, out, rows,
+                              ids, table)
         ctx.mark_non_differentiable(labels)
         return out
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         no_double_backward("the standalone NTL loss")
-        x, labels, dz, rw, den, L, mass, lse, out, rows = ctx.saved_tensors
+        x, labels, dz, rw, den, L, mass, lse, out, rows, ids, table = ctx.saved_tensors
         cfg = ctx.cfg
         gx = gw = None
         if ctx.needs_input_grad[0]:
             size, dtype = ctx.shape
-            gx = _backward_x(g, x, size, dtype, (dz, rw, den, L, mass, lse), cfg)
+            gx = _backward_x(g, x, size, dtype, (dz, rw, den, L, mass, lse), ids, cfg.reweigh, cfg.dmax,
+                             cfg.use_triton)
         if ctx.needs_input_grad[2]:
-            gw = _backward_w(g, out, rows, rw, den, _active(labels, cfg), cfg)
-        return gx, None, gw, None, None, None
+            gw = _backward_w(g, out, rows, rw, den, labels, table, cfg)
+        return gx, None, gw, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------ custom ops (torch.compile)
-_CFG_FIELDS = LossConfig._fields
+_N_FIELDS = len(OpSettings._fields)
 
 
 @torch.library.custom_op("ntl::loss_fwd", mutates_args=())
 def _loss_fwd_op(
-    x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | None,
-    handle: int, W: int, digit_cols: bool, pre_indexed: bool, method: str, reduction: str,
-    ignore_index: int, reweigh: bool, dmax: float, squash: bool, sq_a: float, sq_b: float,
-    delta: float, use_triton: bool, check: bool, hi: int, hi_what: str, need_dz: bool,
-    scale: Tensor | None,
+    x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | None, ids: Tensor | None,
+    values: Tensor, table: Tensor, method: str, reduction: str, ignore_index: int, reweigh: bool,
+    dmax: float, sq_a: float, sq_b: float, delta: float, ntl_weight: float, use_triton: bool,
+    check: bool, hi: int, hi_what: str, need_dz: bool, scale: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    cfg = LossConfig(handle=handle, W=W, digit_cols=digit_cols, pre_indexed=pre_indexed,
-                     method=method, reduction=reduction, ignore_index=ignore_index,
-                     reweigh=reweigh, dmax=dmax, squash=squash, sq_a=sq_a, sq_b=sq_b,
-                     delta=delta, use_triton=use_triton, check=check, hi=hi, hi_what=hi_what,
-                     need_dz=need_dz)
-    return _forward(x, labels, weights, soft, cfg, scale)  # type: ignore[return-value]
+    cfg = OpSettings(method=method, reduction=reduction, ignore_index=ignore_index, reweigh=reweigh,
+                     dmax=dmax, sq_a=sq_a, sq_b=sq_b, delta=delta, ntl_weight=ntl_weight,
+                     use_triton=use_triton, check=check, hi=hi, hi_what=hi_what, need_dz=need_dz)
+    return _forward(x, labels, weights, soft, ids, values, table, cfg, scale)  # type: ignore[return-value]
 
 
 @_loss_fwd_op.register_fake
-def _(x, labels, weights, soft, handle, W, digit_cols, pre_indexed, method, reduction, ignore_index,
-      reweigh, dmax, squash, sq_a, sq_b, delta, use_triton, check, hi, hi_what, need_dz, scale):
+def _(x, labels, weights, soft, ids, values, table, method, reduction, ignore_index, reweigh, dmax,
+      sq_a, sq_b, delta, ntl_weight, use_triton, check, hi, hi_what, need_dz, scale):
     N = x.shape[0]
-    K = _vocab(handle).K
+    K = values.shape[0]
 
     def f32(*shape):
         return x.new_empty(shape, dtype=torch.float32)
@@ -568,64 +479,49 @@ def _(x, labels, weights, soft, handle, W, digit_cols, pre_indexed, method, redu
 @torch.library.custom_op("ntl::loss_bwd", mutates_args=())
 def _loss_bwd_op(
     g: Tensor, x: Tensor, dz: Tensor, rw: Tensor, den: Tensor, L: Tensor, mass: Tensor, lse: Tensor,
-    handle: int, digit_cols: bool, reweigh: bool, dmax: float, use_triton: bool,
+    ids: Tensor | None, reweigh: bool, dmax: float, use_triton: bool,
 ) -> Tensor:
-    cfg = LossConfig(handle=handle, W=0, digit_cols=digit_cols, pre_indexed=False, method="mse",
-                     reduction="none", ignore_index=-100, reweigh=reweigh, dmax=dmax,
-                     squash=False, sq_a=0.0, sq_b=1.0, delta=1.0, use_triton=use_triton,
-                     check=False, hi=-1, hi_what="", need_dz=True)
     size = cast(tuple[int, int], tuple(x.shape))  # x is [N, V]
-    return _backward_x(g, x, size, x.dtype, (dz, rw, den, L, mass, lse), cfg)
+    return _backward_x(g, x, size, x.dtype, (dz, rw, den, L, mass, lse), ids, reweigh, dmax, use_triton)
 
 
 @_loss_bwd_op.register_fake
-def _(g, x, dz, rw, den, L, mass, lse, handle, digit_cols, reweigh, dmax, use_triton):
+def _(g, x, dz, rw, den, L, mass, lse, ids, reweigh, dmax, use_triton):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("ntl::number_mask", mutates_args=())
-def _number_mask_op(labels: Tensor, handle: int, W: int, pre_indexed: bool, ignore_index: int) -> Tensor:
-    cfg = LossConfig(handle=handle, W=W, digit_cols=True, pre_indexed=pre_indexed, method="mse",
-                     reduction="none", ignore_index=ignore_index, reweigh=False, dmax=0.0,
-                     squash=False, sq_a=0.0, sq_b=1.0, delta=1.0, use_triton=False, check=False,
-                     hi=-1, hi_what="", need_dz=False)
-    return _active(labels, cfg)
-
-
-@_number_mask_op.register_fake
-def _(labels, handle, W, pre_indexed, ignore_index):
-    return torch.empty_like(labels, dtype=torch.bool)
-
-
 def _fwd_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, labels, _weights, _soft, *rest = inputs
-    cfg = LossConfig(*rest[:-1])  # the last input: the per-row scale
+    x, labels, _weights, _soft, ids, _values, table, *rest = inputs
+    cfg = OpSettings._make(rest[:_N_FIELDS])  # the last input: the per-row scale
     out, rows, dz, rw, den, L, mass, lse = output
     ctx.cfg = cfg
-    ctx.save_for_backward(x, labels, dz, rw, den, L, mass, lse, out, rows)
+    ctx.save_for_backward(x, labels, dz, rw, den, L, mass, lse, out, rows, ids, table)
 
 
 def _fwd_backward(ctx: Any, g: Tensor, *_unused: Any):
-    x, labels, dz, rw, den, L, mass, lse, out, rows = ctx.saved_tensors
+    x, labels, dz, rw, den, L, mass, lse, out, rows, ids, table = ctx.saved_tensors
     cfg = ctx.cfg
     gx = gw = None
     if ctx.needs_input_grad[0]:
-        gx = torch.ops.ntl.loss_bwd(g, x, dz, rw, den, L, mass, lse, cfg.handle, cfg.digit_cols,
-                                    cfg.reweigh, cfg.dmax, cfg.use_triton)
+        gx = torch.ops.ntl.loss_bwd(g, x, dz, rw, den, L, mass, lse, ids, cfg.reweigh, cfg.dmax,
+                                    cfg.use_triton)
     if ctx.needs_input_grad[2]:
-        active = torch.ops.ntl.number_mask(labels, cfg.handle, cfg.W, cfg.pre_indexed, cfg.ignore_index)
-        gw = _backward_w(g, out, rows, rw, den, active, cfg)
-    return (gx, None, gw, None) + (None,) * (len(_CFG_FIELDS) + 1)
+        gw = _backward_w(g, out, rows, rw, den, labels, table, cfg)
+    return (gx, None, gw) + (None,) * (4 + _N_FIELDS + 1)
 
 
 _loss_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
 def ntl_loss_apply(x: Tensor, labels: Tensor, weights: Tensor | None, soft: Tensor | None,
-                   cfg: LossConfig, scale: Tensor | None = None) -> Tensor:
-    """The loss (scalar, or ``[N]`` for ``reduction="none"``) of ``x [N, V or K]`` and ``labels [N]``;
-    ``scale [N]`` fp32: a per-row factor of the row loss (DEL's place weights; not in the mean's
-    divisor)."""
+                   ids: Tensor | None, values: Tensor, table: Tensor, cfg: OpSettings,
+                   scale: Tensor | None = None) -> Tensor:
+    """The loss (scalar, or ``[N]`` for ``reduction="none"``) of ``x [N, V or K]`` and ``labels [N]``.
+
+    The vocab as tensors: ``ids [K]`` the number-token columns of ``x`` (``None``: ``x`` holds the
+    ``K`` number logits themselves), ``values [K]`` fp32, ``table [W + 1]`` the label -> number
+    index lookup (:meth:`ntl.NumberVocab.index_table`). ``scale [N]`` fp32: a per-row factor of
+    the row loss (DEL's place weights; not in the mean's divisor)."""
     if torch.compiler.is_compiling():
-        return torch.ops.ntl.loss_fwd(x, labels, weights, soft, *cfg, scale)[0]
-    return NTLLossFunction.apply(x, labels, weights, soft, cfg, scale)
+        return torch.ops.ntl.loss_fwd(x, labels, weights, soft, ids, values, table, *cfg, scale)[0]
+    return NTLLossFunction.apply(x, labels, weights, soft, ids, values, table, cfg, scale)

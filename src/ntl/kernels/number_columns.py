@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-from ._triton import BACKENDS, HAS_TRITON, next_pow2, no_double_backward, require_triton, tl, triton
+from ._triton import (
+    HAS_TRITON,
+    check_backend,
+    next_pow2,
+    no_double_backward,
+    resolve_backend,
+    tl,
+    triton,
+)
 from .reference import digit_gather_torch
 
 __all__ = ["digit_gather", "scatter_rows"]
@@ -118,8 +126,7 @@ def digit_gather(logits: torch.Tensor, ids: torch.Tensor, *, backend: str = "aut
                         + (str(logits.dtype) if isinstance(logits, torch.Tensor) else type(logits).__name__))
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    check_backend(backend)
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 1:
         raise TypeError("ids must be a 1-D int64/int32 tensor of token ids, got "
                         + (f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor)
@@ -138,9 +145,8 @@ def digit_gather(logits: torch.Tensor, ids: torch.Tensor, *, backend: str = "aut
     ids = ids.long()
     lead = logits.shape[:-1]
     x = logits.reshape(-1, V)
-    if backend == "torch" or (backend == "auto" and not (HAS_TRITON and logits.is_cuda)):
+    if not resolve_backend(backend, logits):
         return digit_gather_torch(x, ids).view(*lead, ids.numel())
-    require_triton(logits)
     if x.stride(-1) != 1:
         x = x.contiguous()
     return DigitGather.apply(x, ids).view(*lead, ids.numel())

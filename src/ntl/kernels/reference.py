@@ -309,3 +309,89 @@ def number_mass_torch(x2d: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor |
         e, s = _exp_rows(x2d, sel, buf[:sel.numel()])
         m.index_copy_(0, sel, e.index_select(1, ids).sum(1) / s)
     return z, m
+
+
+def pow2_row_scale(gmax: torch.Tensor) -> torch.Tensor:
+    """``S = 2^j`` with ``gmax * S`` in ``[2^14, 2^15)`` (``j`` in ``[-126, 126]``; 1 where
+    ``gmax == 0``): the per-row scale of fp16 gradients (the kernel's ``ROW_SCALE``)."""
+    _, e = torch.frexp(gmax)  # gmax in [2^(e-1), 2^e)
+    S = torch.ldexp(torch.ones_like(gmax), (15 - e).clamp(-126, 126))
+    return torch.where(gmax > 0, S, torch.ones((), device=gmax.device))
+
+
+def ce_ntl_rows_torch(
+    x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, method: str, reweigh: bool, dmax: float,
+    out: torch.Tensor | None, rinv: torch.Tensor | None = None,
+    squash: tuple[float, float] | None = None, huber_delta: float = 1.0,
+    rows: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row block: CE and NTL per row, and the scaled gradient written to ``out``.
+
+    ``out`` may alias ``x`` (in-place mode): everything read from ``x`` is read first;
+    ``out=None``: losses only (evaluation), ``x`` is only read.
+    With ``rinv`` (fp16 gradients) row ``i`` is stored times ``S_i``
+    (:func:`pow2_row_scale` of the bound ``max(|coef|, |g_label|, max_k |g_k|)``, as in
+    the kernel) and ``rinv[i] = 1 / S_i``. A row with ``a = b = 0`` gets zeros (also
+    when its logits are all ``-inf``). ``squash = (sq_a, sq_b)``: the W1 distances
+    ``d > 0`` become ``sq_a + sq_b d`` (:func:`ntl.methods.squash_table`); ``huber_delta``:
+    the Huber threshold; ``method`` a name in :mod:`ntl.methods`. ``rows``: the block's
+    ``(L [n], dL/dz [n, K])`` of the row formula computed beforehand (for all blocks at once:
+    :func:`.ce_ntl.fused_forward`); ``dL/dz`` may be ``None`` with ``out=None``. Returns
+    ``(ce [n], ntl [n])`` fp32 (unscaled per-row losses).
+    """
+    V = x.shape[1]
+    zero = torch.zeros((), device=x.device)
+    xf = x.float()
+    z = xf.index_select(1, ids) if rows is None else None  # read before out (maybe x) is written
+    lab = labels.clamp(0, V - 1)[:, None]
+    x_lab = xf.gather(1, lab).squeeze(1)
+    m = xf.amax(1, keepdim=True)
+    m = m.masked_fill(m == float("-inf"), 0.0)  # an all -inf row: p = 0, not NaN
+    if out is not None and out.dtype == torch.float32 and (
+            out.data_ptr() == x.data_ptr() or out.is_contiguous()):
+        p = torch.sub(xf, m, out=out)  # exp computed straight into the gradient buffer
+    else:
+        p = xf - m
+    p.exp_()
+    s = p.sum(1)
+    ce = m.squeeze(1) + s.log() - x_lab
+    if rows is not None:
+        L, dz_given = rows
+        if dz_given is not None:
+            dz = dz_given
+        elif out is not None:
+            raise ValueError("ce_ntl_rows_torch: rows needs dL/dz when the gradient is written")
+    elif out is None:
+        L = ntl_rows_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)  # pyright: ignore[reportArgumentType]
+    else:
+        L, dz, _ = ntl_rows_grad_torch(z, k, values, method, squash=squash, huber_delta=huber_delta)  # pyright: ignore[reportArgumentType]
+    s = s.clamp_min(1.0)  # no-op for a row with a finite logit; 0 -> 1 for an all -inf row
+    coef = a / s
+    # dz and digit are bound exactly when out is not None (which the type checker cannot follow)
+    if reweigh:
+        pd = torch.where((k >= 0)[:, None], p.index_select(1, ids) / s[:, None], zero)
+        mass = pd.sum(1)
+        if out is not None:
+            rel = L - dmax
+            coef = coef - b * rel * mass / s
+            digit = b[:, None] * (mass[:, None] * dz + rel[:, None] * pd)  # pyright: ignore[reportPossiblyUnboundVariable]
+        L = torch.where(k >= 0, mass * L + dmax * (1.0 - mass), zero)
+    elif out is not None:
+        digit = b[:, None] * dz  # pyright: ignore[reportPossiblyUnboundVariable]
+    if out is None:
+        return ce, L
+    a_s = a
+    if rinv is not None:
+        g_lab = coef * torch.exp(x_lab - m.squeeze(1)) - a
+        gd = coef[:, None] * p.index_select(1, ids) + digit - torch.where(ids[None, :] == lab, a[:, None], zero)  # pyright: ignore[reportPossiblyUnboundVariable]
+        gd_max = torch.where((k >= 0)[:, None], gd.abs(), zero).amax(1)
+        S = pow2_row_scale(torch.maximum(torch.maximum(coef.abs(), g_lab.abs()), gd_max))
+        coef, a_s, digit = coef * S, a * S, digit * S[:, None]  # pyright: ignore[reportPossiblyUnboundVariable]
+        rinv.copy_(1.0 / S)
+    p.mul_(coef[:, None])
+    p.scatter_add_(1, lab, -a_s[:, None])
+    p.index_add_(1, ids, digit)  # pyright: ignore[reportPossiblyUnboundVariable]
+    if p.data_ptr() != out.data_ptr():
+        out.copy_(p)
+    return ce, L
