@@ -102,6 +102,7 @@ class RLConfig:
     bonus_weight: float = 0.1
     sft_steps: int = 1000
     del_weight: float = 0.1
+    digit_credit: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
