@@ -203,9 +203,16 @@ def test_tiny_rl_stage_reuses_the_ce_model_and_applies_ntl(tmp_path, capsys):
     assert all(x is not None and 0.0 <= x <= 0.1 for x in bonus)
     # the "before" metrics are the supervised CE model's, the same for every arm
     before = run["before"]["all"]
-    for m in ("exact_match", "mae", "digit_accuracy"):
+    for m in ("exact_match", "sampled_exact_match", "mae", "digit_accuracy"):
         ch = res["change"]["GRPO+NTL"]["all"][m]["mean"]
         assert ch == pytest.approx(run["arms"]["GRPO+NTL"]["metrics"]["all"][m] - before[m])
+    # the sampled exact match: the same before value from every arm's job, a probability after
+    assert 0.0 <= before["sampled_exact_match"] <= 1.0
+    assert {a["sampled_before"]["all"] for a in run["arms"].values()} == {before["sampled_exact_match"]}
+    for arm in run["arms"].values():
+        assert 0.0 <= arm["metrics"]["all"]["sampled_exact_match"] <= 1.0
+    assert "sampled exact" in res["table"] and "Δ sampled exact" in res["paired_table"]
+    assert "sampled exact (T=1)" in first
     # a second run in the same folder reuses the CE model (same configuration hash) ...
     assert main([*TINY_RL, "--out", str(out)]) == 0
     assert "reused for seeds [0]" in capsys.readouterr().out
