@@ -83,8 +83,14 @@ def verdicts(paired: dict[str, Any], baseline: str, group: str = "all",
         for m, hib in compared.items():
             d = by_group[group][m]
             lines.append(verdict(arm, baseline, _HEAD[m], d, higher_is_better=hib,
-                                 decimals=1 if m == "mae" else 3))
+                                 decimals=1 if m == "mae" else _decimals(m)))
     return lines
+
+
+def _decimals(metric: str) -> int:
+    """Decimals of a metric's values and differences: 2 for the MAE, 4 for the sampled exact
+    match (its paired differences between arms are a few 1e-4), 3 otherwise."""
+    return 2 if metric in ("mae", "median_ae") else 4 if metric == "sampled_exact_match" else 3
 
 
 def _fmt(stat: dict[str, Any], metric: str, with_std: bool) -> str:
@@ -94,8 +100,9 @@ def _fmt(stat: dict[str, Any], metric: str, with_std: bool) -> str:
     if metric in ("mae", "median_ae"):
         s = f"{m:.2f}" if m < 100 else f"{m:.0f}"
         return f"{s} ± {sd:.2f}" if with_std else s
-    s = f"{m:.3f}"
-    return f"{s} ± {sd:.3f}" if with_std else s
+    p = _decimals(metric)
+    s = f"{m:.{p}f}"
+    return f"{s} ± {sd:.{p}f}" if with_std else s
 
 
 def _render(cols: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -121,7 +128,7 @@ def format_table(summary: dict[str, Any], arms: Sequence[str], groups: Sequence[
 def format_ci(d: dict[str, Any], metric: str, with_mdd: bool = False) -> str:
     """``mean [lo, hi]`` of a t-interval (just the mean without an interval); with
     ``with_mdd``, `` MDD m`` after it (the minimum detectable difference, when known)."""
-    p = 2 if metric == "mae" else 3
+    p = _decimals(metric)
     if d["mean"] is None:
         return "n/a"
     if d["lo"] is None:
@@ -158,7 +165,7 @@ def compare_to_reference(summary: dict[str, Any], reference: dict[str, Any] | No
             if ref is None or v is None:
                 continue
             pos = position_in_range(v, ref["min"], ref["max"])
-            p = 2 if m == "mae" else 3
+            p = _decimals(m)
             parts.append(f"{_HEAD[m]} {v:.{p}f} {pos} [{ref['min']:.{p}f}, {ref['max']:.{p}f}]")
         if parts:
             out.append(f"  {a:<12} " + "; ".join(parts))
