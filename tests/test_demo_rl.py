@@ -19,7 +19,12 @@ pytest.importorskip("trl")
 
 from ntl.demo import main
 from ntl.demo.common import strip_volatile
-from ntl.demo.rl import answer_probability, make_bonus_reward
+from ntl.demo.rl import (
+    answer_probability,
+    make_bonus_reward,
+    make_digit_credit_reward,
+    make_exact_reward,
+)
 from ntl.demo.task import Problem, demo_tokenizer, encode, parse_answer
 from ntl.demo.train import ModelConfig, build_model
 
@@ -166,6 +171,44 @@ def test_answer_probability_is_the_expected_sampled_exact_match():
                 hits += parse_answer(tok.decode(row)) == p.answer
     freq, mean = hits / (2 * n), sum(got) / 2
     assert abs(freq - mean) < 4 * math.sqrt(mean * (1 - mean) / (2 * n)) + 0.01
+
+
+def test_exact_reward_reads_completions_as_the_evaluation_does():
+    """``make_exact_reward``: 1 only for ``####`` + the right digits (leading zeros allowed, as
+    ``parse_answer`` reads them) before ``<eos>``; junk after or before the number, a special
+    token inside it or a missing digit scores 0 (the lenient ``correctness_reward`` of
+    ``ntl.rewards``, on TRL's special-token-free text, scores some of these 1)."""
+    from ntl.rewards import correctness_reward
+
+    tok = demo_tokenizer()
+    v = tok.get_vocab()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    cases = [  # (completion ids, exact reward by hand)
+        ([*encode(v, "####579"), eos], 1.0),
+        ([*encode(v, "####0579"), eos], 1.0),
+        ([*encode(v, "####579")], 1.0),  # cut at max length: the text is the same
+        ([*encode(v, "####579="), eos], 0.0),
+        ([*encode(v, "####+579"), eos], 0.0),
+        ([*encode(v, "####57"), pad, *encode(v, "9"), eos], 0.0),
+        ([*encode(v, "####57"), eos], 0.0),
+        ([*encode(v, "####579"), eos, *encode(v, "1")], 1.0),  # after <eos>: not read
+    ]
+    fn = make_exact_reward(tok)
+    assert fn.__name__ == "correctness_reward"
+    got = fn(completion_ids=[c for c, _ in cases], ground_truth=["579"] * len(cases))
+    assert got == [w for _, w in cases]
+    # the lenient reward on TRL's decoded text (skip_special_tokens) accepts some of the junk
+    texts = tok.batch_decode([c[: c.index(eos)] if eos in c else c for c, _ in cases],
+                             skip_special_tokens=True)
+    lenient = correctness_reward(texts, ground_truth=["579"] * len(cases))
+    assert lenient[3] == lenient[4] == lenient[5] == 1.0
+
+
+def test_digit_credit_reward_by_hand():
+    fn = make_digit_credit_reward(0.5)
+    got = fn(completions=["####579", "####589", "####57", "579", "####0579"],
+             ground_truth=["579"] * 5)
+    assert got == pytest.approx([0.5, 0.5 * 2 / 3, 0.0, 0.0, 0.5 * 3 / 4])
 
 
 def test_tiny_rl_stage_reuses_the_ce_model_and_applies_ntl(tmp_path, capsys):

@@ -103,6 +103,7 @@ class RLConfig:
     sft_steps: int = 1000
     del_weight: float = 0.1
     digit_credit: float = 0.0
+    reward: str = "correctness"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,8 +20,12 @@ generation batch is the same in every arm). The arms differ only in NTL:
   the final-answer digits (:func:`ntl.rewards.ntl_bonus_from_digit_probs`); NTL weight 0.
 
 Correctness is :func:`ntl.rewards.correctness_reward` (the number after ``####`` equals
-the ground truth). Before and after, each model is evaluated on the held-out problems with
-greedy decoding, as in the supervised stage.
+the ground truth); with ``rl.digit_credit > 0`` a second reward adds that weight times the
+answer's place-value digit accuracy (:func:`make_digit_credit_reward`; off by default).
+Before and after, each model is evaluated on the held-out problems with greedy decoding, as
+in the supervised stage, and by the expected exact match of one answer sampled at the GRPO
+temperature (``sampled_exact_match``, :func:`answer_probability`): the quantity GRPO
+optimises.
 """
 
 from __future__ import annotations
@@ -39,11 +43,11 @@ import torch
 
 from .config import OP_NAMES, RL_SEED_OFFSET, Settings
 from .sft import ce_model_paths, eval_problems, evaluate, load_ce_model, sft_job
-from .task import Problem, build_batch, demo_tokenizer, digit_accuracy, make_problems
+from .task import Problem, build_batch, demo_tokenizer, digit_accuracy, make_problems, parse_answer
 from .train import Arm
 
-__all__ = ["RLArm", "answer_probability", "make_bonus_reward", "rl_arms", "rl_job", "run_rl",
-           "sampled_metrics"]
+__all__ = ["RLArm", "answer_probability", "make_bonus_reward", "make_digit_credit_reward",
+           "rl_arms", "rl_job", "run_rl", "sampled_metrics"]
 
 #: What is kept of TRL's per-step logs (``trainer.state.log_history``).
 HISTORY_KEYS = (
@@ -163,6 +167,33 @@ def sampled_metrics(model: Any, problems: list[Problem], tok: Any, s: Settings,
     return {g: sum(p[i] for i in idx) / len(idx) for g, idx in groups.items() if idx}
 
 
+def make_exact_reward(tok: Any) -> Callable[..., list[float]]:
+    """A TRL reward function (named ``correctness_reward``, so TRL logs it under
+    ``rewards/correctness_reward/mean`` like the lenient one): 1.0 when the completion, read
+    as the held-out evaluation reads a greedy one, is the right answer, else 0.0.
+
+    The text is the decoded ``completion_ids`` up to the first ``<eos>`` with special tokens
+    kept (``"####1<pad>7"`` stays unparsable), parsed by :func:`ntl.demo.task.parse_answer`
+    (``####``, an optional ``-`` and digits, nothing else). :func:`ntl.rewards.correctness_reward`
+    is more lenient: TRL decodes with ``skip_special_tokens=True`` and
+    :func:`ntl.answers.extract_answer` takes ``"####579="`` or ``"####+579"`` as 579, so a
+    policy trained on it learns completions that the evaluation counts as wrong."""
+    eos = tok.eos_token_id
+
+    def correctness_reward(completion_ids: list[list[int]], ground_truth: list[str],
+                           **kwargs: Any) -> list[float]:
+        out = []
+        for ids, t in zip(completion_ids, ground_truth, strict=True):
+            ids = list(ids)
+            if eos in ids:
+                ids = ids[: ids.index(eos)]
+            pred = parse_answer(tok.decode(ids))
+            out.append(float(pred is not None and pred == int(t)))
+        return out
+
+    return correctness_reward
+
+
 def make_digit_credit_reward(weight: float) -> Callable[..., list[float]]:
     """A TRL reward function ``digit_credit`` = ``weight`` times the place-value digit accuracy
     of the completion against the ground truth (:func:`ntl.demo.task.digit_accuracy`: 0 for an
@@ -227,7 +258,7 @@ def rl_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[str
         logging_steps=1, save_strategy="no", seed=seed, disable_tqdm=True,
         gradient_checkpointing=False,
     )
-    rewards: list[Any] = [correctness_reward]
+    rewards: list[Any] = [make_exact_reward(tok) if rl.reward == "exact" else correctness_reward]
     holder = None
     if rl.digit_credit:
         rewards.append(make_digit_credit_reward(rl.digit_credit))
