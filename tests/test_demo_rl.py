@@ -209,6 +209,12 @@ def test_digit_credit_reward_by_hand():
     got = fn(completions=["####579", "####589", "####57", "579", "####0579"],
              ground_truth=["579"] * 5)
     assert got == pytest.approx([0.5, 0.5 * 2 / 3, 0.0, 0.0, 0.5 * 3 / 4])
+    from ntl.demo.config import RLConfig
+
+    with pytest.raises(ValueError, match=r"rl\.reward"):
+        RLConfig(reward="lenient")
+    with pytest.raises(ValueError, match="digit_credit"):
+        RLConfig(digit_credit=-0.1)
 
 
 def test_tiny_rl_stage_reuses_the_ce_model_and_applies_ntl(tmp_path, capsys):
