@@ -47,7 +47,7 @@ from .task import Problem, build_batch, demo_tokenizer, digit_accuracy, make_pro
 from .train import Arm
 
 __all__ = ["RLArm", "answer_probability", "make_bonus_reward", "make_digit_credit_reward",
-           "rl_arms", "rl_job", "run_rl", "sampled_metrics"]
+           "make_exact_reward", "rl_arms", "rl_job", "run_rl", "sampled_metrics"]
 
 #: What is kept of TRL's per-step logs (``trainer.state.log_history``).
 HISTORY_KEYS = (
@@ -176,8 +176,8 @@ def make_exact_reward(tok: Any) -> Callable[..., list[float]]:
     kept (``"####1<pad>7"`` stays unparsable), parsed by :func:`ntl.demo.task.parse_answer`
     (``####``, an optional ``-`` and digits, nothing else). :func:`ntl.rewards.correctness_reward`
     is more lenient: TRL decodes with ``skip_special_tokens=True`` and
-    :func:`ntl.answers.extract_answer` takes ``"####579="`` or ``"####+579"`` as 579, so a
-    policy trained on it learns completions that the evaluation counts as wrong."""
+    :func:`ntl.answers.extract_answer` takes ``"####579="`` or ``"####+579"`` as 579, answers
+    the evaluation counts as wrong. (On this task the two gave identical runs: docs/demo.md.)"""
     eos = tok.eos_token_id
 
     def correctness_reward(completion_ids: list[list[int]], ground_truth: list[str],
