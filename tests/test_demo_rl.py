@@ -19,8 +19,13 @@ pytest.importorskip("trl")
 
 from ntl.demo import main
 from ntl.demo.common import strip_volatile
-from ntl.demo.rl import make_bonus_reward
-from ntl.demo.task import demo_tokenizer, encode
+from ntl.demo.rl import (
+    answer_probability,
+    make_bonus_reward,
+    make_digit_credit_reward,
+    make_exact_reward,
+)
+from ntl.demo.task import Problem, demo_tokenizer, encode, parse_answer
 from ntl.demo.train import ModelConfig, build_model
 
 TINY_RL = ["--rl", "--rl-sft-steps", "30", "--batch-size", "16", "--eval-size", "24", "--hidden", "32",
@@ -80,6 +85,138 @@ def test_bonus_reward_by_hand():
     assert all(0.0 < g <= 0.1 for g in got)
 
 
+class _Bigram(torch.nn.Module):
+    """A model whose next-token logits depend only on the current token: ``table[id]``."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+
+    def forward(self, input_ids, **kwargs):
+        class _Out:
+            pass
+
+        out = _Out()
+        out.logits = self.table[input_ids]
+        return out
+
+
+def test_answer_probability_by_hand_on_a_bigram_model():
+    """The probability of ``####`` answer ``<eos>`` at temperature T, against the product of
+    hand-taken softmax entries of a bigram table (prompt tokens play no role but the last)."""
+    tok = demo_tokenizer()
+    v = tok.get_vocab()
+    g = torch.Generator().manual_seed(3)
+    table = 2.0 * torch.randn(len(v), len(v), generator=g)
+    model = _Bigram(table)
+    probs = [Problem(12, "+", 5), Problem(3, "*", 7), Problem(0, "+", 0)]
+    for T in (1.0, 0.5):
+        got = answer_probability(model, probs, tok, 3, 15, torch.device("cpu"), temperature=T)
+        for p, q in zip(probs, got, strict=True):
+            prev = v["="]
+            want = 1.0
+            for t in [*encode(v, p.completion), tok.eos_token_id]:
+                want *= math.exp(table[prev, t].item() / T) / sum(
+                    math.exp(x / T) for x in table[prev].tolist())
+                prev = t
+            assert q == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        answer_probability(model, probs, tok, 3, 15, torch.device("cpu"), temperature=0.0)
+
+
+def test_answer_probability_is_the_expected_sampled_exact_match():
+    """On a real (tiny) Qwen2 model: (1) against autoregressive prefix-by-prefix forwards, one
+    problem at a time (no batching, no teacher-forced shift); (2) the mean over problems
+    against the exact match of answers sampled from the model at T = 1 (plain multinomial
+    sampling, 4,000 draws, parsed like the evaluation), within 4 binomial sigmas."""
+    tok = demo_tokenizer()
+    v = tok.get_vocab()
+    torch.manual_seed(0)
+    model = build_model(tok, ModelConfig(32, 1, 4, 64), 15, torch.device("cpu"))
+    probs = [Problem(12, "+", 5), Problem(3, "*", 7)]
+    # make the right answers likely: a few steps of teacher-forced CE on these two problems
+    from ntl.demo.task import build_batch
+
+    ids, labels = build_batch(probs, tok, 3, 15)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(25):
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    got = answer_probability(model, probs, tok, 3, 15, torch.device("cpu"))
+    for p, q in zip(probs, got, strict=True):
+        seq = [tok.bos_token_id, *encode(v, p.prompt(3))]
+        want = 1.0
+        with torch.no_grad():
+            for t in [*encode(v, p.completion), tok.eos_token_id]:
+                want *= torch.softmax(model(input_ids=torch.tensor([seq])).logits[0, -1], -1)[t].item()
+                seq.append(t)
+        assert q == pytest.approx(want, rel=1e-4)
+    assert 0.2 < sum(got) / 2 < 0.9  # the sampling check below has something to measure
+    g = torch.Generator().manual_seed(1)
+    n, hits = 2000, 0
+    with torch.no_grad():
+        for p in probs:
+            seq = torch.tensor([[tok.bos_token_id, *encode(v, p.prompt(3))]] * n)
+            for _ in range(6):
+                nxt = torch.multinomial(torch.softmax(model(input_ids=seq).logits[:, -1], -1), 1,
+                                        generator=g)
+                seq = torch.cat([seq, nxt], 1)
+            for row in seq[:, 1 + len(p.prompt(3)) :].tolist():
+                row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+                hits += parse_answer(tok.decode(row)) == p.answer
+    freq, mean = hits / (2 * n), sum(got) / 2
+    assert abs(freq - mean) < 4 * math.sqrt(mean * (1 - mean) / (2 * n)) + 0.01
+
+
+def test_exact_reward_reads_completions_as_the_evaluation_does():
+    """``make_exact_reward``: 1 only for ``####`` + the right digits (leading zeros allowed, as
+    ``parse_answer`` reads them) before ``<eos>``; junk after or before the number, a special
+    token inside it or a missing digit scores 0 (the lenient ``correctness_reward`` of
+    ``ntl.rewards``, on TRL's special-token-free text, scores some of these 1)."""
+    from ntl.rewards import correctness_reward
+
+    tok = demo_tokenizer()
+    v = tok.get_vocab()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    cases = [  # (completion ids, exact reward by hand)
+        ([*encode(v, "####579"), eos], 1.0),
+        ([*encode(v, "####0579"), eos], 1.0),
+        ([*encode(v, "####579")], 1.0),  # cut at max length: the text is the same
+        ([*encode(v, "####579="), eos], 0.0),
+        ([*encode(v, "####+579"), eos], 0.0),
+        ([*encode(v, "####57"), pad, *encode(v, "9"), eos], 0.0),
+        ([*encode(v, "####57"), eos], 0.0),
+        ([*encode(v, "####579"), eos, *encode(v, "1")], 1.0),  # after <eos>: not read
+    ]
+    fn = make_exact_reward(tok)
+    assert fn.__name__ == "correctness_reward"
+    got = fn(completion_ids=[c for c, _ in cases], ground_truth=["579"] * len(cases))
+    assert got == [w for _, w in cases]
+    # the lenient reward on TRL's decoded text (skip_special_tokens) accepts some of the junk
+    texts = tok.batch_decode([c[: c.index(eos)] if eos in c else c for c, _ in cases],
+                             skip_special_tokens=True)
+    lenient = correctness_reward(texts, ground_truth=["579"] * len(cases))
+    assert lenient[3] == lenient[4] == lenient[5] == 1.0
+
+
+def test_digit_credit_reward_by_hand():
+    fn = make_digit_credit_reward(0.5)
+    got = fn(completions=["####579", "####589", "####57", "579", "####0579"],
+             ground_truth=["579"] * 5)
+    assert got == pytest.approx([0.5, 0.5 * 2 / 3, 0.0, 0.0, 0.5 * 3 / 4])
+    from ntl.demo.config import RLConfig
+
+    with pytest.raises(ValueError, match=r"rl\.reward"):
+        RLConfig(reward="lenient")
+    with pytest.raises(ValueError, match="digit_credit"):
+        RLConfig(digit_credit=-0.1)
+
+
 def test_tiny_rl_stage_reuses_the_ce_model_and_applies_ntl(tmp_path, capsys):
     out = tmp_path / "rl"
     assert main([*TINY_RL, "--out", str(out)]) == 0
@@ -115,9 +252,16 @@ def test_tiny_rl_stage_reuses_the_ce_model_and_applies_ntl(tmp_path, capsys):
     assert all(x is not None and 0.0 <= x <= 0.1 for x in bonus)
     # the "before" metrics are the supervised CE model's, the same for every arm
     before = run["before"]["all"]
-    for m in ("exact_match", "mae", "digit_accuracy"):
+    for m in ("exact_match", "sampled_exact_match", "mae", "digit_accuracy"):
         ch = res["change"]["GRPO+NTL"]["all"][m]["mean"]
         assert ch == pytest.approx(run["arms"]["GRPO+NTL"]["metrics"]["all"][m] - before[m])
+    # the sampled exact match: the same before value from every arm's job, a probability after
+    assert 0.0 <= before["sampled_exact_match"] <= 1.0
+    assert {a["sampled_before"]["all"] for a in run["arms"].values()} == {before["sampled_exact_match"]}
+    for arm in run["arms"].values():
+        assert 0.0 <= arm["metrics"]["all"]["sampled_exact_match"] <= 1.0
+    assert "sampled exact" in res["table"] and "Δ sampled exact" in res["paired_table"]
+    assert "sampled exact (T=1)" in first
     # a second run in the same folder reuses the CE model (same configuration hash) ...
     assert main([*TINY_RL, "--out", str(out)]) == 0
     assert "reused for seeds [0]" in capsys.readouterr().out

@@ -91,7 +91,10 @@ def parse_arms(specs: list[str] | tuple[str, ...], ntl_weight: float = 0.3) -> t
 @dataclass(frozen=True)
 class RLConfig:
     """GRPO settings of the RL stage (``ntl demo --rl``); ``sft_steps``: the supervised
-    steps of the CE model GRPO starts from (the other supervised settings are the stage's)."""
+    steps of the CE model GRPO starts from (the other supervised settings are the stage's);
+    ``reward``: ``"correctness"`` (:func:`ntl.rewards.correctness_reward`, lenient) or
+    ``"exact"`` (:func:`ntl.demo.rl.make_exact_reward`: the answer read as the evaluation
+    reads it); ``digit_credit``: the weight of a second, partial-credit reward (0: none)."""
 
     steps: int = 200
     prompts_per_step: int = 8
@@ -102,6 +105,14 @@ class RLConfig:
     bonus_weight: float = 0.1
     sft_steps: int = 1000
     del_weight: float = 0.1
+    digit_credit: float = 0.0
+    reward: str = "correctness"
+
+    def __post_init__(self) -> None:
+        if self.reward not in ("correctness", "exact"):
+            raise ValueError(f"rl.reward must be 'correctness' or 'exact', got {self.reward!r}")
+        if not self.digit_credit >= 0:
+            raise ValueError(f"rl.digit_credit must be >= 0, got {self.digit_credit}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,8 @@ log: logging.Logger = logging.getLogger("ntl")
 __all__ = [
     "COMPARED",
     "METRICS",
+    "RL_COMPARED",
+    "RL_METRICS",
     "compare_to_reference",
     "format_ci",
     "format_paired",
@@ -30,6 +32,11 @@ METRICS = ("exact_match", "digit_accuracy", "mae", "median_ae", "unparsable", "d
 #: digit entropy is reported as higher or lower only).
 COMPARED: dict[str, bool | None] = {"exact_match": True, "mae": False, "digit_accuracy": True,
                                     "digit_entropy": None}
+#: The RL stage's metrics: the above plus ``sampled_exact_match``, the expected exact match of
+#: one answer sampled at the GRPO temperature (:func:`ntl.demo.rl.answer_probability`).
+RL_METRICS = (*METRICS[:1], "sampled_exact_match", *METRICS[1:])
+RL_COMPARED: dict[str, bool | None] = {"exact_match": True, "sampled_exact_match": True,
+                                       **{k: v for k, v in COMPARED.items() if k != "exact_match"}}
 _HEAD = {
     "exact_match": "exact",
     "digit_accuracy": "digit acc",
@@ -37,6 +44,7 @@ _HEAD = {
     "median_ae": "median AE",
     "unparsable": "unparsable",
     "digit_entropy": "digit H (nats)",
+    "sampled_exact_match": "sampled exact",
 }
 Getter = Callable[[dict[str, Any], str, str, str], float | None]
 
@@ -46,35 +54,43 @@ def _metric(run: dict[str, Any], arm: str, group: str, metric: str) -> float | N
 
 
 def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str], groups: Sequence[str],
-              get: Getter = _metric) -> dict[str, Any]:
+              get: Getter = _metric, metrics: Sequence[str] = METRICS) -> dict[str, Any]:
     """``{arm: {group: {metric: describe(values over seeds)}}}`` (mean, sample std, min, max,
     n); ``get(run, arm, group, metric)`` reads one value."""
-    return {arm: {g: {m: describe([get(r, arm, g, m) for r in runs]) for m in METRICS}
+    return {arm: {g: {m: describe([get(r, arm, g, m) for r in runs]) for m in metrics}
                   for g in groups} for arm in arms}
 
 
 def paired_table(runs: Sequence[dict[str, Any]], arms: Sequence[str], groups: Sequence[str],
-                 baseline: str, get: Getter = _metric) -> dict[str, Any]:
+                 baseline: str, get: Getter = _metric,
+                 compared: dict[str, bool | None] = COMPARED) -> dict[str, Any]:
     """``{arm: {group: {metric: t_interval of (arm - baseline) over seeds}}}`` for the
-    :data:`COMPARED` metrics and every arm but ``baseline``."""
+    ``compared`` metrics (:data:`COMPARED`) and every arm but ``baseline``."""
     out: dict[str, Any] = {a: {} for a in arms if a != baseline}
     for g in groups:
-        for m in COMPARED:
+        for m in compared:
             diffs = paired_differences({a: [get(r, a, g, m) for r in runs] for a in arms}, baseline)
             for a, d in diffs.items():
                 out[a].setdefault(g, {})[m] = d
     return out
 
 
-def verdicts(paired: dict[str, Any], baseline: str, group: str = "all") -> list[str]:
+def verdicts(paired: dict[str, Any], baseline: str, group: str = "all",
+             compared: dict[str, bool | None] = COMPARED) -> list[str]:
     """One plain-words sentence per arm and compared metric (:func:`ntl.demo.stats.verdict`)."""
     lines = []
     for arm, by_group in paired.items():
-        for m, hib in COMPARED.items():
+        for m, hib in compared.items():
             d = by_group[group][m]
             lines.append(verdict(arm, baseline, _HEAD[m], d, higher_is_better=hib,
-                                 decimals=1 if m == "mae" else 3))
+                                 decimals=1 if m == "mae" else _decimals(m)))
     return lines
+
+
+def _decimals(metric: str) -> int:
+    """Decimals of a metric's values and differences: 2 for the MAE, 4 for the sampled exact
+    match (its paired differences between arms are a few 1e-4), 3 otherwise."""
+    return 2 if metric in ("mae", "median_ae") else 4 if metric == "sampled_exact_match" else 3
 
 
 def _fmt(stat: dict[str, Any], metric: str, with_std: bool) -> str:
@@ -84,8 +100,9 @@ def _fmt(stat: dict[str, Any], metric: str, with_std: bool) -> str:
     if metric in ("mae", "median_ae"):
         s = f"{m:.2f}" if m < 100 else f"{m:.0f}"
         return f"{s} ± {sd:.2f}" if with_std else s
-    s = f"{m:.3f}"
-    return f"{s} ± {sd:.3f}" if with_std else s
+    p = _decimals(metric)
+    s = f"{m:.{p}f}"
+    return f"{s} ± {sd:.{p}f}" if with_std else s
 
 
 def _render(cols: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -99,11 +116,11 @@ def _render(cols: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def format_table(summary: dict[str, Any], arms: Sequence[str], groups: Sequence[str],
-                 n_seeds: int, label: str = "arm") -> str:
+                 n_seeds: int, label: str = "arm", metrics: Sequence[str] = METRICS) -> str:
     """A markdown table, one row per (group, arm): mean (± sample std over seeds)."""
     with_std = n_seeds > 1
-    cols = ["problems", label, *(_HEAD[m] for m in METRICS)]
-    rows = [[g, a, *(_fmt(summary[a][g][m], m, with_std) for m in METRICS)]
+    cols = ["problems", label, *(_HEAD[m] for m in metrics)]
+    rows = [[g, a, *(_fmt(summary[a][g][m], m, with_std) for m in metrics)]
             for g in groups for a in arms]
     return _render(cols, rows)
 
@@ -111,7 +128,7 @@ def format_table(summary: dict[str, Any], arms: Sequence[str], groups: Sequence[
 def format_ci(d: dict[str, Any], metric: str, with_mdd: bool = False) -> str:
     """``mean [lo, hi]`` of a t-interval (just the mean without an interval); with
     ``with_mdd``, `` MDD m`` after it (the minimum detectable difference, when known)."""
-    p = 2 if metric == "mae" else 3
+    p = _decimals(metric)
     if d["mean"] is None:
         return "n/a"
     if d["lo"] is None:
@@ -122,17 +139,19 @@ def format_ci(d: dict[str, Any], metric: str, with_mdd: bool = False) -> str:
     return s
 
 
-def format_paired(paired: dict[str, Any], baseline: str, groups: Sequence[str]) -> str:
+def format_paired(paired: dict[str, Any], baseline: str, groups: Sequence[str],
+                  compared: dict[str, bool | None] = COMPARED) -> str:
     """A markdown table of the paired differences vs ``baseline``: mean [95 % t-interval]
     and the minimum detectable difference (MDD, 80 % power) at these seeds."""
-    cols = ["problems", f"arm - {baseline}", *(f"Δ {_HEAD[m]}" for m in COMPARED)]
-    rows = [[g, a, *(format_ci(paired[a][g][m], m, with_mdd=True) for m in COMPARED)]
+    cols = ["problems", f"arm - {baseline}", *(f"Δ {_HEAD[m]}" for m in compared)]
+    rows = [[g, a, *(format_ci(paired[a][g][m], m, with_mdd=True) for m in compared)]
             for g in groups for a in paired]
     return _render(cols, rows)
 
 
 def compare_to_reference(summary: dict[str, Any], reference: dict[str, Any] | None,
-                         arms: Sequence[str], group: str = "all") -> list[str]:
+                         arms: Sequence[str], group: str = "all",
+                         compared: dict[str, bool | None] = COMPARED) -> list[str]:
     """Where this run's per-arm means sit against a committed multi-seed run: for each arm
     and compared metric, "inside"/"below"/"above" the committed seeds' ``[min, max]``."""
     if not reference:
@@ -140,13 +159,13 @@ def compare_to_reference(summary: dict[str, Any], reference: dict[str, Any] | No
     out = []
     for a in arms:
         parts = []
-        for m in COMPARED:
+        for m in compared:
             ref = reference["summary"].get(a, {}).get(group, {}).get(m)
             v = summary[a][group].get(m, {}).get("mean")
             if ref is None or v is None:
                 continue
             pos = position_in_range(v, ref["min"], ref["max"])
-            p = 2 if m == "mae" else 3
+            p = _decimals(m)
             parts.append(f"{_HEAD[m]} {v:.{p}f} {pos} [{ref['min']:.{p}f}, {ref['max']:.{p}f}]")
         if parts:
             out.append(f"  {a:<12} " + "; ".join(parts))

@@ -20,8 +20,12 @@ generation batch is the same in every arm). The arms differ only in NTL:
   the final-answer digits (:func:`ntl.rewards.ntl_bonus_from_digit_probs`); NTL weight 0.
 
 Correctness is :func:`ntl.rewards.correctness_reward` (the number after ``####`` equals
-the ground truth). Before and after, each model is evaluated on the held-out problems with
-greedy decoding, as in the supervised stage.
+the ground truth); with ``rl.digit_credit > 0`` a second reward adds that weight times the
+answer's place-value digit accuracy (:func:`make_digit_credit_reward`; off by default).
+Before and after, each model is evaluated on the held-out problems with greedy decoding, as
+in the supervised stage, and by the expected exact match of one answer sampled at the GRPO
+temperature (``sampled_exact_match``, :func:`answer_probability`): the quantity GRPO
+optimises.
 """
 
 from __future__ import annotations
@@ -37,16 +41,18 @@ from typing import Any
 
 import torch
 
-from .config import RL_SEED_OFFSET, Settings
+from .config import OP_NAMES, RL_SEED_OFFSET, Settings
 from .sft import ce_model_paths, eval_problems, evaluate, load_ce_model, sft_job
-from .task import demo_tokenizer, make_problems
+from .task import Problem, build_batch, demo_tokenizer, digit_accuracy, make_problems, parse_answer
 from .train import Arm
 
-__all__ = ["RLArm", "make_bonus_reward", "rl_arms", "rl_job", "run_rl"]
+__all__ = ["RLArm", "answer_probability", "make_bonus_reward", "make_digit_credit_reward",
+           "make_exact_reward", "rl_arms", "rl_job", "run_rl", "sampled_metrics"]
 
 #: What is kept of TRL's per-step logs (``trainer.state.log_history``).
 HISTORY_KEYS = (
     "reward", "reward_std", "rewards/correctness_reward/mean", "rewards/ntl_bonus/mean",
+    "rewards/digit_credit/mean",
     "frac_reward_zero_std", "loss", "grad_norm", "entropy", "completions/mean_length",
     "ntl/loss", "ntl/digit_accuracy", "ntl/total_digits", "ntl/confidence", "ntl/target_prob",
 )
@@ -120,6 +126,87 @@ def make_bonus_reward(tok: Any, weight: float, temperature: float) -> tuple[Call
     return ntl_bonus, holder
 
 
+@torch.no_grad()
+def answer_probability(model: Any, problems: list[Problem], tok: Any, width: int, seq_len: int,
+                       device: torch.device, temperature: float = 1.0,
+                       batch_size: int = 500) -> list[float]:
+    """Per problem, the probability that the policy, sampling at ``temperature`` over the
+    whole vocabulary (as TRL's generation does), writes exactly the canonical completion
+    ``####`` answer ``<eos>``: ``prod_t softmax(logits_t / temperature)[token_t]`` over the
+    completion's tokens, teacher-forced in one forward pass (:func:`ntl.demo.task.build_batch`).
+
+    Its mean over held-out problems is the expected exact match of one sampled answer (the
+    expected correctness reward, pass@1) with no sampling noise. Completions that parse to
+    the same number another way (leading zeros, ``"####017"``) are not counted: a lower bound,
+    and a tight one (docs/demo.md measures the gap by sampling)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    for s in range(0, len(problems), batch_size):
+        ids, labels = build_batch(problems[s : s + batch_size], tok, width, seq_len)
+        ids, labels = ids.to(device), labels.to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float() / temperature
+        tgt = labels[:, 1:]
+        mask = tgt != -100
+        logp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
+        out += (logp * mask).sum(-1).exp().cpu().tolist()
+    model.train(was_training)
+    return out
+
+
+def sampled_metrics(model: Any, problems: list[Problem], tok: Any, s: Settings,
+                    device: torch.device) -> dict[str, float]:
+    """``{group: expected exact match of a sampled answer}`` at the GRPO sampling
+    temperature (mean :func:`answer_probability`), for ``all`` and each operation."""
+    p = answer_probability(model, problems, tok, s.width, s.seq_len, device, s.rl.temperature)
+    groups = {"all": list(range(len(problems)))}
+    for name in s.ops if len(s.ops) > 1 else ():
+        groups[name] = [i for i, q in enumerate(problems) if q.op == OP_NAMES[name]]
+    return {g: sum(p[i] for i in idx) / len(idx) for g, idx in groups.items() if idx}
+
+
+def make_exact_reward(tok: Any) -> Callable[..., list[float]]:
+    """A TRL reward function (named ``correctness_reward``, so TRL logs it under
+    ``rewards/correctness_reward/mean`` like the lenient one): 1.0 when the completion, read
+    as the held-out evaluation reads a greedy one, is the right answer, else 0.0.
+
+    The text is the decoded ``completion_ids`` up to the first ``<eos>`` with special tokens
+    kept (``"####1<pad>7"`` stays unparsable), parsed by :func:`ntl.demo.task.parse_answer`
+    (``####``, an optional ``-`` and digits, nothing else). :func:`ntl.rewards.correctness_reward`
+    is more lenient: TRL decodes with ``skip_special_tokens=True`` and
+    :func:`ntl.answers.extract_answer` takes ``"####579="`` or ``"####+579"`` as 579, answers
+    the evaluation counts as wrong. (On this task the two gave identical runs: docs/demo.md.)"""
+    eos = tok.eos_token_id
+
+    def correctness_reward(completion_ids: list[list[int]], ground_truth: list[str],
+                           **kwargs: Any) -> list[float]:
+        out = []
+        for ids, t in zip(completion_ids, ground_truth, strict=True):
+            ids = list(ids)
+            if eos in ids:
+                ids = ids[: ids.index(eos)]
+            pred = parse_answer(tok.decode(ids))
+            out.append(float(pred is not None and pred == int(t)))
+        return out
+
+    return correctness_reward
+
+
+def make_digit_credit_reward(weight: float) -> Callable[..., list[float]]:
+    """A TRL reward function ``digit_credit`` = ``weight`` times the place-value digit accuracy
+    of the completion against the ground truth (:func:`ntl.demo.task.digit_accuracy`: 0 for an
+    unparsable completion, 1 for the right answer): partial credit for near misses."""
+    from ntl.rewards import completion_text
+
+    def digit_credit(completions: list[Any], ground_truth: list[str], **kwargs: Any) -> list[float]:
+        return [weight * digit_accuracy(completion_text(c), int(t))
+                for c, t in zip(completions, ground_truth, strict=True)]
+
+    return digit_credit
+
+
 def _progress_callback(progress: Callable[[int], None]) -> Any:
     from transformers import TrainerCallback
 
@@ -156,6 +243,7 @@ def rl_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[str
     model, _ = loaded
     tok = demo_tokenizer()
     held = eval_problems(s)
+    sampled_before = sampled_metrics(model, held, tok, s, device)
     rl = s.rl
     prompts = make_problems(rl.steps * rl.prompts_per_step, s.digits, seed + RL_SEED_OFFSET,
                             exclude=set(held))
@@ -170,8 +258,10 @@ def rl_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[str
         logging_steps=1, save_strategy="no", seed=seed, disable_tqdm=True,
         gradient_checkpointing=False,
     )
-    rewards: list[Any] = [correctness_reward]
+    rewards: list[Any] = [make_exact_reward(tok) if rl.reward == "exact" else correctness_reward]
     holder = None
+    if rl.digit_credit:
+        rewards.append(make_digit_credit_reward(rl.digit_credit))
     if arm.bonus:
         bonus, holder = make_bonus_reward(tok, rl.bonus_weight, rl.temperature)
         rewards.append(bonus)
@@ -206,9 +296,11 @@ def rl_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[str
     t_eval = time.perf_counter()
     model = trainer.accelerator.unwrap_model(trainer.model)
     metrics, texts = evaluate(model, held, tok, s, device)
+    for g, v in sampled_metrics(model, held, tok, s, device).items():
+        metrics[g]["sampled_exact_match"] = v
     return {
         "seed": seed, "arm": arm.name, "ntl_weight": arm.ntl_weight, "bonus": arm.bonus,
-        "history": hist, "metrics": metrics,
+        "history": hist, "metrics": metrics, "sampled_before": sampled_before,
         "samples": [{"prompt": p.prompt(s.width), "truth": p.answer, "output": t}
                     for p, t in zip(held[:12], texts[:12], strict=True)],
         "eval_seconds": time.perf_counter() - t_eval,
@@ -232,6 +324,8 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
         raise ValueError(f"ntl demo --rl needs TRL and ntl_trl (pip install -e '.[demo]'): {e}") from None
     from .common import finish_timing, load_reference, machine_info, start_timing
     from .report import (
+        RL_COMPARED,
+        RL_METRICS,
         compare_to_reference,
         format_paired,
         format_table,
@@ -275,17 +369,21 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
                    totals=[s.rl.steps] * len(payloads), progress=progress)
     timing = finish_timing(timing, sft_res + res, n_jobs)
     timing["ce_models_reused_for_seeds"] = reused
+    for seed in s.seeds:  # the starting model's sampled exact match, computed by its first job
+        first = next(r for r in res if r["seed"] == seed)
+        before[seed] = {g: {**m, "sampled_exact_match": first["sampled_before"].get(g)}
+                        for g, m in before[seed].items()}
     runs = [{"seed": seed, "before": before[seed],
              "arms": {r["arm"]: r for r in res if r["seed"] == seed}} for seed in s.seeds]
     groups = s.groups
-    summary = summarize(runs, names, groups)
+    summary = summarize(runs, names, groups, metrics=RL_METRICS)
     summary_before = summarize(runs, ["SFT CE"], groups,
-                               get=lambda r, a, g, m: r["before"][g].get(m))
-    paired = paired_table(runs, names, groups, "GRPO")
+                               get=lambda r, a, g, m: r["before"][g].get(m), metrics=RL_METRICS)
+    paired = paired_table(runs, names, groups, "GRPO", compared=RL_COMPARED)
     change = {a: {g: {m: t_interval([r["arms"][a]["metrics"][g][m] - r["before"][g][m]
                                      if r["arms"][a]["metrics"][g].get(m) is not None
                                      and r["before"][g].get(m) is not None else None for r in runs])
-                      for m in ("exact_match", "mae", "digit_accuracy", "digit_entropy")}
+                      for m in RL_COMPARED}
                   for g in groups} for a in names}
     ntl_log = {a: {k: _mean([x for r in runs for x in r["arms"][a]["history"][k]])
                    for k in ("ntl/loss", "ntl/total_digits", "ntl/digit_accuracy",
@@ -305,12 +403,12 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
         "change": change,
         "paired_vs_GRPO": paired,
         "ntl_log": ntl_log,
-        "verdicts": verdicts(paired, "GRPO") if len(s.seeds) > 1 else [],
+        "verdicts": verdicts(paired, "GRPO", compared=RL_COMPARED) if len(s.seeds) > 1 else [],
         "reference": ref and {k: ref[k] for k in ("command", "machine", "date", "seeds")},
-        "against_reference": compare_to_reference(summary, ref, names),
+        "against_reference": compare_to_reference(summary, ref, names, compared=RL_COMPARED),
         "table": format_table({"SFT CE": summary_before["SFT CE"], **summary}, ["SFT CE", *names],
-                              groups, len(s.seeds), label="model"),
-        "paired_table": format_paired(paired, "GRPO", groups),
+                              groups, len(s.seeds), label="model", metrics=RL_METRICS),
+        "paired_table": format_paired(paired, "GRPO", groups, compared=RL_COMPARED),
         "runs": runs,
         "timing": timing,
     }
@@ -346,7 +444,9 @@ def _print_rl(res: dict[str, Any], out: str) -> None:
         f" [95% t-interval, {n} seeds] MDD = minimum detectable difference, 80% power):" if n > 1 else "):"))
     for a, by_g in res["change"].items():
         ch = by_g["all"]
-        print(f"  {a:<11} exact {format_ci(ch['exact_match'], 'exact_match', True)}, "
+        print(f"  {a:<11} exact (greedy) {format_ci(ch['exact_match'], 'exact_match', True)}, "
+              f"sampled exact (T={rl['temperature']:g}) "
+              f"{format_ci(ch['sampled_exact_match'], 'sampled_exact_match', True)}, "
               f"MAE {format_ci(ch['mae'], 'mae', True)}, "
               f"digit acc {format_ci(ch['digit_accuracy'], 'digit_accuracy', True)}, "
               f"digit H {format_ci(ch['digit_entropy'], 'digit_entropy', True)}")
