@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -93,12 +94,7 @@ class _Bigram(torch.nn.Module):
         self.table = torch.nn.Parameter(table)
 
     def forward(self, input_ids, **kwargs):
-        class _Out:
-            pass
-
-        out = _Out()
-        out.logits = self.table[input_ids]
-        return out
+        return SimpleNamespace(logits=self.table[input_ids])
 
 
 def test_answer_probability_by_hand_on_a_bigram_model():
