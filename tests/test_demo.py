@@ -29,6 +29,7 @@ from ntl.demo.task import (
     Problem,
     answer_metrics,
     build_batch,
+    corrupt_answer_digits,
     demo_tokenizer,
     digit_accuracy,
     encode,
@@ -162,6 +163,41 @@ def test_build_batch_masks_everything_but_the_completion():
     assert labels[1].tolist() == want1
     with pytest.raises(ValueError, match="length"):
         build_batch([Problem(999, "*", 999)], tok, 3, 12)
+
+
+def test_corrupt_answer_digits_one_wrong_digit_per_hit_row():
+    """rate 1: every row gets exactly one changed token, an answer digit (never the marker,
+    <eos>, the prompt or padding), changed to a different digit, in ids and labels alike;
+    rate 0 changes nothing; the draws follow the generator; bad rates are refused."""
+    tok = demo_tokenizer()
+    v = tok.get_vocab()
+    digits = {v[str(d)] for d in range(10)}
+    probs = make_problems(400, {"+": (3, 3), "*": (3, 1)}, 5)
+    ids, labels = build_batch(probs, tok, 3, 16)
+    i1, l1 = corrupt_answer_digits(ids, labels, tok, 1.0, torch.Generator().manual_seed(1))
+    changed = i1 != ids
+    assert changed.sum(1).eq(1).all() and changed.eq(l1 != labels).all()
+    r, c = changed.nonzero(as_tuple=True)
+    assert all(int(ids[a, b]) in digits and int(labels[a, b]) == int(ids[a, b]) for a, b in zip(r, c, strict=True))
+    assert all(int(i1[a, b]) in digits and int(i1[a, b]) != int(ids[a, b]) for a, b in zip(r, c, strict=True))
+    assert labels.eq(-100).eq(l1.eq(-100)).all()  # the label mask is untouched
+    # every wrong digit is drawn among the nine others: the shift (new - old) mod 10 covers 1..9
+    val = {v[str(d)]: d for d in range(10)}
+    shifts = {(val[int(i1[a, b])] - val[int(ids[a, b])]) % 10 for a, b in zip(r, c, strict=True)}
+    assert shifts == set(range(1, 10))
+    # and the position among the answer digits: first digits and last digits both get hit
+    first = (labels != -100).int().argmax(1) + 1  # the position after '####'
+    assert (c == first[r]).any() and (c != first[r]).any()
+    i0, l0 = corrupt_answer_digits(ids, labels, tok, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(i0, ids) and torch.equal(l0, labels)
+    i2, _ = corrupt_answer_digits(ids, labels, tok, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(i1, i2)
+    ih, _ = corrupt_answer_digits(ids, labels, tok, 0.3, torch.Generator().manual_seed(2))
+    frac = (ih != ids).any(1).float().mean().item()
+    assert abs(frac - 0.3) < 4 * (0.3 * 0.7 / 400) ** 0.5
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="rate"):
+            corrupt_answer_digits(ids, labels, tok, bad, torch.Generator())
 
 
 def test_make_problems_deterministic_in_range_and_excluding():

@@ -18,7 +18,7 @@ from ntl.demo.config import DEFAULTS, QUICK, Settings, arm_label, parse_arms
 from ntl.demo.sft import ce_model_paths, evaluate
 from ntl.demo.stats import mdd, t_critical, t_interval, t_quantile, verdict
 from ntl.demo.task import Problem, build_batch, demo_tokenizer
-from ntl.demo.train import Arm, digit_distribution
+from ntl.demo.train import Arm, TrainConfig, digit_distribution
 from ntl.methods import REGISTRY
 
 TINY = ["--steps", "3", "--batch-size", "8", "--eval-size", "24", "--hidden", "32",
@@ -270,9 +270,9 @@ def test_entropy_verdict_says_higher_or_lower_without_judging():
 # ---------------------------------------------------------------------------
 
 
-def test_rl_starts_from_a_weaker_model_cached_apart():
+def test_rl_starts_from_a_noisy_teachers_model_cached_apart():
     s = parse_settings(_parser().parse_args(["--rl"]))
-    assert s.rl.sft_steps == DEFAULTS["rl_sft_steps"] < s.train.steps == DEFAULTS["steps"]
+    assert s.rl.sft_steps == DEFAULTS["rl_sft_steps"] <= s.train.steps == DEFAULTS["steps"]
     s0 = s.rl_start()
     assert s0.train.steps == s.rl.sft_steps and s0.train.warmup == s.rl.sft_steps // 10
     assert (s0.train.lr, s0.train.batch_size, s0.model, s0.digits) == (
@@ -283,9 +283,52 @@ def test_rl_starts_from_a_weaker_model_cached_apart():
     t = parse_settings(_parser().parse_args(["--rl", "--rl-sft-steps", "77", "--rl-del-weight", "0.05"]))
     assert t.rl_start().train.steps == 77 and t.rl_start().train.warmup == 7
     assert t.rl.del_weight == 0.05
-    for bad in (["--rl-sft-steps", "0"], ["--rl-del-weight", "0"]):
+    # the starting model learns from noisy demonstrations; the supervised stage's do not,
+    # and a clean TrainConfig hashes as before label_noise existed (caches stay valid)
+    assert s.rl.sft_noise == 0.3 and s0.train.label_noise == 0.3 and s.train.label_noise == 0.0
+    assert "label_noise" not in s.train.to_dict() and s0.train.to_dict()["label_noise"] == 0.3
+    clean = parse_settings(_parser().parse_args(["--rl", "--rl-sft-noise", "0"]))
+    assert clean.rl_start().train.label_noise == 0.0
+    assert ce_model_paths("o", clean.rl_start(), 0) != ce_model_paths("o", s0, 0)
+    with pytest.raises(ValueError, match="label_noise"):
+        TrainConfig(label_noise=1.0)
+    for bad in (["--rl-sft-steps", "0"], ["--rl-del-weight", "0"], ["--rl-sft-noise", "1"],
+                ["--rl-sft-noise", "-0.1"]):
         with pytest.raises(ValueError, match=bad[0]):
             parse_settings(_parser().parse_args(["--rl", *bad]))
+
+
+def test_label_noise_changes_what_the_starting_model_learns_from(tmp_path):
+    """sft_job trains on corrupted demonstrations exactly when ``train.label_noise > 0``:
+    the first step's loss (the same initial weights) differs from the clean run's, and
+    the same noise twice gives the same loss history (one generator per seed and step)."""
+    from dataclasses import replace
+
+    from ntl.demo.sft import sft_job
+
+    s = parse_settings(_parser().parse_args([*TINY, "--steps", "4"]))
+    ce = Arm("CE", 0.0, "wasserstein")
+
+    def losses(noise: float) -> list[float]:
+        t = replace(s, train=replace(s.train, label_noise=noise))
+        r = sft_job({"settings": t, "seed": 0, "arm": ce, "out": str(tmp_path)}, lambda k: None)
+        return r["train"]["history"]["loss"]
+
+    clean, noisy = losses(0.0), losses(0.9)
+    assert noisy[0] != pytest.approx(clean[0], rel=1e-4)
+    assert losses(0.9) == noisy
+
+
+def test_committed_reference_matches_the_default_settings():
+    """A default ``ntl demo`` and ``ntl demo --rl`` find their committed 5-seed reference
+    (``reference.json``: same task, model, training and GRPO settings), so they print where
+    each arm falls against it; a changed default without a re-based reference fails here."""
+    from ntl.demo.common import load_reference
+
+    for stage, argv in (("sft", []), ("rl", ["--rl"])):
+        ref = load_reference(stage, parse_settings(_parser().parse_args(argv)))
+        assert ref is not None, f"reference.json has no {stage} reference for the default settings"
+        assert ref["seeds"] == [0, 1, 2, 3, 4]
 
 
 def test_rl_arms_include_del_when_registered():

@@ -18,7 +18,8 @@ answers' digit positions; with several ``--seeds`` the paired differences vs CE 
 t-intervals, the minimum detectable difference and a plain-words verdict. Writes ``<out>/results.json`` and ``results.png``.
 
 **RL stage** (``ntl demo --rl``): from each seed's CE model trained for ``--rl-sft-steps``
-(1000) supervised steps, GRPO through ``ntl_trl.NTLGRPOTrainer`` (TRL) with a correctness
+(1500) supervised steps on noisy demonstrations (``--rl-sft-noise`` 0.3 of them with one
+wrong answer digit), GRPO through ``ntl_trl.NTLGRPOTrainer`` (TRL) with a correctness
 reward, in arms that differ only in NTL: ``GRPO``, ``GRPO+NTL`` (final-answer NTL-W1 vs the
 ground truth, weight 0.1), ``GRPO+DEL`` (the same with DEL) and ``GRPO+bonus`` (the
 digit-aware ``final_answer`` reward bonus of :mod:`ntl.rewards`).
@@ -94,9 +95,13 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"completions per prompt (default {DEFAULTS['num_generations']})")
     g.add_argument("--rl-sft-steps", type=int, default=None,
                    help="supervised steps of the CE model GRPO starts from (default "
-                        f"{DEFAULTS['rl_sft_steps']}: a weaker model than the supervised stage's, "
-                        "so GRPO has room to move it; cached apart from the stage's models)")
-    g.add_argument("--rl-lr", type=float, default=2e-5, help="GRPO learning rate (2e-5)")
+                        f"{DEFAULTS['rl_sft_steps']}; trained on noisy demonstrations, see "
+                        "--rl-sft-noise, and cached apart from the supervised stage's models)")
+    g.add_argument("--rl-sft-noise", type=float, default=0.3,
+                   help="fraction of the starting model's supervised examples with one wrong "
+                        "answer digit (default 0.3: an imperfect teacher, whose wrong digits "
+                        "the reward can remove; 0: clean demonstrations)")
+    g.add_argument("--rl-lr", type=float, default=1e-4, help="GRPO learning rate (1e-4)")
     g.add_argument("--rl-ntl-weight", type=float, default=0.1, help="NTL weight of GRPO+NTL (0.1)")
     g.add_argument("--rl-del-weight", type=float, default=0.1,
                    help="DEL weight of GRPO+DEL (0.1; the arm runs when ntl.methods has 'del')")
@@ -144,6 +149,8 @@ def parse_settings(args: argparse.Namespace) -> Any:
                     ("--bonus-weight", args.bonus_weight), ("--lr", args.lr), ("--rl-lr", args.rl_lr)):
         if not v > 0:
             raise ValueError(f"{name} must be > 0, got {v}")
+    if not 0.0 <= args.rl_sft_noise < 1.0:
+        raise ValueError(f"--rl-sft-noise must be in [0, 1), got {args.rl_sft_noise}")
     if getattr(args, "rl", False) and args.backend != "auto":
         raise ValueError(f"--backend {args.backend} does not apply to --rl: ntl_trl's NTL term picks its "
                          "backend itself (Triton on CUDA, PyTorch on CPU); drop --backend")
@@ -174,7 +181,8 @@ def parse_settings(args: argparse.Namespace) -> Any:
         arm_list=arm_list,
         rl=RLConfig(steps=rl_steps, prompts_per_step=rl_prompts, num_generations=num_gen,
                     lr=args.rl_lr, ntl_weight=args.rl_ntl_weight, bonus_weight=args.bonus_weight,
-                    sft_steps=rl_sft_steps, del_weight=args.rl_del_weight),
+                    sft_steps=rl_sft_steps, del_weight=args.rl_del_weight,
+                    sft_noise=args.rl_sft_noise),
     )
 
 

@@ -10,18 +10,20 @@ from typing import Any
 from .task import max_answer_len, prompt_width
 from .train import Arm, ModelConfig, TrainConfig
 
-__all__ = ["DEFAULTS", "DEFAULT_ARMS", "EVAL_SEED", "OP_NAMES", "QUICK",
+__all__ = ["DEFAULTS", "DEFAULT_ARMS", "EVAL_SEED", "NOISE_SEED", "OP_NAMES", "QUICK",
            "RL_SEED_OFFSET", "RLConfig", "Settings", "arm_label", "config_hash", "parse_arms"]
 
 OP_NAMES = {"add": "+", "mul": "*"}
 EVAL_SEED = 1_000_003  # the held-out set is the same for every training seed
 RL_SEED_OFFSET = 500_000  # RL prompts of seed s come from generator seed s + this offset
+NOISE_SEED = 700_001  # the label noise of seed s, step t: generator seed NOISE_SEED + 100_003 s + t
 
 # Full size: the supervised stage's CE baseline passes 50 % exact match (docs/demo.md); the
-# RL stage starts from a weaker CE model (rl_sft_steps supervised steps) so that GRPO has
-# room to move it.
+# RL stage starts from a CE model trained as long on noisy demonstrations (rl.sft_noise of
+# them with one wrong answer digit), whose sampled answers are often wrong where its greedy
+# ones are right: room for a reward to move it (docs/demo.md, "The RL stage").
 DEFAULTS = {"steps": 1500, "batch_size": 128, "eval_size": 1000, "hidden": 128, "layers": 2,
-            "rl_steps": 200, "rl_prompts": 8, "num_generations": 8, "rl_sft_steps": 1000}
+            "rl_steps": 150, "rl_prompts": 16, "num_generations": 8, "rl_sft_steps": 1500}
 QUICK = {"steps": 150, "batch_size": 64, "eval_size": 200, "hidden": 64, "layers": 2,
          "rl_steps": 12, "rl_prompts": 4, "num_generations": 4, "rl_sft_steps": 150}
 
@@ -92,25 +94,31 @@ def parse_arms(specs: list[str] | tuple[str, ...], ntl_weight: float = 0.3) -> t
 class RLConfig:
     """GRPO settings of the RL stage (``ntl demo --rl``); ``sft_steps``: the supervised
     steps of the CE model GRPO starts from (the other supervised settings are the stage's);
+    ``sft_noise``: the fraction of that model's training examples with one wrong answer
+    digit (an imperfect teacher, :func:`ntl.demo.task.corrupt_answer_digits`: the model
+    learns the right answer as its mode but samples wrong digits, which a reward can fix);
     ``reward``: ``"correctness"`` (:func:`ntl.rewards.correctness_reward`, lenient) or
     ``"exact"`` (:func:`ntl.demo.rl.make_exact_reward`: the answer read as the evaluation
     reads it); ``digit_credit``: the weight of a second, partial-credit reward (0: none)."""
 
-    steps: int = 200
-    prompts_per_step: int = 8
+    steps: int = 150
+    prompts_per_step: int = 16
     num_generations: int = 8
-    lr: float = 2e-5
+    lr: float = 1e-4
     temperature: float = 1.0
     ntl_weight: float = 0.1
     bonus_weight: float = 0.1
-    sft_steps: int = 1000
+    sft_steps: int = 1500
     del_weight: float = 0.1
+    sft_noise: float = 0.3
     digit_credit: float = 0.0
     reward: str = "correctness"
 
     def __post_init__(self) -> None:
         if self.reward not in ("correctness", "exact"):
             raise ValueError(f"rl.reward must be 'correctness' or 'exact', got {self.reward!r}")
+        if not 0.0 <= self.sft_noise < 1.0:
+            raise ValueError(f"rl.sft_noise must be in [0, 1), got {self.sft_noise}")
         if not self.digit_credit >= 0:
             raise ValueError(f"rl.digit_credit must be >= 0, got {self.digit_credit}")
 
@@ -162,12 +170,14 @@ class Settings:
         return list(parse_arms(DEFAULT_ARMS, self.ntl_weight))
 
     def rl_start(self) -> Settings:
-        """These settings with ``rl.sft_steps`` supervised steps (warm-up a tenth of them):
-        what the RL stage's starting CE model is trained with (and cached under)."""
+        """These settings with ``rl.sft_steps`` supervised steps (warm-up a tenth of them)
+        on demonstrations with label noise ``rl.sft_noise``: what the RL stage's starting CE
+        model is trained with (and cached under)."""
         from dataclasses import replace
 
         steps = self.rl.sft_steps
-        return replace(self, train=replace(self.train, steps=steps, warmup=max(1, steps // 10)))
+        return replace(self, train=replace(self.train, steps=steps, warmup=max(1, steps // 10),
+                                           label_noise=self.rl.sft_noise))
 
     def task_dict(self) -> dict[str, Any]:
         return {"ops": list(self.ops),

@@ -1,8 +1,12 @@
 """The RL stage: GRPO from a supervised CE model through ``ntl_trl.NTLGRPOTrainer`` (TRL).
 
 Per seed, every arm starts from that seed's RL starting model: a CE model trained like the
-supervised stage's but for ``rl.sft_steps`` steps (fewer: a weaker model, so that GRPO has
-room to move it), trained on the spot or loaded from ``<out>/models/`` when its
+supervised stage's, for ``rl.sft_steps`` steps, on noisy demonstrations (a fraction
+``rl.sft_noise`` of the examples has one wrong answer digit,
+:func:`ntl.demo.task.corrupt_answer_digits`): it learns the right answer as its mode but
+samples wrong digits, which a correctness reward can remove (from a model trained on clean
+demonstrations, even the exact policy gradient moves held-out accuracy by under 3 points in
+200 steps: docs/demo.md). It is trained on the spot or loaded from ``<out>/models/`` when its
 configuration hash matches. Every arm sees the same prompts
 (problems from a generator seeded with ``seed + RL_SEED_OFFSET``, the held-out problems
 excluded) and runs TRL's GRPO with the same ``GRPOConfig`` (same ``seed``, so the first
@@ -354,7 +358,9 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
     if missing:
         ce = Arm("CE", 0.0, "wasserstein")
         payloads = [{"settings": s0, "seed": seed, "arm": ce, "out": out, "save": True} for seed in missing]
-        sft_res = run_jobs(sft_job, payloads, jobs=jobs or default_jobs(len(payloads), 1),
+        # all seeds side by side: a pool of 2 on 2 cores would leave one core idle while the
+        # fifth seed trains alone (one thread per job, so the results are the same)
+        sft_res = run_jobs(sft_job, payloads, jobs=jobs or default_jobs(len(payloads), len(payloads)),
                            labels=[f"seed {seed} CE (supervised)" for seed in missing],
                            totals=[s0.train.steps] * len(missing), progress=progress)
         for r in sft_res:

@@ -22,8 +22,15 @@ import torch
 
 import ntl
 
-from .config import EVAL_SEED, OP_NAMES, Settings, config_hash
-from .task import Problem, answer_metrics, build_batch, demo_tokenizer, make_problems
+from .config import EVAL_SEED, NOISE_SEED, OP_NAMES, Settings, config_hash
+from .task import (
+    Problem,
+    answer_metrics,
+    build_batch,
+    corrupt_answer_digits,
+    demo_tokenizer,
+    make_problems,
+)
 from .train import Arm, build_model, digit_distribution, greedy_answers, train_arm
 
 __all__ = ["ce_model_paths", "evaluate", "job_cache_path", "load_ce_model", "sft_job"]
@@ -156,7 +163,11 @@ def sft_job(payload: dict[str, Any], progress: Callable[[int], None]) -> dict[st
     train = make_problems(steps * B, s.digits, seed, exclude=set(held))
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return build_batch(train[step * B : (step + 1) * B], tok, s.width, s.seq_len)
+        ids, labels = build_batch(train[step * B : (step + 1) * B], tok, s.width, s.seq_len)
+        if s.train.label_noise:  # one generator per (seed, step): batch(step) is a pure function
+            g = torch.Generator().manual_seed(NOISE_SEED + 100_003 * seed + step)
+            ids, labels = corrupt_answer_digits(ids, labels, tok, s.train.label_noise, g)
+        return ids, labels
 
     torch.manual_seed(seed)
     model = build_model(tok, s.model, s.seq_len, device)

@@ -31,6 +31,7 @@ __all__ = [
     "Problem",
     "answer_metrics",
     "build_batch",
+    "corrupt_answer_digits",
     "demo_tokenizer",
     "digit_accuracy",
     "encode",
@@ -176,6 +177,36 @@ def build_batch(problems: Sequence[Problem], tok: Any, width: int,
             raise ValueError(f"sequence length {len(seq)} exceeds length={length}")
         ids[r, : len(seq)] = torch.tensor(seq)
         labels[r, len(prompt) : len(seq)] = torch.tensor(answer)
+    return ids, labels
+
+
+def corrupt_answer_digits(ids: torch.Tensor, labels: torch.Tensor, tok: Any, rate: float,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy demonstrations (an imperfect teacher): each row of a :func:`build_batch` batch
+    is, with probability ``rate``, given one wrong answer digit: a position drawn uniformly
+    among its answer digits (labelled digit tokens) gets a digit drawn uniformly among the
+    nine others, in ``input_ids`` and ``labels`` alike (the rest of the demonstration
+    follows the wrong digit, as a teacher's would). Vectorised; returns new tensors.
+
+    Raises ``ValueError`` unless ``0 <= rate <= 1``.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    vocab = tok.get_vocab()
+    digit_ids = torch.tensor([vocab[str(d)] for d in range(10)], dtype=torch.long)
+    value = torch.full((len(vocab),), -1, dtype=torch.long)
+    value[digit_ids] = torch.arange(10)
+    B, L = ids.shape
+    val = value[ids.clamp(0, len(vocab) - 1)]
+    answer = (labels != -100) & (val >= 0)
+    hit = (torch.rand(B, generator=generator) < rate) & answer.any(1)
+    col = torch.rand(B, L, generator=generator).masked_fill(~answer, -1.0).argmax(1)
+    shift = torch.randint(1, 10, (B,), generator=generator)
+    rows = torch.arange(B)
+    wrong = digit_ids[(val[rows, col] + shift) % 10]
+    ids, labels = ids.clone(), labels.clone()
+    ids[rows[hit], col[hit]] = wrong[hit]
+    labels[rows[hit], col[hit]] = wrong[hit]
     return ids, labels
 
 

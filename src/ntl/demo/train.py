@@ -58,9 +58,21 @@ class TrainConfig:
     warmup: int = 150
     grad_clip: float = 1.0
     backend: str = "auto"
+    #: the fraction of training examples given one wrong answer digit
+    #: (:func:`ntl.demo.task.corrupt_answer_digits`; 0: clean demonstrations)
+    label_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields; ``label_noise`` only when it is not 0, so that the hashes of clean
+        runs (the job and model caches, ``reference.json``) are those of before it existed."""
+        d = asdict(self)
+        if not d["label_noise"]:
+            del d["label_noise"]
+        return d
 
 
 def build_model(tok: Any, cfg: ModelConfig, max_len: int, device: torch.device) -> Any:
