@@ -188,6 +188,12 @@ def test_corrupt_answer_digits_one_wrong_digit_per_hit_row():
     # and the position among the answer digits: first digits and last digits both get hit
     first = (labels != -100).int().argmax(1) + 1  # the position after '####'
     assert (c == first[r]).any() and (c != first[r]).any()
+    # a row without answer digits (its labels masked) is left alone even at rate 1
+    masked = labels.clone()
+    masked[0] = -100
+    im, lm = corrupt_answer_digits(ids, masked, tok, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(im[0], ids[0]) and torch.equal(lm[0], masked[0])
+    assert (im[1:] != ids[1:]).sum(1).eq(1).all()
     i0, l0 = corrupt_answer_digits(ids, labels, tok, 0.0, torch.Generator().manual_seed(1))
     assert torch.equal(i0, ids) and torch.equal(l0, labels)
     i2, _ = corrupt_answer_digits(ids, labels, tok, 1.0, torch.Generator().manual_seed(1))
@@ -198,6 +204,27 @@ def test_corrupt_answer_digits_one_wrong_digit_per_hit_row():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="rate"):
             corrupt_answer_digits(ids, labels, tok, bad, torch.Generator())
+
+
+def test_machine_info_records_the_cpu_kernels_torch_uses():
+    """results.json's ``machine`` names the CPU kernels torch dispatches to: forcing the
+    scalar ones (``ATEN_CPU_CAPABILITY=default``, read by torch at start-up) shows as
+    ``"default"``; on Linux the CPU model is read from /proc/cpuinfo."""
+    import subprocess
+    import sys
+
+    code = ("from ntl.demo.common import machine_info; from ntl.demo.config import Settings; "
+            "m = machine_info(Settings())['machine']; print(m['torch_cpu_capability'], '|', m['cpu_model'])")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.strip()
+    cap, model = (x.strip() for x in out.split("|"))
+    assert cap.lower() == "default"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = {ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")}
+        if names:
+            assert model in names
 
 
 def test_make_problems_deterministic_in_range_and_excluding():

@@ -301,7 +301,7 @@ def test_rl_starts_from_a_noisy_teachers_model_cached_apart():
 def test_label_noise_changes_what_the_starting_model_learns_from(tmp_path):
     """sft_job trains on corrupted demonstrations exactly when ``train.label_noise > 0``:
     the first step's loss (the same initial weights) differs from the clean run's, and
-    the same noise twice gives the same loss history (one generator per seed and step)."""
+    the same noise twice gives the same loss history."""
     from dataclasses import replace
 
     from ntl.demo.sft import sft_job

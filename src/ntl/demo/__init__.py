@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--rl-sft-steps", type=int, default=None,
                    help="supervised steps of the CE model GRPO starts from (default "
                         f"{DEFAULTS['rl_sft_steps']}; trained on noisy demonstrations, see "
-                        "--rl-sft-noise, and cached apart from the supervised stage's models)")
+                        "--rl-sft-noise; cached by its configuration hash, so with noise 0 "
+                        "and 1500 steps it is the supervised stage's CE model)")
     g.add_argument("--rl-sft-noise", type=float, default=0.3,
                    help="fraction of the starting model's supervised examples with one wrong "
                         "answer digit (default 0.3: an imperfect teacher, whose wrong digits "

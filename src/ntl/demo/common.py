@@ -42,9 +42,24 @@ def machine_info(s: Any) -> dict[str, Any]:
                      "transformers": _version("transformers"), "trl": _version("trl"),
                      "python": platform.python_version()},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(),
+                    "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+                    # the vector kernels torch picked: training amplifies their rounding, so
+                    # per-seed numbers agree only between machines with the same (docs/demo.md)
+                    "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``None``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _children_cpu() -> float:

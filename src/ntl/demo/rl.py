@@ -358,9 +358,9 @@ def run_rl(s: Settings, out: str, *, jobs: int = 0, progress: bool = True, plot:
     if missing:
         ce = Arm("CE", 0.0, "wasserstein")
         payloads = [{"settings": s0, "seed": seed, "arm": ce, "out": out, "save": True} for seed in missing]
-        # all seeds side by side: a pool of 2 on 2 cores would leave one core idle while the
-        # fifth seed trains alone (one thread per job, so the results are the same)
-        sft_res = run_jobs(sft_job, payloads, jobs=jobs or default_jobs(len(payloads), len(payloads)),
+        # up to 8 seeds side by side: a pool of 2 on 2 cores would leave one core idle while
+        # the fifth seed trains alone (one thread per job, so the results are the same)
+        sft_res = run_jobs(sft_job, payloads, jobs=jobs or default_jobs(len(payloads), min(len(payloads), 8)),
                            labels=[f"seed {seed} CE (supervised)" for seed in missing],
                            totals=[s0.train.steps] * len(missing), progress=progress)
         for r in sft_res:
