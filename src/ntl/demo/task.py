@@ -192,12 +192,12 @@ def corrupt_answer_digits(ids: torch.Tensor, labels: torch.Tensor, tok: Any, rat
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must be in [0, 1], got {rate}")
-    vocab = tok.get_vocab()
-    digit_ids = torch.tensor([vocab[str(d)] for d in range(10)], dtype=torch.long)
-    value = torch.full((len(vocab),), -1, dtype=torch.long)
-    value[digit_ids] = torch.arange(10)
+    import ntl
+
+    digits = ntl.DigitVocab.from_tokenizer(tok)
+    digit_ids = digits.ids()  # by value: digit_ids[d] is the token of d
     B, L = ids.shape
-    val = value[ids.clamp(0, len(vocab) - 1)]
+    val = digits.digit_index(ids)  # the digit of each token, -1 for other tokens
     answer = (labels != -100) & (val >= 0)
     hit = (torch.rand(B, generator=generator) < rate) & answer.any(1)
     col = torch.rand(B, L, generator=generator).masked_fill(~answer, -1.0).argmax(1)
